@@ -1,0 +1,100 @@
+"""Events a node publishes on `doai.evt.<node_id>.<kind>`.
+
+Every event carries a unique `event_id` (sent as `Nats-Msg-Id`, so JetStream
+drops re-published duplicates), the node's observation time `ts` and its
+`node_id`. Events about one device task also carry `run_id`,
+`device_serial` and `seq`, a counter per (run, device) that lets the fold
+ignore anything older than what it already applied.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from msgspec import Struct
+
+from contracts.subjects import EventKind
+
+TaskState = Literal[
+    "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped", "interrupted"
+]
+TERMINAL_TASK_STATES: frozenset[str] = frozenset(
+    {"succeeded", "failed", "timed_out", "cancelled", "skipped"}
+)
+StepState = Literal["started", "ok", "failed", "timed_out", "skipped"]
+
+
+class EventBase(Struct, tag_field="kind", kw_only=True):
+    event_id: str
+    ts: datetime
+    node_id: str
+
+
+class TaskEvent(EventBase, tag="task"):
+    run_id: str
+    device_serial: str
+    seq: int
+    state: TaskState
+    attempt: int = 1
+    error: str | None = None
+    failed_step: str | None = None
+
+
+class StepEvent(EventBase, tag="step"):
+    run_id: str
+    device_serial: str
+    seq: int
+    step_id: str
+    index: int
+    action: str
+    state: StepState
+    output: str | None = None
+    error: str | None = None
+
+
+class ArtifactEvent(EventBase, tag="artifact"):
+    run_id: str
+    device_serial: str
+    seq: int
+    step_id: str
+    store: str  # "local" or "supabase"
+    key: str  # the path under the store, per the path convention
+    uri: str
+    bytes: int
+    sha256: str
+    content_type: str = "image/png"
+
+
+class DeviceInfo(Struct, kw_only=True):
+    serial: str
+    status: str
+    model: str = ""
+    name: str = ""
+    mode: int | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+class DeviceInventoryEvent(EventBase, tag="device"):
+    """What the vendor program lists. `vendor_available=False` means the list is unusable."""
+
+    vendor_available: bool
+    devices: list[DeviceInfo]
+
+
+class NodeHeartbeat(EventBase, tag="node"):
+    slots: int
+    running: int
+    queued: int
+    vendor_connected: bool
+    version: str
+
+
+Event = TaskEvent | StepEvent | ArtifactEvent | DeviceInventoryEvent | NodeHeartbeat
+DeviceTaskEvent = TaskEvent | StepEvent | ArtifactEvent
+
+
+def event_kind(event: EventBase) -> EventKind:
+    kind: EventKind = type(event).__struct_config__.tag  # type: ignore[assignment]
+    return kind

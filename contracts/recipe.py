@@ -1,0 +1,384 @@
+"""Workflow DSL v1: the recipe Structs and their validator.
+
+A recipe is a JSON document: declared parameters, timeout defaults and an
+ordered list of steps. Every string field of a step may contain `{{name}}`
+placeholders that name a declared parameter or a built-in (`run_id`,
+`node_id`, `device_serial`). Shell commands are argv lists: each element is
+substituted and then shell-quoted by the executor, so a parameter can never
+inject a command.
+
+`validate_recipe` reports every fault with its JSON path at once, not only the
+first one; `validate_params` and `resolve_step_timeouts` check what a run adds
+to a recipe (parameter values and per-step timeout overrides).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from contracts.ids import WORKFLOW_ID_PATTERN
+
+DSL_VERSION: Final = 1
+DEFAULT_STEP_TIMEOUT_MS: Final = 90_000
+DEFAULT_UPLOAD_TIMEOUT_MS: Final = 30_000
+MIN_TIMEOUT_MS: Final = 100
+MAX_TIMEOUT_MS: Final = 3_600_000
+BUILTIN_PLACEHOLDERS: Final = frozenset({"run_id", "node_id", "device_serial"})
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+StepId = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+ParamName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+TimeoutMs = Annotated[int, Meta(ge=MIN_TIMEOUT_MS, le=MAX_TIMEOUT_MS)]
+ShortText = Annotated[str, Meta(max_length=4096)]
+
+
+class ParamSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A parameter a run must (or may) supply."""
+
+    type: Literal["string", "integer", "boolean"] = "string"
+    required: bool = True
+    default: str | int | bool | None = None
+    pattern: str | None = None
+    description: str = ""
+
+
+class TimeoutDefaults(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Recipe-wide defaults and the bounds a run override must stay within."""
+
+    step_ms: TimeoutMs = DEFAULT_STEP_TIMEOUT_MS
+    upload_ms: TimeoutMs = DEFAULT_UPLOAD_TIMEOUT_MS
+    min_ms: TimeoutMs = 1_000
+    max_ms: TimeoutMs = 600_000
+
+
+class StepBase(Struct, tag_field="action", forbid_unknown_fields=True, kw_only=True):
+    id: StepId
+    title: str = ""
+    timeout_ms: TimeoutMs | None = None
+    # Bounds for a run's override of this step's timeout; recipe-wide bounds when absent.
+    min_timeout_ms: TimeoutMs | None = None
+    max_timeout_ms: TimeoutMs | None = None
+    retries: Annotated[int, Meta(ge=0, le=10)] = 0
+    on_error: Literal["fail", "continue"] = "fail"
+
+
+class AdbShell(StepBase, tag="adb_shell"):
+    """Run a shell command on the phone; argv elements are quoted one by one."""
+
+    command: Annotated[list[ShortText], Meta(min_length=1, max_length=64)]
+
+
+class OpenUrl(StepBase, tag="open_url"):
+    url: ShortText
+
+
+class LaunchApp(StepBase, tag="launch_app"):
+    package: ShortText
+
+
+class StopApp(StepBase, tag="stop_app"):
+    package: ShortText
+
+
+class KeyEvent(StepBase, tag="keyevent"):
+    key: ShortText  # "home", "back", "recents" or an Android KEYCODE_* name / number
+
+
+class Tap(StepBase, tag="tap"):
+    x: Annotated[int, Meta(ge=0)]
+    y: Annotated[int, Meta(ge=0)]
+
+
+class Swipe(StepBase, tag="swipe"):
+    x1: Annotated[int, Meta(ge=0)]
+    y1: Annotated[int, Meta(ge=0)]
+    x2: Annotated[int, Meta(ge=0)]
+    y2: Annotated[int, Meta(ge=0)]
+    duration_ms: Annotated[int, Meta(ge=1, le=60_000)] = 300
+
+
+class InputText(StepBase, tag="input_text"):
+    text: ShortText
+
+
+class Wait(StepBase, tag="wait"):
+    ms: Annotated[int, Meta(ge=0, le=MAX_TIMEOUT_MS)]
+
+
+class Screenshot(StepBase, tag="screenshot"):
+    pass
+
+
+class Upload(StepBase, tag="upload"):
+    """Store the screenshot of step `source` (default: the latest one) as an artifact."""
+
+    source: StepId | None = None
+
+
+class Assert(StepBase, tag="assert"):
+    """Fail unless `pattern` matches the output of the earlier step `source`."""
+
+    source: StepId
+    pattern: ShortText
+
+
+class Report(StepBase, tag="report"):
+    """Finish the device's workflow: a summary of the steps is sent with the task event."""
+
+
+Step = (
+    AdbShell
+    | OpenUrl
+    | LaunchApp
+    | StopApp
+    | KeyEvent
+    | Tap
+    | Swipe
+    | InputText
+    | Wait
+    | Screenshot
+    | Upload
+    | Assert
+    | Report
+)
+STEP_TYPES: Final[tuple[type[StepBase], ...]] = Step.__args__  # type: ignore[attr-defined]
+STEP_ACTIONS: Final = tuple(t.__struct_config__.tag for t in STEP_TYPES)
+
+
+class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
+    """One version of a workflow. The backend assigns the version on publish."""
+
+    dsl: Literal[1]
+    workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
+    title: str = ""
+    description: str = ""
+    params: dict[ParamName, ParamSpec] = {}
+    timeouts: TimeoutDefaults = TimeoutDefaults()
+    steps: Annotated[list[Step], Meta(min_length=1, max_length=200)]
+
+    def step(self, step_id: str) -> StepBase | None:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        return None
+
+
+class Fault(Struct, frozen=True):
+    """One problem found in a document, located by its JSON path (`$.steps[2].url`)."""
+
+    path: str
+    message: str
+
+
+class RecipeInvalid(ValueError):
+    def __init__(self, faults: list[Fault]) -> None:
+        self.faults = faults
+        super().__init__("; ".join(f"{f.path}: {f.message}" for f in faults))
+
+
+def _join(prefix: str, msgspec_path: str) -> str:
+    """Graft msgspec's `$...` path onto `prefix`."""
+    return prefix + msgspec_path[1:] if msgspec_path.startswith("$") else prefix
+
+
+def _fault_from(err: msgspec.ValidationError, prefix: str) -> Fault:
+    text = str(err)
+    if " - at `" in text:
+        message, _, path = text.rpartition(" - at `")
+        return Fault(_join(prefix, path.rstrip("`")), message)
+    return Fault(prefix, text)
+
+
+class _Envelope(Struct, kw_only=True):
+    """The recipe with its lists and maps left raw, so each entry is checked on its own."""
+
+    steps: list[Any]
+    params: dict[str, Any] = {}
+
+
+def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> None:
+    """Check every step and every param by itself so all their faults are reported."""
+    steps = doc.get("steps")
+    if isinstance(steps, list):
+        for i, raw in enumerate(steps):
+            try:
+                msgspec.convert(raw, Step)
+            except msgspec.ValidationError as err:
+                fault = _fault_from(err, f"$.steps[{i}]")
+                if "Invalid value" in fault.message and fault.path.endswith(".action"):
+                    fault = Fault(
+                        fault.path, f"unknown action; expected one of {', '.join(STEP_ACTIONS)}"
+                    )
+                faults.append(fault)
+    params = doc.get("params")
+    if isinstance(params, dict):
+        for name, raw in params.items():
+            try:
+                msgspec.convert({name: raw}, dict[ParamName, ParamSpec])
+            except msgspec.ValidationError as err:
+                faults.append(_fault_from(err, "$.params"))
+
+
+def _semantic_faults(recipe: Recipe) -> list[Fault]:
+    faults: list[Fault] = []
+    seen: dict[str, int] = {}
+    declared = set(recipe.params) | BUILTIN_PLACEHOLDERS
+    t = recipe.timeouts
+    if t.min_ms > t.max_ms:
+        faults.append(Fault("$.timeouts", "min_ms is greater than max_ms"))
+    for name, spec in recipe.params.items():
+        if spec.pattern is not None:
+            try:
+                re.compile(spec.pattern)
+            except re.error as exc:
+                faults.append(Fault(f"$.params.{name}.pattern", f"not a valid regex: {exc}"))
+        if spec.default is not None and _param_type_fault(spec, spec.default) is not None:
+            faults.append(Fault(f"$.params.{name}.default", f"not a {spec.type}"))
+    for i, step in enumerate(recipe.steps):
+        base = f"$.steps[{i}]"
+        if step.id in seen:
+            faults.append(Fault(f"{base}.id", f"duplicate step id {step.id!r} (first at $.steps[{seen[step.id]}])"))
+        else:
+            seen[step.id] = i
+        lo, hi = step_timeout_bounds(recipe, step)
+        if lo > hi:
+            faults.append(Fault(base, f"timeout bounds are empty: min {lo} ms > max {hi} ms"))
+        elif step.timeout_ms is not None and not lo <= step.timeout_ms <= hi:
+            faults.append(Fault(f"{base}.timeout_ms", f"must be within [{lo}, {hi}] ms"))
+        for field in step.__struct_fields__:
+            value = getattr(step, field)
+            texts = value if isinstance(value, list) else [value]
+            for j, text in enumerate(texts):
+                if not isinstance(text, str):
+                    continue
+                where = f"{base}.{field}" + (f"[{j}]" if isinstance(value, list) else "")
+                for name in PLACEHOLDER.findall(text):
+                    if name not in declared:
+                        faults.append(Fault(where, f"placeholder {{{{{name}}}}} names no declared param"))
+        if isinstance(step, Assert | Upload) and step.source is not None:
+            earlier = {s.id for s in recipe.steps[:i]}
+            if step.source not in earlier:
+                faults.append(Fault(f"{base}.source", f"no earlier step has id {step.source!r}"))
+            elif isinstance(step, Upload) and not isinstance(recipe.step(step.source), Screenshot):
+                faults.append(Fault(f"{base}.source", f"step {step.source!r} is not a screenshot"))
+        if isinstance(step, Assert):
+            try:
+                re.compile(step.pattern)
+            except re.error as exc:
+                faults.append(Fault(f"{base}.pattern", f"not a valid regex: {exc}"))
+        if isinstance(step, Upload) and step.source is None and not any(
+            isinstance(s, Screenshot) for s in recipe.steps[:i]
+        ):
+            faults.append(Fault(base, "upload needs an earlier screenshot step"))
+    return faults
+
+
+def validate_recipe(doc: Any) -> Recipe:
+    """Turn a decoded JSON document into a `Recipe`, or raise `RecipeInvalid` with every fault."""
+    if not isinstance(doc, dict):
+        raise RecipeInvalid([Fault("$", "a recipe must be a JSON object")])
+    faults: list[Fault] = []
+    _convert_each(doc, faults)
+    try:
+        recipe = msgspec.convert(doc, Recipe)
+    except msgspec.ValidationError as err:
+        top = _fault_from(err, "$")
+        if not any(f.path == top.path or top.path.startswith(f.path) for f in faults):
+            faults.append(top)
+        raise RecipeInvalid(faults) from None
+    if faults:  # pragma: no cover - the whole-document convert fails whenever a part does
+        raise RecipeInvalid(faults)
+    faults = _semantic_faults(recipe)
+    if faults:
+        raise RecipeInvalid(faults)
+    return recipe
+
+
+def decode_recipe(data: bytes | str) -> Recipe:
+    """Parse and validate recipe JSON text."""
+    try:
+        doc = msgspec.json.decode(data)
+    except msgspec.DecodeError as err:
+        raise RecipeInvalid([Fault("$", f"not valid JSON: {err}")]) from None
+    return validate_recipe(doc)
+
+
+def step_timeout_bounds(recipe: Recipe, step: StepBase) -> tuple[int, int]:
+    lo = step.min_timeout_ms if step.min_timeout_ms is not None else recipe.timeouts.min_ms
+    hi = step.max_timeout_ms if step.max_timeout_ms is not None else recipe.timeouts.max_ms
+    return lo, hi
+
+
+def default_step_timeout(recipe: Recipe, step: StepBase) -> int:
+    if step.timeout_ms is not None:
+        return step.timeout_ms
+    return recipe.timeouts.upload_ms if isinstance(step, Upload) else recipe.timeouts.step_ms
+
+
+def resolve_step_timeouts(recipe: Recipe, overrides: dict[str, int]) -> dict[str, int]:
+    """Effective timeout of every step for one run; raise `RecipeInvalid` on a bad override."""
+    faults: list[Fault] = []
+    for step_id, ms in overrides.items():
+        step = recipe.step(step_id)
+        where = f"$.step_timeouts_ms.{step_id}"
+        if step is None:
+            faults.append(Fault(where, f"the workflow has no step {step_id!r}"))
+            continue
+        lo, hi = step_timeout_bounds(recipe, step)
+        if isinstance(ms, bool) or not isinstance(ms, int) or not lo <= ms <= hi:
+            faults.append(Fault(where, f"timeout for step {step_id!r} must be within [{lo}, {hi}] ms"))
+    if faults:
+        raise RecipeInvalid(faults)
+    return {s.id: overrides.get(s.id, default_step_timeout(recipe, s)) for s in recipe.steps}
+
+
+def _param_type_fault(spec: ParamSpec, value: Any) -> str | None:
+    ok = {
+        "string": isinstance(value, str),
+        "integer": isinstance(value, int) and not isinstance(value, bool),
+        "boolean": isinstance(value, bool),
+    }[spec.type]
+    return None if ok else f"must be a {spec.type}"
+
+
+def validate_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, str]:
+    """Check a run's parameters against the recipe; return them as strings, defaults filled in."""
+    faults: list[Fault] = []
+    resolved: dict[str, str] = {}
+    for name in params:
+        if name not in recipe.params:
+            faults.append(Fault(f"$.params.{name}", "the workflow declares no such param"))
+    for name, spec in recipe.params.items():
+        where = f"$.params.{name}"
+        value = params.get(name, spec.default)
+        if value is None:
+            if spec.required:
+                faults.append(Fault(where, "required param is missing"))
+            continue
+        problem = _param_type_fault(spec, value)
+        if problem:
+            faults.append(Fault(where, problem))
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        if spec.pattern is not None and not re.fullmatch(spec.pattern, text):
+            faults.append(Fault(where, f"does not match pattern {spec.pattern}"))
+            continue
+        resolved[name] = text
+    if faults:
+        raise RecipeInvalid(faults)
+    return resolved
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Substitute `{{name}}` placeholders (unknown names are left for the validator to catch)."""
+    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """JSON Schema of a recipe document, for editors (kept in `recipes/schema.json`)."""
+    return msgspec.json.schema(Recipe)

@@ -1,0 +1,30 @@
+"""Stream, subject and consumer names: the NATS side of the contract."""
+
+from __future__ import annotations
+
+from typing import Final, Literal
+
+CMD_STREAM: Final = "DOAI_CMD"
+EVT_STREAM: Final = "DOAI_EVT"
+
+CMD_SUBJECTS: Final = "doai.cmd.*"
+EVT_SUBJECTS: Final = "doai.evt.>"
+
+AGGREGATOR_DURABLE: Final = "aggregator"
+
+EventKind = Literal["task", "step", "artifact", "device", "node"]
+
+
+def cmd_subject(node_id: str) -> str:
+    """Where the backend sends commands (`RunBroadcast`, `RunCancel`) for one node."""
+    return f"doai.cmd.{node_id}"
+
+
+def evt_subject(node_id: str, kind: EventKind) -> str:
+    """Where a node publishes one kind of event."""
+    return f"doai.evt.{node_id}.{kind}"
+
+
+def node_durable(node_id: str) -> str:
+    """Name of the node's durable pull consumer on `DOAI_CMD`."""
+    return f"node-{node_id}"

@@ -1,0 +1,1 @@
+"""Plumbing every doai process shares: logging, embedded infrastructure, schema, CLI."""

@@ -1,0 +1,137 @@
+"""Connecting to NATS and declaring doai's streams and consumers (infrastructure as code).
+
+Every service calls `ensure_streams` at start-up; it is idempotent and updates
+a stream whose config drifted. Consumers are created or updated explicitly
+(`add_consumer`): nats-py's `pull_subscribe(durable=..., config=...)` silently
+ignores the config of an existing consumer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from contracts.subjects import (
+    AGGREGATOR_DURABLE,
+    CMD_STREAM,
+    CMD_SUBJECTS,
+    EVT_STREAM,
+    EVT_SUBJECTS,
+    cmd_subject,
+    node_durable,
+)
+
+log = structlog.get_logger(__name__)
+
+DAY_S = 86_400.0
+# A re-published message (same Nats-Msg-Id) within this window is dropped by JetStream.
+DUPLICATE_WINDOW_S = 15 * 60.0
+
+
+def stream_configs() -> list[StreamConfig]:
+    return [
+        StreamConfig(
+            name=CMD_STREAM,
+            subjects=[CMD_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=EVT_STREAM,
+            subjects=[EVT_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=7 * DAY_S,
+            duplicate_window=DUPLICATE_WINDOW_S,
+            discard=DiscardPolicy.OLD,
+        ),
+    ]
+
+
+async def connect(url: str, name: str) -> NATS:
+    """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default)."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", error=str(exc))
+
+    async def on_disconnected() -> None:
+        log.warning("nats disconnected", url=url)
+
+    async def on_reconnected() -> None:
+        log.info("nats reconnected", url=url)
+
+    nc: NATS = await nats.connect(
+        url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=1,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnected,
+        reconnected_cb=on_reconnected,
+    )
+    return nc
+
+
+async def ensure_streams(js: JetStreamContext) -> None:
+    for config in stream_configs():
+        try:
+            await js.stream_info(config.name)  # type: ignore[arg-type]
+        except NotFoundError:
+            await js.add_stream(config)
+            log.info("stream created", stream=config.name)
+        else:
+            await js.update_stream(config)
+
+
+async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:
+    info: Any = await js.add_consumer(stream, config)  # creates, or updates when it exists
+    if info.config.durable_name != config.durable_name:
+        raise RuntimeError(f"consumer {config.durable_name} on {stream} was not created")
+
+
+async def ensure_aggregator_consumer(js: JetStreamContext, ack_wait_s: float = 30.0) -> None:
+    await _ensure_consumer(
+        js,
+        EVT_STREAM,
+        ConsumerConfig(
+            durable_name=AGGREGATOR_DURABLE,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_ack_pending=20_000,
+            filter_subject=EVT_SUBJECTS,
+        ),
+    )
+
+
+async def ensure_node_consumer(js: JetStreamContext, node_id: str, ack_wait_s: float = 60.0) -> None:
+    await _ensure_consumer(
+        js,
+        CMD_STREAM,
+        ConsumerConfig(
+            durable_name=node_durable(node_id),
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=ack_wait_s,
+            max_ack_pending=1_000,
+            filter_subject=cmd_subject(node_id),
+        ),
+    )

@@ -1,0 +1,85 @@
+"""structlog set-up that renders the context of DESIGN.md rule 9.
+
+Console lines look like
+`[run_id=… node_id=node-A1 device_serial=ABC123] Task started  step=shot`;
+with `DOAI_LOG_FORMAT=json` every line is a JSON object with the same fields.
+`DOAI_LOG_FILE` additionally appends JSON lines to a file (tests read it).
+Context is bound with `structlog.contextvars.bound_contextvars(...)`, so it
+follows each asyncio task.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+CONTEXT_KEYS = ("run_id", "node_id", "device_serial")
+_REDACTED_KEYS = frozenset({"secret", "token", "password", "authorization", "x-node-auth"})
+
+
+def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    for key in list(event):
+        if key.lower() in _REDACTED_KEYS:
+            event[key] = "***"
+    return event
+
+
+def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
+    parts = [f"{k}={event.pop(k)}" for k in CONTEXT_KEYS if k in event]
+    if parts:
+        event["event"] = f"[{' '.join(parts)}] {event.get('event', '')}"
+    return event
+
+
+
+
+def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
+    level_name = (level or os.environ.get("DOAI_LOG_LEVEL", "info")).upper()
+    fmt = fmt or os.environ.get("DOAI_LOG_FORMAT", "console")
+    log_file = os.environ.get("DOAI_LOG_FILE")
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _redact,
+    ]
+    file_renderer = structlog.processors.JSONRenderer()
+    console_renderer: Any
+    if fmt == "json":
+        console_renderer = structlog.processors.JSONRenderer()
+    else:
+        console_renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+
+    def render(logger: WrappedLogger, name: str, event: EventDict) -> str:
+        if log_file:
+            _file_sink(log_file).write(file_renderer(logger, name, dict(event)) + "\n")
+        if fmt != "json":
+            event = _context_prefix(logger, name, event)
+        rendered: str = console_renderer(logger, name, event)
+        return rendered
+
+    structlog.configure(
+        processors=[*shared, render],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelName(level_name) if level_name in logging._nameToLevel else 20
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    # Libraries that log through the standard library (uvicorn, nats) go to stderr plainly.
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+_sinks: dict[str, TextIO] = {}
+
+
+def _file_sink(path: str) -> TextIO:
+    sink = _sinks.get(path)
+    if sink is None:
+        sink = _sinks[path] = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+    return sink

@@ -1,0 +1,1 @@
+"""doai's services: backend, node agent, aggregator and the vendor simulator."""

@@ -1,0 +1,1 @@
+"""The aggregator: folds node events from JetStream into PostgreSQL run state."""

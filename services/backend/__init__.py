@@ -1,0 +1,1 @@
+"""The backend: operator REST API, run creation and the broadcast outbox relay."""

@@ -1,0 +1,64 @@
+"""`doai backend`: migrate, connect, relay broadcasts and serve the API until stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Generator
+
+import structlog
+import uvicorn
+
+from runtime import db, jetstream
+from services.backend.app import create_app
+from services.backend.relay import OutboxRelay
+from services.backend.settings import BackendSettings
+
+log = structlog.get_logger(__name__)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the caller's `stop` event decides."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+async def run_backend(settings: BackendSettings, stop: asyncio.Event,
+                      on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until `stop` is set; `on_ready` gets the API base URL once it listens."""
+    if not settings.api_tokens:
+        raise SystemExit("doai backend: set DOAI_API_TOKEN (one or more comma-separated tokens)")
+    pool = await db.create_pool(settings.database_url)
+    nc = await jetstream.connect(settings.nats_url, name="doai-backend")
+    try:
+        await db.migrate(pool)
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js)
+        relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
+        app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                                access_log=False, lifespan="off")
+        server = _Server(config)
+        relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
+        serve_task = asyncio.create_task(server.serve(), name="uvicorn")
+        while not server.started:
+            if serve_task.done():
+                serve_task.result()
+                raise SystemExit(f"doai backend: could not listen on {settings.host}:{settings.port}")
+            await asyncio.sleep(0.02)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        url = f"http://{settings.host}:{port}"
+        log.info("backend listening", url=url)
+        if on_ready is not None:
+            on_ready(url)
+        await stop.wait()
+        server.should_exit = True
+        await serve_task
+        relay_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await relay_task
+    finally:
+        await nc.drain()
+        await pool.close()

@@ -1,0 +1,61 @@
+"""Tiny dependency-free PNG encoder used by the simulator's fake screens.
+
+``make_png`` returns a real, valid PNG (8-bit RGB, no interlace) of exactly the
+requested size. The picture is a simple pattern derived from ``seed``: a
+vertical colour gradient with a contrasting side bar and a "status bar" band,
+so two different seeds give visibly different images and the same seed always
+gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: Upper bound on each side, to keep the simulator fast whatever it is asked for.
+MAX_SIDE = 4096
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    crc = zlib.crc32(kind + payload) & 0xFFFFFFFF
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
+
+
+def make_png(width: int, height: int, seed: int) -> bytes:
+    """Return the bytes of a valid ``width`` x ``height`` RGB PNG derived from ``seed``.
+
+    Sizes are clamped to ``1..MAX_SIDE``. Callers that emulate a phone screen
+    should pass a scaled-down size (the simulator uses a quarter of the
+    phone's resolution) to keep files small and writes fast.
+    """
+    width = max(1, min(int(width), MAX_SIDE))
+    height = max(1, min(int(height), MAX_SIDE))
+    rng = random.Random(seed)
+    top = [rng.randrange(256) for _ in range(3)]
+    bottom = [rng.randrange(256) for _ in range(3)]
+    bar = bytes(255 - c for c in top)
+    status = bytes(rng.randrange(64) for _ in range(3))
+    bar_w = max(1, width // rng.randint(4, 8))
+    status_h = max(1, height // 24)
+
+    rows: list[bytes] = []
+    for y in range(height):
+        if y < status_h:
+            row = status * width
+        else:
+            t = y / max(1, height - 1)
+            colour = bytes(int(a + (b - a) * t) for a, b in zip(top, bottom, strict=True))
+            row = colour * (width - bar_w) + bar * bar_w
+        rows.append(b"\x00" + row)  # filter type 0 (None) per scanline
+    raw = b"".join(rows)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", zlib.compress(raw, 6))
+        + _chunk(b"IEND", b"")
+    )
