@@ -12,3 +12,14 @@ async def pause(stop: asyncio.Event, seconds: float) -> bool:
     except TimeoutError:
         pass
     return stop.is_set()
+
+
+async def wait_for_wake(wake: asyncio.Event, stop: asyncio.Event, timeout_s: float) -> None:
+    """Wait until `wake` or `stop` is set, or `timeout_s` passes (a poll that can be hurried)."""
+    waiter = asyncio.ensure_future(wake.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({waiter, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        stopper.cancel()

@@ -72,7 +72,7 @@ async def connect(url: str, name: str) -> NATS:
         log.warning("nats error", error=str(exc))
 
     async def on_disconnected() -> None:
-        log.warning("nats disconnected", url=url)
+        log.info("nats disconnected", url=url)
 
     async def on_reconnected() -> None:
         log.info("nats reconnected", url=url)
@@ -88,6 +88,20 @@ async def connect(url: str, name: str) -> NATS:
         reconnected_cb=on_reconnected,
     )
     return nc
+
+
+async def close(nc: NATS) -> None:
+    """Flush what is buffered (acks are plain publishes) and close.
+
+    `drain()` is avoided: with a pull subscription it waits out its whole
+    timeout at shutdown.
+    """
+    if nc.is_connected:
+        try:
+            await nc.flush(timeout=2)
+        except Exception as exc:
+            log.warning("nats flush at close failed", error=repr(exc))
+    await nc.close()
 
 
 async def ensure_streams(js: JetStreamContext) -> None:

@@ -18,5 +18,5 @@ async def run_aggregator(database_url: str, nats_url: str, stop: asyncio.Event) 
         await jetstream.ensure_aggregator_consumer(js)
         await Aggregator(pool, js).run(stop)
     finally:
-        await nc.drain()
+        await jetstream.close(nc)
         await pool.close()

@@ -60,5 +60,5 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         with contextlib.suppress(asyncio.CancelledError):
             await relay_task
     finally:
-        await nc.drain()
+        await jetstream.close(nc)
         await pool.close()

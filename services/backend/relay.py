@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
-from runtime.aio import pause
+from runtime.aio import pause, wait_for_wake
 
 log = structlog.get_logger(__name__)
 
@@ -74,10 +74,5 @@ class OutboxRelay:
                 await pause(stop, backoff)
                 backoff = min(backoff * 2, 30.0)
                 continue
-            waiter = asyncio.ensure_future(self._wake.wait())
-            stopper = asyncio.ensure_future(stop.wait())
-            await asyncio.wait({waiter, stopper}, timeout=self._poll_s,
-                               return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            await wait_for_wake(self._wake, stop, self._poll_s)
 

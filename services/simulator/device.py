@@ -380,7 +380,7 @@ class SimDevice:
         return f"UI hierchary dumped to: {path}\n"
 
     def _sh_cat(self, args: list[str]) -> str:
-        out = []
+        out: list[str] = []
         for path in args:
             if path not in self.files:
                 out.append(f"cat: {path}: No such file or directory\n")
@@ -398,7 +398,7 @@ class SimDevice:
         paths = [a for a in args if not a.startswith("-")]
         if not paths:
             return "".join(f"{p}\n" for p in sorted(self.files))
-        out = []
+        out: list[str] = []
         for path in paths:
             prefix = path.rstrip("/") + "/"
             hits = sorted(p for p in self.files if p == path or p.startswith(prefix))

@@ -1,0 +1,183 @@
+"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `recipes`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import warnings
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from runtime.logging import configure_logging
+
+
+def _env_required(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise SystemExit(f"doai: set {name} (or use `doai up`, which starts embedded servers)")
+    return value
+
+
+def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
+    """Run a service until SIGINT/SIGTERM."""
+
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    asyncio.run(runner())
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from runtime.infra import doai_home
+    from runtime.up import UpOptions, up
+
+    opts = UpOptions(
+        home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
+        devices=args.devices, slots=args.slots, host=args.host, port=args.port,
+        token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
+    )
+    return asyncio.run(up(opts))
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    from services.backend.main import run_backend
+    from services.backend.settings import BackendSettings
+
+    settings = BackendSettings.from_env(_env_required("DATABASE_URL"), _env_required("NATS_URL"))
+    settings.host, settings.port = args.host, args.port
+    return _serve(lambda stop: run_backend(settings, stop))
+
+
+def cmd_aggregator(args: argparse.Namespace) -> int:
+    from services.aggregator.main import run_aggregator
+
+    db, nats = _env_required("DATABASE_URL"), _env_required("NATS_URL")
+    return _serve(lambda stop: run_aggregator(db, nats, stop))
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from services.node.agent import run_node
+    from services.node.settings import NodeSettings
+
+    try:
+        settings = NodeSettings(
+            node_id=args.node_id, nats_url=_env_required("NATS_URL"), vendor_url=args.vendor_url,
+            slots=args.slots, state_dir=Path(args.state_dir), artifact_dir=Path(args.artifact_dir),
+            path_template=args.path_template,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"doai node: {exc}") from None
+    return _serve(lambda stop: run_node(settings, stop))
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    from services.simulator.server import SimulatorConfig, run_simulator
+
+    config = SimulatorConfig(
+        devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
+        default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
+        drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
+    )
+    return _serve(lambda stop: run_simulator(config, stop))
+
+
+def cmd_recipes_validate(args: argparse.Namespace) -> int:
+    from contracts.recipe import RecipeInvalid, decode_recipe
+
+    bad = 0
+    for name in args.paths:
+        path = Path(name)
+        try:
+            recipe = decode_recipe(path.read_bytes())
+        except OSError as exc:
+            sys.stderr.write(f"{path}: cannot read: {exc.strerror}\n")
+            bad += 1
+        except RecipeInvalid as err:
+            bad += 1
+            for fault in err.faults:
+                sys.stderr.write(f"{path}: {fault.path}: {fault.message}\n")
+        else:
+            sys.stdout.write(f"{path}: ok ({recipe.workflow_id}, {len(recipe.steps)} steps)\n")
+    return 1 if bad else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="the whole system in one process (embedded NATS + PostgreSQL, simulators)")
+    up.add_argument("--nodes", type=int, default=2, help="node agents to start (default 2)")
+    up.add_argument("--devices", type=int, default=10, help="simulated devices per node (default 10)")
+    up.add_argument("--slots", type=int, default=20, help="devices run at once per node (default 20)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000, help="API port (another free one if busy)")
+    up.add_argument("--home", help="data folder (default $DOAI_HOME or ./var)")
+    up.add_argument("--demo", action="store_true", help="run device-smoke on every device, print a summary, exit")
+    up.add_argument("--timeout", type=float, default=300.0, help="--demo: seconds to wait for the run")
+    up.set_defaults(func=cmd_up)
+
+    be = sub.add_parser("backend", help="REST API + broadcast relay (needs DATABASE_URL, NATS_URL, DOAI_API_TOKEN)")
+    be.add_argument("--host", default=os.environ.get("DOAI_API_HOST", "127.0.0.1"))
+    be.add_argument("--port", type=int, default=int(os.environ.get("DOAI_API_PORT", "8000")))
+    be.set_defaults(func=cmd_backend)
+
+    ag = sub.add_parser("aggregator", help="fold events into PostgreSQL (needs DATABASE_URL, NATS_URL)")
+    ag.set_defaults(func=cmd_aggregator)
+
+    node = sub.add_parser("node", help="node agent (needs NATS_URL)")
+    node.add_argument("--node-id", required=True)
+    node.add_argument("--vendor-url", default=os.environ.get("DOAI_VENDOR_URL", "ws://127.0.0.1:22222/"))
+    node.add_argument("--slots", type=int, default=20)
+    node.add_argument("--state-dir", default="var/node")
+    node.add_argument("--artifact-dir", default="var/artifacts")
+    node.add_argument("--path-template",
+                      default=os.environ.get("DOAI_ARTIFACT_PATH_TEMPLATE",
+                                             "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"))
+    node.set_defaults(func=cmd_node)
+
+    sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")
+    sim.add_argument("--devices", type=int, default=10)
+    sim.add_argument("--prefix", default="SIM")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=22222)
+    sim.add_argument("--latency-ms", type=float, default=5.0)
+    sim.add_argument("--failure-rate", type=float, default=0.0)
+    sim.add_argument("--hang-rate", type=float, default=0.0)
+    sim.add_argument("--drop-rate", type=float, default=0.0)
+    sim.add_argument("--no-licence", action="store_true", help="answer every action as unlicensed")
+    sim.add_argument("--seed", type=int)
+    sim.set_defaults(func=cmd_sim)
+
+    rec = sub.add_parser("recipes", help="work with recipe files")
+    rsub = rec.add_subparsers(dest="recipes_command", required=True)
+    val = rsub.add_parser("validate", help="check recipe files against the DSL")
+    val.add_argument("paths", nargs="+")
+    val.set_defaults(func=cmd_recipes_validate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+    warnings.filterwarnings("ignore", module="platformdirs")
+    args = build_parser().parse_args(argv)
+    configure_logging()
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        code = 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""`doai up`: the whole system in one process on the embedded default.
+
+Starts (or uses) NATS and PostgreSQL, the backend, the aggregator, and
+`--nodes` node agents each with its own simulator of `--devices` phones;
+publishes the recipes in `recipes/`; then serves until Ctrl-C, or with
+`--demo` runs `device-smoke` on every device and exits 0 only if the run
+completed with every task succeeded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import signal
+import socket
+import sys
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import structlog
+
+from runtime.embedded import free_port
+from runtime.infra import Infra, infrastructure
+from services.aggregator.main import run_aggregator
+from services.backend.main import run_backend
+from services.backend.settings import BackendSettings
+from services.node.agent import run_node
+from services.node.settings import NodeSettings
+from services.simulator.server import Simulator, SimulatorConfig
+
+log = structlog.get_logger(__name__)
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+DEMO_PARAMS = {"url": "https://example.org/doai-smoke", "youtubeVideoId": "dQw4w9WgXcQ"}
+
+
+def say(text: str = "") -> None:
+    """Operator-facing output (the summary), separate from the log stream."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+@dataclass
+class UpOptions:
+    home: Path
+    nodes: int = 2
+    devices: int = 10
+    slots: int = 20
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None
+    demo: bool = False
+    demo_timeout_s: float = 300.0
+    sim_latency_ms: float = 20.0
+    screen_latency_ms: float = 300.0
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+async def publish_recipes(client: httpx.AsyncClient) -> list[str]:
+    published = []
+    for path in sorted(RECIPES.glob("*.json")):
+        if path.name == "schema.json":
+            continue
+        r = await client.post("/v1/workflows", content=path.read_bytes())
+        if r.status_code not in (201, 409):
+            raise RuntimeError(f"publishing {path.name} failed: {r.status_code} {r.text}")
+        published.append(path.stem)
+    return published
+
+
+async def wait_for_devices(client: httpx.AsyncClient, expected: int, timeout_s: float) -> int:
+    deadline = time.monotonic() + timeout_s
+    online = 0
+    while time.monotonic() < deadline:
+        r = await client.get("/v1/devices")
+        r.raise_for_status()
+        online = sum(1 for d in r.json()["devices"] if d["status"] == "online")
+        if online >= expected:
+            return online
+        await asyncio.sleep(0.2)
+    return online
+
+
+async def run_demo(client: httpx.AsyncClient, opts: UpOptions, artifact_dir: Path) -> bool:
+    expected = opts.nodes * opts.devices
+    online = await wait_for_devices(client, expected, 60.0)
+    if online < expected:
+        say(f"only {online} of {expected} simulated devices came online within 60 s")
+        return False
+    started = time.monotonic()
+    r = await client.post("/v1/runs", json={
+        "workflow_id": "device-smoke", "params": DEMO_PARAMS, "targets": {"all_online": True},
+    })
+    if r.status_code != 201:
+        say(f"creating the demo run failed: {r.status_code} {r.text}")
+        return False
+    run_id = r.json()["run_id"]
+    say(f"run {run_id}: device-smoke on {r.json()['targets']} devices")
+    last = None
+    run: dict[str, Any] = {}
+    deadline = started + opts.demo_timeout_s
+    while time.monotonic() < deadline:
+        run = (await client.get(f"/v1/runs/{run_id}")).json()
+        line = f"  {run['status']:<10} " + " ".join(f"{k}={v}" for k, v in sorted(run["counts"].items()))
+        if line != last:
+            say(line)
+            last = line
+        if run["status"] in ("completed", "cancelled"):
+            break
+        await asyncio.sleep(0.25)
+    elapsed = time.monotonic() - started
+    counts = run.get("counts", {})
+    run_dir = [a["uri"] for t in run.get("tasks", []) for a in t["artifacts"]]
+    pngs = await asyncio.to_thread(lambda: sorted(artifact_dir.rglob(f"*/{run_id}/*.png")))
+    say("")
+    say(f"run {run_id} {run.get('status')} in {elapsed:.1f} s")
+    say("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    say(f"  screenshots: {len(pngs)} PNG files under {artifact_dir} ({len(run_dir)} artifacts recorded)")
+    if pngs:
+        say(f"  e.g. {pngs[0].relative_to(artifact_dir)}")
+    failed = [t for t in run.get("tasks", []) if t["state"] != "succeeded"]
+    for t in failed[:10]:
+        say(f"  {t['node_id']}/{t['device_serial']}: {t['state']} {t['error']}")
+    return run.get("status") == "completed" and not failed and counts.get("succeeded") == expected
+
+
+async def up(opts: UpOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    token = opts.token or secrets.token_urlsafe(32)
+    port = opts.port
+    if port and not _port_free(opts.host, port):
+        port = free_port(opts.host)
+        log.warning("API port busy; using another", wanted=opts.port, port=port)
+    async with infrastructure(opts.home) as infra:
+        return await _run_all(opts, infra, token, port, stop)
+
+
+async def _run_all(opts: UpOptions, infra: Infra, token: str, port: int, stop: asyncio.Event) -> int:
+    tasks: list[asyncio.Task[Any]] = []
+    sims: list[Simulator] = []
+    api_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    def spawn(coro: Coroutine[Any, Any, Any], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        task.add_done_callback(lambda t: stop.set() if not t.cancelled() and t.exception() else None)
+        tasks.append(task)
+
+    artifact_dir = opts.home / "artifacts"
+    try:
+        settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port)
+        spawn(run_backend(settings, stop, on_ready=lambda url: api_ready.set_result(url)), "backend")
+        spawn(run_aggregator(infra.database_url, infra.nats_url, stop), "aggregator")
+        for i in range(1, opts.nodes + 1):
+            sim = Simulator(SimulatorConfig(
+                devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
+                default_latency_ms=opts.sim_latency_ms,
+                latency_ms={"screen": opts.screen_latency_ms},
+            ))
+            await sim.start()
+            sims.append(sim)
+            node = NodeSettings(
+                node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
+                state_dir=opts.home / "node", artifact_dir=artifact_dir, inventory_interval_s=2.0,
+                heartbeat_interval_s=2.0,
+            )
+            spawn(run_node(node, stop), f"node-{i}")
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({api_ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if not api_ready.done():
+            return _failed(tasks)
+        api = api_ready.result()
+        async with httpx.AsyncClient(base_url=api, headers={"Authorization": f"Bearer {token}"},
+                                     timeout=30) as client:
+            recipes = await publish_recipes(client)
+            say(f"doai is up: API {api}  (token: {token})")
+            pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
+            say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+            say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
+                f"recipes: {', '.join(recipes)}")
+            if opts.demo:
+                ok = await run_demo(client, opts, artifact_dir)
+                return 0 if ok else 1
+            say("press Ctrl-C to stop")
+            await stop.wait()
+            return _failed(tasks)
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for sim in sims:
+            await sim.close()
+
+
+def _failed(tasks: list[asyncio.Task[Any]]) -> int:
+    code = 0
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            log.error("component failed", component=t.get_name(), error=repr(t.exception()))
+            code = 1
+    return code

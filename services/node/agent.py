@@ -1,0 +1,149 @@
+"""`doai node`: wires the journal, scheduler, executor, inventory, commands and outbox together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from contracts.commands import RunBroadcast, RunCancel
+from runtime import jetstream
+from services.node.artifacts import LocalArtifactStore
+from services.node.commands import CommandConsumer
+from services.node.executor import Executor
+from services.node.inventory import Inventory
+from services.node.journal import Job, Journal
+from services.node.outbox import Outbox
+from services.node.scheduler import Scheduler
+from services.node.settings import NodeSettings
+from services.node.vendor_client import VendorClient
+
+log = structlog.get_logger(__name__)
+
+
+class NodeAgent:
+    def __init__(self, settings: NodeSettings, journal: Journal, vendor: VendorClient) -> None:
+        self.settings = settings
+        self.journal = journal
+        self.vendor = vendor
+        self.scheduler = Scheduler(settings.slots)
+        self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
+        self.outbox: Outbox | None = None
+        self.executor = Executor(
+            node_id=settings.node_id, journal=journal, vendor=vendor,
+            store=LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
+            path_template=settings.path_template, on_event=self._wake_outbox,
+        )
+        self.inventory = Inventory(
+            node_id=settings.node_id, vendor=vendor, scheduler=self.scheduler, journal=journal,
+            on_event=self._wake_outbox, on_change=self.dispatch,
+        )
+
+    def _wake_outbox(self) -> None:
+        if self.outbox is not None:
+            self.outbox.wake()
+
+    # -- scheduling ----------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Fill every free slot now (called whenever work arrives or a slot frees)."""
+        for job in self.scheduler.start_all():
+            task = asyncio.create_task(self._run_job(job), name=f"job-{job.run_id}-{job.serial}")
+            self.tasks[job.serial] = task
+
+    async def _run_job(self, job: Job) -> str:
+        try:
+            return await self.executor.run(job, self.journal.broadcast(job.run_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not take the other devices down (fail-soft)
+            with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
+                log.exception("Task crashed")
+                self.executor.task_event(job, "failed", error=f"internal_error: {exc!r}")
+            return "failed"
+        finally:
+            self.tasks.pop(job.serial, None)
+            self.scheduler.finish(job.serial)
+            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                self.dispatch()
+
+    def on_broadcast(self, broadcast: RunBroadcast) -> None:
+        jobs = self.journal.add_broadcast(broadcast)
+        with bound_contextvars(run_id=broadcast.run_id, node_id=self.settings.node_id):
+            log.info("Run received", devices=len(broadcast.devices), new_jobs=len(jobs),
+                     workflow_id=broadcast.workflow_id, workflow_version=broadcast.workflow_version)
+        for job in jobs:
+            self.scheduler.submit(job)
+        self.dispatch()
+
+    def on_cancel(self, cancel: RunCancel) -> None:
+        self.journal.mark_cancelled(cancel.run_id)
+        dropped = self.scheduler.remove_queued(lambda j: j.run_id == cancel.run_id)
+        for job in dropped:
+            self.executor.task_event(job, "cancelled", error="run cancelled")
+        for job in list(self.scheduler.running.values()):
+            if job.run_id == cancel.run_id:
+                job.cancel_requested = True
+                task = self.tasks.get(job.serial)
+                if task is not None:
+                    task.cancel()
+        with bound_contextvars(run_id=cancel.run_id, node_id=self.settings.node_id):
+            log.info("Run cancelled", dropped=len(dropped))
+
+    def recover(self) -> None:
+        """Re-queue what the journal says was unfinished when the agent last stopped."""
+        for job in self.journal.unfinished_jobs():
+            if self.journal.is_cancelled(job.run_id):
+                self.executor.task_event(job, "cancelled", error="run cancelled")
+                continue
+            if job.state == "running":
+                # It died mid-workflow: say so, then give it one more attempt.
+                self.executor.task_event(job, "interrupted", error="agent stopped while the task ran")
+                job.attempt += 1
+                self.executor.task_event(job, "queued")
+            self.scheduler.submit(job)
+        if self.scheduler.queued:
+            log.info("journal recovered", node_id=self.settings.node_id, queued=self.scheduler.queued)
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        s = self.settings
+        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}")
+        try:
+            js = nc.jetstream()
+            await jetstream.ensure_streams(js)
+            await jetstream.ensure_node_consumer(js, s.node_id)
+            self.outbox = Outbox(self.journal, js)
+            self.recover()
+            commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel)
+            background = [
+                asyncio.create_task(self.outbox.run(stop), name="outbox"),
+                asyncio.create_task(self.inventory.run(stop, s.inventory_interval_s), name="inventory"),
+            ]
+            await self.inventory.poll()  # know the devices before taking work
+            self.dispatch()
+            background.append(asyncio.create_task(commands.run(stop), name="commands"))
+            log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
+            await stop.wait()
+            for task in [*self.tasks.values(), *background]:
+                task.cancel()
+            for task in [*self.tasks.values(), *background]:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await self.outbox.drain(timeout_s=2.0)
+        finally:
+            await jetstream.close(nc)
+
+
+async def run_node(settings: NodeSettings, stop: asyncio.Event) -> None:
+    journal = Journal(settings.journal_path)
+    vendor = VendorClient(settings.vendor_url, pool_size=settings.vendor_pool_size or settings.slots,
+                          request_timeout_s=settings.vendor_request_timeout_s)
+    try:
+        await NodeAgent(settings, journal, vendor).run(stop)
+    finally:
+        await vendor.close()
+        journal.close()

@@ -1,0 +1,137 @@
+"""Runs one device's workflow from its first step to its last while the device holds its slot.
+
+Every state change becomes an event recorded in the journal (and so the
+outbox) before the executor goes on. A failing step ends the device's task
+(unless the step says `on_error: continue`); it never touches other devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+from structlog.contextvars import bound_contextvars
+
+from contracts.commands import RunBroadcast
+from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
+from contracts.ids import new_id, utcnow
+from services.node.artifacts import ArtifactError, ArtifactStore
+from services.node.journal import Job, Journal
+from services.node.steps import StepContext, StepError, clip, execute
+from services.node.vendor_client import VendorClient, VendorError
+
+log = structlog.get_logger(__name__)
+
+
+class Executor:
+    def __init__(self, *, node_id: str, journal: Journal, vendor: VendorClient, store: ArtifactStore,
+                 spool_dir: Path, path_template: str, on_event: Callable[[], None]) -> None:
+        self.node_id = node_id
+        self.journal = journal
+        self.vendor = vendor
+        self.store = store
+        self.spool_dir = spool_dir
+        self.path_template = path_template
+        self._on_event = on_event
+
+    def _record(self, job: Job, state: str | None, make: Callable[[int], Event]) -> None:
+        job.seq += 1
+        self.journal.record(job, state, make(job.seq))
+        self._on_event()
+
+    def task_event(self, job: Job, state: str, error: str | None = None, failed_step: str | None = None) -> None:
+        self._record(job, state, lambda seq: TaskEvent(
+            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            device_serial=job.serial, seq=seq, state=state,  # type: ignore[arg-type]
+            attempt=job.attempt, error=error, failed_step=failed_step,
+        ))
+
+    def _step_event(self, job: Job, index: int, step_id: str, action: str, state: str,
+                    output: str | None = None, error: str | None = None) -> None:
+        self._record(job, None, lambda seq: StepEvent(
+            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            device_serial=job.serial, seq=seq, step_id=step_id, index=index, action=action,
+            state=state, output=clip(output), error=error,  # type: ignore[arg-type]
+        ))
+
+    async def run(self, job: Job, broadcast: RunBroadcast) -> str:
+        """Run the workflow on the job's device; return the task's final state."""
+        with bound_contextvars(run_id=job.run_id, node_id=self.node_id, device_serial=job.serial):
+            spool = self.spool_dir / job.run_id / job.serial
+            ctx = StepContext(
+                vendor=self.vendor, store=self.store, serial=job.serial,
+                values={**broadcast.params, "run_id": job.run_id, "node_id": self.node_id,
+                        "device_serial": job.serial},
+                spool=spool, path_template=self.path_template,
+            )
+            self.task_event(job, "running")
+            log.info("Task started", workflow_id=broadcast.workflow_id, attempt=job.attempt)
+            try:
+                state, error, failed_step = await self._steps(job, broadcast, ctx)
+            except asyncio.CancelledError:
+                if job.cancel_requested:
+                    current = asyncio.current_task()
+                    if current is not None:
+                        current.uncancel()  # handled: the slot is free for the next device
+                    self.task_event(job, "cancelled", error="run cancelled")
+                    log.info("Task cancelled")
+                    return "cancelled"
+                raise  # agent shutting down: the journal keeps it `running` for recovery
+            self.task_event(job, state, error=error, failed_step=failed_step)
+            log.info("Task finished", state=state, error=error)
+            if state == "succeeded":
+                with contextlib.suppress(OSError):
+                    shutil.rmtree(spool)
+            return state
+
+    async def _steps(self, job: Job, b: RunBroadcast, ctx: StepContext) -> tuple[str, str | None, str | None]:
+        for index, step in enumerate(b.recipe.steps):
+            action = type(step).__struct_config__.tag
+            assert isinstance(action, str)
+            timeout_s = b.step_timeouts_ms.get(step.id, 90_000) / 1000
+            outcome: str = "failed"
+            error: str | None = None
+            for attempt in range(step.retries + 1):
+                self._step_event(job, index, step.id, action, "started")
+                log.info("Step started", step_id=step.id, action=action, try_=attempt + 1)
+                try:
+                    async with asyncio.timeout(timeout_s):
+                        result = await execute(step, ctx, timeout_s)
+                except TimeoutError:
+                    outcome, error = "timed_out", f"step_timeout: no result within {timeout_s:g} s"
+                except StepError as exc:
+                    outcome, error = "failed", f"{exc.code}: {exc}"
+                except VendorError as exc:
+                    outcome, error = "failed", f"{exc.code}: {exc}"
+                except ArtifactError as exc:
+                    outcome, error = "failed", f"{exc.code}: {exc}"
+                else:
+                    ctx.outputs[step.id] = result.output or ""
+                    ctx.states[step.id] = "ok"
+                    if result.artifact is not None:
+                        art = result.artifact
+                        self._record(job, None, lambda seq, a=art, sid=step.id: ArtifactEvent(
+                            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+                            device_serial=job.serial, seq=seq, step_id=sid, store=a.store, key=a.key,
+                            uri=a.uri, bytes=a.bytes, sha256=a.sha256,
+                        ))
+                    self._step_event(job, index, step.id, action, "ok", output=result.output)
+                    log.info("Step ok", step_id=step.id)
+                    outcome = "ok"
+                    break
+                self._step_event(job, index, step.id, action, outcome, error=error)
+                log.warning("Step did not succeed", step_id=step.id, state=outcome, error=error)
+            if outcome == "ok":
+                continue
+            ctx.states[step.id] = outcome
+            if step.on_error == "continue":
+                continue
+            for later_index, later in enumerate(b.recipe.steps[index + 1:], start=index + 1):
+                later_action = type(later).__struct_config__.tag
+                self._step_event(job, later_index, later.id, str(later_action), "skipped")
+            return ("timed_out" if outcome == "timed_out" else "failed"), error, step.id
+        return "succeeded", None, None

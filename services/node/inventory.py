@@ -1,0 +1,94 @@
+"""Device inventory and heartbeat: poll the vendor's `list`, tell the scheduler and the fleet.
+
+An empty `list` is "vendor unavailable" (the program restarts), not "every
+device left": the scheduler keeps its last view and the event says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from contracts.events import DeviceInfo, DeviceInventoryEvent, NodeHeartbeat
+from contracts.ids import is_serial, new_id, utcnow
+from runtime.aio import pause
+from services.node.journal import Journal
+from services.node.scheduler import Scheduler
+from services.node.vendor_client import VendorClient, VendorError
+
+log = structlog.get_logger(__name__)
+
+VERSION = "0.1.0"
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_devices(listed: list[dict[str, Any]]) -> list[DeviceInfo]:
+    """The vendor's device dicts as `DeviceInfo`, keyed by the stable `onlySerial`."""
+    devices = []
+    for d in listed:
+        serial = str(d.get("onlySerial") or d.get("serial") or "")
+        if not is_serial(serial):
+            log.warning("vendor listed a device with an unusable serial", serial=serial)
+            continue
+        devices.append(DeviceInfo(
+            serial=serial, status=str(d.get("status", "unknown")), model=str(d.get("model", "")),
+            name=str(d.get("name", "")), mode=_int(d.get("mode")), width=_int(d.get("width")),
+            height=_int(d.get("height")),
+        ))
+    return devices
+
+
+class Inventory:
+    def __init__(self, *, node_id: str, vendor: VendorClient, scheduler: Scheduler, journal: Journal,
+                 on_event: Callable[[], None], on_change: Callable[[], None]) -> None:
+        self.node_id = node_id
+        self.vendor = vendor
+        self.scheduler = scheduler
+        self.journal = journal
+        self._on_event = on_event
+        self._on_change = on_change
+        self.vendor_available = False
+        self.polls = 0
+
+    async def poll(self) -> None:
+        try:
+            listed = await self.vendor.list_devices()
+        except VendorError as exc:
+            listed = []
+            if self.vendor_available or self.polls == 0:
+                log.warning("vendor program unavailable", error=str(exc), url=self.vendor.url)
+        devices = parse_devices(listed)
+        self.vendor_available = bool(devices)
+        if devices:
+            self.scheduler.set_online(d.serial for d in devices if d.status == "online")
+            self._on_change()
+        self.journal.add_event(DeviceInventoryEvent(
+            event_id=new_id(), ts=utcnow(), node_id=self.node_id,
+            vendor_available=self.vendor_available, devices=devices,
+        ))
+        self.polls += 1
+        self._on_event()
+
+    def heartbeat(self) -> None:
+        self.journal.add_event(NodeHeartbeat(
+            event_id=new_id(), ts=utcnow(), node_id=self.node_id, slots=self.scheduler.slots,
+            running=len(self.scheduler.running), queued=self.scheduler.queued,
+            vendor_connected=self.vendor_available, version=VERSION,
+        ))
+        self._on_event()
+
+    async def run(self, stop: asyncio.Event, interval_s: float) -> None:
+        while True:
+            await self.poll()
+            self.heartbeat()
+            if await pause(stop, interval_s):
+                return

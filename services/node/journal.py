@@ -1,0 +1,175 @@
+"""The node's local journal (SQLite, WAL): broadcasts, device jobs and the event outbox.
+
+A broadcast is acked on JetStream only after `add_broadcast` committed every
+device job of it; an event is written to the outbox in the same transaction
+that advances its job's `seq`, so after a crash the journal says exactly what
+was started and what still has to be published.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from contracts.commands import RunBroadcast
+from contracts.events import Event
+from contracts.subjects import evt_subject
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS broadcasts (
+    run_id     TEXT PRIMARY KEY,
+    payload    BLOB NOT NULL,
+    cancelled  INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    run_id   TEXT NOT NULL,
+    serial   TEXT NOT NULL,
+    ord      INTEGER NOT NULL,
+    state    TEXT NOT NULL,
+    attempt  INTEGER NOT NULL,
+    seq      INTEGER NOT NULL,
+    PRIMARY KEY (run_id, serial)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id        INTEGER PRIMARY KEY AUTOINCREMENT,
+    subject   TEXT NOT NULL,
+    event_id  TEXT NOT NULL,
+    payload   BLOB NOT NULL
+);
+"""
+
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class Job:
+    """One workflow on one device: the unit the scheduler queues."""
+
+    run_id: str
+    serial: str
+    ord: int
+    state: str = "queued"
+    attempt: int = 1
+    seq: int = 0
+    cancel_requested: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    subject: str
+    event_id: str
+    payload: bytes
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._broadcasts: dict[str, RunBroadcast] = {}
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- broadcasts and jobs -------------------------------------------------
+
+    def add_broadcast(self, broadcast: RunBroadcast) -> list[Job]:
+        """Store a broadcast and its device jobs; return the jobs that are new (redelivery: none)."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO broadcasts (run_id, payload) VALUES (?, ?)",
+                (broadcast.run_id, _encoder.encode(broadcast)),
+            )
+            if cur.rowcount == 0:
+                db.execute("COMMIT")
+                return []
+            (base,) = db.execute("SELECT COALESCE(MAX(ord), 0) FROM jobs").fetchone()
+            jobs = [Job(broadcast.run_id, serial, base + i + 1) for i, serial in enumerate(broadcast.devices)]
+            db.executemany(
+                "INSERT INTO jobs (run_id, serial, ord, state, attempt, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                [(j.run_id, j.serial, j.ord, j.state, j.attempt, j.seq) for j in jobs],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self._broadcasts[broadcast.run_id] = broadcast
+        return jobs
+
+    def broadcast(self, run_id: str) -> RunBroadcast:
+        cached = self._broadcasts.get(run_id)
+        if cached is None:
+            row = self._db.execute("SELECT payload FROM broadcasts WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise KeyError(run_id)
+            cached = self._broadcasts[run_id] = msgspec.json.decode(row[0], type=RunBroadcast)
+        return cached
+
+    def mark_cancelled(self, run_id: str) -> bool:
+        cur = self._db.execute("UPDATE broadcasts SET cancelled = 1 WHERE run_id = ?", (run_id,))
+        return cur.rowcount > 0
+
+    def is_cancelled(self, run_id: str) -> bool:
+        row = self._db.execute("SELECT cancelled FROM broadcasts WHERE run_id = ?", (run_id,)).fetchone()
+        return bool(row and row[0])
+
+    def unfinished_jobs(self) -> list[Job]:
+        """Jobs still `queued` or `running`, in arrival order (for recovery after a restart)."""
+        rows = self._db.execute(
+            "SELECT run_id, serial, ord, state, attempt, seq FROM jobs"
+            " WHERE state IN ('queued', 'running') ORDER BY ord"
+        ).fetchall()
+        return [Job(*row) for row in rows]
+
+    def record(self, job: Job, state: str | None, event: Event) -> None:
+        """Advance `job` (seq, and state when given) and queue `event` for publishing, atomically."""
+        if state is not None:
+            job.state = state
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "UPDATE jobs SET state = ?, attempt = ?, seq = ? WHERE run_id = ? AND serial = ?",
+                (job.state, job.attempt, job.seq, job.run_id, job.serial),
+            )
+            self._insert_event(event)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- outbox ----------------------------------------------------------------
+
+    def _insert_event(self, event: Event) -> None:
+        kind = type(event).__struct_config__.tag
+        self._db.execute(
+            "INSERT INTO outbox (subject, event_id, payload) VALUES (?, ?, ?)",
+            (evt_subject(event.node_id, kind), event.event_id, _encoder.encode(event)),  # type: ignore[arg-type]
+        )
+
+    def add_event(self, event: Event) -> None:
+        """Queue an event that belongs to no job (inventory, heartbeat)."""
+        self._insert_event(event)
+
+    def outbox_batch(self, limit: int) -> list[OutboxRow]:
+        rows = self._db.execute(
+            "SELECT id, subject, event_id, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
+        ).fetchall()
+        return [OutboxRow(*row) for row in rows]
+
+    def outbox_delete(self, ids: list[int]) -> None:
+        if ids:
+            marks = ",".join("?" * len(ids))
+            self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+
+    def outbox_size(self) -> int:
+        (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(n)

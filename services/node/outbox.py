@@ -1,0 +1,80 @@
+"""Publish the journal's outbox to JetStream; a row leaves only after JetStream acked it.
+
+Each message carries `Nats-Msg-Id` = the event's `event_id`, so a row
+published again after a crash (acked but not yet deleted) is stored once.
+Publishes are pipelined in windows; a failure keeps the rows and retries with
+backoff, across NATS outages and agent restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+from nats.js import JetStreamContext
+
+from runtime.aio import pause, wait_for_wake
+from services.node.journal import Journal
+
+log = structlog.get_logger(__name__)
+
+
+class Outbox:
+    def __init__(self, journal: Journal, js: JetStreamContext, *, window: int = 256,
+                 publish_timeout_s: float = 5.0) -> None:
+        self._journal = journal
+        self._js = js
+        self._window = window
+        self._timeout = publish_timeout_s
+        self._wake = asyncio.Event()
+        self.published = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def publish_once(self) -> int:
+        """Publish one window of rows; return how many were acked (and removed)."""
+        rows = self._journal.outbox_batch(self._window)
+        if not rows:
+            return 0
+        results = await asyncio.gather(
+            *(self._js.publish(r.subject, r.payload, timeout=self._timeout,
+                               headers={"Nats-Msg-Id": r.event_id}) for r in rows),
+            return_exceptions=True,
+        )
+        acked = [r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
+        self._journal.outbox_delete(acked)
+        self.published += len(acked)
+        failed = len(rows) - len(acked)
+        if failed:
+            first = next(res for res in results if isinstance(res, BaseException))
+            raise RuntimeError(f"{failed} of {len(rows)} events not acked: {first!r}")
+        return len(acked)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            self._wake.clear()
+            try:
+                while await self.publish_once():
+                    pass
+                backoff = 0.2
+            except Exception as exc:
+                log.warning("event publish failed; kept in the outbox", error=str(exc), retry_in_s=backoff)
+                if await pause(stop, backoff):
+                    return
+                backoff = min(backoff * 2, 30.0)
+                continue
+            await wait_for_wake(self._wake, stop, 1.0)
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Try to publish everything left (at shutdown); return whether the outbox is empty."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            try:
+                if not await self.publish_once():
+                    return True
+            except Exception:
+                await asyncio.sleep(0.2)
+        return self._journal.outbox_size() == 0

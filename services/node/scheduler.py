@@ -1,0 +1,88 @@
+"""Per-device FIFO queues, a device lock and global slots, picked round-robin (rules 1–3).
+
+`Scheduler` is plain bookkeeping with no I/O, so its invariants can be tested
+directly: a device runs at most one job; at most `slots` jobs run; a slot is
+never left idle while an eligible device waits; jobs of one device start in
+arrival order; eligible devices take turns in a fixed rotation.
+
+A device is eligible when it has queued work, is online and is not running.
+Until the first inventory arrives every device counts as online.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from services.node.journal import Job
+
+
+class Scheduler:
+    def __init__(self, slots: int) -> None:
+        if slots < 1:
+            raise ValueError("slots must be at least 1")
+        self.slots = slots
+        self._queues: dict[str, deque[Job]] = {}
+        self._rotation: list[str] = []  # devices in order of first appearance
+        self._cursor = 0  # where the next round-robin scan starts
+        self.running: dict[str, Job] = {}
+        self._online: set[str] | None = None
+
+    # -- inputs ------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        queue = self._queues.get(job.serial)
+        if queue is None:
+            queue = self._queues[job.serial] = deque()
+            self._rotation.append(job.serial)
+        queue.append(job)
+
+    def finish(self, serial: str) -> Job:
+        return self.running.pop(serial)
+
+    def set_online(self, serials: Iterable[str]) -> None:
+        self._online = set(serials)
+
+    def remove_queued(self, predicate: Callable[[Job], bool]) -> list[Job]:
+        """Take queued jobs matching `predicate` out of their queues (e.g. a cancelled run)."""
+        removed: list[Job] = []
+        for queue in self._queues.values():
+            keep = [j for j in queue if not predicate(j)]
+            removed.extend(j for j in queue if predicate(j))
+            queue.clear()
+            queue.extend(keep)
+        return removed
+
+    # -- decisions ---------------------------------------------------------------
+
+    def is_online(self, serial: str) -> bool:
+        return self._online is None or serial in self._online
+
+    def eligible(self, serial: str) -> bool:
+        return bool(self._queues.get(serial)) and serial not in self.running and self.is_online(serial)
+
+    def next_job(self) -> Job | None:
+        """Start the next job if a slot is free: the first eligible device after the cursor."""
+        if len(self.running) >= self.slots:
+            return None
+        n = len(self._rotation)
+        for step in range(n):
+            i = (self._cursor + step) % n
+            serial = self._rotation[i]
+            if self.eligible(serial):
+                self._cursor = (i + 1) % n
+                job = self._queues[serial].popleft()
+                self.running[serial] = job
+                return job
+        return None
+
+    def start_all(self) -> list[Job]:
+        """Fill every free slot at once."""
+        started = []
+        while (job := self.next_job()) is not None:
+            started.append(job)
+        return started
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())

@@ -1,0 +1,43 @@
+"""Node agent configuration (flags of `doai node`, or environment variables)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from contracts.ids import is_node_id
+
+DEFAULT_PATH_TEMPLATE = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
+
+
+@dataclass
+class NodeSettings:
+    node_id: str
+    nats_url: str
+    vendor_url: str = "ws://127.0.0.1:22222/"
+    slots: int = 20
+    # Local state: the journal (SQLite) and the screenshot spool live here.
+    state_dir: Path = Path("var/node")
+    # The local artifact store's root (the embedded default store).
+    artifact_dir: Path = Path("var/artifacts")
+    path_template: str = DEFAULT_PATH_TEMPLATE
+    vendor_pool_size: int | None = None  # default: one connection per slot
+    vendor_request_timeout_s: float = 120.0
+    inventory_interval_s: float = 5.0
+    heartbeat_interval_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not is_node_id(self.node_id):
+            raise ValueError(
+                f"node id {self.node_id!r} is invalid: use letters, digits, '-' and '_' (max 64)"
+            )
+        if not 1 <= self.slots <= 1000:
+            raise ValueError(f"slots must be between 1 and 1000, got {self.slots}")
+
+    @property
+    def journal_path(self) -> Path:
+        return self.state_dir / f"{self.node_id}.journal.sqlite"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.state_dir / "spool" / self.node_id

@@ -1,0 +1,136 @@
+"""What each DSL step does on a device, through the vendor program.
+
+Every value a recipe or a run parameter puts into a shell command is quoted
+with `shlex.quote`, element by element, so a parameter cannot inject a command.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from contracts import recipe as dsl
+from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
+from services.node.vendor_client import VendorClient
+
+_KEYS = {"recents": "1", "home": "2", "back": "3"}  # vendor pushEvent types
+_OUTPUT_LIMIT = 4000
+
+
+class StepError(Exception):
+    """A step failed for a reason the recipe can see (`code` goes into the event)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class StepContext:
+    """Everything one device's workflow needs while it runs."""
+
+    vendor: VendorClient
+    store: ArtifactStore
+    serial: str
+    values: dict[str, str]  # params + run_id / node_id / device_serial
+    spool: Path
+    path_template: str
+    outputs: dict[str, str] = field(default_factory=dict)
+    screenshots: dict[str, Path] = field(default_factory=dict)
+    states: dict[str, str] = field(default_factory=dict)
+
+    def render(self, text: str) -> str:
+        return dsl.render(text, self.values)
+
+
+@dataclass
+class StepResult:
+    output: str | None = None
+    artifact: StoredArtifact | None = None
+
+
+def shell_line(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+async def _shell(ctx: StepContext, argv: list[str], timeout_s: float) -> str:
+    return await ctx.vendor.shell(ctx.serial, shell_line(argv), timeout_s=timeout_s)
+
+
+async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> StepResult:
+    """Run one step; raise `StepError` (or a vendor error) when it fails."""
+    match step:
+        case dsl.AdbShell(command=command):
+            return StepResult(await _shell(ctx, [ctx.render(a) for a in command], timeout_s))
+        case dsl.OpenUrl(url=url):
+            argv = ["am", "start", "-a", "android.intent.action.VIEW", "-d", ctx.render(url)]
+            return StepResult(await _shell(ctx, argv, timeout_s))
+        case dsl.LaunchApp(package=package):
+            await ctx.vendor.start_apk(ctx.serial, ctx.render(package))
+            return StepResult()
+        case dsl.StopApp(package=package):
+            await ctx.vendor.stop_apk(ctx.serial, ctx.render(package))
+            return StepResult()
+        case dsl.KeyEvent(key=key):
+            name = ctx.render(key)
+            if name.lower() in _KEYS:
+                await ctx.vendor.push_event(ctx.serial, _KEYS[name.lower()])
+                return StepResult()
+            return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
+        case dsl.Tap(x=x, y=y):
+            return StepResult(await _shell(ctx, ["input", "tap", str(x), str(y)], timeout_s))
+        case dsl.Swipe(x1=x1, y1=y1, x2=x2, y2=y2, duration_ms=ms):
+            argv = ["input", "swipe", str(x1), str(y1), str(x2), str(y2), str(ms)]
+            return StepResult(await _shell(ctx, argv, timeout_s))
+        case dsl.InputText(text=text):
+            # `input text` takes %s for a space; the whole argument is still quoted.
+            return StepResult(await _shell(ctx, ["input", "text", ctx.render(text).replace(" ", "%s")], timeout_s))
+        case dsl.Wait(ms=ms):
+            await asyncio.sleep(ms / 1000)
+            return StepResult()
+        case dsl.Screenshot():
+            folder = ctx.spool / step.id
+            folder.mkdir(parents=True, exist_ok=True)
+            path = await ctx.vendor.screenshot(ctx.serial, folder, timeout_s=timeout_s)
+            ctx.screenshots[step.id] = path
+            return StepResult(str(path))
+        case dsl.Upload(source=source):
+            return await _upload(ctx, source)
+        case dsl.Assert(source=source, pattern=pattern):
+            text = ctx.outputs.get(source, "")
+            if re.search(ctx.render(pattern), text) is None:
+                raise StepError("assert_failed", f"output of step {source!r} does not match {pattern!r}")
+            return StepResult()
+        case dsl.Report():
+            return StepResult(msgspec.json.encode(ctx.states).decode())
+    raise StepError("unknown_action", f"step action {type(step).__name__} is not supported by this node")
+
+
+async def _upload(ctx: StepContext, source: str | None) -> StepResult:
+    if source is None:
+        if not ctx.screenshots:
+            raise StepError("no_screenshot", "no screenshot was taken before this upload")
+        source = list(ctx.screenshots)[-1]
+    path = ctx.screenshots.get(source)
+    if path is None:
+        raise StepError("no_screenshot", f"step {source!r} produced no screenshot")
+    values = {**ctx.values, "timestamp": str(int(time.time()))}
+    try:
+        key = render_key(ctx.path_template, values)
+    except Exception as exc:
+        raise StepError("artifact_path", str(exc)) from None
+    stored = await ctx.store.put(key, path, "image/png")
+    path.unlink(missing_ok=True)  # the spool copy is no longer needed once stored
+    return StepResult(stored.uri, stored)
+
+
+def clip(text: str | None) -> str | None:
+    if text is None or len(text) <= _OUTPUT_LIMIT:
+        return text
+    return text[:_OUTPUT_LIMIT] + "…"

@@ -1,0 +1,323 @@
+"""The vendor-protocol simulator, exercised over real WebSockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import struct
+import sys
+import zlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from websockets.asyncio.client import ClientConnection, connect
+
+try:
+    import services.simulator  # noqa: F401
+except ImportError:  # pragma: no cover - repo root not on sys.path (no conftest/pythonpath)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.simulator import (  # noqa: E402
+    LICENCE_MESSAGE,
+    Simulator,
+    SimulatorConfig,
+    make_png,
+    run_simulator,
+)
+
+LIST_FIELDS = {
+    "serial",
+    "onlySerial",
+    "model",
+    "name",
+    "status",
+    "mode",
+    "intranetIp",
+    "width",
+    "height",
+    "sourceWidth",
+    "sourceHeight",
+    "connectTime",
+    "sort",
+    "hide",
+}
+SERIAL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+
+
+def decode_png(blob: bytes) -> tuple[int, int, bytes]:
+    """Validate a PNG (signature, chunk CRCs, IHDR, IDAT) and return (w, h, raw scanlines)."""
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    pos = 8
+    chunks: list[tuple[bytes, bytes]] = []
+    while pos < len(blob):
+        (length,) = struct.unpack(">I", blob[pos : pos + 4])
+        kind = blob[pos + 4 : pos + 8]
+        payload = blob[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", blob[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + payload) & 0xFFFFFFFF, kind
+        chunks.append((kind, payload))
+        pos += 12 + length
+    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND"
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour, interlace) == (8, 2, 0)
+    raw = zlib.decompress(b"".join(p for k, p in chunks if k == b"IDAT"))
+    assert len(raw) == height * (1 + 3 * width)
+    return width, height, raw
+
+
+async def call(
+    ws: ClientConnection, action: str, devices: str | None = None, data: Any = None
+) -> dict[str, Any]:
+    msg: dict[str, Any] = {"action": action}
+    if devices is not None:
+        msg["devices"] = devices
+    if data is not None:
+        msg["data"] = data
+    await ws.send(json.dumps(msg))
+    reply: dict[str, Any] = json.loads(await ws.recv())
+    return reply
+
+
+@pytest_asyncio.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorConfig(devices=5, seed=7, default_latency_ms=1)) as s:
+        yield s
+
+
+@pytest_asyncio.fixture
+async def ws(sim: Simulator) -> AsyncIterator[ClientConnection]:
+    async with connect(sim.url) as c:
+        yield c
+
+
+def test_make_png_is_valid_and_deterministic() -> None:
+    a = make_png(30, 20, seed=1)
+    assert a == make_png(30, 20, seed=1)
+    assert a != make_png(30, 20, seed=2)
+    w, h, raw = decode_png(a)
+    assert (w, h) == (30, 20)
+    assert all(raw[y * (1 + 3 * w)] == 0 for y in range(h))
+    assert decode_png(make_png(0, 0, seed=3))[:2] == (1, 1)
+
+
+async def test_list_has_every_documented_field(sim: Simulator, ws: ClientConnection) -> None:
+    assert sim.url == f"ws://127.0.0.1:{sim.port}/" and sim.port > 0
+    reply = await call(ws, "list")
+    assert reply["code"] == 10000 and reply["message"] == "SUCCESS"
+    devices = reply["data"]
+    assert [d["onlySerial"] for d in devices] == [f"SIM{i:04d}" for i in range(1, 6)]
+    for d in devices:
+        assert set(d) == LIST_FIELDS
+        assert SERIAL_RE.match(d["onlySerial"])
+        assert d["status"] == "online"
+        assert d["width"] > 0 and d["height"] > 0 and d["connectTime"] > 1_600_000_000_000
+    assert sim.calls == [("list", None)]
+
+
+async def test_actions_are_case_insensitive(ws: ClientConnection) -> None:
+    assert (await call(ws, "LIST"))["code"] == 10000
+    reply = await call(ws, "Adb_Shell", "SIM0001", {"command": "echo hi there"})
+    assert reply == {"code": 10000, "message": "SUCCESS", "data": {"SIM0001": "hi there\n"}}
+
+
+async def test_adb_shell_outputs_and_state_changes(sim: Simulator, ws: ClientConnection) -> None:
+    async def sh(cmd: str) -> str:
+        reply = await call(ws, "adb_shell", "SIM0002", {"command": cmd})
+        assert reply["code"] == 10000, reply
+        out: str = reply["data"]["SIM0002"]
+        return out
+
+    dev = sim.devices["SIM0002"]
+    assert await sh("getprop ro.product.model") == f"{dev.model}\n"
+    assert await sh("getprop ro.build.version.release") == f"{dev.android_release}\n"
+    assert f"level: {dev.battery_level}\n" in await sh("dumpsys battery")
+    assert await sh("dumpsys battery | grep level") == f"  level: {dev.battery_level}\n"
+    assert await sh("wm size") == f"Physical size: {dev.width}x{dev.height}\n"
+    assert await sh("frobnicate --now") == "/system/bin/sh: frobnicate: not found\n"
+
+    url = "https://example.com/a?b=1&c=2"
+    assert "Starting: Intent" in await sh(f"am start -a android.intent.action.VIEW -d '{url}'")
+    assert (dev.foreground, dev.current_url) == ("com.android.chrome", url)
+    assert "com.android.chrome/" in await sh("dumpsys window | grep mCurrentFocus")
+    await sh("input keyevent KEYCODE_HOME")
+    assert dev.foreground == "com.android.launcher3" and dev.current_url is None
+
+    assert "Events injected" in await sh("monkey -p com.google.android.youtube 1")
+    assert dev.foreground == "com.google.android.youtube"
+    await sh("am force-stop com.google.android.youtube")
+    assert dev.foreground == "com.android.launcher3"
+    assert "aborted" in await sh("monkey -p not.installed 1")
+
+    await sh("input tap 100 200")
+    await sh("input swipe 1 2 3 4 300")
+    await sh("input text 'hello%sworld'")
+    assert dev.taps == [(100, 200)] and dev.swipes == [(1, 2, 3, 4, 300)]
+    assert dev.typed_text == "hello world"
+
+    await sh("screencap -p /sdcard/s.png")
+    assert decode_png(dev.files["/sdcard/s.png"])[:2] == (dev.width // 4, dev.height // 4)
+
+
+async def test_screen_writes_a_real_png(
+    sim: Simulator, ws: ClientConnection, tmp_path: Path
+) -> None:
+    folder = tmp_path / "not" / "there" / "yet"
+    reply = await call(ws, "screen", "SIM0001", {"savePath": str(folder)})
+    assert reply["code"] == 10000
+    reply = await call(ws, "screen", "SIM0001", {"savePath": str(folder)})
+    assert reply["code"] == 10000
+    files = sorted(folder.iterdir())
+    assert len(files) == 2 and all(f.name.startswith("Screenshot_SIM0001_") for f in files)
+    dev = sim.devices["SIM0001"]
+    for f in files:
+        assert f.suffix == ".png"
+        assert decode_png(f.read_bytes())[:2] == (dev.width // 4, dev.height // 4)
+    assert (await call(ws, "screen", "SIM0001", {}))["code"] == 10001
+
+
+async def test_screencap_then_pull_file(ws: ClientConnection, tmp_path: Path) -> None:
+    await call(ws, "adb_shell", "SIM0003", {"command": "screencap -p /sdcard/x.png"})
+    reply = await call(
+        ws, "pullFile", "SIM0003", {"remotePath": "/sdcard/x.png", "localPath": str(tmp_path)}
+    )
+    assert reply["code"] == 10000
+    decode_png((tmp_path / "x.png").read_bytes())
+    reply = await call(
+        ws, "pullFile", "SIM0003", {"remotePath": "/sdcard/nope", "localPath": str(tmp_path)}
+    )
+    assert reply["code"] == 10001 and "not found" in reply["message"]
+
+
+async def test_pointer_and_push_events(sim: Simulator, ws: ClientConnection) -> None:
+    dev = sim.devices["SIM0004"]
+    bad = await call(ws, "pointerEvent", "SIM0004", {"type": "0", "y": "5"})
+    assert bad["code"] == 10001
+    assert (await call(ws, "pointerEvent", "SIM0004", {"type": "12"}))["code"] == 10001
+    for kind in ("0", "1"):
+        reply = await call(ws, "pointerEvent", "SIM0004", {"type": kind, "x": "10", "y": "20"})
+        assert reply["code"] == 10000
+    assert (await call(ws, "pointerEvent", "SIM0004", {"type": "6"}))["code"] == 10000
+    assert dev.taps == [(10, 20)]
+    assert [e[0] for e in dev.pointer_events] == ["0", "1", "6"]
+
+    assert (await call(ws, "startApk", "SIM0004", {"apk": "com.android.settings"}))["code"] == 10000
+    assert dev.foreground == "com.android.settings"
+    await call(ws, "pushEvent", "SIM0004", {"type": "1"})
+    assert dev.foreground == "com.android.systemui"
+    await call(ws, "pushEvent", "SIM0004", {"type": "3"})
+    assert dev.foreground == "com.android.settings"
+    await call(ws, "pushEvent", "SIM0004", {"type": "2"})
+    assert dev.foreground == "com.android.launcher3"
+    assert (await call(ws, "pushEvent", "SIM0004", {"type": "9"}))["code"] == 10001
+    missing = await call(ws, "startApk", "SIM0004", {"apk": "no.such.app"})
+    assert missing["code"] == 10001 and "not installed" in missing["message"]
+
+
+async def test_input_text_needs_select_ime(sim: Simulator, ws: ClientConnection) -> None:
+    reply = await call(ws, "inputText", "SIM0005", {"text": "abc"})
+    assert reply["code"] == 10001 and "selectIme" in reply["message"]
+    assert (await call(ws, "selectIme", "SIM0005"))["code"] == 10000
+    assert (await call(ws, "inputText", "SIM0005", {"text": "abc"}))["code"] == 10000
+    assert sim.devices["SIM0005"].typed_text == "abc"
+
+
+async def test_install_apk_needs_a_real_file(
+    sim: Simulator, ws: ClientConnection, tmp_path: Path
+) -> None:
+    missing = await call(ws, "installApk", "SIM0001", {"path": str(tmp_path / "x.apk")})
+    assert missing["code"] == 10001
+    apk = tmp_path / "com.example.demo.apk"
+    apk.write_bytes(b"PK")
+    assert (await call(ws, "installApk", "SIM0001", {"path": str(apk)}))["code"] == 10000
+    assert (await call(ws, "startApk", "SIM0001", {"apk": "com.example.demo"}))["code"] == 10000
+
+
+async def test_errors_answer_10001(sim: Simulator, ws: ClientConnection) -> None:
+    await ws.send("{not json")
+    assert json.loads(await ws.recv())["code"] == 10001
+    unknown = await call(ws, "teleport", "SIM0001")
+    assert unknown["code"] == 10001 and "teleport" in unknown["message"]
+    assert (await call(ws, "adb_shell", None, {"command": "echo"}))["code"] == 10001
+    assert (await call(ws, "adb_shell", "", {"command": "echo"}))["code"] == 10001
+    nope = await call(ws, "adb_shell", "NOPE1", {"command": "echo"})
+    assert nope["code"] == 10001 and "NOPE1" in nope["message"]
+    sim.set_device_status("SIM0002", "offline")
+    off = await call(ws, "adb_shell", "SIM0002", {"command": "echo"})
+    assert off["code"] == 10001 and "offline" in off["message"]
+    listed = {d["onlySerial"]: d["status"] for d in (await call(ws, "list"))["data"]}
+    assert listed["SIM0002"] == "offline"
+    sim.set_device_status("SIM0002", "online")
+    assert (await call(ws, "adb_shell", "SIM0002", {"command": "echo"}))["code"] == 10000
+
+
+async def test_all_and_lists_of_serials_are_applied_and_recorded(
+    sim: Simulator, ws: ClientConnection
+) -> None:
+    everyone = await call(ws, "adb_shell", "all", {"command": "echo x"})
+    assert everyone["data"] == {s: "x\n" for s in sim.devices}
+    some = await call(ws, "adb_shell", "SIM0001,SIM0003", {"command": "echo y"})
+    assert some["data"] == {"SIM0001": "y\n", "SIM0003": "y\n"}
+    assert ("adb_shell", "all") in sim.calls and ("adb_shell", "SIM0001,SIM0003") in sim.calls
+
+
+async def test_adb_host_side(ws: ClientConnection) -> None:
+    reply = await call(ws, "adb", None, {"command": "devices"})
+    assert reply["code"] == 10000 and "SIM0001\tdevice" in reply["data"]
+    reply = await call(ws, "adb", None, {"command": "-s SIM0001 shell echo ok"})
+    assert reply["data"] == "ok\n"
+
+
+async def test_licence_mode(sim: Simulator, ws: ClientConnection) -> None:
+    sim.set_licence(False)
+    for action, devices in (("list", None), ("adb_shell", "SIM0001"), ("screen", "SIM0001")):
+        reply = await call(ws, action, devices, {"command": "echo"})
+        assert reply["code"] == 10001 and reply["message"] == LICENCE_MESSAGE
+    sim.set_licence(True)
+    assert (await call(ws, "list"))["code"] == 10000
+
+
+async def test_failure_rate_and_counters(sim: Simulator, ws: ClientConnection) -> None:
+    sim.config.failure_rate = 1.0
+    reply = await call(ws, "adb_shell", "SIM0001", {"command": "echo"})
+    assert reply["code"] == 10001 and reply["message"]
+    sim.config.failure_rate = 0.0
+    await call(ws, "list")
+    assert sim.requests_total == 2 and sim.action_counts == {"adb_shell": 1, "list": 1}
+
+
+async def test_pipelining_is_detected(sim: Simulator, ws: ClientConnection) -> None:
+    for i in range(3):
+        req = {"action": "adb_shell", "devices": "SIM0001", "data": {"command": f"echo {i}"}}
+        await ws.send(json.dumps(req))
+    replies = [json.loads(await ws.recv())["data"]["SIM0001"] for _ in range(3)]
+    assert replies == ["0\n", "1\n", "2\n"]  # sequential, in arrival order
+    assert sim.max_in_flight_per_connection >= 2
+
+
+async def test_run_simulator_serves_until_stop() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_simulator(SimulatorConfig(devices=2, port=port), stop))
+    url = f"ws://127.0.0.1:{port}/"
+    deadline = asyncio.get_running_loop().time() + 5
+    while True:
+        try:
+            async with connect(url) as c:
+                reply = await call(c, "list")
+            break
+        except OSError:
+            assert asyncio.get_running_loop().time() < deadline, "simulator never came up"
+            await asyncio.sleep(0.02)
+    assert [d["onlySerial"] for d in reply["data"]] == ["SIM0001", "SIM0002"]
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    with pytest.raises(OSError):
+        async with connect(url, open_timeout=2):
+            pass

@@ -1,0 +1,245 @@
+"""VendorClient against the simulator over real WebSockets on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import structlog
+from websockets.asyncio.server import ServerConnection, serve
+
+try:
+    import services.simulator  # noqa: F401
+except ImportError:  # pragma: no cover - repo root not on sys.path (no conftest/pythonpath)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.node.vendor_client import (  # noqa: E402
+    VendorClient,
+    VendorError,
+    VendorFailure,
+    VendorProtocolError,
+    VendorTimeout,
+    VendorUnavailable,
+)
+from services.simulator import LICENCE_MESSAGE, Simulator, SimulatorConfig  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+async def until(predicate: object, timeout_s: float = 5.0) -> None:
+    """Poll ``predicate()`` (sync callable) until true, failing after ``timeout_s``."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest_asyncio.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator(SimulatorConfig(devices=6, seed=3, default_latency_ms=2)) as s:
+        yield s
+
+
+@pytest_asyncio.fixture
+async def client(sim: Simulator) -> AsyncIterator[VendorClient]:
+    async with VendorClient(sim.url, pool_size=4, request_timeout_s=2.0) as c:
+        yield c
+
+
+async def test_list_shell_and_helpers(sim: Simulator, client: VendorClient) -> None:
+    devices = await client.list_devices()
+    assert [d["onlySerial"] for d in devices] == list(sim.devices)
+    dev = sim.devices["SIM0002"]
+    assert await client.shell("SIM0002", "getprop ro.product.model") == f"{dev.model}\n"
+    assert client.connected
+
+    await client.start_apk("SIM0002", "com.google.android.youtube")
+    assert dev.foreground == "com.google.android.youtube"
+    await client.push_event("SIM0002", 2)
+    assert dev.foreground == "com.android.launcher3"
+    await client.pointer_event("SIM0002", 0, 10, 20)
+    await client.pointer_event("SIM0002", 1, 10, 20)
+    await client.pointer_event("SIM0002", 7)
+    assert dev.pointer_events == [("0", "10", "20"), ("1", "10", "20"), ("7", None, None)]
+    with pytest.raises(VendorFailure):
+        await client.input_text("SIM0002", "hi")
+    await client.select_ime("SIM0002")
+    await client.input_text("SIM0002", "hi")
+    assert dev.typed_text == "hi"
+    await client.stop_apk("SIM0002", "com.android.launcher3")
+    assert await client.adb("version")
+    assert {d for a, d in sim.calls if a not in ("list", "adb")} == {"SIM0002"}
+    assert ("adb", None) in sim.calls
+
+
+async def test_screenshot_returns_the_new_png(
+    sim: Simulator, client: VendorClient, tmp_path: Path
+) -> None:
+    folder = tmp_path / "shots" / "SIM0001"
+    first = await client.screenshot("SIM0001", folder)
+    second = await client.screenshot("SIM0001", folder)
+    assert first != second and first.parent == folder == second.parent
+    for path in (first, second):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(folder.iterdir()) == sorted([first, second])
+
+
+async def test_failure_is_vendor_failure_with_message(sim: Simulator, client: VendorClient) -> None:
+    with pytest.raises(VendorFailure) as info:
+        await client.shell("NOPE9", "echo")
+    assert "NOPE9" in info.value.message and info.value.code == "vendor_10001"
+    assert not info.value.licence and isinstance(info.value, VendorError)
+
+    sim.config.failure_rate = 1.0
+    with pytest.raises(VendorFailure, match="simulated failure"):
+        await client.list_devices()
+    sim.config.failure_rate = 0.0
+    assert client.connected  # the vendor answered: it is reachable
+    assert len(await client.list_devices()) == 6
+
+
+async def test_licence_not_activated(sim: Simulator, client: VendorClient) -> None:
+    sim.set_licence(False)
+    with pytest.raises(VendorFailure) as info:
+        await client.list_devices()
+    assert info.value.licence and info.value.message == LICENCE_MESSAGE
+    sim.set_licence(True)
+    assert len(await client.list_devices()) == 6
+
+
+async def test_never_two_requests_in_flight_on_one_connection(
+    sim: Simulator, client: VendorClient
+) -> None:
+    serials = list(sim.devices)
+
+    async def one(i: int) -> tuple[int, str]:
+        return i, await client.shell(serials[i % len(serials)], f"echo token-{i}")
+
+    results = await asyncio.gather(*(one(i) for i in range(50)))
+    assert all(out == f"token-{i}\n" for i, out in results)
+    assert sim.requests_total == 50
+    assert sim.max_in_flight_per_connection == 1
+    assert 1 <= sim.connections_total <= 4 and client.connections_opened <= 4
+
+
+async def test_hang_times_out_then_recovers_on_a_new_connection(
+    sim: Simulator, client: VendorClient
+) -> None:
+    assert await client.shell("SIM0001", "echo warm") == "warm\n"
+    opened = client.connections_opened
+    sim.hang_device("SIM0001", True)
+    started = time.monotonic()
+    with pytest.raises(VendorTimeout) as info:
+        await client.shell("SIM0001", "echo never", timeout_s=0.2)
+    elapsed = time.monotonic() - started
+    assert 0.2 <= elapsed < 1.5 and info.value.code == "vendor_timeout"
+    assert not client.connected
+    await until(lambda: sim.open_connections == 0)  # the hung connection was closed
+
+    sim.hang_device("SIM0001", False)
+    assert await client.shell("SIM0001", "echo back") == "back\n"
+    assert client.connections_opened == opened + 1 and client.connected
+    assert sim.max_in_flight_per_connection == 1
+
+
+async def test_dropped_connection_is_unavailable_then_recovers(
+    sim: Simulator, client: VendorClient
+) -> None:
+    assert len(await client.list_devices()) == 6
+    sim.config.drop_rate = 1.0
+    with pytest.raises(VendorUnavailable, match="dropped") as info:
+        await client.list_devices()
+    assert info.value.code == "vendor_unavailable" and not client.connected
+    sim.config.drop_rate = 0.0
+    assert len(await client.list_devices()) == 6
+    assert sim.dropped_total == 1 and client.connected
+
+
+async def test_vendor_down_then_wait_until_available(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"ws://127.0.0.1:{port}/"
+    async with VendorClient(
+        url, backoff_base_s=0.02, backoff_max_s=0.08, connect_timeout_s=1.0
+    ) as client:
+        with pytest.raises(VendorUnavailable) as info:
+            await client.list_devices()
+        assert url in info.value.message and "WebSocket API" in info.value.message
+        assert not client.connected
+
+        with structlog.testing.capture_logs() as logs:
+            waiter = asyncio.create_task(client.wait_until_available())
+            await until(lambda: client.consecutive_failures >= 4)  # 1 + 3 retries
+            async with Simulator(SimulatorConfig(devices=2, port=port)) as sim:
+                assert await asyncio.wait_for(waiter, 5) is True
+                assert client.connected
+                assert [d["onlySerial"] for d in await client.list_devices()] == list(sim.devices)
+        retries = [e for e in logs if e["event"] == "vendor unavailable, retrying"]
+        assert len(retries) >= 3 and all(e["url"] == url for e in retries)
+        assert [e["retry_in_s"] for e in retries[:3]] == [0.02, 0.04, 0.08]
+
+
+async def test_wait_until_available_stops_on_event() -> None:
+    stop = asyncio.Event()
+    async with VendorClient(f"ws://127.0.0.1:{free_port()}/", backoff_base_s=0.02) as client:
+        waiter = asyncio.create_task(client.wait_until_available(stop))
+        await until(lambda: client.consecutive_failures >= 1)
+        stop.set()
+        assert await asyncio.wait_for(waiter, 5) is False
+
+
+async def test_refuses_anything_but_one_serial(sim: Simulator, client: VendorClient) -> None:
+    for bad in ("all", "ALL", " All ", "SIM0001,SIM0002", "a,b", "", "  "):
+        with pytest.raises(ValueError):
+            await client.shell(bad, "echo")
+        with pytest.raises(ValueError):
+            await client.request("pushEvent", bad, {"type": "2"})
+    with pytest.raises(ValueError):
+        await client.screenshot("all", Path("/nonexistent"))
+    assert sim.requests_total == 0 and sim.calls == []
+
+
+async def test_restart_gives_unavailable_then_empty_list_then_devices(
+    sim: Simulator, client: VendorClient
+) -> None:
+    assert len(await client.list_devices()) == 6
+    restart = asyncio.create_task(sim.restart(0.3, empty_list_s=1.0))
+    await until(lambda: not sim.running)
+    with pytest.raises(VendorUnavailable):
+        await client.list_devices()
+    await asyncio.wait_for(restart, 5)
+    assert await client.list_devices() == []  # restarting: not "every device went offline"
+    lists: list[int] = []
+
+    async def poll() -> None:
+        deadline = time.monotonic() + 5
+        while not lists or lists[-1] == 0:
+            assert time.monotonic() < deadline
+            lists.append(len(await client.list_devices()))
+            await asyncio.sleep(0.02)
+
+    await poll()
+    assert lists[-1] == 6 and lists[0] == 0
+
+
+async def test_garbage_answer_is_protocol_error() -> None:
+    async def handler(ws: ServerConnection) -> None:
+        async for _ in ws:
+            await ws.send("this is not json")
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with VendorClient(f"ws://127.0.0.1:{port}/") as client:
+            with pytest.raises(VendorProtocolError):
+                await client.list_devices()
