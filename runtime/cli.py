@@ -8,7 +8,6 @@ import contextlib
 import os
 import signal
 import sys
-import warnings
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -168,8 +167,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
-    warnings.filterwarnings("ignore", module="platformdirs")
     args = build_parser().parse_args(argv)
     configure_logging()
     try:

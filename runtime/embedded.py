@@ -13,6 +13,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,16 @@ class EmbeddedNats:
         self.proc = None
 
 
+def ensure_runtime_dir() -> None:
+    """Give pgserver's lock file a private XDG_RUNTIME_DIR when the session has none."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    path = Path(tempfile.gettempdir()) / f"doai-runtime-{os.getuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    path.chmod(0o700)
+    os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
 class EmbeddedPostgres:
     """PostgreSQL from `pgserver` with its own data folder."""
 
@@ -107,7 +118,7 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")
+        ensure_runtime_dir()
         import pgserver  # imported lazily: it touches the runtime dir at import
 
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -38,10 +38,10 @@ def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 
 
 
-def configure_logging(level: str | None = None, fmt: str | None = None) -> None:
+def configure_logging(level: str | None = None, fmt: str | None = None, log_file: str | None = None) -> None:
     level_name = (level or os.environ.get("DOAI_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("DOAI_LOG_FORMAT", "console")
-    log_file = os.environ.get("DOAI_LOG_FILE")
+    log_file = log_file or os.environ.get("DOAI_LOG_FILE")
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,

@@ -16,7 +16,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class UpOptions:
     demo_timeout_s: float = 300.0
     sim_latency_ms: float = 20.0
     screen_latency_ms: float = 300.0
+    inventory_interval_s: float = 2.0
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -137,22 +139,35 @@ async def run_demo(client: httpx.AsyncClient, opts: UpOptions, artifact_dir: Pat
     return run.get("status") == "completed" and not failed and counts.get("succeeded") == expected
 
 
-async def up(opts: UpOptions) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    token = opts.token or secrets.token_urlsafe(32)
-    port = opts.port
-    if port and not _port_free(opts.host, port):
-        port = free_port(opts.host)
-        log.warning("API port busy; using another", wanted=opts.port, port=port)
-    async with infrastructure(opts.home) as infra:
-        return await _run_all(opts, infra, token, port, stop)
+class ComponentFailed(RuntimeError):
+    pass
 
 
-async def _run_all(opts: UpOptions, infra: Infra, token: str, port: int, stop: asyncio.Event) -> int:
+@dataclass
+class System:
+    """A running doai: API address and token, the simulators, and a way to stop it all."""
+
+    api_url: str
+    token: str
+    sims: list[Simulator]
+    stop: asyncio.Event
+    tasks: list[asyncio.Task[Any]]
+    artifact_dir: Path
+
+    def client(self, timeout: float = 30.0) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.api_url, headers={"Authorization": f"Bearer {self.token}"},
+                                 timeout=timeout)
+
+    def failures(self) -> list[str]:
+        return [f"{t.get_name()}: {t.exception()!r}" for t in self.tasks
+                if t.done() and not t.cancelled() and t.exception() is not None]
+
+
+@asynccontextmanager
+async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
+                         stop: asyncio.Event | None = None) -> AsyncIterator[System]:
+    """Start backend, aggregator, and per node a simulator and an agent; stop them all on exit."""
+    stop = stop or asyncio.Event()
     tasks: list[asyncio.Task[Any]] = []
     sims: list[Simulator] = []
     api_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
@@ -165,7 +180,7 @@ async def _run_all(opts: UpOptions, infra: Infra, token: str, port: int, stop: a
     artifact_dir = opts.home / "artifacts"
     try:
         settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port)
-        spawn(run_backend(settings, stop, on_ready=lambda url: api_ready.set_result(url)), "backend")
+        spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
         spawn(run_aggregator(infra.database_url, infra.nats_url, stop), "aggregator")
         for i in range(1, opts.nodes + 1):
             sim = Simulator(SimulatorConfig(
@@ -177,30 +192,17 @@ async def _run_all(opts: UpOptions, infra: Infra, token: str, port: int, stop: a
             sims.append(sim)
             node = NodeSettings(
                 node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
-                state_dir=opts.home / "node", artifact_dir=artifact_dir, inventory_interval_s=2.0,
-                heartbeat_interval_s=2.0,
+                state_dir=opts.home / "node", artifact_dir=artifact_dir,
+                inventory_interval_s=opts.inventory_interval_s, heartbeat_interval_s=opts.inventory_interval_s,
             )
             spawn(run_node(node, stop), f"node-{i}")
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({api_ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
+        system = System(api_ready.result() if api_ready.done() else "", token, sims, stop, tasks, artifact_dir)
         if not api_ready.done():
-            return _failed(tasks)
-        api = api_ready.result()
-        async with httpx.AsyncClient(base_url=api, headers={"Authorization": f"Bearer {token}"},
-                                     timeout=30) as client:
-            recipes = await publish_recipes(client)
-            say(f"doai is up: API {api}  (token: {token})")
-            pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
-            say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
-            say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
-                f"recipes: {', '.join(recipes)}")
-            if opts.demo:
-                ok = await run_demo(client, opts, artifact_dir)
-                return 0 if ok else 1
-            say("press Ctrl-C to stop")
-            await stop.wait()
-            return _failed(tasks)
+            raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
+        yield system
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -208,10 +210,34 @@ async def _run_all(opts: UpOptions, infra: Infra, token: str, port: int, stop: a
             await sim.close()
 
 
-def _failed(tasks: list[asyncio.Task[Any]]) -> int:
-    code = 0
-    for t in tasks:
-        if t.done() and not t.cancelled() and t.exception() is not None:
-            log.error("component failed", component=t.get_name(), error=repr(t.exception()))
-            code = 1
-    return code
+async def up(opts: UpOptions) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    token = opts.token or secrets.token_urlsafe(32)
+    port = opts.port
+    if port and not _port_free(opts.host, port):
+        port = free_port(opts.host)
+        log.warning("API port busy; using another", wanted=opts.port, port=port)
+    async with infrastructure(opts.home) as infra:
+        try:
+            async with running_system(opts, infra, token, port, stop) as system, system.client() as client:
+                recipes = await publish_recipes(client)
+                say(f"doai is up: API {system.api_url}  (token: {token})")
+                pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
+                say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+                say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
+                    f"recipes: {', '.join(recipes)}")
+                if opts.demo:
+                    ok = await run_demo(client, opts, system.artifact_dir)
+                    return 0 if ok else 1
+                say("press Ctrl-C to stop")
+                await stop.wait()
+                failures = system.failures()
+        except ComponentFailed as exc:
+            failures = [str(exc)]
+        for failure in failures:
+            log.error("component failed", failure=failure)
+        return 1 if failures else 0

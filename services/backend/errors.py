@@ -34,7 +34,7 @@ def decode_error(err: msgspec.ValidationError | msgspec.DecodeError) -> ApiError
     if " - at `" in text:
         text, _, raw_path = text.rpartition(" - at `")
         path = raw_path.rstrip("`")
-    if isinstance(err, msgspec.DecodeError):
+    if not isinstance(err, msgspec.ValidationError):  # (ValidationError is a DecodeError too)
         return ApiError(400, "bad_json", f"body is not valid JSON: {text}")
     return ApiError(422, "invalid", "request body is invalid", [{"path": path, "message": text}])
 

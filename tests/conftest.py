@@ -1,0 +1,100 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or DOAI_TEST_DATABASE_URL) and real nats-servers.
+
+Each test that needs a database gets a fresh one (CREATE DATABASE on the
+session's server); each test that needs NATS gets its own nats-server with an
+empty store, so tests never see each other's streams.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from runtime.embedded import EmbeddedNats, EmbeddedPostgres
+from runtime.infra import Infra
+from runtime.logging import configure_logging
+from runtime.up import System, UpOptions, publish_recipes, running_system, wait_for_devices
+
+
+@pytest.fixture(scope="session")
+def log_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Every structlog line of the session, as JSON, for tests that check log context."""
+    path = tmp_path_factory.mktemp("logs") / "doai.jsonl"
+    configure_logging(level="info", fmt="console", log_file=str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory, log_file: Path) -> Iterator[str]:
+    configured = os.environ.get("DOAI_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    pg = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    uri = pg.start()
+    yield uri
+    pg.stop()
+
+
+def _with_database(uri: str, name: str) -> str:
+    parts = urlsplit(uri)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@pytest.fixture
+async def database_url(pg_server: str) -> AsyncIterator[str]:
+    """A new, empty database for this test."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    yield _with_database(pg_server, name)
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path, log_file: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(tmp_path / "nats")
+    server.start()
+    yield server
+    server.stop()
+
+
+TEST_TOKEN = "test-operator-token-0123456789abcdef"
+
+
+@pytest.fixture
+async def start_system(
+    nats_server: EmbeddedNats, database_url: str, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[System]]]:
+    """Start the whole system in-process (backend, aggregator, nodes with simulators) on demand."""
+    async with AsyncExitStack() as stack:
+
+        async def start(nodes: int = 1, devices: int = 2, slots: int = 20, **options: Any) -> System:
+            opts = UpOptions(home=tmp_path / "home", nodes=nodes, devices=devices, slots=slots,
+                             sim_latency_ms=options.pop("sim_latency_ms", 2.0),
+                             screen_latency_ms=options.pop("screen_latency_ms", 20.0),
+                             inventory_interval_s=options.pop("inventory_interval_s", 0.5), **options)
+            infra = Infra(nats_server.url, database_url, embedded=False)
+            system = await stack.enter_async_context(running_system(opts, infra, TEST_TOKEN, port=0))
+            async with system.client() as client:
+                await publish_recipes(client)
+                online = await wait_for_devices(client, nodes * devices, timeout_s=30)
+            assert online == nodes * devices, f"only {online} devices came online"
+            return system
+
+        yield start
