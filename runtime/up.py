@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -83,28 +84,41 @@ async def publish_recipes(client: httpx.AsyncClient) -> list[str]:
     return published
 
 
-async def wait_for_devices(client: httpx.AsyncClient, expected: int, timeout_s: float) -> int:
+def fleet_devices(sims: list[Simulator]) -> list[dict[str, str]]:
+    """The (node, serial) pairs of the simulated fleet, as run targets."""
+    return [{"node_id": f"node-{i}", "serial": serial}
+            for i, sim in enumerate(sims, start=1) for serial in sorted(sim.devices)]
+
+
+async def wait_for_devices(client: httpx.AsyncClient, expected: list[dict[str, str]], timeout_s: float,
+                           since: datetime | None = None) -> int:
+    """Wait until every expected device is listed online (and seen after `since`); return how many are."""
+    wanted = {(d["node_id"], d["serial"]) for d in expected}
     deadline = time.monotonic() + timeout_s
-    online = 0
-    while time.monotonic() < deadline:
+    while True:
         r = await client.get("/v1/devices")
         r.raise_for_status()
-        online = sum(1 for d in r.json()["devices"] if d["status"] == "online")
-        if online >= expected:
-            return online
-        await asyncio.sleep(0.2)
-    return online
+        ready = {
+            (d["node_id"], d["serial"]) for d in r.json()["devices"]
+            if d["status"] == "online" and (since is None or datetime.fromisoformat(d["last_seen"]) >= since)
+        } & wanted
+        if len(ready) == len(wanted) or time.monotonic() >= deadline:
+            return len(ready)
+        await asyncio.sleep(0.1)
 
 
-async def run_demo(client: httpx.AsyncClient, opts: UpOptions, artifact_dir: Path) -> bool:
-    expected = opts.nodes * opts.devices
-    online = await wait_for_devices(client, expected, 60.0)
+async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -> bool:
+    artifact_dir = system.artifact_dir
+    targets = fleet_devices(system.sims)
+    expected = len(targets)
+    # Only devices this process's simulators listed count (the data folder may hold older ones).
+    online = await wait_for_devices(client, targets, 60.0, since=system.started_at)
     if online < expected:
         say(f"only {online} of {expected} simulated devices came online within 60 s")
         return False
     started = time.monotonic()
     r = await client.post("/v1/runs", json={
-        "workflow_id": "device-smoke", "params": DEMO_PARAMS, "targets": {"all_online": True},
+        "workflow_id": "device-smoke", "params": DEMO_PARAMS, "targets": {"devices": targets},
     })
     if r.status_code != 201:
         say(f"creating the demo run failed: {r.status_code} {r.text}")
@@ -153,6 +167,7 @@ class System:
     stop: asyncio.Event
     tasks: list[asyncio.Task[Any]]
     artifact_dir: Path
+    started_at: datetime
 
     def client(self, timeout: float = 30.0) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.api_url, headers={"Authorization": f"Bearer {self.token}"},
@@ -178,6 +193,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
         tasks.append(task)
 
     artifact_dir = opts.home / "artifacts"
+    started_at = datetime.now(UTC)
     try:
         settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port)
         spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
@@ -199,7 +215,8 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
         stopper = asyncio.ensure_future(stop.wait())
         await asyncio.wait({api_ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
-        system = System(api_ready.result() if api_ready.done() else "", token, sims, stop, tasks, artifact_dir)
+        api_url = api_ready.result() if api_ready.done() else ""
+        system = System(api_url, token, sims, stop, tasks, artifact_dir, started_at)
         if not api_ready.done():
             raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
         yield system
@@ -231,7 +248,7 @@ async def up(opts: UpOptions) -> int:
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
                 if opts.demo:
-                    ok = await run_demo(client, opts, system.artifact_dir)
+                    ok = await run_demo(client, opts, system)
                     return 0 if ok else 1
                 say("press Ctrl-C to stop")
                 await stop.wait()

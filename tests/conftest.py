@@ -21,7 +21,7 @@ import pytest
 from runtime.embedded import EmbeddedNats, EmbeddedPostgres
 from runtime.infra import Infra
 from runtime.logging import configure_logging
-from runtime.up import System, UpOptions, publish_recipes, running_system, wait_for_devices
+from runtime.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 
 
 @pytest.fixture(scope="session")
@@ -93,7 +93,7 @@ async def start_system(
             system = await stack.enter_async_context(running_system(opts, infra, TEST_TOKEN, port=0))
             async with system.client() as client:
                 await publish_recipes(client)
-                online = await wait_for_devices(client, nodes * devices, timeout_s=30)
+                online = await wait_for_devices(client, fleet_devices(system.sims), timeout_s=30)
             assert online == nodes * devices, f"only {online} devices came online"
             return system
 

@@ -51,9 +51,10 @@ def device_events(run_id: str, serial: str, final: str) -> list[Event]:
         events.append(StepEvent(event_id=new_id(), ts=at + timedelta(milliseconds=500), seq=next(seq),
                                 step_id=step, index=i, action="wait", state="ok", output=f"out-{step}", **base))
     events.append(ArtifactEvent(event_id=new_id(), ts=T0 + timedelta(seconds=3), seq=next(seq), step_id="b",
-                                store="local", key=f"{run_id}/{serial}.png", uri="file:///k", bytes=5, sha256="x", **base))
-    events.append(TaskEvent(event_id=new_id(), ts=T0 + timedelta(seconds=4), seq=next(seq), state=final,  # type: ignore[arg-type]
-                            error=None if final == "succeeded" else "boom", **base))
+                                store="local", key=f"{run_id}/{serial}.png", uri="file:///k", bytes=5,
+                                sha256="x", **base))
+    events.append(TaskEvent(event_id=new_id(), ts=T0 + timedelta(seconds=4), seq=next(seq),
+                            state=final, error=None if final == "succeeded" else "boom", **base))  # type: ignore[arg-type]
     return events
 
 

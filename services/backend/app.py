@@ -62,7 +62,7 @@ def _decode(data: bytes, kind: type[Any]) -> Any:
 
 
 def create_app(pool: asyncpg.Pool, relay: OutboxRelay, api_tokens: list[str],
-               max_body_bytes: int = 1_048_576) -> FastAPI:
+               max_body_bytes: int = 1_048_576, device_stale_s: float = 60.0) -> FastAPI:
     check = TokenCheck(api_tokens)
 
     def operator(authorization: Annotated[str | None, Header()] = None) -> None:
@@ -114,7 +114,7 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, api_tokens: list[str],
     @app.post("/v1/runs", status_code=201, dependencies=auth)
     async def create_run(request: Request) -> JSONResponse:
         body: RunCreate = _decode(await request.body(), RunCreate)
-        run_id, count, rejected = await runs.create_run(pool, body)
+        run_id, count, rejected = await runs.create_run(pool, body, device_stale_s)
         relay.wake()
         created = RunCreated(run_id=run_id, status="pending", targets=count)
         return JSONResponse({**msgspec.to_builtins(created), "rejected": rejected}, status_code=201)

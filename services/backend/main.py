@@ -37,7 +37,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         js = nc.jetstream()
         await jetstream.ensure_streams(js)
         relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
-        app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes)
+        app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes, settings.device_stale_s)
         config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                                 access_log=False, lifespan="off")
         server = _Server(config)

@@ -26,7 +26,9 @@ def broadcast_msg_id(run_id: str, node_id: str) -> str:
     return f"run-{run_id}-{node_id}"
 
 
-async def create_run(pool: asyncpg.Pool, body: RunCreate) -> tuple[str, int, list[dict[str, str]]]:
+async def create_run(
+    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0
+) -> tuple[str, int, list[dict[str, str]]]:
     """Validate, resolve targets and store a run with its broadcasts; return (run_id, n, rejected)."""
     chosen = body.targets.chosen()
     if len(chosen) != 1:
@@ -44,7 +46,7 @@ async def create_run(pool: asyncpg.Pool, body: RunCreate) -> tuple[str, int, lis
     run_id = str(uuid.uuid4())
     now = datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction():
-        resolution = await targeting.resolve(conn, body.targets)
+        resolution = await targeting.resolve(conn, body.targets, stale_s)
         if resolution.count == 0:
             raise ApiError(422, "no_targets", "the targets resolve to no online device",
                            resolution.rejected)

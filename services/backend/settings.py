@@ -16,6 +16,8 @@ class BackendSettings:
     max_body_bytes: int = 1_048_576
     # How often the relay looks for unsent broadcasts when nothing woke it up.
     relay_poll_s: float = 1.0
+    # Devices whose last inventory is older than this are not targeted.
+    device_stale_s: float = 60.0
 
     @classmethod
     def from_env(cls, database_url: str, nats_url: str) -> BackendSettings:
@@ -26,4 +28,5 @@ class BackendSettings:
             api_tokens=[t.strip() for t in tokens],
             host=os.environ.get("DOAI_API_HOST", "127.0.0.1"),
             port=int(os.environ.get("DOAI_API_PORT", "8000")),
+            device_stale_s=float(os.environ.get("DOAI_DEVICE_STALE_S", "60")),
         )

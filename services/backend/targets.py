@@ -20,18 +20,23 @@ class Resolution:
         return sum(len(s) for s in self.by_node.values())
 
 
-async def resolve(conn: asyncpg.Connection, targets: Targets) -> Resolution:
+async def resolve(conn: asyncpg.Connection, targets: Targets, stale_s: float) -> Resolution:
+    """Explicit devices must be listed online; `nodes` / `all_online` take the devices seen
+    online within the last `stale_s` seconds (an inventory older than that is not trusted)."""
     by_node: dict[str, list[str]] = defaultdict(list)
     rejected: list[dict[str, str]] = []
     if targets.devices is not None:
         known = {
             (r["node_id"], r["serial"]): r["status"]
             for r in await conn.fetch(
-                "SELECT d.node_id, d.serial, d.status FROM devices d"
+                "SELECT d.node_id, d.serial,"
+                " CASE WHEN d.last_seen < now() - make_interval(secs => $3) THEN 'stale' ELSE d.status END"
+                " AS status FROM devices d"
                 " JOIN unnest($1::text[], $2::text[]) AS t(node_id, serial)"
                 " ON d.node_id = t.node_id AND d.serial = t.serial",
                 [d.node_id for d in targets.devices],
                 [d.serial for d in targets.devices],
+                stale_s,
             )
         }
         seen: set[tuple[str, str]] = set()
@@ -44,15 +49,18 @@ async def resolve(conn: asyncpg.Connection, targets: Targets) -> Resolution:
             if status is None:
                 rejected.append({"node_id": d.node_id, "serial": d.serial, "reason": "unknown device"})
             elif status != "online":
-                rejected.append({"node_id": d.node_id, "serial": d.serial, "reason": f"device is {status}"})
+                reason = "device not seen recently" if status == "stale" else f"device is {status}"
+                rejected.append({"node_id": d.node_id, "serial": d.serial, "reason": reason})
             else:
                 by_node[d.node_id].append(d.serial)
     else:
         nodes = targets.nodes
         rows = await conn.fetch(
             "SELECT node_id, serial FROM devices WHERE status = 'online'"
+            " AND last_seen >= now() - make_interval(secs => $2)"
             " AND ($1::text[] IS NULL OR node_id = ANY($1)) ORDER BY node_id, serial",
             nodes,
+            stale_s,
         )
         for r in rows:
             by_node[r["node_id"]].append(r["serial"])
