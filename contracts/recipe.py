@@ -31,7 +31,9 @@ BUILTIN_PLACEHOLDERS: Final = frozenset({"run_id", "node_id", "device_serial"})
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
-StepId = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")]
+_STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_STEP_ID = re.compile(_STEP_ID_PATTERN)
+StepId = Annotated[str, Meta(pattern=_STEP_ID_PATTERN)]
 _PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 _PARAM_NAME = re.compile(_PARAM_NAME_PATTERN)
 ParamName = Annotated[str, Meta(pattern=_PARAM_NAME_PATTERN)]
@@ -148,8 +150,8 @@ Step = (
     | Assert
     | Report
 )
-STEP_TYPES: Final[tuple[type[StepBase], ...]] = Step.__args__  # type: ignore[attr-defined]
-STEP_ACTIONS: Final = tuple(t.__struct_config__.tag for t in STEP_TYPES)
+STEP_TYPES: Final[tuple[type[StepBase], ...]] = Step.__args__
+STEP_ACTIONS: Final[tuple[str, ...]] = tuple(str(t.__struct_config__.tag) for t in STEP_TYPES)
 
 
 class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -188,29 +190,48 @@ def _join(prefix: str, msgspec_path: str) -> str:
     return prefix + msgspec_path[1:] if msgspec_path.startswith("$") else prefix
 
 
+_UNKNOWN_FIELD = re.compile(r"^Object contains unknown field `(.*)`$")
+_MISSING_FIELD = re.compile(r"^Object missing required field `(.*)`$")
+
+
 def _fault_from(err: msgspec.ValidationError, prefix: str) -> Fault:
+    """A msgspec error as a Fault; an unknown or missing field is located at the field itself."""
     text = str(err)
+    path = prefix
     if " - at `" in text:
-        message, _, path = text.rpartition(" - at `")
-        return Fault(_join(prefix, path.rstrip("`")), message)
-    return Fault(prefix, text)
+        text, _, raw_path = text.rpartition(" - at `")
+        path = _join(prefix, raw_path.rstrip("`"))
+    named = _UNKNOWN_FIELD.match(text) or _MISSING_FIELD.match(text)
+    if named:
+        path = f"{path}.{named.group(1)}"
+    return Fault(path, text)
 
 
-class _Envelope(Struct, kw_only=True):
-    """The recipe with its lists and maps left raw, so each entry is checked on its own."""
+def _stand_in(raw: Any, i: int) -> Screenshot | Report:
+    """A neutral step in place of one that did not convert, so the semantic checks can still run.
 
-    steps: list[Any]
-    params: dict[str, Any] = {}
+    It keeps the step's id (for duplicate and `source` checks) and whether it was a screenshot.
+    """
+    raw_id = raw.get("id") if isinstance(raw, dict) else None
+    step_id = raw_id if isinstance(raw_id, str) and _STEP_ID.match(raw_id) else f"<invalid step {i}>"
+    is_shot = isinstance(raw, dict) and raw.get("action") == "screenshot"
+    return Screenshot(id=step_id) if is_shot else Report(id=step_id)
 
 
-def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> None:
-    """Check every step and every param by itself so all their faults are reported."""
+def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step], dict[str, ParamSpec]]:
+    """Check every step and every param by itself so all their faults are reported.
+
+    Returns the steps and params, with neutral stand-ins for the ones that did not convert.
+    """
+    steps_out: list[Step] = []
+    params_out: dict[str, ParamSpec] = {}
     steps = doc.get("steps")
     if isinstance(steps, list):
         for i, raw in enumerate(steps):
             try:
-                msgspec.convert(raw, Step)
+                steps_out.append(msgspec.convert(raw, Step))
             except msgspec.ValidationError as err:
+                steps_out.append(_stand_in(raw, i))
                 fault = _fault_from(err, f"$.steps[{i}]")
                 if "Invalid value" in fault.message and fault.path.endswith(".action"):
                     fault = Fault(
@@ -223,9 +244,52 @@ def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> None:
             if not isinstance(name, str) or not _PARAM_NAME.match(name):
                 faults.append(Fault(f"$.params.{name}", "param names are letters, digits and '_' (max 64)"))
             try:
-                msgspec.convert(raw, ParamSpec)
+                params_out[name] = msgspec.convert(raw, ParamSpec)
             except msgspec.ValidationError as err:
+                params_out[name] = ParamSpec(required=False)
                 faults.append(_fault_from(err, f"$.params.{name}"))
+    return steps_out, params_out
+
+
+# Stand-ins for required top-level fields that are missing or wrong, so the other fields are still checked.
+_TOP_LEVEL_STAND_INS: Final[dict[str, Any]] = {
+    "dsl": DSL_VERSION,
+    "workflow_id": "stand-in",
+    "steps": [{"id": "stub", "action": "report"}],
+}
+
+
+def _check_top_level(doc: dict[str, Any], faults: list[Fault]) -> Recipe | None:
+    """Check the top-level fields (steps and params stubbed out), reporting every bad one.
+
+    Returns the top level with stand-ins for the bad fields, or None when no stand-in fits.
+    """
+    shell = dict(doc)
+    steps = doc.get("steps")
+    if isinstance(steps, list) and steps:
+        shell["steps"] = _TOP_LEVEL_STAND_INS["steps"] * len(steps)  # keeps the length rule
+    if isinstance(doc.get("params"), dict):
+        shell["params"] = {}
+    trusted_timeouts = True
+    for _ in range(len(shell) + len(_TOP_LEVEL_STAND_INS)):
+        try:
+            top = msgspec.convert(shell, Recipe)
+        except msgspec.ValidationError as err:
+            fault = _fault_from(err, "$")
+            faults.append(fault)
+            key = re.split(r"[.\[]", fault.path[2:], maxsplit=1)[0]
+            if key in _TOP_LEVEL_STAND_INS:
+                shell[key] = _TOP_LEVEL_STAND_INS[key]
+            elif key in shell:
+                del shell[key]  # an unknown field, or one with a default
+            else:
+                return None
+            trusted_timeouts = trusted_timeouts and key != "timeouts"
+            continue
+        if not trusted_timeouts:  # bounds unknown: check steps against the widest ones only
+            top.timeouts = TimeoutDefaults(min_ms=MIN_TIMEOUT_MS, max_ms=MAX_TIMEOUT_MS)
+        return top
+    return None
 
 
 def _semantic_faults(recipe: Recipe) -> list[Fault]:
@@ -287,18 +351,12 @@ def validate_recipe(doc: Any) -> Recipe:
     if not isinstance(doc, dict):
         raise RecipeInvalid([Fault("$", "a recipe must be a JSON object")])
     faults: list[Fault] = []
-    _convert_each(doc, faults)
-    # The top-level fields, with steps and params (checked one by one above) stubbed out.
-    shell = dict(doc)
-    if isinstance(doc.get("steps"), list) and doc["steps"]:
-        shell["steps"] = [{"id": "stub", "action": "report"}]
-    if isinstance(doc.get("params"), dict):
-        shell["params"] = {}
-    try:
-        msgspec.convert(shell, Recipe)
-    except msgspec.ValidationError as err:
-        faults.append(_fault_from(err, "$"))
+    steps, params = _convert_each(doc, faults)
+    top = _check_top_level(doc, faults)
     if faults:
+        if top is not None:  # also report the semantic faults of everything that did convert
+            top.steps, top.params = steps, params
+            faults.extend(_semantic_faults(top))
         raise RecipeInvalid(faults)
     try:
         recipe = msgspec.convert(doc, Recipe)

@@ -62,13 +62,18 @@ async def test_workflow_publish_validates_and_versions(start_system: Any) -> Non
         ]}
         body = error(await client.post("/v1/workflows", json=bad), 422, "invalid_recipe")
         paths = {d["path"] for d in body["details"]}
-        assert paths == {"$.steps[0].command", "$.steps[1].action", "$.steps[2]"}
+        assert paths == {"$.steps[0].command", "$.steps[1].action", "$.steps[2].colour"}
         semantic = {**RECIPE, "workflow_id": "bad-two", "steps": [
             {"id": "a", "action": "open_url", "url": "{{nowhere}}"},
             {"id": "a", "action": "upload"},
         ]}
         body = error(await client.post("/v1/workflows", json=semantic), 422, "invalid_recipe")
         assert {d["path"] for d in body["details"]} == {"$.steps[0].url", "$.steps[1].id", "$.steps[1]"}
+        # Structural and semantic faults are reported together.
+        mixed = {**bad, "workflow_id": "bad-3",
+                 "steps": [*bad["steps"][:2], {"id": "c", "action": "open_url", "url": "{{nowhere}}"}]}
+        body = error(await client.post("/v1/workflows", json=mixed), 422, "invalid_recipe")
+        assert {d["path"] for d in body["details"]} == {"$.steps[0].command", "$.steps[1].action", "$.steps[2].url"}
         error(await client.get("/v1/workflows/bad-one"), 404, "workflow_not_found")
 
         error(await client.post("/v1/workflows", content=b"{not json"), 400, "bad_json")

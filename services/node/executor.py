@@ -19,6 +19,7 @@ from structlog.contextvars import bound_contextvars
 from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
+from contracts.recipe import default_step_timeout
 from services.node.artifacts import ArtifactError, ArtifactStore
 from services.node.journal import Job, Journal
 from services.node.steps import StepContext, StepError, clip, execute
@@ -92,7 +93,7 @@ class Executor:
         for index, step in enumerate(b.recipe.steps):
             action = type(step).__struct_config__.tag
             assert isinstance(action, str)
-            timeout_s = b.step_timeouts_ms.get(step.id, 90_000) / 1000
+            timeout_s = b.step_timeouts_ms.get(step.id, default_step_timeout(b.recipe, step)) / 1000
             outcome: str = "failed"
             error: str | None = None
             for attempt in range(step.retries + 1):

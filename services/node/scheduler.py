@@ -70,7 +70,8 @@ class Scheduler:
             i = (self._cursor + step) % n
             serial = self._rotation[i]
             if self.eligible(serial):
-                self._cursor = (i + 1) % n
+                # Not wrapped: devices appended to the rotation later come right after this one.
+                self._cursor = i + 1
                 job = self._queues[serial].popleft()
                 self.running[serial] = job
                 return job
