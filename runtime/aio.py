@@ -3,6 +3,34 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class Stopped(Exception):
+    """A start-up wait was abandoned because the process is stopping."""
+
+
+async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event | None) -> T:
+    """Await `awaitable`, or cancel it and raise `Stopped` as soon as `stop` is set."""
+    task = asyncio.ensure_future(awaitable)
+    if stop is None:
+        return await task
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: S110 - whatever it was doing, we are stopping
+        pass
+    raise Stopped
 
 
 async def pause(stop: asyncio.Event, seconds: float) -> bool:

@@ -12,6 +12,9 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
+from runtime.aio import Stopped
 from runtime.logging import configure_logging
 
 
@@ -22,8 +25,8 @@ def _env_required(name: str) -> str:
     return value
 
 
-def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
-    """Run a service until SIGINT/SIGTERM."""
+def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
+    """Run a service until SIGINT/SIGTERM; turn start-up failures into one clear line."""
 
     async def runner() -> None:
         stop = asyncio.Event()
@@ -31,9 +34,16 @@ def _serve(main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        try:
+            await main(stop)
+        except Stopped:
+            pass
 
-    asyncio.run(runner())
+    try:
+        asyncio.run(runner())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
+        sys.stderr.write(f"doai {name}: {exc}\n")
+        return 1
     return 0
 
 
@@ -55,14 +65,14 @@ def cmd_backend(args: argparse.Namespace) -> int:
 
     settings = BackendSettings.from_env(_env_required("DATABASE_URL"), _env_required("NATS_URL"))
     settings.host, settings.port = args.host, args.port
-    return _serve(lambda stop: run_backend(settings, stop))
+    return _serve("backend", lambda stop: run_backend(settings, stop))
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
     from services.aggregator.main import run_aggregator
 
     db, nats = _env_required("DATABASE_URL"), _env_required("NATS_URL")
-    return _serve(lambda stop: run_aggregator(db, nats, stop))
+    return _serve("aggregator", lambda stop: run_aggregator(db, nats, stop))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -77,7 +87,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise SystemExit(f"doai node: {exc}") from None
-    return _serve(lambda stop: run_node(settings, stop))
+    return _serve("node", lambda stop: run_node(settings, stop))
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -88,7 +98,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
         drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
     )
-    return _serve(lambda stop: run_simulator(config, stop))
+    return _serve("sim", lambda stop: run_simulator(config, stop))
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:

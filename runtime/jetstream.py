@@ -8,6 +8,7 @@ ignores the config of an existing consumer.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import nats
@@ -34,6 +35,7 @@ from contracts.subjects import (
     cmd_subject,
     node_durable,
 )
+from runtime.aio import unless_stopped
 
 log = structlog.get_logger(__name__)
 
@@ -65,11 +67,18 @@ def stream_configs() -> list[StreamConfig]:
     ]
 
 
-async def connect(url: str, name: str) -> NATS:
-    """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default)."""
+async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+    """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default).
+
+    While the server cannot be reached, each failed attempt is logged and retried
+    every second; `stop` abandons the wait (raises `Stopped`).
+    """
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error", error=str(exc))
+        if isinstance(exc, OSError | TimeoutError):
+            log.warning("cannot reach NATS; retrying", url=url, error=str(exc) or type(exc).__name__)
+        else:
+            log.warning("nats error", error=str(exc))
 
     async def on_disconnected() -> None:
         log.info("nats disconnected", url=url)
@@ -77,7 +86,7 @@ async def connect(url: str, name: str) -> NATS:
     async def on_reconnected() -> None:
         log.info("nats reconnected", url=url)
 
-    nc: NATS = await nats.connect(
+    nc: NATS = await unless_stopped(nats.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -86,7 +95,7 @@ async def connect(url: str, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnected,
         reconnected_cb=on_reconnected,
-    )
+    ), stop)
     return nc
 
 

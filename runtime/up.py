@@ -209,7 +209,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
             node = NodeSettings(
                 node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
                 state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                inventory_interval_s=opts.inventory_interval_s, heartbeat_interval_s=opts.inventory_interval_s,
+                inventory_interval_s=opts.inventory_interval_s,
             )
             spawn(run_node(node, stop), f"node-{i}")
         stopper = asyncio.ensure_future(stop.wait())

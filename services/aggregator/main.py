@@ -10,13 +10,15 @@ from services.aggregator.consumer import Aggregator
 
 async def run_aggregator(database_url: str, nats_url: str, stop: asyncio.Event) -> None:
     pool = await db.create_pool(database_url)
-    nc = await jetstream.connect(nats_url, name="doai-aggregator")
     try:
         await db.migrate(pool)
-        js = nc.jetstream()
-        await jetstream.ensure_streams(js)
-        await jetstream.ensure_aggregator_consumer(js)
-        await Aggregator(pool, js).run(stop)
+        nc = await jetstream.connect(nats_url, name="doai-aggregator", stop=stop)
+        try:
+            js = nc.jetstream()
+            await jetstream.ensure_streams(js)
+            await jetstream.ensure_aggregator_consumer(js)
+            await Aggregator(pool, js).run(stop)
+        finally:
+            await jetstream.close(nc)
     finally:
-        await jetstream.close(nc)
         await pool.close()

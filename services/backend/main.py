@@ -6,8 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import Callable, Generator
 
+import asyncpg
 import structlog
 import uvicorn
+from nats.js import JetStreamContext
 
 from runtime import db, jetstream
 from services.backend.app import create_app
@@ -31,22 +33,31 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
     if not settings.api_tokens:
         raise SystemExit("doai backend: set DOAI_API_TOKEN (one or more comma-separated tokens)")
     pool = await db.create_pool(settings.database_url)
-    nc = await jetstream.connect(settings.nats_url, name="doai-backend")
     try:
         await db.migrate(pool)
-        js = nc.jetstream()
-        await jetstream.ensure_streams(js)
-        relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
-        app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes, settings.device_stale_s)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                                access_log=False, lifespan="off")
-        server = _Server(config)
-        relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
-        serve_task = asyncio.create_task(server.serve(), name="uvicorn")
+        nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop)
+        try:
+            await _serve(settings, pool, nc.jetstream(), stop, on_ready)
+        finally:
+            await jetstream.close(nc)
+    finally:
+        await pool.close()
+
+
+async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
+                 on_ready: Callable[[str], None] | None) -> None:
+    await jetstream.ensure_streams(js)
+    relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
+    app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes, settings.device_stale_s)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
+                            access_log=False, lifespan="off")
+    server = _Server(config)
+    relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
+    serve_task = asyncio.create_task(server.serve(), name="uvicorn")
+    try:
         while not server.started:
             if serve_task.done():
-                serve_task.result()
-                raise SystemExit(f"doai backend: could not listen on {settings.host}:{settings.port}")
+                raise RuntimeError(f"the API could not listen on {settings.host}:{settings.port}")
             await asyncio.sleep(0.02)
         port = server.servers[0].sockets[0].getsockname()[1]
         url = f"http://{settings.host}:{port}"
@@ -56,9 +67,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         await stop.wait()
         server.should_exit = True
         await serve_task
+    finally:
         relay_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await relay_task
-    finally:
-        await jetstream.close(nc)
-        await pool.close()

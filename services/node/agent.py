@@ -111,7 +111,7 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}")
+        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop)
         try:
             js = nc.jetstream()
             await jetstream.ensure_streams(js)

@@ -23,8 +23,8 @@ class NodeSettings:
     path_template: str = DEFAULT_PATH_TEMPLATE
     vendor_pool_size: int | None = None  # default: one connection per slot
     vendor_request_timeout_s: float = 120.0
+    # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = 5.0
-    heartbeat_interval_s: float = 5.0
 
     def __post_init__(self) -> None:
         if not is_node_id(self.node_id):

@@ -1,0 +1,48 @@
+"""The `doai` command turns bad input and unreachable servers into one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def doai(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN"}}
+    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env={**clean, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_recipes_validate_reports_each_fault_with_its_path(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"dsl": 1, "workflow_id": "Bad", "steps": [{"id": "a", "action": "nope"}]}))
+    ok = doai("recipes", "validate", str(ROOT / "recipes" / "device-smoke.json"))
+    assert ok.returncode == 0 and "ok (device-smoke, 10 steps)" in ok.stdout
+    res = doai("recipes", "validate", str(bad), str(tmp_path / "missing.json"))
+    assert res.returncode == 1
+    assert f"{bad}: $.steps[0].action: unknown action" in res.stderr
+    assert f"{bad}: $.workflow_id: Expected `str` matching regex" in res.stderr
+    assert "missing.json: cannot read" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_services_refuse_missing_configuration() -> None:
+    res = doai("backend")
+    assert res.returncode != 0 and "set DATABASE_URL" in res.stderr
+    res = doai("backend", env={"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://127.0.0.1:1"})
+    assert res.returncode != 0 and "set DOAI_API_TOKEN" in res.stderr
+    res = doai("node", "--node-id", "bad.id", env={"NATS_URL": "nats://127.0.0.1:1"})
+    assert res.returncode != 0 and "node id 'bad.id' is invalid" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+def test_unreachable_database_is_one_line_without_the_password() -> None:
+    res = doai("backend", env={"DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/d",
+                               "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t"})
+    assert res.returncode == 1
+    assert "doai backend: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/d" in res.stderr
+    assert "s3cret" not in res.stderr and "Traceback" not in res.stderr
