@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
+
+import structlog
 
 T = TypeVar("T")
 
@@ -51,3 +53,34 @@ async def wait_for_wake(wake: asyncio.Event, stop: asyncio.Event, timeout_s: flo
     finally:
         waiter.cancel()
         stopper.cancel()
+
+
+async def drain_forever(
+    once: Callable[[], Awaitable[int]],
+    wake: asyncio.Event,
+    stop: asyncio.Event,
+    *,
+    poll_s: float,
+    what: str,
+    first_backoff_s: float = 0.2,
+    max_backoff_s: float = 30.0,
+) -> None:
+    """Call `once` until it returns 0, then wait for `wake` (or `poll_s`); on errors back off.
+
+    The loop of an outbox: whatever `once` did not finish stays where it was and
+    is retried after `first_backoff_s`, doubling up to `max_backoff_s`.
+    """
+    log = structlog.get_logger(__name__)
+    backoff = first_backoff_s
+    while not stop.is_set():
+        wake.clear()
+        try:
+            while await once():
+                pass
+            backoff = first_backoff_s
+        except Exception as exc:
+            log.warning(f"{what} failed; will retry", error=str(exc) or repr(exc), retry_in_s=backoff)
+            await pause(stop, backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+            continue
+        await wait_for_wake(wake, stop, poll_s)

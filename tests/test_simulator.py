@@ -7,7 +7,6 @@ import json
 import re
 import socket
 import struct
-import sys
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,12 +16,7 @@ import pytest
 import pytest_asyncio
 from websockets.asyncio.client import ClientConnection, connect
 
-try:
-    import services.simulator  # noqa: F401
-except ImportError:  # pragma: no cover - repo root not on sys.path (no conftest/pythonpath)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.simulator import (  # noqa: E402
+from services.simulator import (
     LICENCE_MESSAGE,
     Simulator,
     SimulatorConfig,

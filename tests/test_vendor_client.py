@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,12 +13,7 @@ import pytest_asyncio
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
-try:
-    import services.simulator  # noqa: F401
-except ImportError:  # pragma: no cover - repo root not on sys.path (no conftest/pythonpath)
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from services.node.vendor_client import (  # noqa: E402
+from services.node.vendor_client import (
     VendorClient,
     VendorError,
     VendorFailure,
@@ -27,7 +21,7 @@ from services.node.vendor_client import (  # noqa: E402
     VendorTimeout,
     VendorUnavailable,
 )
-from services.simulator import LICENCE_MESSAGE, Simulator, SimulatorConfig  # noqa: E402
+from services.simulator import LICENCE_MESSAGE, Simulator, SimulatorConfig
 
 
 def free_port() -> int:

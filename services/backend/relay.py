@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
-from runtime.aio import pause, wait_for_wake
+from runtime.aio import drain_forever
 
 log = structlog.get_logger(__name__)
 
@@ -62,17 +62,6 @@ class OutboxRelay:
         return len(rows)
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.5
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                while await self.relay_once():
-                    pass
-                backoff = 0.5
-            except Exception as exc:  # PostgreSQL or NATS down: nothing is marked sent, retry
-                log.warning("outbox relay failed; will retry", error=repr(exc), retry_in_s=backoff)
-                await pause(stop, backoff)
-                backoff = min(backoff * 2, 30.0)
-                continue
-            await wait_for_wake(self._wake, stop, self._poll_s)
-
+        # PostgreSQL or NATS down: nothing is marked sent, the rows are retried.
+        await drain_forever(self.relay_once, self._wake, stop, poll_s=self._poll_s, what="outbox relay",
+                            first_backoff_s=0.5)

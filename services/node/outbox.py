@@ -13,7 +13,7 @@ import asyncio
 import structlog
 from nats.js import JetStreamContext
 
-from runtime.aio import pause, wait_for_wake
+from runtime.aio import drain_forever
 from services.node.journal import Journal
 
 log = structlog.get_logger(__name__)
@@ -52,20 +52,7 @@ class Outbox:
         return len(acked)
 
     async def run(self, stop: asyncio.Event) -> None:
-        backoff = 0.2
-        while not stop.is_set():
-            self._wake.clear()
-            try:
-                while await self.publish_once():
-                    pass
-                backoff = 0.2
-            except Exception as exc:
-                log.warning("event publish failed; kept in the outbox", error=str(exc), retry_in_s=backoff)
-                if await pause(stop, backoff):
-                    return
-                backoff = min(backoff * 2, 30.0)
-                continue
-            await wait_for_wake(self._wake, stop, 1.0)
+        await drain_forever(self.publish_once, self._wake, stop, poll_s=1.0, what="event publish")
 
     async def drain(self, timeout_s: float) -> bool:
         """Try to publish everything left (at shutdown); return whether the outbox is empty."""
