@@ -68,7 +68,7 @@ def make_ctx(
     values = {"youtubeVideoId": VIDEO_ID, **(params or {})}
     values.update(run_id=RUN_ID, node_id=NODE_ID, device_serial=serial)
     return StepContext(
-        vendor=vendor,
+        driver=vendor,
         store=store,
         serial=serial,
         values=values,

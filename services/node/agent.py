@@ -12,6 +12,7 @@ from contracts.commands import RunBroadcast, RunCancel
 from runtime import jetstream
 from services.node.artifacts import LocalArtifactStore
 from services.node.commands import CommandConsumer
+from services.node.driver import DeviceDriver
 from services.node.executor import Executor
 from services.node.inventory import Inventory
 from services.node.journal import Job, Journal
@@ -24,20 +25,20 @@ log = structlog.get_logger(__name__)
 
 
 class NodeAgent:
-    def __init__(self, settings: NodeSettings, journal: Journal, vendor: VendorClient) -> None:
+    def __init__(self, settings: NodeSettings, journal: Journal, driver: DeviceDriver) -> None:
         self.settings = settings
         self.journal = journal
-        self.vendor = vendor
+        self.driver = driver
         self.scheduler = Scheduler(settings.slots)
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.executor = Executor(
-            node_id=settings.node_id, journal=journal, vendor=vendor,
+            node_id=settings.node_id, journal=journal, driver=driver,
             store=LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
             path_template=settings.path_template, on_event=self._wake_outbox,
         )
         self.inventory = Inventory(
-            node_id=settings.node_id, vendor=vendor, scheduler=self.scheduler, journal=journal,
+            node_id=settings.node_id, driver=driver, scheduler=self.scheduler, journal=journal,
             on_event=self._wake_outbox, on_change=self.dispatch,
         )
 

@@ -21,19 +21,20 @@ from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
 from contracts.recipe import default_step_timeout
 from services.node.artifacts import ArtifactError, ArtifactStore
+from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
 from services.node.steps import StepContext, StepError, clip, execute
-from services.node.vendor_client import VendorClient, VendorError
+from services.node.vendor_client import VendorError
 
 log = structlog.get_logger(__name__)
 
 
 class Executor:
-    def __init__(self, *, node_id: str, journal: Journal, vendor: VendorClient, store: ArtifactStore,
+    def __init__(self, *, node_id: str, journal: Journal, driver: DeviceDriver, store: ArtifactStore,
                  spool_dir: Path, path_template: str, on_event: Callable[[], None]) -> None:
         self.node_id = node_id
         self.journal = journal
-        self.vendor = vendor
+        self.driver = driver
         self.store = store
         self.spool_dir = spool_dir
         self.path_template = path_template
@@ -64,7 +65,7 @@ class Executor:
         with bound_contextvars(run_id=job.run_id, node_id=self.node_id, device_serial=job.serial):
             spool = self.spool_dir / job.run_id / job.serial
             ctx = StepContext(
-                vendor=self.vendor, store=self.store, serial=job.serial,
+                driver=self.driver, store=self.store, serial=job.serial,
                 values={**broadcast.params, "run_id": job.run_id, "node_id": self.node_id,
                         "device_serial": job.serial},
                 spool=spool, path_template=self.path_template,

@@ -15,9 +15,10 @@ import structlog
 from contracts.events import DeviceInfo, DeviceInventoryEvent, NodeHeartbeat
 from contracts.ids import is_serial, new_id, utcnow
 from runtime.aio import pause
+from services.node.driver import DeviceDriver
 from services.node.journal import Journal
 from services.node.scheduler import Scheduler
-from services.node.vendor_client import VendorClient, VendorError
+from services.node.vendor_client import VendorError
 
 log = structlog.get_logger(__name__)
 
@@ -48,10 +49,10 @@ def parse_devices(listed: list[dict[str, Any]]) -> list[DeviceInfo]:
 
 
 class Inventory:
-    def __init__(self, *, node_id: str, vendor: VendorClient, scheduler: Scheduler, journal: Journal,
+    def __init__(self, *, node_id: str, driver: DeviceDriver, scheduler: Scheduler, journal: Journal,
                  on_event: Callable[[], None], on_change: Callable[[], None]) -> None:
         self.node_id = node_id
-        self.vendor = vendor
+        self.driver = driver
         self.scheduler = scheduler
         self.journal = journal
         self._on_event = on_event
@@ -61,11 +62,11 @@ class Inventory:
 
     async def poll(self) -> None:
         try:
-            listed = await self.vendor.list_devices()
+            listed = await self.driver.list_devices()
         except VendorError as exc:
             listed = []
             if self.vendor_available or self.polls == 0:
-                log.warning("vendor program unavailable", error=str(exc), url=self.vendor.url)
+                log.warning("vendor program unavailable", error=str(exc), url=self.driver.url)
         devices = parse_devices(listed)
         self.vendor_available = bool(devices)
         if devices:

@@ -1,4 +1,4 @@
-"""What each DSL step does on a device, through the vendor program.
+"""What each DSL step does on a device, through the device driver (vendor program or adb).
 
 Every value a recipe or a run parameter puts into a shell command is quoted
 with `shlex.quote`, element by element, so a parameter cannot inject a command.
@@ -17,7 +17,7 @@ import msgspec
 
 from contracts import recipe as dsl
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
-from services.node.vendor_client import VendorClient
+from services.node.driver import DeviceDriver
 
 _KEYS = {"recents": "1", "home": "2", "back": "3"}  # vendor pushEvent types
 _OUTPUT_LIMIT = 4000
@@ -35,7 +35,7 @@ class StepError(Exception):
 class StepContext:
     """Everything one device's workflow needs while it runs."""
 
-    vendor: VendorClient
+    driver: DeviceDriver
     store: ArtifactStore
     serial: str
     values: dict[str, str]  # params + run_id / node_id / device_serial
@@ -60,7 +60,7 @@ def shell_line(argv: list[str]) -> str:
 
 
 async def _shell(ctx: StepContext, argv: list[str], timeout_s: float) -> str:
-    return await ctx.vendor.shell(ctx.serial, shell_line(argv), timeout_s=timeout_s)
+    return await ctx.driver.shell(ctx.serial, shell_line(argv), timeout_s=timeout_s)
 
 
 async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> StepResult:
@@ -72,15 +72,15 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             argv = ["am", "start", "-a", "android.intent.action.VIEW", "-d", ctx.render(url)]
             return StepResult(await _shell(ctx, argv, timeout_s))
         case dsl.LaunchApp(package=package):
-            await ctx.vendor.start_apk(ctx.serial, ctx.render(package))
+            await ctx.driver.start_apk(ctx.serial, ctx.render(package))
             return StepResult()
         case dsl.StopApp(package=package):
-            await ctx.vendor.stop_apk(ctx.serial, ctx.render(package))
+            await ctx.driver.stop_apk(ctx.serial, ctx.render(package))
             return StepResult()
         case dsl.KeyEvent(key=key):
             name = ctx.render(key)
             if name.lower() in _KEYS:
-                await ctx.vendor.push_event(ctx.serial, _KEYS[name.lower()])
+                await ctx.driver.push_event(ctx.serial, _KEYS[name.lower()])
                 return StepResult()
             return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
         case dsl.Tap(x=x, y=y):
@@ -97,7 +97,7 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
         case dsl.Screenshot():
             folder = ctx.spool / step.id
             folder.mkdir(parents=True, exist_ok=True)
-            path = await ctx.vendor.screenshot(ctx.serial, folder, timeout_s=timeout_s)
+            path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=timeout_s)
             ctx.screenshots[step.id] = path
             return StepResult(str(path))
         case dsl.Upload(source=source):
