@@ -20,7 +20,7 @@ from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
 from contracts.recipe import default_step_timeout
-from services.node.artifacts import ArtifactError, ArtifactStore
+from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
 from services.node.steps import StepContext, StepError, clip, execute
@@ -58,6 +58,13 @@ class Executor:
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=seq, step_id=step_id, index=index, action=action,
             state=state, output=clip(output), error=error,  # type: ignore[arg-type]
+        ))
+
+    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact) -> None:
+        self._record(job, None, lambda seq: ArtifactEvent(
+            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            device_serial=job.serial, seq=seq, step_id=step_id, store=a.store, key=a.key,
+            uri=a.uri, bytes=a.bytes, sha256=a.sha256,
         ))
 
     async def run(self, job: Job, broadcast: RunBroadcast) -> str:
@@ -115,12 +122,7 @@ class Executor:
                     ctx.outputs[step.id] = result.output or ""
                     ctx.states[step.id] = "ok"
                     if result.artifact is not None:
-                        art = result.artifact
-                        self._record(job, None, lambda seq, a=art, sid=step.id: ArtifactEvent(
-                            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
-                            device_serial=job.serial, seq=seq, step_id=sid, store=a.store, key=a.key,
-                            uri=a.uri, bytes=a.bytes, sha256=a.sha256,
-                        ))
+                        self._artifact_event(job, step.id, result.artifact)
                     self._step_event(job, index, step.id, action, "ok", output=result.output)
                     log.info("Step ok", step_id=step.id)
                     outcome = "ok"
