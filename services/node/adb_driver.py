@@ -1,0 +1,146 @@
+"""A device driver over plain adb, for labs without the vendor program.
+
+Talks to an adb server (default 127.0.0.1:5037) through `adbutils`, which is
+synchronous: every call runs in a worker thread, bounded by a semaphore so a
+node never floods the adb server. Errors become the same `VendorError`
+subclasses the vendor client raises, so steps report them alike.
+
+Mapping to the DeviceDriver interface:
+
+* `list_devices` → `host:devices-l`; state `device` is reported as `online`.
+* `shell` → `shell:<command>` (the caller has already quoted every argument).
+* `screenshot` → `screencap -p` streamed back over the shell (exec-out), written
+  to a new file in `save_dir`.
+* `push_event` → `input keyevent` (1 recents, 2 home, 3 back, as the vendor's pushEvent).
+* `start_apk` / `stop_apk` → `monkey -p PKG -c android.intent.category.LAUNCHER 1` / `am force-stop PKG`.
+
+adbutils starts a local adb server by itself when none answers; `start_server=False`
+(the default here) turns that into a clear `VendorUnavailable` instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import adbutils
+import structlog
+from adbutils.errors import AdbError, AdbTimeout
+
+from services.node.vendor_client import (
+    VendorFailure,
+    VendorProtocolError,
+    VendorTimeout,
+    VendorUnavailable,
+    check_serial,
+)
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+_KEYCODES = {"1": "KEYCODE_APP_SWITCH", "2": "KEYCODE_HOME", "3": "KEYCODE_BACK"}
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class AdbDriver:
+    def __init__(self, host: str = "127.0.0.1", port: int = 5037, *, max_concurrency: int = 20,
+                 request_timeout_s: float = 30.0, start_server: bool = False) -> None:
+        self.host = host
+        self.port = port
+        self.url = f"adb://{host}:{port}"
+        self._client = adbutils.AdbClient(host=host, port=port, socket_timeout=request_timeout_s)
+        self._limit = asyncio.Semaphore(max_concurrency)
+        self._timeout = request_timeout_s
+        self._start_server = start_server
+        self._connected = False
+        self._shots = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    async def close(self) -> None:
+        """Nothing is held open between calls."""
+
+    async def _call(self, what: str, fn: Callable[[], T], timeout_s: float | None) -> T:
+        limit = timeout_s or self._timeout
+        if not self._start_server:
+            await self._check_server()
+        async with self._limit:
+            try:
+                result = await asyncio.wait_for(asyncio.to_thread(fn), limit)
+            except (TimeoutError, AdbTimeout):
+                raise VendorTimeout(f"adb {what}: no answer within {limit:g} s") from None
+            except AdbError as exc:
+                self._connected = True  # the server answered, the request failed
+                raise VendorFailure(f"adb {what}: {exc}", action=what) from None
+            except (OSError, EOFError) as exc:
+                self._connected = False
+                raise VendorUnavailable(f"adb server at {self.host}:{self.port} dropped the connection: {exc}") from None
+        self._connected = True
+        return result
+
+    async def _check_server(self) -> None:
+        """Fail clearly instead of letting adbutils spawn an adb server of its own."""
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), 3.0)
+        except (OSError, TimeoutError) as exc:
+            self._connected = False
+            raise VendorUnavailable(
+                f"cannot reach the adb server at {self.host}:{self.port} ({exc}); start it with `adb start-server`"
+            ) from None
+        writer.close()
+
+    async def list_devices(self, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
+        infos = await self._call("devices", lambda: self._client.list(extended=True), timeout_s)
+        devices = []
+        for info in infos:
+            devices.append({
+                "serial": info.serial,
+                "onlySerial": info.serial,
+                "status": "online" if info.state == "device" else info.state,
+                "model": info.tags.get("model", ""),
+                "name": info.tags.get("device", ""),
+                "mode": 0 if ":" not in info.serial else 1,
+            })
+        return devices
+
+    async def shell(self, serial: str, command: str, *, timeout_s: float | None = None) -> str:
+        check_serial(serial)
+        device = self._client.device(serial)
+        limit = timeout_s or self._timeout
+        output: str = await self._call("shell", lambda: device.shell(command, timeout=limit), timeout_s)
+        return output
+
+    async def screenshot(self, serial: str, save_dir: Path, *, timeout_s: float | None = None) -> Path:
+        check_serial(serial)
+        device = self._client.device(serial)
+        limit = timeout_s or self._timeout
+        data: bytes = await self._call(
+            "screencap", lambda: device.shell("screencap -p", timeout=limit, encoding=None), timeout_s)
+        if not data.startswith(_PNG):
+            raise VendorProtocolError(f"adb screencap on {serial} returned {len(data)} bytes that are not a PNG")
+        save_dir.mkdir(parents=True, exist_ok=True)
+        self._shots += 1
+        path = save_dir / f"adb_{serial.replace(':', '_')}_{int(time.time() * 1000)}_{self._shots}.png"
+        await asyncio.to_thread(path.write_bytes, data)
+        return path
+
+    async def push_event(self, serial: str, type: int | str) -> None:
+        keycode = _KEYCODES.get(str(type))
+        if keycode is None:
+            raise VendorFailure(f"unknown pushEvent type {type!r}", action="pushEvent")
+        await self.shell(serial, f"input keyevent {keycode}")
+
+    async def start_apk(self, serial: str, package: str) -> None:
+        out = await self.shell(serial, f"monkey -p {shlex.quote(package)} -c android.intent.category.LAUNCHER 1")
+        if "No activities found" in out or "Error" in out:
+            raise VendorFailure(f"cannot start {package}: {out.strip()}", action="startApk")
+
+    async def stop_apk(self, serial: str, package: str) -> None:
+        await self.shell(serial, f"am force-stop {shlex.quote(package)}")
