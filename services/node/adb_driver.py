@@ -81,7 +81,8 @@ class AdbDriver:
                 raise VendorFailure(f"adb {what}: {exc}", action=what) from None
             except (OSError, EOFError) as exc:
                 self._connected = False
-                raise VendorUnavailable(f"adb server at {self.host}:{self.port} dropped the connection: {exc}") from None
+                where = f"{self.host}:{self.port}"
+                raise VendorUnavailable(f"adb server at {where} dropped the connection: {exc}") from None
         self._connected = True
         return result
 
@@ -125,10 +126,9 @@ class AdbDriver:
             "screencap", lambda: device.shell("screencap -p", timeout=limit, encoding=None), timeout_s)
         if not data.startswith(_PNG):
             raise VendorProtocolError(f"adb screencap on {serial} returned {len(data)} bytes that are not a PNG")
-        save_dir.mkdir(parents=True, exist_ok=True)
         self._shots += 1
         path = save_dir / f"adb_{serial.replace(':', '_')}_{int(time.time() * 1000)}_{self._shots}.png"
-        await asyncio.to_thread(path.write_bytes, data)
+        await asyncio.to_thread(_write, path, data)
         return path
 
     async def push_event(self, serial: str, type: int | str) -> None:
@@ -144,3 +144,8 @@ class AdbDriver:
 
     async def stop_apk(self, serial: str, package: str) -> None:
         await self.shell(serial, f"am force-stop {shlex.quote(package)}")
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
