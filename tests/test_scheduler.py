@@ -7,6 +7,8 @@ import random
 from collections import defaultdict, deque
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.node.journal import Job
 from services.node.scheduler import Scheduler
@@ -355,3 +357,204 @@ def test_random_simulation_keeps_invariants(seed: int) -> None:
     assert starts > 100, "the simulation should exercise the scheduler"
     for serial, ords in started_order.items():
         assert ords == sorted(ords), f"{serial} started out of submit order"
+
+
+# -- offline devices, vendor availability ---------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_vendor_unavailable_pauses_every_start_and_keeps_the_queues() -> None:
+    s = Scheduler(3)
+    for d in "ABC":
+        s.submit(job(d))
+    s.set_vendor_available(False)
+    assert s.start_all() == [] and not s.eligible("A")
+    assert s.queued == 3
+    s.set_vendor_available(True)
+    assert serials(s.start_all()) == ["A", "B", "C"]
+
+
+def test_jobs_of_a_device_offline_past_the_grace_period_expire() -> None:
+    clock = FakeClock()
+    s = Scheduler(2, clock=clock)
+    a1, a2, b1 = job("A"), job("A"), job("B")
+    for j in (a1, a2, b1):
+        s.submit(j)
+    s.set_online(["B"])  # A went offline at t=1000
+    assert serials(s.start_all()) == ["B"]
+    clock.now += 59
+    assert s.expire_offline(60) == []
+    clock.now += 1
+    assert s.expire_offline(60) == [a1, a2]
+    assert s.queued == 0 and s.running == {"B": b1}  # a running job is never expired
+
+
+def test_grace_counts_only_the_time_a_job_waited() -> None:
+    clock = FakeClock()
+    s = Scheduler(1, clock=clock)
+    s.set_online(["B"])  # A offline since t=1000 (no job yet)
+    clock.now += 500
+    late = job("A")
+    s.submit(late)
+    clock.now += 30
+    assert s.expire_offline(60) == []  # it has waited 30 s, not 530
+    clock.now += 30
+    assert s.expire_offline(60) == [late]
+
+
+def test_coming_back_online_resets_the_grace_period() -> None:
+    clock = FakeClock()
+    s = Scheduler(1, clock=clock)
+    a = job("A")
+    s.submit(a)
+    s.set_online([])
+    clock.now += 50
+    s.set_online(["A"])
+    s.set_online([])
+    clock.now += 50
+    assert s.expire_offline(60) == []
+    clock.now += 10
+    assert s.expire_offline(60) == [a]
+
+
+def test_nothing_expires_while_the_vendor_is_unavailable() -> None:
+    clock = FakeClock()
+    s = Scheduler(1, clock=clock)
+    s.submit(job("A"))
+    s.set_online([])
+    s.set_vendor_available(False)
+    clock.now += 3600
+    assert s.expire_offline(60) == []
+    assert s.queued == 1
+
+
+# -- property-based (hypothesis) -------------------------------------------------------------------
+
+DEVICES = [f"D{i}" for i in range(8)]
+RUNS = ["r0", "r1", "r2"]
+
+_op = st.one_of(
+    st.tuples(st.just("submit"), st.sampled_from(DEVICES), st.integers(1, 6), st.sampled_from(RUNS)),
+    st.tuples(st.just("finish"), st.integers(0, 10_000)),
+    st.tuples(st.just("finish"), st.integers(0, 10_000)),
+    st.tuples(st.just("online"), st.frozensets(st.sampled_from(DEVICES))),
+    st.tuples(st.just("vendor"), st.booleans()),
+    st.tuples(st.just("cancel"), st.sampled_from(RUNS)),
+    st.tuples(st.just("tick"), st.floats(0, 40)),
+)
+
+
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+@given(slots=st.integers(1, 5), ops=st.lists(_op, max_size=120))
+def test_property_invariants_hold_under_any_arrivals_durations_and_failures(
+    slots: int, ops: list[tuple[object, ...]]
+) -> None:
+    """Never two jobs on one device; never more than `slots`; work-conserving; FIFO; round-robin.
+
+    "finish" with a random index models random durations and failures (a failed
+    job frees its slot like any other); "online"/"vendor" model inventory polls;
+    "cancel" drops a run's queued jobs; "tick" advances the clock for expiry.
+    """
+    clock = FakeClock()
+    s = Scheduler(slots, clock=clock)
+    submitted: dict[str, list[Job]] = defaultdict(list)
+    started_per_device: dict[str, list[int]] = defaultdict(list)
+    waited_on: dict[str, set[str]] = {}  # device continuously eligible -> devices started since
+    removed_ids: set[int] = set()
+
+    for op in ops:
+        match op:
+            case ("submit", str(device), int(n), str(run)):
+                for _ in range(n):
+                    j = job(device, run)
+                    submitted[device].append(j)
+                    s.submit(j)
+            case ("finish", int(i)):
+                if s.running:
+                    s.finish(sorted(s.running)[i % len(s.running)])
+            case ("online", frozenset() as online):
+                s.set_online(online)
+            case ("vendor", bool(available)):
+                s.set_vendor_available(available)
+            case ("cancel", str(run)):
+                removed_ids |= {id(j) for j in s.remove_queued(lambda j, r=run: j.run_id == r)}
+            case ("tick", float(dt)):
+                clock.now += dt
+                for j in s.expire_offline(30.0):
+                    assert not s.is_online(j.serial)
+                    removed_ids.add(id(j))
+        eligible_before = {d for d in DEVICES if s.eligible(d)}
+        for d in list(waited_on):
+            if d not in eligible_before:
+                del waited_on[d]
+        for d in eligible_before:
+            waited_on.setdefault(d, set())
+        for j in s.start_all():
+            assert j.serial in eligible_before
+            started_per_device[j.serial].append(j.ord)
+            for d, seen in waited_on.items():
+                if d != j.serial:
+                    # Round-robin: while d waits, no other device starts twice.
+                    assert j.serial not in seen, f"{j.serial} started twice while {d} waited"
+                    seen.add(j.serial)
+            waited_on.pop(j.serial, None)
+        # Device lock and slots.
+        assert len(s.running) <= slots
+        assert all(r.serial == d for d, r in s.running.items())
+        # Work-conserving: a free slot means nobody eligible is waiting.
+        if len(s.running) < slots:
+            assert not [d for d in DEVICES if s.eligible(d)]
+        # FIFO per device: the started jobs are a prefix of the submitted ones minus removed ones.
+        for d, ords in started_per_device.items():
+            expected = [j.ord for j in submitted[d] if id(j) not in removed_ids]
+            assert ords == expected[: len(ords)], f"{d} started out of order"
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(
+    slots=st.integers(1, 4),
+    backlog=st.integers(20, 50),
+    others=st.lists(st.tuples(st.sampled_from(DEVICES[1:]), st.integers(0, 30)), min_size=1, max_size=6,
+                    unique_by=lambda t: t[0]),
+)
+def test_property_a_long_backlog_delays_a_newcomer_by_at_most_one_turn(
+    slots: int, backlog: int, others: list[tuple[str, int]]
+) -> None:
+    """A device with 50 queued jobs cannot delay another device's first job by more than one rotation.
+
+    Devices arrive after `k` completions; from its arrival until its first
+    start, the busy device D0 may start at most once (and no device twice).
+    """
+    s = Scheduler(slots)
+    for _ in range(backlog):
+        s.submit(job("D0"))
+    s.start_all()
+    arrivals = sorted(others, key=lambda t: t[1])
+    completions = 0
+    starts_since: dict[str, list[str]] = {}
+    first_started: set[str] = set()
+    while s.running or arrivals or s.queued:
+        while arrivals and (arrivals[0][1] <= completions or not s.running):
+            device, _ = arrivals.pop(0)
+            s.submit(job(device))
+            starts_since[device] = []
+        for j in s.start_all():
+            for d, seen in starts_since.items():
+                if d not in first_started:
+                    seen.append(j.serial)
+            first_started.add(j.serial)
+        if s.running:
+            s.finish(sorted(s.running)[completions % len(s.running)])
+            completions += 1
+    assert first_started >= set(starts_since)
+    for device, seen in starts_since.items():
+        before = seen[: seen.index(device)] if device in seen else seen
+        assert before.count("D0") <= 1, f"{device} waited {before}"
+        assert len(before) == len(set(before)), f"someone started twice before {device}: {before}"

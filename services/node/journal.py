@@ -55,6 +55,7 @@ class Job:
     attempt: int = 1
     seq: int = 0
     cancel_requested: bool = field(default=False, compare=False)
+    queued_at: float = field(default=0.0, compare=False)  # scheduler clock, set when queued
 
 
 @dataclass(frozen=True)
