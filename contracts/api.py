@@ -1,4 +1,9 @@
-"""Bodies of the operator REST API (`/v1/...`)."""
+"""Bodies of the REST API (`/v1/...`): what operators and nodes send and receive.
+
+Request bodies are decoded with msgspec from the raw bytes; the OpenAPI
+document declares the same Structs (`msgspec.json.schema_components`), so the
+schema a client (or a fuzzer) sees is the one the server enforces.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,13 @@ from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
 Serial = Annotated[str, Meta(pattern=SERIAL_PATTERN)]
+WorkflowId = Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
+# Parameter values are scalars; their type and pattern are checked against the recipe.
+ParamValue = Annotated[str, Meta(max_length=4096)] | int | bool
+# `Idempotency-Key` header: printable ASCII without spaces, at most 200 characters.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
+MAX_PAGE_SIZE = 200
+DEFAULT_PAGE_SIZE = 50
 
 
 class DeviceRef(Struct, forbid_unknown_fields=True):
@@ -37,17 +49,34 @@ class Targets(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class RunCreate(Struct, forbid_unknown_fields=True, kw_only=True):
-    workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
-    workflow_version: Annotated[int, Meta(ge=1)] | None = None
-    params: dict[str, Any] = {}
+    workflow_id: WorkflowId
+    workflow_version: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
+    params: Annotated[dict[Annotated[str, Meta(max_length=64)], ParamValue], Meta(max_length=100)] = {}
     targets: Targets
-    step_timeouts_ms: dict[str, int] = {}
+    step_timeouts_ms: Annotated[
+        dict[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(max_length=200)
+    ] = {}
 
 
-class RunCreated(Struct):
+class Rejection(Struct):
+    """A requested target that was left out, and why."""
+
+    node_id: str
+    serial: str
+    reason: str
+
+
+class RunCreated(Struct, kw_only=True):
     run_id: str
     status: str
     targets: int
+    rejected: list[Rejection] = []
+
+
+class RunCancelled(Struct, kw_only=True):
+    run_id: str
+    status: str
+    nodes: int  # nodes a RunCancel was (or will be) sent to
 
 
 class ArtifactView(Struct):
@@ -58,7 +87,18 @@ class ArtifactView(Struct):
     bytes: int
 
 
-class TaskView(Struct):
+class StepView(Struct, kw_only=True):
+    step_id: str
+    index: int
+    action: str
+    state: str
+    started_at: str | None
+    finished_at: str | None
+    output: str | None
+    error: str | None
+
+
+class TaskView(Struct, kw_only=True):
     node_id: str
     device_serial: str
     state: str
@@ -67,9 +107,11 @@ class TaskView(Struct):
     finished_at: str | None
     error: str | None
     artifacts: list[ArtifactView]
+    failed_step: str | None = None
+    steps: list[StepView] = []
 
 
-class RunView(Struct):
+class RunView(Struct, kw_only=True):
     run_id: str
     workflow_id: str
     workflow_version: int
@@ -77,6 +119,46 @@ class RunView(Struct):
     created_at: str
     counts: dict[str, int]
     tasks: list[TaskView]
+    dispatched_at: str | None = None
+    finished_at: str | None = None
+    params: dict[str, str] = {}
+
+
+class RunSummary(Struct, kw_only=True):
+    run_id: str
+    workflow_id: str
+    workflow_version: int
+    status: str
+    created_at: str
+    dispatched_at: str | None
+    finished_at: str | None
+    targets: int
+    counts: dict[str, int]
+
+
+class RunPage(Struct, kw_only=True):
+    runs: list[RunSummary]
+    next_cursor: str | None
+
+
+class ArtifactLink(Struct, kw_only=True):
+    node_id: str
+    device_serial: str
+    step_id: str
+    store: str
+    key: str
+    bytes: int
+    sha256: str
+    content_type: str
+    created_at: str
+    url: str | None  # signed URL (Supabase) or file:// URI (local store); None when it cannot be made
+    path: str | None = None  # local store: the file on the backend's machine
+    error: str | None = None  # why there is no url
+
+
+class ArtifactList(Struct, kw_only=True):
+    run_id: str
+    artifacts: list[ArtifactLink]
 
 
 class WorkflowView(Struct):
@@ -84,6 +166,65 @@ class WorkflowView(Struct):
     version: int
     created_at: str
     recipe: dict[str, Any]
+
+
+class WorkflowPublished(Struct):
+    workflow_id: str
+    version: int
+
+
+class WorkflowSummary(Struct, kw_only=True):
+    workflow_id: str
+    latest_version: int
+    title: str
+    created_at: str
+
+
+class WorkflowList(Struct):
+    workflows: list[WorkflowSummary]
+
+
+class DeviceView(Struct, kw_only=True):
+    node_id: str
+    serial: str
+    status: str
+    model: str
+    last_seen: str | None
+
+
+class DeviceList(Struct):
+    devices: list[DeviceView]
+
+
+class NodeView(Struct, kw_only=True):
+    node_id: str
+    slots: int
+    running: int
+    queued: int
+    vendor_connected: bool
+    version: str
+    last_seen: str | None
+
+
+class NodeList(Struct):
+    nodes: list[NodeView]
+
+
+class NodeTimeouts(Struct, kw_only=True):
+    step_ms: int
+    upload_ms: int
+
+
+class NodeConfig(Struct, kw_only=True):
+    """What `GET /v1/node/config` tells a node agent (authenticated by `X-Node-Auth`)."""
+
+    node_id: str
+    slots: int
+    timeouts: NodeTimeouts
+
+
+class Health(Struct):
+    status: str
 
 
 class ErrorBody(Struct):

@@ -55,6 +55,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
         devices=args.devices, slots=args.slots, host=args.host, port=args.port,
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
+        node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None,
     )
     return asyncio.run(up(opts))
 

@@ -61,6 +61,8 @@ class UpOptions:
     sim_latency_ms: float = 20.0
     screen_latency_ms: float = 300.0
     inventory_interval_s: float = 2.0
+    # X-Node-Auth secret for the backend; None: generate one (embedded mode, rule 8).
+    node_secret: str | None = None
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -195,7 +197,9 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
     artifact_dir = opts.home / "artifacts"
     started_at = datetime.now(UTC)
     try:
-        settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port)
+        settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
+                                   node_secret=opts.node_secret or secrets.token_urlsafe(32),
+                                   artifact_dir=str(artifact_dir))
         spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
         spawn(run_aggregator(infra.database_url, infra.nats_url, stop), "aggregator")
         for i in range(1, opts.nodes + 1):

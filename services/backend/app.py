@@ -1,27 +1,47 @@
-"""The operator REST API (FastAPI). Bodies are msgspec Structs from `contracts.api`."""
+"""The REST API (FastAPI). Bodies are msgspec Structs from `contracts.api`, decoded from raw bytes.
+
+Operator endpoints take `Authorization: Bearer <token>`; node endpoints
+(`/v1/node/...`) take only `X-Node-Auth: <NODE_AGENT_SHARED_SECRET>`. Every
+error has the shape `{"error": {"code", "message", "details"}}`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from datetime import datetime
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Security
+from fastapi.openapi.utils import get_openapi
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from contracts.api import RunCreate, RunCreated, WorkflowView
-from contracts.recipe import RecipeInvalid, validate_recipe
+from contracts import api
+from contracts.ids import NODE_ID_PATTERN, WORKFLOW_ID_PATTERN
+from contracts.recipe import Recipe, RecipeInvalid, validate_recipe
 from services.backend import runs, workflows
-from services.backend.auth import TokenCheck
+from services.backend.artifact_links import ArtifactLinker
+from services.backend.auth import NodeSecretCheck, TokenCheck
 from services.backend.errors import (
     ApiError,
     JSONResponse,
-    api_error_handler,
+    check_json_depth,
     decode_error,
     error_response,
+    install_error_handlers,
     invalid,
 )
+from services.backend.openapi import components, route
 from services.backend.relay import OutboxRelay
+from services.backend.settings import BackendSettings
+
+RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
+WorkflowIdPath = Annotated[str, Path(pattern=WORKFLOW_ID_PATTERN)]
+# Security schemes (documented in OpenAPI); the checks themselves read the raw headers.
+bearer = HTTPBearer(auto_error=False, description="Operator token (DOAI_API_TOKEN)")
+node_header = APIKeyHeader(name="X-Node-Auth", auto_error=False, scheme_name="NodeAuth",
+                           description="The node shared secret (NODE_AGENT_SHARED_SECRET)")
 
 
 class BodyLimit:
@@ -54,36 +74,47 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def _decode(data: bytes, kind: type[Any]) -> Any:
-    try:
-        return msgspec.json.decode(data, type=kind)
-    except (msgspec.ValidationError, msgspec.DecodeError) as err:
-        raise decode_error(err) from None
+def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings) -> FastAPI:
+    settings.check()
+    operator_check = TokenCheck(settings.api_tokens)
+    node_check = NodeSecretCheck(settings.node_secret)
+    linker = ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
+                            supabase_key=settings.supabase_key, bucket=settings.supabase_bucket,
+                            ttl_s=settings.signed_url_ttl_s)
 
+    def operator(request: Request, _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
+        operator_check(request.headers.get("authorization"))
 
-def create_app(pool: asyncpg.Pool, relay: OutboxRelay, api_tokens: list[str],
-               max_body_bytes: int = 1_048_576, device_stale_s: float = 60.0) -> FastAPI:
-    check = TokenCheck(api_tokens)
+    def node(x_node_auth: Annotated[str | None, Security(node_header)]) -> None:
+        node_check(x_node_auth)
 
-    def operator(authorization: Annotated[str | None, Header()] = None) -> None:
-        check(authorization)
+    async def body_of(request: Request, kind: type[Any]) -> Any:
+        data = await request.body()
+        check_json_depth(data, settings.max_json_depth)
+        try:
+            return msgspec.json.decode(data, type=kind)
+        except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            raise decode_error(err) from None
 
-    app = FastAPI(title="doai", version="1", default_response_class=JSONResponse)
-    app.add_exception_handler(ApiError, api_error_handler)
-    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app = FastAPI(title="doai", version="1", default_response_class=JSONResponse,
+                  description="Workflows on fleets of Android devices. Errors: "
+                              '`{"error": {"code", "message", "details"}}`.')
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     auth = [Depends(operator)]
 
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
+    @app.get("/healthz", **route((200, api.Health)))
+    async def healthz() -> JSONResponse:
         await pool.fetchval("SELECT 1")
-        return {"status": "ok"}
+        return JSONResponse(api.Health("ok"))
 
-    @app.post("/v1/workflows", status_code=201, dependencies=auth)
+    # -- workflows ------------------------------------------------------------------
+
+    @app.post("/v1/workflows", dependencies=auth,
+              **route((201, api.WorkflowPublished), 400, 401, 409, 413, 422, body=Recipe,
+                      body_text="A recipe (DSL v1); stored as the next version of its workflow_id"))
     async def publish_workflow(request: Request) -> JSONResponse:
-        try:
-            doc = msgspec.json.decode(await request.body())
-        except msgspec.DecodeError as err:
-            raise decode_error(err) from None
+        doc = await body_of(request, Any)
         try:
             recipe = validate_recipe(doc)
         except RecipeInvalid as err:
@@ -92,43 +123,104 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, api_tokens: list[str],
         if not created:
             raise ApiError(409, "unchanged",
                            f"recipe equals the latest version {stored.version} of {stored.workflow_id}")
-        return JSONResponse({"workflow_id": stored.workflow_id, "version": stored.version},
-                            status_code=201)
+        return JSONResponse(api.WorkflowPublished(stored.workflow_id, stored.version), status_code=201)
 
-    async def _workflow(workflow_id: str, version: int | None) -> WorkflowView:
+    @app.get("/v1/workflows", dependencies=auth, **route((200, api.WorkflowList), 401))
+    async def list_workflows() -> JSONResponse:
+        return JSONResponse(api.WorkflowList(await workflows.list_latest(pool)))
+
+    async def _workflow(workflow_id: str, version: int | None) -> api.WorkflowView:
         stored = await workflows.get(pool, workflow_id, version)
         if stored is None:
             suffix = f" version {version}" if version is not None else ""
             raise ApiError(404, "workflow_not_found", f"unknown workflow {workflow_id}{suffix}")
-        return WorkflowView(stored.workflow_id, stored.version, runs.iso(stored.created_at) or "",
-                            msgspec.to_builtins(stored.recipe))
+        return api.WorkflowView(stored.workflow_id, stored.version, runs.iso(stored.created_at) or "",
+                                msgspec.to_builtins(stored.recipe))
 
-    @app.get("/v1/workflows/{workflow_id}", dependencies=auth)
-    async def get_workflow(workflow_id: str) -> JSONResponse:
+    @app.get("/v1/workflows/{workflow_id}", dependencies=auth, **route((200, api.WorkflowView), 401, 404, 422))
+    async def get_workflow(workflow_id: WorkflowIdPath) -> JSONResponse:
         return JSONResponse(await _workflow(workflow_id, None))
 
-    @app.get("/v1/workflows/{workflow_id}/versions/{version}", dependencies=auth)
-    async def get_workflow_version(workflow_id: str, version: int) -> JSONResponse:
+    @app.get("/v1/workflows/{workflow_id}/versions/{version}", dependencies=auth,
+             **route((200, api.WorkflowView), 401, 404, 422))
+    async def get_workflow_version(workflow_id: WorkflowIdPath,
+                                   version: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> JSONResponse:
         return JSONResponse(await _workflow(workflow_id, version))
 
-    @app.post("/v1/runs", status_code=201, dependencies=auth)
-    async def create_run(request: Request) -> JSONResponse:
-        body: RunCreate = _decode(await request.body(), RunCreate)
-        run_id, count, rejected = await runs.create_run(pool, body, device_stale_s)
-        relay.wake()
-        created = RunCreated(run_id=run_id, status="pending", targets=count)
-        return JSONResponse({**msgspec.to_builtins(created), "rejected": rejected}, status_code=201)
+    # -- runs -----------------------------------------------------------------------
 
-    @app.get("/v1/runs/{run_id}", dependencies=auth)
+    @app.post("/v1/runs", dependencies=auth,
+              **route((201, api.RunCreated), 400, 401, 404, 409, 413, 422, body=api.RunCreate,
+                      body_text="Workflow, params, targets (exactly one of devices / nodes / all_online)"))
+    async def create_run(
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
+                                                      description="Same key and body: the same run again")] = None,
+    ) -> JSONResponse:
+        body: api.RunCreate = await body_of(request, api.RunCreate)
+        created = await runs.create_run(pool, body, settings.device_stale_s, idempotency_key)
+        relay.wake()
+        headers = {"Idempotent-Replayed": "true"} if created.replayed else None
+        return JSONResponse(created.response, status_code=201, headers=headers)
+
+    @app.get("/v1/runs", dependencies=auth, **route((200, api.RunPage), 401, 422))
+    async def list_runs(
+        status: RunStatus | None = None,
+        workflow_id: Annotated[str | None, Query(pattern=WORKFLOW_ID_PATTERN)] = None,
+        created_after: Annotated[datetime | None, Query(description="created at or after (ISO 8601)")] = None,
+        created_before: Annotated[datetime | None, Query(description="created before (ISO 8601)")] = None,
+        cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+        limit: Annotated[int, Query(ge=1, le=api.MAX_PAGE_SIZE)] = api.DEFAULT_PAGE_SIZE,
+    ) -> JSONResponse:
+        return JSONResponse(await runs.list_runs(
+            pool, status=status, workflow_id=workflow_id, created_after=created_after,
+            created_before=created_before, cursor=cursor, limit=limit))
+
+    @app.get("/v1/runs/{run_id}", dependencies=auth, **route((200, api.RunView), 401, 404, 422))
     async def get_run(run_id: str) -> JSONResponse:
         return JSONResponse(await runs.get_run(pool, run_id))
 
-    @app.get("/v1/devices", dependencies=auth)
+    @app.post("/v1/runs/{run_id}/cancel", dependencies=auth, **route((202, api.RunCancelled), 401, 404, 409, 422))
+    async def cancel_run(run_id: str) -> JSONResponse:
+        cancelled = await runs.cancel_run(pool, run_id)
+        relay.wake()
+        return JSONResponse(cancelled, status_code=202)
+
+    @app.get("/v1/runs/{run_id}/artifacts", dependencies=auth, **route((200, api.ArtifactList), 401, 404, 422))
+    async def run_artifacts(run_id: str) -> JSONResponse:
+        rid = runs.parse_run_id(run_id)
+        if await pool.fetchval("SELECT 1 FROM runs WHERE run_id = $1", rid) is None:
+            raise ApiError(404, "run_not_found", f"unknown run {run_id}")
+        rows = await pool.fetch("SELECT * FROM artifacts WHERE run_id = $1"
+                                " ORDER BY node_id, device_serial, created_at, key", rid)
+        return JSONResponse(api.ArtifactList(run_id=str(rid), artifacts=await linker.links(rows)))
+
+    # -- fleet ----------------------------------------------------------------------
+
+    @app.get("/v1/devices", dependencies=auth, **route((200, api.DeviceList), 401))
     async def get_devices() -> JSONResponse:
-        return JSONResponse({"devices": await runs.list_devices(pool)})
+        return JSONResponse(api.DeviceList(await runs.list_devices(pool)))
 
-    @app.get("/v1/nodes", dependencies=auth)
+    @app.get("/v1/nodes", dependencies=auth, **route((200, api.NodeList), 401))
     async def get_nodes() -> JSONResponse:
-        return JSONResponse({"nodes": await runs.list_nodes(pool)})
+        return JSONResponse(api.NodeList(await runs.list_nodes(pool)))
 
+    # -- node-facing (X-Node-Auth only) -----------------------------------------------
+
+    @app.get("/v1/node/config", dependencies=[Depends(node)], **route((200, api.NodeConfig), 401, 422))
+    async def node_config(node_id: Annotated[str, Query(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
+        return JSONResponse(api.NodeConfig(
+            node_id=node_id, slots=settings.slots_for(node_id),
+            timeouts=api.NodeTimeouts(step_ms=settings.step_timeout_ms, upload_ms=settings.upload_timeout_ms),
+        ))
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -1,15 +1,26 @@
-"""One error shape for the whole API: `{"error": {"code", "message", "details"}}`."""
+"""One error shape for the whole API: `{"error": {"code", "message", "details"}}`.
+
+Errors raised by this code (`ApiError`), FastAPI's own (unknown route 404,
+405, request validation 422) and unexpected ones (500, logged, nothing of
+the request echoed) all leave in that shape.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgspec
-from fastapi import Request
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.api import ErrorBody, ErrorResponse
 from contracts.recipe import Fault
+
+log = structlog.get_logger(__name__)
 
 
 class ApiError(Exception):
@@ -39,6 +50,25 @@ def decode_error(err: msgspec.ValidationError | msgspec.DecodeError) -> ApiError
     return ApiError(422, "invalid", "request body is invalid", [{"path": path, "message": text}])
 
 
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKETS = re.compile(rb"[\[\]{}]")
+
+
+def check_json_depth(data: bytes, limit: int) -> None:
+    """Refuse JSON nested deeper than `limit` before any decoder recurses into it."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return
+    depth = 0
+    for m in _BRACKETS.finditer(_STRINGS.sub(b'""', data)):
+        if m.group() in (b"[", b"{"):
+            depth += 1
+            if depth > limit:
+                raise ApiError(422, "json_too_deep", f"JSON nesting is deeper than {limit} levels",
+                               [{"path": "$", "message": f"maximum depth is {limit}"}])
+        else:
+            depth -= 1
+
+
 class JSONResponse(Response):
     media_type = "application/json"
 
@@ -55,3 +85,51 @@ def error_response(err: ApiError) -> JSONResponse:
 async def api_error_handler(_: Request, exc: Exception) -> Response:
     assert isinstance(exc, ApiError)
     return error_response(exc)
+
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large", 400: "bad_request"}
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """Starlette's own errors (no such route, method not allowed) in our shape."""
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    if exc.status_code == 404:
+        message = f"no such endpoint: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} is not allowed here"
+    else:
+        message = str(exc.detail)
+    response = error_response(ApiError(exc.status_code, code, message))
+    for name, value in (exc.headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def _loc_path(loc: tuple[Any, ...]) -> str:
+    """FastAPI's ("query", "limit") → "$.query.limit"."""
+    path = "$"
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+async def validation_error_handler(_: Request, exc: Exception) -> Response:
+    """Query, path and header parameters that do not fit: 422 listing every fault with its path."""
+    assert isinstance(exc, RequestValidationError)
+    details = [{"path": _loc_path(tuple(e.get("loc", ()))), "message": str(e.get("msg", "invalid"))}
+               for e in exc.errors()]
+    return error_response(ApiError(422, "invalid", "request is invalid", details))
+
+
+async def unexpected_error_handler(request: Request, exc: Exception) -> Response:
+    log.error("unexpected error in request", method=request.method, path=request.url.path,
+              error_type=type(exc).__name__)
+    return error_response(ApiError(500, "internal_error", "internal error; see the backend log"))
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, api_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(Exception, unexpected_error_handler)

@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from runtime import db, jetstream
 from services.backend.app import create_app
 from services.backend.relay import OutboxRelay
-from services.backend.settings import BackendSettings
+from services.backend.settings import BackendSettings, SettingsError
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +34,10 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         raise SystemExit("doai backend: set DOAI_API_TOKEN (one or more comma-separated tokens)")
     pool = await db.create_pool(settings.database_url)
     try:
+        try:
+            settings.check()
+        except SettingsError as exc:
+            raise SystemExit(f"doai backend: {exc}") from None
         await db.migrate(pool)
         nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop)
         try:
@@ -48,7 +52,7 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
                  on_ready: Callable[[str], None] | None) -> None:
     await jetstream.ensure_streams(js)
     relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
-    app = create_app(pool, relay, settings.api_tokens, settings.max_body_bytes, settings.device_stale_s)
+    app = create_app(pool, relay, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="off")
     server = _Server(config)

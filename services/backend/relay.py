@@ -1,14 +1,18 @@
 """The broadcast outbox relay: publish unsent outbox rows to JetStream, then mark them sent.
 
 Rows are claimed with `FOR UPDATE SKIP LOCKED`, so several backends can relay
-at once; each message carries `Nats-Msg-Id` = the row's `msg_id`, so a row
-published twice (crash between the ack and the commit) is stored once.
-A run moves from `pending` to `dispatched` when all its rows are sent.
+at once without claiming the same row; each message carries `Nats-Msg-Id` =
+the row's `msg_id`, so a row published twice (a crash between the ack and the
+commit) is stored once by JetStream's duplicate window. A row waits while an
+earlier row of the same (run, node) is unsent, so a node never gets a run's
+`RunCancel` before its `RunBroadcast`. A run moves from `pending` to
+`dispatched` when all its broadcasts are sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import asyncpg
 import structlog
@@ -17,6 +21,14 @@ from nats.js import JetStreamContext
 from runtime.aio import drain_forever
 
 log = structlog.get_logger(__name__)
+
+_CLAIM = """
+SELECT id, run_id, node_id, subject, msg_id, payload FROM outbox o
+WHERE sent_at IS NULL
+  AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.run_id = o.run_id AND e.node_id = o.node_id
+                  AND e.id < o.id AND e.sent_at IS NULL)
+ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+"""
 
 
 class OutboxRelay:
@@ -27,6 +39,7 @@ class OutboxRelay:
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
+        self.published = 0  # rows this relay published and marked sent
 
     def wake(self) -> None:
         """Called after a run is committed, so its broadcasts leave at once."""
@@ -35,31 +48,31 @@ class OutboxRelay:
     async def relay_once(self) -> int:
         """Publish one batch of unsent rows; return how many were sent."""
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT id, run_id, node_id, subject, msg_id, payload FROM outbox"
-                " WHERE sent_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                self._batch,
-            )
+            rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
                 return 0
             acks = await asyncio.gather(*(
                 self._js.publish(r["subject"], r["payload"], headers={"Nats-Msg-Id": r["msg_id"]})
                 for r in rows
             ))
-            await conn.execute(
-                "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
-            )
-            run_ids = list({r["run_id"] for r in rows})
-            await conn.execute(
-                "UPDATE runs SET status = 'dispatched', dispatched_at = now()"
-                " WHERE run_id = ANY($1::uuid[]) AND status = 'pending'"
-                " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.run_id AND o.sent_at IS NULL)",
-                run_ids,
-            )
+            await self._mark_sent(conn, rows)
+        self.published += len(rows)
         for r, ack in zip(rows, acks, strict=True):
-            log.info("run broadcast published", run_id=str(r["run_id"]), node_id=r["node_id"],
+            log.info("command published", run_id=str(r["run_id"]), node_id=r["node_id"], msg_id=r["msg_id"],
                      stream_seq=ack.seq, duplicate=bool(ack.duplicate))
         return len(rows)
+
+    async def _mark_sent(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
+        """After every ack: stamp the rows sent and dispatch runs with nothing left unsent."""
+        await conn.execute(
+            "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+        )
+        await conn.execute(
+            "UPDATE runs SET status = 'dispatched', dispatched_at = now()"
+            " WHERE run_id = ANY($1::uuid[]) AND status = 'pending'"
+            " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.run_id AND o.sent_at IS NULL)",
+            list({r["run_id"] for r in rows}),
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         # PostgreSQL or NATS down: nothing is marked sent, the rows are retried.

@@ -1,16 +1,33 @@
-"""Creating a run (rows + outbox in one transaction) and reading its state."""
+"""Runs: creation (rows + outbox in one transaction, idempotent by key), cancellation and reads."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import uuid
+from collections import defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import msgspec
 
-from contracts.api import ArtifactView, RunCreate, RunView, TaskView
-from contracts.commands import RunBroadcast
+from contracts.api import (
+    ArtifactView,
+    DeviceView,
+    NodeView,
+    Rejection,
+    RunCancelled,
+    RunCreate,
+    RunCreated,
+    RunPage,
+    RunSummary,
+    RunView,
+    StepView,
+    TaskView,
+)
+from contracts.commands import RunBroadcast, RunCancel
 from contracts.recipe import RecipeInvalid, resolve_step_timeouts, validate_params
 from contracts.subjects import cmd_subject
 from services.backend import targets as targeting
@@ -26,10 +43,43 @@ def broadcast_msg_id(run_id: str, node_id: str) -> str:
     return f"run-{run_id}-{node_id}"
 
 
+def cancel_msg_id(run_id: str, node_id: str) -> str:
+    return f"cancel-{run_id}-{node_id}"
+
+
+def request_digest(body: RunCreate) -> str:
+    """Digest of the decoded request (key order and whitespace do not matter)."""
+    return hashlib.sha256(msgspec.json.encode(msgspec.to_builtins(body), order="sorted")).hexdigest()
+
+
+class _KeyTaken(Exception):
+    """Another request committed the same idempotency key while this one was being made."""
+
+
+@dataclass
+class Created:
+    response: RunCreated
+    replayed: bool  # an earlier request with the same Idempotency-Key made this run
+
+
+async def _replay(pool: asyncpg.Pool, key: str, digest: str) -> Created | None:
+    row = await pool.fetchrow("SELECT request_digest, response::text AS response FROM idempotency_keys"
+                              " WHERE key = $1", key)
+    if row is None:
+        return None
+    if row["request_digest"] != digest:
+        raise ApiError(409, "idempotency_key_reused",
+                       "this Idempotency-Key was used with a different request body")
+    return Created(msgspec.json.decode(row["response"], type=RunCreated), replayed=True)
+
+
 async def create_run(
-    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0
-) -> tuple[str, int, list[dict[str, str]]]:
-    """Validate, resolve targets and store a run with its broadcasts; return (run_id, n, rejected)."""
+    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0, idempotency_key: str | None = None
+) -> Created:
+    """Validate, resolve targets and store a run with its broadcasts."""
+    digest = request_digest(body)
+    if idempotency_key is not None and (done := await _replay(pool, idempotency_key, digest)) is not None:
+        return done
     chosen = body.targets.chosen()
     if len(chosen) != 1:
         raise ApiError(422, "invalid", "targets must name exactly one of: devices, nodes, all_online",
@@ -45,36 +95,54 @@ async def create_run(
         raise invalid("run does not fit the workflow", err.faults) from None
     run_id = str(uuid.uuid4())
     now = datetime.now(UTC)
-    async with pool.acquire() as conn, conn.transaction():
-        resolution = await targeting.resolve(conn, body.targets, stale_s)
-        if resolution.count == 0:
-            raise ApiError(422, "no_targets", "the targets resolve to no online device",
-                           resolution.rejected)
-        await conn.execute(
-            "INSERT INTO runs (run_id, workflow_id, workflow_version, params, step_timeouts_ms,"
-            " status, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6)",
-            run_id, stored.workflow_id, stored.version,
-            msgspec.json.encode(params).decode(), msgspec.json.encode(timeouts).decode(), now,
-        )
-        nodes = sorted(resolution.by_node)
-        await conn.executemany(
-            "INSERT INTO run_tasks (run_id, node_id, device_serial) VALUES ($1, $2, $3)",
-            [(run_id, n, s) for n in nodes for s in resolution.by_node[n]],
-        )
-        outbox_rows = []
-        for node_id in nodes:
-            broadcast = RunBroadcast(
-                run_id=run_id, node_id=node_id, workflow_id=stored.workflow_id,
-                workflow_version=stored.version, recipe=stored.recipe, params=params,
-                step_timeouts_ms=timeouts, devices=resolution.by_node[node_id], created_at=now,
+    try:
+        async with pool.acquire() as conn, conn.transaction():
+            if idempotency_key is not None:
+                # Taken first: a concurrent request with the same key waits here, then replays.
+                claimed = await conn.fetchval(
+                    "INSERT INTO idempotency_keys (key, request_digest, run_id) VALUES ($1, $2, $3)"
+                    " ON CONFLICT (key) DO NOTHING RETURNING key", idempotency_key, digest, run_id)
+                if claimed is None:
+                    raise _KeyTaken
+            resolution = await targeting.resolve(conn, body.targets, stale_s)
+            if resolution.count == 0:
+                raise ApiError(422, "no_targets", "the targets resolve to no online device",
+                               resolution.rejected)
+            await conn.execute(
+                "INSERT INTO runs (run_id, workflow_id, workflow_version, params, step_timeouts_ms,"
+                " status, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6)",
+                run_id, stored.workflow_id, stored.version,
+                msgspec.json.encode(params).decode(), msgspec.json.encode(timeouts).decode(), now,
             )
-            outbox_rows.append((run_id, node_id, cmd_subject(node_id),
-                                broadcast_msg_id(run_id, node_id), msgspec.json.encode(broadcast)))
-        await conn.executemany(
-            "INSERT INTO outbox (run_id, node_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4, $5)",
-            outbox_rows,
-        )
-    return run_id, resolution.count, resolution.rejected
+            nodes = sorted(resolution.by_node)
+            await conn.copy_records_to_table(
+                "run_tasks", columns=["run_id", "node_id", "device_serial"],
+                records=[(uuid.UUID(run_id), n, s) for n in nodes for s in resolution.by_node[n]],
+            )
+            outbox_rows = []
+            for node_id in nodes:
+                broadcast = RunBroadcast(
+                    run_id=run_id, node_id=node_id, workflow_id=stored.workflow_id,
+                    workflow_version=stored.version, recipe=stored.recipe, params=params,
+                    step_timeouts_ms=timeouts, devices=resolution.by_node[node_id], created_at=now,
+                )
+                outbox_rows.append((run_id, node_id, cmd_subject(node_id),
+                                    broadcast_msg_id(run_id, node_id), msgspec.json.encode(broadcast)))
+            await conn.executemany(
+                "INSERT INTO outbox (run_id, node_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4, $5)",
+                outbox_rows,
+            )
+            response = RunCreated(run_id=run_id, status="pending", targets=resolution.count,
+                                  rejected=[Rejection(**r) for r in resolution.rejected])
+            if idempotency_key is not None:
+                await conn.execute("UPDATE idempotency_keys SET response = $2::jsonb WHERE key = $1",
+                                   idempotency_key, msgspec.json.encode(response).decode())
+    except _KeyTaken:
+        assert idempotency_key is not None
+        done = await _replay(pool, idempotency_key, digest)
+        assert done is not None
+        return done
+    return Created(response, replayed=False)
 
 
 def parse_run_id(run_id: str) -> uuid.UUID:
@@ -82,6 +150,37 @@ def parse_run_id(run_id: str) -> uuid.UUID:
         return uuid.UUID(run_id)
     except ValueError:
         raise ApiError(404, "run_not_found", f"unknown run {run_id!r}") from None
+
+
+async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
+    """Mark the run cancelled and queue a `RunCancel` for each of its nodes (same outbox as broadcasts).
+
+    Tasks that finished keep their state; tasks no node has reported on yet become `cancelled` here;
+    the nodes report the rest (queued jobs dropped, running ones stopped). Cancelling twice is harmless.
+    """
+    rid = parse_run_id(run_id)
+    async with pool.acquire() as conn, conn.transaction():
+        run = await conn.fetchrow("SELECT status FROM runs WHERE run_id = $1 FOR UPDATE", rid)
+        if run is None:
+            raise ApiError(404, "run_not_found", f"unknown run {run_id}")
+        if run["status"] == "completed":
+            raise ApiError(409, "run_finished", f"run {run_id} has already completed")
+        nodes = [r["node_id"] for r in await conn.fetch(
+            "SELECT DISTINCT node_id FROM run_tasks WHERE run_id = $1 ORDER BY node_id", rid)]
+        if run["status"] != "cancelled":
+            await conn.execute(
+                "UPDATE runs SET status = 'cancelled', cancelled_at = now(),"
+                " finished_at = COALESCE(finished_at, now()) WHERE run_id = $1", rid)
+            await conn.execute(
+                "UPDATE run_tasks SET state = 'cancelled', error = 'run cancelled', updated_at = now()"
+                " WHERE run_id = $1 AND state = 'queued' AND seq = 0", rid)
+        await conn.executemany(
+            "INSERT INTO outbox (run_id, node_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4, $5)"
+            " ON CONFLICT (msg_id) DO NOTHING",
+            [(rid, n, cmd_subject(n), cancel_msg_id(str(rid), n),
+              msgspec.json.encode(RunCancel(run_id=str(rid), node_id=n))) for n in nodes],
+        )
+    return RunCancelled(run_id=str(rid), status="cancelled", nodes=len(nodes))
 
 
 async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
@@ -96,41 +195,110 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
         arts = await conn.fetch(
             "SELECT * FROM artifacts WHERE run_id = $1 ORDER BY created_at, key", rid
         )
-    by_task: dict[tuple[str, str], list[ArtifactView]] = {}
+        step_rows = await conn.fetch(
+            "SELECT * FROM step_results WHERE run_id = $1 ORDER BY node_id, device_serial, idx", rid
+        )
+    by_task: dict[tuple[str, str], list[ArtifactView]] = defaultdict(list)
     for a in arts:
-        by_task.setdefault((a["node_id"], a["device_serial"]), []).append(
+        by_task[(a["node_id"], a["device_serial"])].append(
             ArtifactView(a["step_id"], a["store"], a["key"], a["uri"], a["bytes"])
         )
+    steps: dict[tuple[str, str], list[StepView]] = defaultdict(list)
+    for s in step_rows:
+        steps[(s["node_id"], s["device_serial"])].append(StepView(
+            step_id=s["step_id"], index=s["idx"], action=s["action"], state=s["state"],
+            started_at=iso(s["started_at"]), finished_at=iso(s["finished_at"]), output=s["output"],
+            error=s["error"],
+        ))
     counts: dict[str, int] = {}
     views = []
     for t in tasks:
+        key = (t["node_id"], t["device_serial"])
         counts[t["state"]] = counts.get(t["state"], 0) + 1
         views.append(TaskView(
             node_id=t["node_id"], device_serial=t["device_serial"], state=t["state"],
             attempt=t["attempt"], started_at=iso(t["started_at"]), finished_at=iso(t["finished_at"]),
-            error=t["error"], artifacts=by_task.get((t["node_id"], t["device_serial"]), []),
+            error=t["error"], failed_step=t["failed_step"], artifacts=by_task.get(key, []),
+            steps=steps.get(key, []),
         ))
     return RunView(
         run_id=str(run["run_id"]), workflow_id=run["workflow_id"],
         workflow_version=run["workflow_version"], status=run["status"],
         created_at=iso(run["created_at"]) or "", counts=counts, tasks=views,
+        dispatched_at=iso(run["dispatched_at"]), finished_at=iso(run["finished_at"]),
+        params=msgspec.json.decode(run["params"]),
     )
 
 
-async def list_devices(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+# -- listing -----------------------------------------------------------------------
+
+
+def encode_cursor(created_at: datetime, run_id: uuid.UUID) -> str:
+    raw = msgspec.json.encode([created_at.astimezone(UTC).isoformat(), str(run_id)])
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created, rid = msgspec.json.decode(raw, type=tuple[str, str])
+        ts = datetime.fromisoformat(created)
+        if ts.tzinfo is None:
+            raise ValueError("naive")
+        return ts, uuid.UUID(rid)
+    except (ValueError, binascii.Error, msgspec.DecodeError, UnicodeDecodeError):
+        raise ApiError(422, "invalid", "cursor is not one this API returned",
+                       [{"path": "$.query.cursor", "message": "pass next_cursor from the previous page"}]) from None
+
+
+def _aware(ts: datetime | None) -> datetime | None:
+    return ts.replace(tzinfo=UTC) if ts is not None and ts.tzinfo is None else ts
+
+
+async def list_runs(
+    pool: asyncpg.Pool, *, status: str | None, workflow_id: str | None, created_after: datetime | None,
+    created_before: datetime | None, cursor: str | None, limit: int,
+) -> RunPage:
+    """Newest first; keyset pagination on (created_at, run_id), so pages never skip or repeat a run."""
+    after = decode_cursor(cursor) if cursor else None
+    rows = await pool.fetch(
+        "SELECT run_id, workflow_id, workflow_version, status, created_at, dispatched_at, finished_at FROM runs"
+        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR workflow_id = $2)"
+        " AND ($3::timestamptz IS NULL OR created_at >= $3) AND ($4::timestamptz IS NULL OR created_at < $4)"
+        " AND ($5::timestamptz IS NULL OR (created_at, run_id) < ($5, $6::uuid))"
+        " ORDER BY created_at DESC, run_id DESC LIMIT $7",
+        status, workflow_id, _aware(created_after), _aware(created_before),
+        after[0] if after else None, after[1] if after else None, limit + 1,
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    counts: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
+    if rows:
+        for c in await pool.fetch(
+            "SELECT run_id, state, count(*) AS n FROM run_tasks WHERE run_id = ANY($1::uuid[])"
+            " GROUP BY run_id, state", [r["run_id"] for r in rows]
+        ):
+            counts[c["run_id"]][c["state"]] = c["n"]
+    runs = [RunSummary(
+        run_id=str(r["run_id"]), workflow_id=r["workflow_id"], workflow_version=r["workflow_version"],
+        status=r["status"], created_at=iso(r["created_at"]) or "", dispatched_at=iso(r["dispatched_at"]),
+        finished_at=iso(r["finished_at"]), targets=sum(counts[r["run_id"]].values()),
+        counts=counts[r["run_id"]],
+    ) for r in rows]
+    last = rows[-1] if rows else None
+    next_cursor = encode_cursor(last["created_at"], last["run_id"]) if more and last is not None else None
+    return RunPage(runs=runs, next_cursor=next_cursor)
+
+
+async def list_devices(pool: asyncpg.Pool) -> list[DeviceView]:
     rows = await pool.fetch("SELECT * FROM devices ORDER BY node_id, serial")
-    return [
-        {"node_id": r["node_id"], "serial": r["serial"], "status": r["status"], "model": r["model"],
-         "last_seen": iso(r["last_seen"])}
-        for r in rows
-    ]
+    return [DeviceView(node_id=r["node_id"], serial=r["serial"], status=r["status"], model=r["model"],
+                       last_seen=iso(r["last_seen"])) for r in rows]
 
 
-async def list_nodes(pool: asyncpg.Pool) -> list[dict[str, Any]]:
+async def list_nodes(pool: asyncpg.Pool) -> list[NodeView]:
     rows = await pool.fetch("SELECT * FROM nodes ORDER BY node_id")
-    return [
-        {"node_id": r["node_id"], "slots": r["slots"], "running": r["running"],
-         "queued": r["queued"], "vendor_connected": r["vendor_connected"],
-         "version": r["version"], "last_seen": iso(r["last_seen"])}
-        for r in rows
-    ]
+    return [NodeView(node_id=r["node_id"], slots=r["slots"], running=r["running"], queued=r["queued"],
+                     vendor_connected=r["vendor_connected"], version=r["version"], last_seen=iso(r["last_seen"]))
+            for r in rows]
+

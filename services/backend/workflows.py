@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
 
+from contracts.api import WorkflowSummary
 from contracts.recipe import Recipe
 
 
@@ -69,3 +70,14 @@ async def get(pool: asyncpg.Pool, workflow_id: str, version: int | None = None) 
         version,
     )
     return None if row is None else _row(row)
+
+
+async def list_latest(pool: asyncpg.Pool) -> list[WorkflowSummary]:
+    """Every workflow with its latest version."""
+    rows = await pool.fetch(
+        "SELECT DISTINCT ON (workflow_id) workflow_id, version, recipe->>'title' AS title, created_at"
+        " FROM workflows ORDER BY workflow_id, version DESC"
+    )
+    return [WorkflowSummary(workflow_id=r["workflow_id"], latest_version=r["version"], title=r["title"] or "",
+                            created_at=r["created_at"].astimezone(UTC).isoformat().replace("+00:00", "Z"))
+            for r in rows]

@@ -1,0 +1,92 @@
+"""Where an operator can fetch a run's artifacts: Supabase signed URLs, or files of the local store.
+
+The node records each artifact with its store name (`local` or `supabase`),
+key and URI. For `supabase` the backend asks Supabase Storage (official
+client) for a signed URL valid `signed_url_ttl_s`; for `local` it answers the
+file's path (under `DOAI_ARTIFACT_DIR` when set, else from the recorded
+`file://` URI). A link that cannot be made leaves `url` empty and says why in
+`error`; the rest of the list is still answered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+import structlog
+
+from contracts.api import ArtifactLink
+from services.backend.runs import iso
+
+log = structlog.get_logger(__name__)
+
+
+class ArtifactLinker:
+    def __init__(self, *, artifact_dir: str | None = None, supabase_url: str | None = None,
+                 supabase_key: str | None = None, bucket: str = "artifacts", ttl_s: int = 3600) -> None:
+        self._root = Path(artifact_dir).resolve() if artifact_dir else None
+        self._supabase_url = supabase_url
+        self._supabase_key = supabase_key
+        self._bucket = bucket
+        self._ttl_s = ttl_s
+        self._client: Any = None
+
+    def _local(self, row: asyncpg.Record) -> tuple[str | None, str | None, str | None]:
+        if self._root is not None:
+            path = (self._root / row["key"]).resolve()
+            if not path.is_relative_to(self._root):
+                return None, None, "artifact key escapes the local store"
+            return path.as_uri(), str(path), None
+        uri = row["uri"]
+        parts = urlsplit(uri)
+        if parts.scheme == "file":
+            return uri, unquote(parts.path), None
+        return None, None, "local artifact has no file URI and DOAI_ARTIFACT_DIR is not set"
+
+    async def _storage(self) -> Any:
+        if self._client is None:
+            from supabase import acreate_client
+
+            assert self._supabase_url is not None and self._supabase_key is not None
+            self._client = await acreate_client(self._supabase_url, self._supabase_key)
+        return self._client.storage.from_(self._bucket)
+
+    async def _signed(self, keys: list[str]) -> dict[str, tuple[str | None, str | None]]:
+        """key → (signed url, error)."""
+        if not keys:
+            return {}
+        if not (self._supabase_url and self._supabase_key):
+            return {k: (None, "Supabase is not configured on the backend (SUPABASE_URL, SUPABASE_SERVICE_KEY)")
+                    for k in keys}
+        try:
+            bucket = await self._storage()
+            answers = await bucket.create_signed_urls(keys, self._ttl_s)
+        except Exception as exc:  # the listing still answers; each link says what failed
+            log.warning("signing artifact URLs failed", error_type=type(exc).__name__, count=len(keys))
+            return {k: (None, f"Supabase Storage did not sign the URL: {type(exc).__name__}") for k in keys}
+        signed: dict[str, tuple[str | None, str | None]] = {}
+        for answer in answers:
+            url = answer.get("signedURL") or answer.get("signedUrl")
+            signed[answer.get("path") or ""] = (url or None, answer.get("error") or (None if url else "not signed"))
+        return {k: signed.get(k, (None, "Supabase Storage returned no URL for this key")) for k in keys}
+
+    async def links(self, rows: Sequence[asyncpg.Record]) -> list[ArtifactLink]:
+        signed = await self._signed([r["key"] for r in rows if r["store"] == "supabase"])
+        out = []
+        for r in rows:
+            path: str | None = None
+            if r["store"] == "local":
+                url, path, error = self._local(r)
+            elif r["store"] == "supabase":
+                url, error = signed[r["key"]]
+            else:
+                url, error = None, f"unknown artifact store {r['store']!r}"
+            out.append(ArtifactLink(
+                node_id=r["node_id"], device_serial=r["device_serial"], step_id=r["step_id"], store=r["store"],
+                key=r["key"], bytes=r["bytes"], sha256=r["sha256"], content_type=r["content_type"],
+                created_at=iso(r["created_at"]) or "", url=url, path=path, error=error,
+            ))
+        return out

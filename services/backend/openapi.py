@@ -1,0 +1,62 @@
+"""The OpenAPI document: msgspec Structs as components, request bodies and every response declared.
+
+FastAPI never sees the bodies (they are decoded from raw bytes with msgspec),
+so each route states its request body and responses here; the schemas are
+generated from the same Structs the server decodes and encodes with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from contracts import api
+from contracts.recipe import Recipe
+
+COMPONENTS: tuple[type[Any], ...] = (
+    api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.ArtifactList,
+    api.WorkflowView, api.WorkflowPublished, api.WorkflowList, api.DeviceList, api.NodeList, api.NodeConfig,
+    api.Health, api.ErrorResponse, Recipe,
+)
+
+_ERROR_TEXT = {
+    400: "The body is not valid JSON",
+    401: "Missing or invalid credentials",
+    404: "No such resource (or no such route)",
+    409: "Conflicts with the current state",
+    413: "Request body too large",
+    422: "The request does not validate; `details` lists every fault with its JSON path",
+    500: "Internal error",
+}
+
+
+def ref(kind: type[Any]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{kind.__name__}"}
+
+
+def components() -> dict[str, Any]:
+    _, schemas = msgspec.json.schema_components(COMPONENTS, ref_template="#/components/schemas/{name}")
+    return schemas
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def route(ok: tuple[int, type[Any]], *errors: int, body: type[Any] | None = None,
+          body_text: str = "") -> dict[str, Any]:
+    """Keyword arguments for a FastAPI route decorator: its responses, and its body if it has one."""
+    status, kind = ok
+    responses: dict[int | str, dict[str, Any]] = {status: {"description": "OK", "content": _json(ref(kind))}}
+    for code in sorted({*errors, 500}):
+        entry: dict[str, Any] = {"description": _ERROR_TEXT[code], "content": _json(ref(api.ErrorResponse))}
+        if code == 401:
+            entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}
+        responses[code] = entry
+    kwargs: dict[str, Any] = {"responses": responses, "status_code": status}
+    if body is not None:
+        kwargs["openapi_extra"] = {"requestBody": {
+            "required": True, "description": body_text, "content": _json(ref(body)),
+        }}
+    return kwargs
