@@ -1,14 +1,35 @@
-"""Fold a batch of decoded events into PostgreSQL in one transaction.
+"""Fold a batch of decoded events into PostgreSQL in one transaction, set-based.
 
-Order-independent: a task or step row only takes the state of an event whose
-per-(run, device) `seq` is higher than the one it already holds, so
-duplicates and late arrivals change nothing. Timestamps are the node's.
+The fold is a function of the *set* of events, not of their order or count:
+
+* Idempotent by `event_id`: each event is claimed in `processed_events` in the
+  same transaction as its effects; an event already claimed (redelivered,
+  replayed, duplicated, or being folded right now by another aggregator) is
+  skipped whole.
+* Order-independent: a task or step row holds the event with the highest rank
+  `(terminal, seq)`, so a later state never loses to an earlier one and a
+  terminal state is never reopened; `started_at` / `finished_at` are the
+  greatest node timestamps seen for them. Nodes and devices keep their newest
+  report (by the node's `ts`); a device the node's newest inventory does not
+  list is `gone`. Run status and counts are derived from the task rows.
+* Set-based: every table is written with one `INSERT … SELECT FROM unnest(…)`
+  per batch, after reducing the batch to one row per key (PostgreSQL refuses
+  to update a row twice in one statement).
+
+Concurrency between aggregators: rows are locked in one global order (the
+batch's runs first, then `processed_events`, tasks, steps, artifacts, node
+inventories, devices, nodes) and in key order inside each table, so folds of
+the same run or node serialise instead of deadlocking, and the run status is
+derived after every other fold of that run has committed.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
 
 import asyncpg
 
@@ -23,7 +44,8 @@ from contracts.events import (
 )
 
 TERMINAL = sorted(TERMINAL_TASK_STATES)
-TERMINAL_STEP = ["ok", "failed", "timed_out", "skipped"]
+TERMINAL_STEP = ["failed", "ok", "skipped", "timed_out"]
+_TERMINAL_STEP = frozenset(TERMINAL_STEP)
 
 
 @dataclass
@@ -32,6 +54,7 @@ class DeadLetter:
     stream_seq: int | None
     raw: bytes
     error: str
+    event_id: str | None = None
 
 
 @dataclass
@@ -48,83 +71,137 @@ class Batch:
     dead: list[DeadLetter] = field(default_factory=list)
 
 
-_UPSERT_TASK = """
+@dataclass
+class FoldResult:
+    applied: int = 0  # events whose effects were written now
+    skipped: int = 0  # events already folded before (by event_id)
+    dead: int = 0  # dead letters written (or already there)
+
+
+_LOCK_RUNS = "SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE"
+
+_CLAIM = """
+INSERT INTO processed_events (event_id)
+SELECT e FROM unnest($1::text[]) AS e ORDER BY e
+ON CONFLICT DO NOTHING
+RETURNING event_id
+"""
+
+# (terminal, seq) ranks an event: the highest rank is the row's state.
+_TASK_NEWER = "(EXCLUDED.state = ANY($11::text[]), EXCLUDED.seq) > (t.state = ANY($11::text[]), t.seq)"
+_UPSERT_TASKS = f"""
 INSERT INTO run_tasks AS t (run_id, node_id, device_serial, state, attempt, seq,
                            started_at, finished_at, error, failed_step, updated_at)
-VALUES ($1, $2, $3, $4, $5, $6,
-        CASE WHEN $4 = 'running' THEN $7::timestamptz END,
-        CASE WHEN $4 = ANY($10::text[]) THEN $7::timestamptz END,
-        $8, $9, now())
+SELECT u.run_id, u.node_id, u.device_serial, u.state, u.attempt, u.seq,
+       u.started_at, u.finished_at, u.error, u.failed_step, now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::bigint[],
+            $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
+     AS u(run_id, node_id, device_serial, state, attempt, seq, started_at, finished_at, error, failed_step)
+ORDER BY u.run_id, u.node_id, u.device_serial
 ON CONFLICT (run_id, node_id, device_serial) DO UPDATE SET
-    state       = CASE WHEN EXCLUDED.seq > t.seq THEN EXCLUDED.state ELSE t.state END,
-    attempt     = CASE WHEN EXCLUDED.seq > t.seq THEN EXCLUDED.attempt ELSE t.attempt END,
-    error       = CASE WHEN EXCLUDED.seq > t.seq THEN EXCLUDED.error ELSE t.error END,
-    failed_step = CASE WHEN EXCLUDED.seq > t.seq THEN EXCLUDED.failed_step ELSE t.failed_step END,
+    state       = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.state ELSE t.state END,
+    attempt     = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.attempt ELSE t.attempt END,
+    error       = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.error ELSE t.error END,
+    failed_step = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.failed_step ELSE t.failed_step END,
+    seq         = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.seq ELSE t.seq END,
     started_at  = GREATEST(t.started_at, EXCLUDED.started_at),
     finished_at = GREATEST(t.finished_at, EXCLUDED.finished_at),
-    seq         = GREATEST(t.seq, EXCLUDED.seq),
     updated_at  = now()
 """
 
-_UPSERT_STEP = """
+_STEP_NEWER = "(EXCLUDED.state = ANY($13::text[]), EXCLUDED.seq) > (s.state = ANY($13::text[]), s.seq)"
+_UPSERT_STEPS = f"""
 INSERT INTO step_results AS s (run_id, node_id, device_serial, step_id, idx, action, state, seq,
                               started_at, finished_at, output, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8,
-        CASE WHEN $7 = 'started' THEN $9::timestamptz END,
-        CASE WHEN $7 = ANY($12::text[]) THEN $9::timestamptz END,
-        $10, $11)
+SELECT u.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::text[], $7::text[],
+                       $8::bigint[], $9::timestamptz[], $10::timestamptz[], $11::text[], $12::text[])
+     AS u(run_id, node_id, device_serial, step_id, idx, action, state, seq, started_at, finished_at, output, error)
+ORDER BY u.run_id, u.node_id, u.device_serial, u.step_id
 ON CONFLICT (run_id, node_id, device_serial, step_id) DO UPDATE SET
-    state       = CASE WHEN EXCLUDED.seq > s.seq THEN EXCLUDED.state ELSE s.state END,
-    output      = CASE WHEN EXCLUDED.seq > s.seq THEN EXCLUDED.output ELSE s.output END,
-    error       = CASE WHEN EXCLUDED.seq > s.seq THEN EXCLUDED.error ELSE s.error END,
+    idx         = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.idx ELSE s.idx END,
+    action      = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.action ELSE s.action END,
+    state       = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.state ELSE s.state END,
+    output      = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.output ELSE s.output END,
+    error       = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.error ELSE s.error END,
+    seq         = CASE WHEN {_STEP_NEWER} THEN EXCLUDED.seq ELSE s.seq END,
     started_at  = GREATEST(s.started_at, EXCLUDED.started_at),
-    finished_at = GREATEST(s.finished_at, EXCLUDED.finished_at),
-    seq         = GREATEST(s.seq, EXCLUDED.seq)
+    finished_at = GREATEST(s.finished_at, EXCLUDED.finished_at)
 """
 
-_INSERT_ARTIFACT = """
-INSERT INTO artifacts (run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256,
-                       content_type, created_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-ON CONFLICT (store, key) DO NOTHING
+_UPSERT_ARTIFACTS = """
+INSERT INTO artifacts AS a (run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256,
+                            content_type, created_at, seq)
+SELECT u.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                       $8::bigint[], $9::text[], $10::text[], $11::timestamptz[], $12::bigint[])
+     AS u(run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256, content_type, created_at, seq)
+ORDER BY u.store, u.key
+ON CONFLICT (store, key) DO UPDATE SET
+    run_id = EXCLUDED.run_id, node_id = EXCLUDED.node_id, device_serial = EXCLUDED.device_serial,
+    step_id = EXCLUDED.step_id, uri = EXCLUDED.uri, bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256,
+    content_type = EXCLUDED.content_type, created_at = EXCLUDED.created_at, seq = EXCLUDED.seq
+WHERE (EXCLUDED.seq, EXCLUDED.created_at) > (a.seq, a.created_at)
 """
 
-_UPSERT_DEVICE = """
+# Taken before the node's devices are touched: it also serialises two folds of one node.
+_UPSERT_INVENTORIES = """
+INSERT INTO node_inventories AS i (node_id, taken_at, devices)
+SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::int[]) AS u(node_id, taken_at, devices)
+ORDER BY 1
+ON CONFLICT (node_id) DO UPDATE SET taken_at = EXCLUDED.taken_at, devices = EXCLUDED.devices
+WHERE EXCLUDED.taken_at > i.taken_at
+"""
+
+_UPSERT_DEVICES = """
 INSERT INTO devices AS d (node_id, serial, status, model, name, last_seen)
-VALUES ($1, $2, $3, $4, $5, $6)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::timestamptz[])
+     AS u(node_id, serial, status, model, name, last_seen)
+ORDER BY 1, 2
 ON CONFLICT (node_id, serial) DO UPDATE SET
-    status = EXCLUDED.status, model = EXCLUDED.model, name = EXCLUDED.name,
-    last_seen = EXCLUDED.last_seen
-WHERE EXCLUDED.last_seen >= d.last_seen
+    status = EXCLUDED.status, model = EXCLUDED.model, name = EXCLUDED.name, last_seen = EXCLUDED.last_seen
+WHERE EXCLUDED.last_seen > d.last_seen
 """
 
-# Devices a usable inventory no longer lists have left the node.
+# `last_seen` stays the time the device was last listed.
 _DEVICES_GONE = """
-UPDATE devices SET status = 'gone', last_seen = $3
-WHERE node_id = $1 AND NOT (serial = ANY($2::text[])) AND last_seen < $3 AND status <> 'gone'
+UPDATE devices d SET status = 'gone'
+FROM node_inventories i
+WHERE i.node_id = ANY($1::text[]) AND d.node_id = i.node_id
+  AND d.last_seen < i.taken_at AND d.status <> 'gone'
 """
 
-_UPSERT_NODE = """
+_UPSERT_NODES = """
 INSERT INTO nodes AS n (node_id, slots, running, queued, vendor_connected, version, last_seen)
-VALUES ($1, $2, $3, $4, $5, $6, $7)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::timestamptz[])
+     AS u(node_id, slots, running, queued, vendor_connected, version, last_seen)
+ORDER BY 1
 ON CONFLICT (node_id) DO UPDATE SET
     slots = EXCLUDED.slots, running = EXCLUDED.running, queued = EXCLUDED.queued,
-    vendor_connected = EXCLUDED.vendor_connected, version = EXCLUDED.version,
-    last_seen = EXCLUDED.last_seen
-WHERE EXCLUDED.last_seen >= n.last_seen
+    vendor_connected = EXCLUDED.vendor_connected, version = EXCLUDED.version, last_seen = EXCLUDED.last_seen
+WHERE EXCLUDED.last_seen > n.last_seen
 """
 
-# A run's status follows its tasks; `cancelled` is the backend's word and stays.
+_DEAD_LETTERS = """
+INSERT INTO dead_letters (subject, stream_seq, raw, error, event_id)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[])
+ON CONFLICT DO NOTHING
+"""
+
+# A run's status follows its tasks: `completed` when every task is terminal
+# (finished at the last task's node-observed end), else `running` once any
+# task has moved. `pending` / `dispatched` are the backend's, as is `cancelled`, which stays.
 _RUN_STATUS = """
 UPDATE runs r SET
     status = CASE WHEN c.open = 0 THEN 'completed' ELSE 'running' END,
-    finished_at = CASE WHEN c.open = 0 THEN COALESCE(r.finished_at, now()) END
+    finished_at = CASE WHEN c.open = 0 THEN c.last_finish END
 FROM (
     SELECT run_id, count(*) FILTER (WHERE NOT (state = ANY($2::text[]))) AS open,
-           count(*) FILTER (WHERE state <> 'queued') AS touched
+           count(*) FILTER (WHERE state <> 'queued') AS touched,
+           max(finished_at) AS last_finish
     FROM run_tasks WHERE run_id = ANY($1::uuid[]) GROUP BY run_id
 ) c
 WHERE r.run_id = c.run_id AND r.status <> 'cancelled' AND c.touched > 0
+  AND (r.status, r.finished_at) IS DISTINCT FROM
+      (CASE WHEN c.open = 0 THEN 'completed' ELSE 'running' END, CASE WHEN c.open = 0 THEN c.last_finish END)
 """
 
 
@@ -135,51 +212,164 @@ def _uuid(value: str) -> uuid.UUID | None:
         return None
 
 
-async def fold(conn: asyncpg.Connection, batch: Batch) -> None:
-    """Apply `batch` inside the caller's transaction."""
-    task_items = [i for i in batch.items if isinstance(i.event, TaskEvent | StepEvent | ArtifactEvent)]
-    wanted = {u for i in task_items if (u := _uuid(i.event.run_id)) is not None}  # type: ignore[union-attr]
-    known = {r["run_id"] for r in await conn.fetch(
-        "SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[])", list(wanted))}
-    tasks, steps, artifacts = [], [], []
-    for item in task_items:
+def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    cols: list[list[Any]] = [[] for _ in range(width)]
+    for row in rows:
+        for col, value in zip(cols, row, strict=True):
+            col.append(value)
+    return cols
+
+
+def _later(a: datetime | None, b: datetime | None) -> datetime | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return max(a, b)
+
+
+def _reduce_tasks(events: list[TaskEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
+    best: dict[tuple[str, str, str], TaskEvent] = {}
+    started: dict[tuple[str, str, str], datetime | None] = {}
+    finished: dict[tuple[str, str, str], datetime | None] = {}
+    for e in events:
+        key = (e.run_id, e.node_id, e.device_serial)
+        terminal = e.state in TERMINAL_TASK_STATES
+        cur = best.get(key)
+        if cur is None or (terminal, e.seq, e.event_id) > (cur.state in TERMINAL_TASK_STATES, cur.seq, cur.event_id):
+            best[key] = e
+        started[key] = _later(started.get(key), e.ts if e.state == "running" else None)
+        finished[key] = _later(finished.get(key), e.ts if terminal else None)
+    return [
+        (run_ids[k[0]], k[1], k[2], e.state, e.attempt, e.seq, started[k], finished[k], e.error, e.failed_step)
+        for k, e in best.items()
+    ]
+
+
+def _reduce_steps(events: list[StepEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
+    best: dict[tuple[str, str, str, str], StepEvent] = {}
+    started: dict[tuple[str, str, str, str], datetime | None] = {}
+    finished: dict[tuple[str, str, str, str], datetime | None] = {}
+    for e in events:
+        key = (e.run_id, e.node_id, e.device_serial, e.step_id)
+        terminal = e.state in _TERMINAL_STEP
+        cur = best.get(key)
+        if cur is None or (terminal, e.seq, e.event_id) > (cur.state in _TERMINAL_STEP, cur.seq, cur.event_id):
+            best[key] = e
+        started[key] = _later(started.get(key), e.ts if e.state == "started" else None)
+        finished[key] = _later(finished.get(key), e.ts if terminal else None)
+    return [
+        (run_ids[k[0]], k[1], k[2], k[3], e.index, e.action, e.state, e.seq, started[k], finished[k], e.output,
+         e.error)
+        for k, e in best.items()
+    ]
+
+
+def _reduce_artifacts(events: list[ArtifactEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
+    best: dict[tuple[str, str], ArtifactEvent] = {}
+    for e in events:
+        key = (e.store, e.key)
+        cur = best.get(key)
+        if cur is None or (e.seq, e.ts) > (cur.seq, cur.ts):
+            best[key] = e
+    return [
+        (run_ids[e.run_id], e.node_id, e.device_serial, e.step_id, e.store, e.key, e.uri, e.bytes, e.sha256,
+         e.content_type, e.ts, e.seq)
+        for e in best.values()
+    ]
+
+
+async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
+    """Apply `batch` inside the caller's transaction; dead letters found here join `batch.dead`."""
+    result = FoldResult()
+    unique: dict[str, Incoming] = {}
+    for item in batch.items:
+        unique.setdefault(item.event.event_id, item)
+    result.skipped = len(batch.items) - len(unique)
+
+    # 1. Lock the batch's runs (also: which runs exist). Events of unknown runs are dead letters.
+    run_ids: dict[str, uuid.UUID] = {}
+    for item in unique.values():
         e = item.event
-        assert isinstance(e, TaskEvent | StepEvent | ArtifactEvent)
-        rid = _uuid(e.run_id)
-        if rid is None or rid not in known:
+        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent) and e.run_id not in run_ids:
+            rid = _uuid(e.run_id)
+            if rid is not None:
+                run_ids[e.run_id] = rid
+    known: set[uuid.UUID] = set()
+    if run_ids:
+        known = {r["run_id"] for r in await conn.fetch(_LOCK_RUNS, sorted(set(run_ids.values())))}
+    foldable: list[Incoming] = []
+    for item in unique.values():
+        e = item.event
+        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent) and run_ids.get(e.run_id) not in known:
             batch.dead.append(DeadLetter(item.subject, item.stream_seq, item.raw,
-                                         f"event {e.event_id} names unknown run {e.run_id!r}"))
+                                         f"event {e.event_id} names unknown run {e.run_id!r}", e.event_id))
+        else:
+            foldable.append(item)
+
+    # 2. Claim the events; whatever another transaction already claimed is skipped.
+    fresh: set[str] = set()
+    if foldable:
+        fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, [i.event.event_id for i in foldable])}
+    result.skipped += len(foldable) - len(fresh)
+    result.applied = len(fresh)
+    tasks: list[TaskEvent] = []
+    steps: list[StepEvent] = []
+    artifacts: list[ArtifactEvent] = []
+    inventories: dict[str, DeviceInventoryEvent] = {}
+    beats: dict[str, NodeHeartbeat] = {}
+    for item in foldable:
+        e = item.event
+        if e.event_id not in fresh:
             continue
         if isinstance(e, TaskEvent):
-            tasks.append((rid, e.node_id, e.device_serial, e.state, e.attempt, e.seq, e.ts,
-                          e.error, e.failed_step, TERMINAL))
+            tasks.append(e)
         elif isinstance(e, StepEvent):
-            steps.append((rid, e.node_id, e.device_serial, e.step_id, e.index, e.action, e.state,
-                          e.seq, e.ts, e.output, e.error, TERMINAL_STEP))
-        else:
-            artifacts.append((rid, e.node_id, e.device_serial, e.step_id, e.store, e.key, e.uri,
-                              e.bytes, e.sha256, e.content_type, e.ts))
-    if tasks:
-        await conn.executemany(_UPSERT_TASK, tasks)
-    if steps:
-        await conn.executemany(_UPSERT_STEP, steps)
-    if artifacts:
-        await conn.executemany(_INSERT_ARTIFACT, artifacts)
-    for item in batch.items:
-        e = item.event
-        if isinstance(e, DeviceInventoryEvent) and e.vendor_available and e.devices:
-            await conn.executemany(_UPSERT_DEVICE, [
-                (e.node_id, d.serial, d.status, d.model, d.name, e.ts) for d in e.devices
-            ])
-            await conn.execute(_DEVICES_GONE, e.node_id, [d.serial for d in e.devices], e.ts)
+            steps.append(e)
+        elif isinstance(e, ArtifactEvent):
+            artifacts.append(e)
+        elif isinstance(e, DeviceInventoryEvent):
+            # An unusable list (vendor down, or empty) says nothing about the devices.
+            if e.vendor_available and e.devices:
+                cur_inv = inventories.get(e.node_id)
+                if cur_inv is None or (e.ts, e.event_id) > (cur_inv.ts, cur_inv.event_id):
+                    inventories[e.node_id] = e
         elif isinstance(e, NodeHeartbeat):
-            await conn.execute(_UPSERT_NODE, e.node_id, e.slots, e.running, e.queued,
-                               e.vendor_connected, e.version, e.ts)
+            cur_beat = beats.get(e.node_id)
+            if cur_beat is None or (e.ts, e.event_id) > (cur_beat.ts, cur_beat.event_id):
+                beats[e.node_id] = e
+
+    # 3. Write, one statement per table, in the global lock order.
+    if tasks:
+        await conn.execute(_UPSERT_TASKS, *_columns(_reduce_tasks(tasks, run_ids), 10), TERMINAL)
+    if steps:
+        await conn.execute(_UPSERT_STEPS, *_columns(_reduce_steps(steps, run_ids), 12), TERMINAL_STEP)
+    if artifacts:
+        await conn.execute(_UPSERT_ARTIFACTS, *_columns(_reduce_artifacts(artifacts, run_ids), 12))
+    listings = [e for item in foldable
+                if isinstance(e := item.event, DeviceInventoryEvent) and e.event_id in fresh
+                and e.vendor_available and e.devices]
+    if listings:
+        inv_rows = [(e.node_id, e.ts, len(e.devices)) for e in inventories.values()]
+        await conn.execute(_UPSERT_INVENTORIES, *_columns(inv_rows, 3))
+        newest: dict[tuple[str, str], tuple[tuple[datetime, str], tuple[Any, ...]]] = {}
+        for e in listings:
+            for d in e.devices:
+                key = (e.node_id, d.serial)
+                cur_row = newest.get(key)
+                if cur_row is None or (e.ts, e.event_id) > cur_row[0]:
+                    newest[key] = ((e.ts, e.event_id), (e.node_id, d.serial, d.status, d.model, d.name, e.ts))
+        await conn.execute(_UPSERT_DEVICES, *_columns((row for _, row in newest.values()), 6))
+        await conn.execute(_DEVICES_GONE, sorted(inventories))
+    if beats:
+        await conn.execute(_UPSERT_NODES, *_columns(
+            [(b.node_id, b.slots, b.running, b.queued, b.vendor_connected, b.version, b.ts) for b in beats.values()],
+            7))
     if batch.dead:
-        await conn.executemany(
-            "INSERT INTO dead_letters (subject, stream_seq, raw, error) VALUES ($1, $2, $3, $4)",
-            [(d.subject, d.stream_seq, d.raw, d.error) for d in batch.dead],
-        )
-    touched = list({t[0] for t in tasks})
+        await conn.execute(_DEAD_LETTERS, *_columns(
+            [(d.subject, d.stream_seq, d.raw, d.error, d.event_id) for d in batch.dead], 5))
+        result.dead = len(batch.dead)
+    touched = sorted({run_ids[e.run_id] for e in tasks})
     if touched:
         await conn.execute(_RUN_STATUS, touched, TERMINAL)
+    return result

@@ -1,23 +1,75 @@
-"""`doai aggregator`: migrate, declare the stream and consumer, fold until stopped."""
+"""`doai aggregator`: migrate, declare the stream and consumer, fold until stopped.
+
+Configuration (environment, read by `settings_from_env`):
+
+| variable | default | |
+|---|---|---|
+| `DOAI_AGG_BATCH` | 500 | messages fetched and folded per transaction |
+| `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
+from dataclasses import dataclass
+
+import asyncpg
+import structlog
 
 from runtime import db, jetstream
 from services.aggregator.consumer import Aggregator
 
+log = structlog.get_logger(__name__)
 
-async def run_aggregator(database_url: str, nats_url: str, stop: asyncio.Event) -> None:
+
+@dataclass
+class AggregatorSettings:
+    batch_size: int = 500
+    liveness_window_s: float | None = None
+
+
+def settings_from_env(env: dict[str, str] | None = None) -> AggregatorSettings:
+    env = dict(os.environ) if env is None else env
+    settings = AggregatorSettings()
+    raw_batch = env.get("DOAI_AGG_BATCH")
+    raw_window = env.get("DOAI_LIVENESS_WINDOW_S")
+    try:
+        if raw_batch:
+            settings.batch_size = int(raw_batch)
+        if raw_window:
+            settings.liveness_window_s = float(raw_window)
+    except ValueError as exc:
+        raise RuntimeError(f"aggregator settings: not a number: {exc}") from None
+    if not 1 <= settings.batch_size <= 10_000:
+        raise RuntimeError(f"DOAI_AGG_BATCH must be between 1 and 10000, got {settings.batch_size}")
+    if settings.liveness_window_s is not None and not settings.liveness_window_s > 0:
+        raise RuntimeError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {settings.liveness_window_s}")
+    return settings
+
+
+async def set_liveness_window(pool: asyncpg.Pool, seconds: float) -> None:
+    """What the `device_liveness` / `node_liveness` views (REST and Grafana) count as fresh."""
+    await pool.execute(
+        "INSERT INTO fleet_settings (name, value) VALUES ('liveness_window_s', $1)"
+        " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", repr(float(seconds)))
+
+
+async def run_aggregator(database_url: str, nats_url: str, stop: asyncio.Event,
+                         settings: AggregatorSettings | None = None) -> None:
+    settings = settings or settings_from_env()
     pool = await db.create_pool(database_url)
     try:
         await db.migrate(pool)
+        if settings.liveness_window_s is not None:
+            await set_liveness_window(pool, settings.liveness_window_s)
+            log.info("liveness window set", seconds=settings.liveness_window_s)
         nc = await jetstream.connect(nats_url, name="doai-aggregator", stop=stop)
         try:
             js = nc.jetstream()
             await jetstream.ensure_streams(js)
             await jetstream.ensure_aggregator_consumer(js)
-            await Aggregator(pool, js).run(stop)
+            await Aggregator(pool, js, batch_size=settings.batch_size).run(stop)
         finally:
             await jetstream.close(nc)
     finally:
