@@ -10,22 +10,23 @@ from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast, RunCancel
 from runtime import jetstream
-from services.node.artifacts import LocalArtifactStore
+from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
 from services.node.driver import DeviceDriver
 from services.node.executor import Executor
+from services.node.factory import build_driver, build_store
 from services.node.inventory import Inventory
 from services.node.journal import Job, Journal
 from services.node.outbox import Outbox
 from services.node.scheduler import Scheduler
 from services.node.settings import NodeSettings
-from services.node.vendor_client import VendorClient
 
 log = structlog.get_logger(__name__)
 
 
 class NodeAgent:
-    def __init__(self, settings: NodeSettings, journal: Journal, driver: DeviceDriver) -> None:
+    def __init__(self, settings: NodeSettings, journal: Journal, driver: DeviceDriver,
+                 store: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.journal = journal
         self.driver = driver
@@ -34,12 +35,13 @@ class NodeAgent:
         self.outbox: Outbox | None = None
         self.executor = Executor(
             node_id=settings.node_id, journal=journal, driver=driver,
-            store=LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
+            store=store or LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
             path_template=settings.path_template, on_event=self._wake_outbox,
         )
         self.inventory = Inventory(
             node_id=settings.node_id, driver=driver, scheduler=self.scheduler, journal=journal,
-            on_event=self._wake_outbox, on_change=self.dispatch,
+            on_event=self._wake_outbox, on_change=self._inventory_changed,
+            list_timeout_s=settings.inventory_timeout_s,
         )
 
     def _wake_outbox(self) -> None:
@@ -47,6 +49,17 @@ class NodeAgent:
             self.outbox.wake()
 
     # -- scheduling ----------------------------------------------------------------
+
+    def _inventory_changed(self) -> None:
+        """A usable inventory arrived: skip the jobs of devices offline past the grace period, then fill slots."""
+        for job in self.scheduler.expire_offline(self.settings.offline_grace_s):
+            with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
+                log.warning("Task skipped: device offline", grace_s=self.settings.offline_grace_s)
+                self.executor.task_event(
+                    job, "skipped",
+                    error=f"device_offline: not online for {self.settings.offline_grace_s:g} s while queued",
+                )
+        self.dispatch()
 
     def dispatch(self) -> None:
         """Fill every free slot now (called whenever work arrives or a slot frees)."""
@@ -94,16 +107,33 @@ class NodeAgent:
             log.info("Run cancelled", dropped=len(dropped))
 
     def recover(self) -> None:
-        """Re-queue what the journal says was unfinished when the agent last stopped."""
+        """Re-queue what the journal says was unfinished when the agent last stopped.
+
+        `running` jobs died mid-workflow: each becomes `interrupted`, then is
+        re-queued with `attempt + 1` while `attempt < max_attempts`, else ends
+        `failed`. Each transition is one journal transaction, and `interrupted`
+        jobs are themselves unfinished, so a crash during recovery resumes here.
+        """
+        max_attempts = self.settings.max_attempts
         for job in self.journal.unfinished_jobs():
-            if self.journal.is_cancelled(job.run_id):
-                self.executor.task_event(job, "cancelled", error="run cancelled")
-                continue
-            if job.state == "running":
-                # It died mid-workflow: say so, then give it one more attempt.
-                self.executor.task_event(job, "interrupted", error="agent stopped while the task ran")
-                job.attempt += 1
-                self.executor.task_event(job, "queued")
+            with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
+                if self.journal.is_cancelled(job.run_id):
+                    self.executor.task_event(job, "cancelled", error="run cancelled")
+                    continue
+                if job.state == "running":
+                    self.executor.task_event(job, "interrupted", error="agent stopped while the task ran")
+                if job.state == "interrupted":
+                    if job.attempt >= max_attempts:
+                        log.warning("Task interrupted too often; failed", attempt=job.attempt)
+                        self.executor.task_event(
+                            job, "failed",
+                            error=f"interrupted: agent stopped while the task ran (attempt {job.attempt} of "
+                                  f"{max_attempts})",
+                        )
+                        continue
+                    job.attempt += 1
+                    log.info("Task interrupted; queued again", attempt=job.attempt)
+                    self.executor.task_event(job, "queued")
             self.scheduler.submit(job)
         if self.scheduler.queued:
             log.info("journal recovered", node_id=self.settings.node_id, queued=self.scheduler.queued)
@@ -119,7 +149,8 @@ class NodeAgent:
             await jetstream.ensure_node_consumer(js, s.node_id)
             self.outbox = Outbox(self.journal, js)
             self.recover()
-            commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel)
+            commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel,
+                                       nc=nc)
             background = [
                 asyncio.create_task(self.outbox.run(stop), name="outbox"),
                 asyncio.create_task(self.inventory.run(stop, s.inventory_interval_s), name="inventory"),
@@ -140,11 +171,11 @@ class NodeAgent:
 
 
 async def run_node(settings: NodeSettings, stop: asyncio.Event) -> None:
+    """A node agent until `stop`; its driver and store come from `factory` (chosen by config)."""
     journal = Journal(settings.journal_path)
-    vendor = VendorClient(settings.vendor_url, pool_size=settings.vendor_pool_size or settings.slots,
-                          request_timeout_s=settings.vendor_request_timeout_s)
+    driver = build_driver(settings)
     try:
-        await NodeAgent(settings, journal, vendor).run(stop)
+        await NodeAgent(settings, journal, driver, build_store(settings)).run(stop)
     finally:
-        await vendor.close()
+        await driver.close()
         journal.close()

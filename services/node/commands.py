@@ -8,15 +8,18 @@ a clear reason and terminated (it would fail the same way every time).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import msgspec
 import structlog
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts.commands import Command, RunBroadcast, RunCancel
 from contracts.subjects import CMD_STREAM, node_durable
+from runtime import jetstream
 from runtime.aio import pause
 
 log = structlog.get_logger(__name__)
@@ -27,11 +30,15 @@ _decoder = msgspec.json.Decoder(Command)
 class CommandConsumer:
     def __init__(self, js: JetStreamContext, node_id: str, *,
                  on_broadcast: Callable[[RunBroadcast], None],
-                 on_cancel: Callable[[RunCancel], None]) -> None:
+                 on_cancel: Callable[[RunCancel], None],
+                 nc: NATS | None = None, fetch_timeout_s: float = 1.0) -> None:
         self._js = js
         self._node_id = node_id
         self._on_broadcast = on_broadcast
         self._on_cancel = on_cancel
+        self._nc = nc
+        self._fetch_timeout_s = fetch_timeout_s
+        self.subscriptions = 0  # how many times the pull subscription was (re)created
 
     async def handle(self, msg: Msg) -> None:
         try:
@@ -51,15 +58,48 @@ class CommandConsumer:
             self._on_cancel(command)
         await msg.ack_sync()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"]) if self._nc is not None else 0
+
+    async def _subscribe(self) -> JetStreamContext.PullSubscription:
+        """(Re)create the durable consumer if needed and bind a fresh pull subscription to it."""
+        await jetstream.ensure_node_consumer(self._js, self._node_id)
         sub = await self._js.pull_subscribe_bind(durable=node_durable(self._node_id), stream=CMD_STREAM)
+        self.subscriptions += 1
+        return sub
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Fetch commands until `stop`.
+
+        A pull subscription can go silent after a server restart, so after
+        every reconnect (and after any fetch error) the subscription is thrown
+        away and bound again; every loop issues a new fetch (pull request).
+        """
+        sub: JetStreamContext.PullSubscription | None = None
+        seen_reconnects = self._reconnects()
         while not stop.is_set():
+            if sub is None or self._reconnects() != seen_reconnects:
+                if sub is not None:
+                    log.info("NATS reconnected: binding the command subscription again", node_id=self._node_id)
+                    with contextlib.suppress(Exception):
+                        await sub.unsubscribe()
+                    sub = None
+                seen_reconnects = self._reconnects()
+                try:
+                    sub = await self._subscribe()
+                except Exception as exc:
+                    log.warning("command subscription failed; retrying", error=repr(exc))
+                    await pause(stop, 1.0)
+                    continue
             try:
-                msgs = await sub.fetch(16, timeout=1.0)
+                msgs = await sub.fetch(16, timeout=self._fetch_timeout_s)
             except TimeoutError:
                 continue
             except Exception as exc:
-                log.warning("command fetch failed; retrying", error=repr(exc))
+                log.warning("command fetch failed; subscribing again", error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+                sub = None
                 await pause(stop, 1.0)
                 continue
             for msg in msgs:

@@ -19,14 +19,29 @@ from structlog.contextvars import bound_contextvars
 from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
-from contracts.recipe import default_step_timeout
+from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
 from services.node.steps import StepContext, StepError, clip, execute
-from services.node.vendor_client import VendorError
+from services.node.vendor_client import VendorError, VendorTimeout
 
 log = structlog.get_logger(__name__)
+
+
+def step_timeout_s(b: RunBroadcast, step: StepBase) -> float:
+    """The step's limit for this run: the broadcast's effective timeout, kept within the recipe's bounds.
+
+    The backend already refuses overrides outside the bounds (422); a broadcast
+    from elsewhere that carries one is clamped here, and said so in the log.
+    """
+    ms = b.step_timeouts_ms.get(step.id, default_step_timeout(b.recipe, step))
+    lo, hi = step_timeout_bounds(b.recipe, step)
+    if not lo <= ms <= hi:
+        log.warning("step timeout outside the recipe's bounds; clamped", step_id=step.id, timeout_ms=ms,
+                    min_ms=lo, max_ms=hi)
+        ms = min(max(ms, lo), hi)
+    return ms / 1000
 
 
 class Executor:
@@ -95,13 +110,14 @@ class Executor:
             if state == "succeeded":
                 with contextlib.suppress(OSError):
                     shutil.rmtree(spool)
+                    spool.parent.rmdir()  # the run's folder, once no device of it has anything left
             return state
 
     async def _steps(self, job: Job, b: RunBroadcast, ctx: StepContext) -> tuple[str, str | None, str | None]:
         for index, step in enumerate(b.recipe.steps):
             action = type(step).__struct_config__.tag
             assert isinstance(action, str)
-            timeout_s = b.step_timeouts_ms.get(step.id, default_step_timeout(b.recipe, step)) / 1000
+            timeout_s = step_timeout_s(b, step)
             outcome: str = "failed"
             error: str | None = None
             for attempt in range(step.retries + 1):
@@ -110,14 +126,16 @@ class Executor:
                 try:
                     async with asyncio.timeout(timeout_s):
                         result = await execute(step, ctx, timeout_s)
-                except TimeoutError:
+                except (TimeoutError, VendorTimeout):
+                    # The vendor's own request timeout is the step's limit too: either way it is the step's.
                     outcome, error = "timed_out", f"step_timeout: no result within {timeout_s:g} s"
-                except StepError as exc:
+                except (StepError, VendorError, ArtifactError) as exc:
                     outcome, error = "failed", f"{exc.code}: {exc}"
-                except VendorError as exc:
-                    outcome, error = "failed", f"{exc.code}: {exc}"
-                except ArtifactError as exc:
-                    outcome, error = "failed", f"{exc.code}: {exc}"
+                except ValueError as exc:  # e.g. a serial the driver refuses
+                    outcome, error = "failed", f"invalid_request: {exc}"
+                except Exception as exc:  # a driver or store bug: this device fails, the others go on
+                    log.exception("Step raised an unexpected error", step_id=step.id)
+                    outcome, error = "failed", f"internal_error: {exc!r:.300}"
                 else:
                     ctx.outputs[step.id] = result.output or ""
                     ctx.states[step.id] = "ok"

@@ -50,28 +50,36 @@ def parse_devices(listed: list[dict[str, Any]]) -> list[DeviceInfo]:
 
 class Inventory:
     def __init__(self, *, node_id: str, driver: DeviceDriver, scheduler: Scheduler, journal: Journal,
-                 on_event: Callable[[], None], on_change: Callable[[], None]) -> None:
+                 on_event: Callable[[], None], on_change: Callable[[], None], list_timeout_s: float = 10.0) -> None:
         self.node_id = node_id
         self.driver = driver
         self.scheduler = scheduler
         self.journal = journal
         self._on_event = on_event
         self._on_change = on_change
+        self.list_timeout_s = list_timeout_s
         self.vendor_available = False
         self.polls = 0
 
     async def poll(self) -> None:
         try:
-            listed = await self.driver.list_devices()
+            listed = await self.driver.list_devices(timeout_s=self.list_timeout_s)
         except VendorError as exc:
             listed = []
             if self.vendor_available or self.polls == 0:
                 log.warning("vendor program unavailable", error=str(exc), url=self.driver.url)
         devices = parse_devices(listed)
+        was_available = self.vendor_available
         self.vendor_available = bool(devices)
         if devices:
+            if not was_available and self.polls:
+                log.info("vendor program available again", devices=len(devices))
             self.scheduler.set_online(d.serial for d in devices if d.status == "online")
-            self._on_change()
+        elif was_available:
+            log.warning("vendor listed no devices: treated as unavailable, queues paused", url=self.driver.url)
+        # Empty or failed list: pause new starts, keep the last view of who is online.
+        self.scheduler.set_vendor_available(self.vendor_available)
+        self._on_change()
         self.journal.add_event(DeviceInventoryEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id,
             vendor_available=self.vendor_available, devices=devices,
@@ -89,7 +97,10 @@ class Inventory:
 
     async def run(self, stop: asyncio.Event, interval_s: float) -> None:
         while True:
-            await self.poll()
-            self.heartbeat()
+            try:
+                await self.poll()
+                self.heartbeat()
+            except Exception:  # e.g. the journal is locked: try again next interval
+                log.exception("inventory poll failed")
             if await pause(stop, interval_s):
                 return

@@ -123,10 +123,10 @@ class Journal:
         return bool(row and row[0])
 
     def unfinished_jobs(self) -> list[Job]:
-        """Jobs still `queued` or `running`, in arrival order (for recovery after a restart)."""
+        """Jobs still `queued`, `running` or `interrupted`, in arrival order (for recovery after a restart)."""
         rows = self._db.execute(
             "SELECT run_id, serial, ord, state, attempt, seq FROM jobs"
-            " WHERE state IN ('queued', 'running') ORDER BY ord"
+            " WHERE state IN ('queued', 'running', 'interrupted') ORDER BY ord"
         ).fetchall()
         return [Job(*row) for row in rows]
 

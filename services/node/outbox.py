@@ -51,8 +51,10 @@ class Outbox:
             raise RuntimeError(f"{failed} of {len(rows)} events not acked: {first!r}")
         return len(acked)
 
-    async def run(self, stop: asyncio.Event) -> None:
-        await drain_forever(self.publish_once, self._wake, stop, poll_s=1.0, what="event publish")
+    async def run(self, stop: asyncio.Event, max_backoff_s: float = 5.0) -> None:
+        # A short backoff cap: after a NATS outage the outbox empties within seconds of the reconnect.
+        await drain_forever(self.publish_once, self._wake, stop, poll_s=1.0, what="event publish",
+                            max_backoff_s=max_backoff_s)
 
     async def drain(self, timeout_s: float) -> bool:
         """Try to publish everything left (at shutdown); return whether the outbox is empty."""

@@ -25,6 +25,15 @@ class NodeSettings:
     vendor_request_timeout_s: float = 120.0
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = 5.0
+    # How long one `list` poll may take (connect retries included) before it counts as "unavailable".
+    inventory_timeout_s: float = 10.0
+    # Queued jobs of a device that stays offline this long (while they wait) end `skipped`.
+    offline_grace_s: float = 300.0
+    # A job found `running` after a crash is re-queued (attempt + 1) while attempt < max_attempts, else failed.
+    max_attempts: int = 2
+    # Vendor reconnect backoff: a request that cannot connect retries from base doubling to max, within its timeout.
+    vendor_backoff_base_s: float = 1.0
+    vendor_backoff_max_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not is_node_id(self.node_id):
@@ -33,6 +42,10 @@ class NodeSettings:
             )
         if not 1 <= self.slots <= 1000:
             raise ValueError(f"slots must be between 1 and 1000, got {self.slots}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.offline_grace_s < 0:
+            raise ValueError(f"offline_grace_s must not be negative, got {self.offline_grace_s}")
 
     @property
     def journal_path(self) -> Path:

@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import structlog
 
 from contracts import recipe as dsl
-from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
+from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver
+
+log = structlog.get_logger(__name__)
 
 _KEYS = {"recents": "1", "home": "2", "back": "3"}  # vendor pushEvent types
 _OUTPUT_LIMIT = 4000
@@ -101,7 +104,7 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             ctx.screenshots[step.id] = path
             return StepResult(str(path))
         case dsl.Upload(source=source):
-            return await _upload(ctx, source)
+            return await _upload(ctx, source, timeout_s)
         case dsl.Assert(source=source, pattern=pattern):
             text = ctx.outputs.get(source, "")
             if re.search(ctx.render(pattern), text) is None:
@@ -112,7 +115,18 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
     raise StepError("unknown_action", f"step action {type(step).__name__} is not supported by this node")
 
 
-async def _upload(ctx: StepContext, source: str | None) -> StepResult:
+# An upload that fails is retried with this backoff until the step's time is nearly
+# out, then the step fails with `upload_failed`; the screenshot stays in the spool.
+UPLOAD_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)
+UPLOAD_MARGIN_S = 0.5  # fail with the store's error just before the step's own timeout fires
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """A store error worth retrying: anything but an `ArtifactError`, unless it says `retryable = True`."""
+    return bool(getattr(exc, "retryable", not isinstance(exc, ArtifactError)))
+
+
+async def _upload(ctx: StepContext, source: str | None, timeout_s: float) -> StepResult:
     if source is None:
         if not ctx.screenshots:
             raise StepError("no_screenshot", "no screenshot was taken before this upload")
@@ -120,12 +134,36 @@ async def _upload(ctx: StepContext, source: str | None) -> StepResult:
     path = ctx.screenshots.get(source)
     if path is None:
         raise StepError("no_screenshot", f"step {source!r} produced no screenshot")
+    if not path.exists():
+        raise StepError("no_screenshot", f"the screenshot of step {source!r} is gone from the spool ({path})")
     values = {**ctx.values, "timestamp": str(int(time.time()))}
     try:
         key = render_key(ctx.path_template, values)
     except Exception as exc:
         raise StepError("artifact_path", str(exc)) from None
-    stored = await ctx.store.put(key, path, "image/png")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s - UPLOAD_MARGIN_S
+    tries = 0
+    while True:
+        tries += 1
+        try:
+            async with asyncio.timeout(max(0.01, deadline - loop.time())):
+                stored = await ctx.store.put(key, path, "image/png")
+            break
+        except Exception as exc:
+            timed_out = isinstance(exc, TimeoutError) and loop.time() >= deadline
+            delay = UPLOAD_BACKOFF_S[min(tries - 1, len(UPLOAD_BACKOFF_S) - 1)]
+            if not timed_out and not is_retryable(exc):
+                raise StepError(getattr(exc, "code", "artifact_error"), str(exc)) from None
+            if timed_out or loop.time() + delay >= deadline:
+                raise StepError(
+                    "upload_failed",
+                    f"{ctx.store.name} store: {tries} tries within {timeout_s:g} s, last error: "
+                    f"{exc!r:.300}; the screenshot stays in the spool at {path}",
+                ) from None
+            log.warning("upload failed; retrying", store=ctx.store.name, key=key, tries=tries,
+                        retry_in_s=delay, error=f"{exc!r:.300}")
+            await asyncio.sleep(delay)
     path.unlink(missing_ok=True)  # the spool copy is no longer needed once stored
     return StepResult(stored.uri, stored)
 

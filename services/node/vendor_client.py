@@ -99,6 +99,7 @@ class VendorClient:
         backoff_max_s: float = 30.0,
         screenshot_wait_s: float = 2.0,
         ping_interval_s: float | None = 20.0,
+        connect_retry: bool = False,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
@@ -110,6 +111,12 @@ class VendorClient:
         self.backoff_max_s = backoff_max_s
         self.screenshot_wait_s = screenshot_wait_s
         self.ping_interval_s = ping_interval_s
+        # When True, a request that cannot connect keeps retrying (backoff_base_s doubling to
+        # backoff_max_s, shared by the whole pool) until its own timeout runs out. Nothing has
+        # been sent when a connect fails, so retrying it is safe; a request whose connection
+        # dropped after sending is never retried.
+        self.connect_retry = connect_retry
+        self._backoff_s = backoff_base_s
         self._slots = asyncio.Semaphore(pool_size)
         self._idle: list[ClientConnection] = []
         self._closing: set[asyncio.Task[None]] = set()
@@ -162,6 +169,23 @@ class VendorClient:
     def _mark_success(self) -> None:
         self._connected = True
         self.consecutive_failures = 0
+        self._backoff_s = self.backoff_base_s
+
+    async def _open_retrying(self, action: str, deadline: float) -> ClientConnection:
+        """Open a connection; with `connect_retry`, back off and retry until `deadline` (monotonic)."""
+        while True:
+            try:
+                return await self._open()
+            except VendorUnavailable as exc:
+                delay = self._backoff_s
+                remaining = deadline - time.monotonic()
+                if not self.connect_retry or delay >= remaining:
+                    log.warning("vendor unavailable", action=action, error=exc.message)
+                    raise
+                self._backoff_s = min(self._backoff_s * 2, self.backoff_max_s)
+                log.warning("vendor unavailable, retrying", action=action, url=self.url,
+                            retry_in_s=delay, error=exc.message)
+                await asyncio.sleep(delay)
 
     async def _open(self) -> ClientConnection:
         if self._closed:
@@ -277,11 +301,7 @@ class VendorClient:
             conn = self._take_idle()
             reused = conn is not None
             if conn is None:
-                try:
-                    conn = await self._open()
-                except VendorUnavailable as exc:
-                    log.warning("vendor unavailable", action=action, error=exc.message)
-                    raise
+                conn = await self._open_retrying(action, started + limit_s)
             try:
                 await conn.send(payload)
             except ConnectionClosed as exc:
@@ -298,7 +318,7 @@ class VendorClient:
                 self._discard(conn)
                 raise
             try:
-                async with asyncio.timeout(limit_s):
+                async with asyncio.timeout(max(0.0, started + limit_s - time.monotonic())):
                     raw = await conn.recv()
             except TimeoutError:
                 self._discard(conn)

@@ -1,0 +1,31 @@
+"""The one place a node agent's device driver and artifact store are built from its settings.
+
+This is the seam for the plain-adb driver and the Supabase store: `build_driver`
+and `build_store` pick the implementation by config; `run_node` (agent.py) calls
+them once at start-up and everything else sees only the `DeviceDriver` and
+`ArtifactStore` protocols.
+"""
+
+from __future__ import annotations
+
+from services.node.artifacts import ArtifactStore, LocalArtifactStore
+from services.node.driver import DeviceDriver
+from services.node.settings import NodeSettings
+from services.node.vendor_client import VendorClient
+
+
+def build_driver(settings: NodeSettings) -> DeviceDriver:
+    """The vendor program's WebSocket API (default). Requests wait for the program with backoff."""
+    return VendorClient(
+        settings.vendor_url,
+        pool_size=settings.vendor_pool_size or settings.slots,
+        request_timeout_s=settings.vendor_request_timeout_s,
+        backoff_base_s=settings.vendor_backoff_base_s,
+        backoff_max_s=settings.vendor_backoff_max_s,
+        connect_retry=True,
+    )
+
+
+def build_store(settings: NodeSettings) -> ArtifactStore:
+    """The local filesystem store under `artifact_dir` (the embedded default)."""
+    return LocalArtifactStore(settings.artifact_dir)
