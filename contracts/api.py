@@ -16,8 +16,13 @@ from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
 Serial = Annotated[str, Meta(pattern=SERIAL_PATTERN)]
 WorkflowId = Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
-# Parameter values are scalars; their type and pattern are checked against the recipe.
-ParamValue = Annotated[str, Meta(max_length=4096)] | int | bool
+# Parameter values are scalars, checked against the recipe's declarations (type, required, pattern).
+# Decoded as Any so a wrong value is reported at its own path (`$.params.url`) by that check.
+_PARAM_VALUE_SCHEMA = {"anyOf": [{"type": "string", "maxLength": 4096}, {"type": "integer"}, {"type": "boolean"}]}
+Params = Annotated[
+    dict[Annotated[str, Meta(max_length=64)], Any],
+    Meta(max_length=100, extra_json_schema={"additionalProperties": _PARAM_VALUE_SCHEMA}),
+]
 # `Idempotency-Key` header: printable ASCII without spaces, at most 200 characters.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
 MAX_PAGE_SIZE = 200
@@ -51,7 +56,7 @@ class Targets(Struct, forbid_unknown_fields=True, kw_only=True):
 class RunCreate(Struct, forbid_unknown_fields=True, kw_only=True):
     workflow_id: WorkflowId
     workflow_version: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
-    params: Annotated[dict[Annotated[str, Meta(max_length=64)], ParamValue], Meta(max_length=100)] = {}
+    params: Params = {}
     targets: Targets
     step_timeouts_ms: Annotated[
         dict[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(max_length=200)

@@ -122,6 +122,55 @@ def cmd_recipes_validate(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_recipes_publish(args: argparse.Namespace) -> int:
+    """Validate each file here, then publish it through the API (every fault with its path)."""
+    import httpx
+
+    from contracts.recipe import RecipeInvalid, decode_recipe
+
+    token = os.environ.get("DOAI_API_TOKEN", "").split(",")[0].strip()
+    if not token:
+        raise SystemExit("doai recipes publish: set DOAI_API_TOKEN (and DOAI_API_URL, default http://127.0.0.1:8000)")
+    bad = 0
+    with httpx.Client(base_url=args.api_url, headers={"Authorization": f"Bearer {token}"}, timeout=30) as client:
+        for name in args.paths:
+            path = Path(name)
+            try:
+                data = path.read_bytes()
+                decode_recipe(data)
+            except OSError as exc:
+                sys.stderr.write(f"{path}: cannot read: {exc.strerror}\n")
+                bad += 1
+                continue
+            except RecipeInvalid as err:
+                bad += 1
+                for fault in err.faults:
+                    sys.stderr.write(f"{path}: {fault.path}: {fault.message}\n")
+                continue
+            try:
+                r = client.post("/v1/workflows", content=data, headers={"Content-Type": "application/json"})
+            except httpx.HTTPError as exc:
+                sys.stderr.write(f"{path}: cannot reach the API at {args.api_url}: {exc}\n")
+                bad += 1
+                continue
+            if r.status_code == 201:
+                body = r.json()
+                sys.stdout.write(f"{path}: published {body['workflow_id']} version {body['version']}\n")
+                continue
+            try:
+                error = r.json()["error"]
+            except (ValueError, KeyError, TypeError):
+                error = {"code": str(r.status_code), "message": r.text[:200], "details": []}
+            if r.status_code == 409 and error.get("code") == "unchanged":
+                sys.stdout.write(f"{path}: unchanged ({error['message']})\n")
+                continue
+            bad += 1
+            sys.stderr.write(f"{path}: {r.status_code} {error.get('code')}: {error.get('message')}\n")
+            for detail in error.get("details") or []:
+                sys.stderr.write(f"{path}: {detail.get('path', '$')}: {detail.get('message', '')}\n")
+    return 1 if bad else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     val = rsub.add_parser("validate", help="check recipe files against the DSL")
     val.add_argument("paths", nargs="+")
     val.set_defaults(func=cmd_recipes_validate)
+    pub = rsub.add_parser("publish", help="validate, then publish recipe files as new versions (DOAI_API_TOKEN)")
+    pub.add_argument("paths", nargs="+")
+    pub.add_argument("--api-url", default=os.environ.get("DOAI_API_URL", "http://127.0.0.1:8000"))
+    pub.set_defaults(func=cmd_recipes_publish)
     return p
 
 

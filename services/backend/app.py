@@ -94,6 +94,11 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
         try:
             return msgspec.json.decode(data, type=kind)
         except (msgspec.ValidationError, msgspec.DecodeError) as err:
+            if isinstance(err, msgspec.ValidationError):
+                try:  # broken JSON is a 400 even where a type error came first
+                    msgspec.json.decode(data)
+                except msgspec.DecodeError as syntax:
+                    raise decode_error(syntax) from None
             raise decode_error(err) from None
 
     app = FastAPI(title="doai", version="1", default_response_class=JSONResponse,
