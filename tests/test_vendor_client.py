@@ -237,3 +237,31 @@ async def test_garbage_answer_is_protocol_error() -> None:
         async with VendorClient(f"ws://127.0.0.1:{port}/") as client:
             with pytest.raises(VendorProtocolError):
                 await client.list_devices()
+
+
+async def test_connect_retry_waits_for_the_vendor_with_backoff_within_the_request_timeout() -> None:
+    port = free_port()
+    async with VendorClient(f"ws://127.0.0.1:{port}/", connect_retry=True, backoff_base_s=0.05,
+                            backoff_max_s=0.2, request_timeout_s=5.0) as client:
+        with structlog.testing.capture_logs() as logs:
+            request = asyncio.create_task(client.list_devices())
+            await until(lambda: client.consecutive_failures >= 3)
+            async with Simulator(SimulatorConfig(devices=2, port=port)):
+                assert len(await asyncio.wait_for(request, 5)) == 2
+        delays = [e["retry_in_s"] for e in logs if e["event"] == "vendor unavailable, retrying"]
+        assert delays[:3] == [0.05, 0.1, 0.2] and set(delays[3:]) <= {0.2}
+        # Back to the base delay after a success; and a short timeout still fails clearly.
+        started = time.monotonic()
+        with pytest.raises(VendorUnavailable):
+            await client.list_devices(timeout_s=0.3)
+        assert time.monotonic() - started < 1.5
+
+
+async def test_a_request_dropped_after_sending_is_never_retried(sim: Simulator) -> None:
+    async with VendorClient(sim.url, connect_retry=True, backoff_base_s=0.05, request_timeout_s=2.0) as client:
+        await client.shell("SIM0001", "echo warm")
+        before = sim.requests_total
+        sim.config.drop_rate = 1.0
+        with pytest.raises(VendorUnavailable, match="dropped"):
+            await client.shell("SIM0001", "input tap 1 1")
+        assert sim.requests_total == before + 1  # sent once; its fate is unknown, so it is not sent again
