@@ -82,6 +82,7 @@ class Aggregator:
         self.skipped = 0  # events seen again (already applied)
         self.dead = 0  # messages dead-lettered
         self.batches = 0
+        self.retries = 0  # failed commits retried (PostgreSQL unreachable, ...)
 
     # -- PostgreSQL ---------------------------------------------------------
 
@@ -128,6 +129,7 @@ class Aggregator:
                         raise
                     return await self._fold_each(batch, exc)
             except Exception as exc:
+                self.retries += 1
                 log.warning("fold failed; the batch is kept and retried", error=str(exc) or repr(exc),
                             error_type=type(exc).__name__, retry_in_s=backoff, events=len(batch.items))
             for m in hold():
