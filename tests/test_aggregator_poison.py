@@ -1,0 +1,105 @@
+"""Poison messages: each is dead-lettered with its raw bytes and error, terminated, logged; the
+rest of its batch is folded and the consumer keeps going (real NATS + PostgreSQL)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+
+from contracts.events import NodeHeartbeat, StepEvent, TaskEvent
+from contracts.ids import new_id
+from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
+from runtime import db, jetstream
+from runtime.embedded import EmbeddedNats
+from services.aggregator.consumer import Aggregator
+from services.aggregator.main import settings_from_env
+from tests.aggregator_support import consumer_settled, migrate, poll, seed_run
+
+
+async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
+    nats_server: EmbeddedNats, database_url: str, log_file: Path
+) -> None:
+    run_id = str(uuid.uuid4())
+    await migrate(database_url)
+    conn = await asyncpg.connect(database_url)
+    await seed_run(conn, run_id, [("n1", "S1"), ("n1", "S2")])
+    now = datetime.now(UTC)
+    base = {"node_id": "n1", "run_id": run_id}
+    good = [
+        TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", device_serial="S1", **base),
+        TaskEvent(event_id=new_id(), ts=now, seq=2, state="succeeded", device_serial="S1", **base),
+    ]
+    nul = StepEvent(event_id=new_id(), ts=now, seq=1, step_id="a", index=0, action="wait", state="failed",
+                    error="bad \x00 byte", device_serial="S2", **base)  # PostgreSQL text cannot hold NUL
+    huge = TaskEvent(event_id=new_id(), ts=now, seq=2**63, state="running", device_serial="S2", **base)
+    orphan = TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", node_id="n1", run_id=new_id(),
+                       device_serial="S9")
+    bad_json = [b"{not json", b'{"kind": "task"}',
+                b'{"kind": "teleport", "event_id": "e", "ts": "2026-01-01T00:00:00Z", "node_id": "n"}']
+    payloads = [*bad_json, msgspec.json.encode(nul), msgspec.json.encode(huge), msgspec.json.encode(orphan),
+                *(msgspec.json.encode(e) for e in good)]
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    await jetstream.ensure_streams(js)
+    await jetstream.ensure_aggregator_consumer(js)
+    for p in payloads:  # all in the stream before the aggregator starts: one batch
+        await js.publish(evt_subject("n1", "task"), p)
+    pool = await db.create_pool(database_url, max_size=2)
+    agg = Aggregator(pool, js, batch_size=100, fetch_timeout_s=0.2)
+    stop = asyncio.Event()
+    worker = asyncio.create_task(agg.run(stop))
+    try:
+        await poll(lambda: consumer_settled(js), what="batch settled")
+        rows = await conn.fetch("SELECT subject, raw, error, event_id FROM dead_letters ORDER BY stream_seq")
+        assert [bytes(r["raw"]) for r in rows] == payloads[:6]
+        assert all(r["subject"] == "doai.evt.n1.task" and r["error"] for r in rows)
+        assert "unknown run" in rows[5]["error"]
+        assert "refused by PostgreSQL" in rows[3]["error"] and "refused by PostgreSQL" in rows[4]["error"]
+        assert [r["event_id"] for r in rows[3:]] == [nul.event_id, huge.event_id, orphan.event_id]
+        assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S1'") == "succeeded"
+        assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S2'") == "queued"
+        assert await conn.fetchval("SELECT count(*) FROM step_results") == 0
+
+        # Terminated, not redelivered; and the consumer goes on folding what comes next.
+        beat = NodeHeartbeat(event_id=new_id(), ts=now, node_id="n1", slots=7, running=1, queued=0,
+                             vendor_connected=True, version="t")
+        await js.publish(evt_subject("n1", "node"), msgspec.json.encode(beat))
+        await poll(lambda: conn.fetchval("SELECT slots FROM nodes WHERE node_id = 'n1'"), what="heartbeat folded")
+        await poll(lambda: consumer_settled(js), what="settled again")
+        info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
+        assert info.num_redelivered == 0
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 6
+        assert agg.dead == 6 and agg.folded == 3
+    finally:
+        stop.set()
+        await worker
+        await pool.close()
+        await nc.close()
+        await conn.close()
+    logged = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {d["event_id"] for d in logged if d["event"] == "event dead-lettered" and d.get("event_id")} >= {
+        nul.event_id, huge.event_id, orphan.event_id}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DOAI_AGG_BATCH": "lots"}, "not a number"),
+    ({"DOAI_AGG_BATCH": "0"}, "DOAI_AGG_BATCH must be between 1 and 10000"),
+    ({"DOAI_AGG_ACK_WAIT_S": "0.1"}, "DOAI_AGG_ACK_WAIT_S must be between 1 and 3600"),
+    ({"DOAI_LIVENESS_WINDOW_S": "-5"}, "DOAI_LIVENESS_WINDOW_S must be > 0"),
+])
+def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
+    with pytest.raises(RuntimeError, match=message):
+        settings_from_env(env)
+
+
+def test_settings_from_env() -> None:
+    s = settings_from_env({"DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12", "DOAI_LIVENESS_WINDOW_S": "90"})
+    assert (s.batch_size, s.ack_wait_s, s.liveness_window_s) == (250, 12.0, 90.0)
