@@ -37,12 +37,18 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     return pool
 
 
-def migration_files() -> list[tuple[int, Path]]:
-    found = []
-    for path in sorted(MIGRATIONS.glob("*.sql")):
-        number = int(path.name.split("_", 1)[0])
-        found.append((number, path))
-    return found
+def migration_files(folder: Path = MIGRATIONS) -> list[tuple[int, Path]]:
+    """The `NNN_name.sql` files in order; a misnamed file or a number used twice is an error."""
+    found: dict[int, Path] = {}
+    for path in sorted(folder.glob("*.sql")):
+        head = path.name.split("_", 1)[0]
+        if not head.isdigit() or "_" not in path.name:
+            raise RuntimeError(f"migration {path.name}: the name must be NNN_description.sql")
+        number = int(head)
+        if number in found:
+            raise RuntimeError(f"migrations {found[number].name} and {path.name} share the number {number}")
+        found[number] = path
+    return sorted(found.items())
 
 
 async def migrate(pool: asyncpg.Pool) -> list[int]:
