@@ -84,8 +84,9 @@ class Truth:
 
 
 class FleetRecording:
-    def __init__(self, run_id: str, nodes: int = 3, devices: int = 8, seed: int = 1) -> None:
+    def __init__(self, run_id: str, nodes: int = 3, devices: int = 8, seed: int = 1, start: datetime = T0) -> None:
         self.run_id = run_id
+        self.start = start
         self.rng = random.Random(seed)
         self.nodes = [f"node-{i + 1}" for i in range(nodes)]
         self.devices = {n: [f"{n.upper()}-D{j:03d}" for j in range(devices)] for n in self.nodes}
@@ -161,10 +162,10 @@ class FleetRecording:
         streams: list[list[Event]] = []
         for node in self.nodes:
             for k, serial in enumerate(self.devices[node]):
-                streams.append(self._device(node, serial, T0 + timedelta(seconds=k % 4)))
+                streams.append(self._device(node, serial, self.start + timedelta(seconds=k % 4)))
             listed = self.devices[node]
             for tick in range(4):
-                at = T0 + timedelta(seconds=5 * tick)
+                at = self.start + timedelta(seconds=5 * tick)
                 shown = listed[:-1] if tick == 3 else listed  # the last device leaves in the newest inventory
                 streams.append([DeviceInventoryEvent(
                     event_id=self._id(), ts=at, node_id=node, vendor_available=True,
@@ -183,13 +184,14 @@ class FleetRecording:
                 live.remove(i)
 
 
-async def seed_run(conn: asyncpg.Connection, run_id: str, pairs: list[tuple[str, str]]) -> None:
+async def seed_run(conn: asyncpg.Connection, run_id: str, pairs: list[tuple[str, str]], created_at: datetime = T0,
+                   workflow_id: str = "device-smoke") -> None:
     """What the backend writes when it creates a run: the run and one `queued` task per device."""
-    await conn.execute("INSERT INTO workflows (workflow_id, version, recipe, digest) VALUES ('device-smoke', 1, '{}',"
-                       " 'd') ON CONFLICT DO NOTHING")
+    await conn.execute("INSERT INTO workflows (workflow_id, version, recipe, digest) VALUES ($1, 1, '{}',"
+                       " 'd') ON CONFLICT DO NOTHING", workflow_id)
     await conn.execute("INSERT INTO runs (run_id, workflow_id, workflow_version, params, step_timeouts_ms, status,"
-                       " created_at, dispatched_at) VALUES ($1, 'device-smoke', 1, '{}', '{}', 'dispatched', $2, $2)",
-                       uuid.UUID(run_id), T0 - timedelta(seconds=1))
+                       " created_at, dispatched_at) VALUES ($1, $3, 1, '{}', '{}', 'dispatched', $2, $2)",
+                       uuid.UUID(run_id), created_at - timedelta(seconds=1), workflow_id)
     await conn.executemany("INSERT INTO run_tasks (run_id, node_id, device_serial) VALUES ($1, $2, $3)",
                            [(uuid.UUID(run_id), n, s) for n, s in pairs])
 
