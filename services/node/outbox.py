@@ -2,8 +2,10 @@
 
 Each message carries `Nats-Msg-Id` = the event's `event_id`, so a row
 published again after a crash (acked but not yet deleted) is stored once.
-Publishes are pipelined in windows; a failure keeps the rows and retries with
-backoff, across NATS outages and agent restarts.
+Publishes are pipelined in windows (`publish_async`, acks awaited together
+with a timeout); a failure keeps the rows and retries with backoff, across
+NATS outages and agent restarts. Rows are read in journal order, so a retry
+re-sends the oldest first.
 """
 
 from __future__ import annotations
@@ -33,22 +35,40 @@ class Outbox:
         self._wake.set()
 
     async def publish_once(self) -> int:
-        """Publish one window of rows; return how many were acked (and removed)."""
+        """Publish one window of rows; return how many were acked (and removed).
+
+        The window is pipelined with `publish_async`: every message goes out at
+        once and the acks are awaited together, at most `publish_timeout_s`; a
+        message without an ack by then stays in the outbox (its future is
+        cancelled) and is published again with the same `Nats-Msg-Id`.
+        """
         rows = self._journal.outbox_batch(self._window)
         if not rows:
             return 0
-        results = await asyncio.gather(
-            *(self._js.publish(r.subject, r.payload, timeout=self._timeout,
-                               headers={"Nats-Msg-Id": r.event_id}) for r in rows),
-            return_exceptions=True,
-        )
-        acked = [r.id for r, res in zip(rows, results, strict=True) if not isinstance(res, BaseException)]
+        futures: list[asyncio.Future[object]] = []
+        error: BaseException | None = None
+        for r in rows:
+            try:
+                futures.append(await self._js.publish_async(r.subject, r.payload,
+                                                            headers={"Nats-Msg-Id": r.event_id}))
+            except Exception as exc:  # disconnected with a full buffer, stalled, closed: retry later
+                error = exc
+                break
+        if futures:
+            _, pending = await asyncio.wait(futures, timeout=self._timeout)
+            for f in pending:
+                f.cancel()
+        acked = []
+        for r, f in zip(rows, futures, strict=False):
+            if f.done() and not f.cancelled() and f.exception() is None:
+                acked.append(r.id)
+            elif error is None:
+                error = TimeoutError("no ack") if f.cancelled() else f.exception()
         self._journal.outbox_delete(acked)
         self.published += len(acked)
         failed = len(rows) - len(acked)
         if failed:
-            first = next(res for res in results if isinstance(res, BaseException))
-            raise RuntimeError(f"{failed} of {len(rows)} events not acked: {first!r}")
+            raise RuntimeError(f"{failed} of {len(rows)} events not acked: {error!r}")
         return len(acked)
 
     async def run(self, stop: asyncio.Event, max_backoff_s: float = 5.0) -> None:
