@@ -32,7 +32,7 @@ from services.backend.errors import (
     install_error_handlers,
     invalid,
 )
-from services.backend.openapi import components, route
+from services.backend.openapi import RECIPE_EXAMPLE, RUN_EXAMPLE, components, route
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
 
@@ -117,7 +117,8 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
 
     @app.post("/v1/workflows", dependencies=auth,
               **route((201, api.WorkflowPublished), 400, 401, 409, 413, 422, body=Recipe,
-                      body_text="A recipe (DSL v1); stored as the next version of its workflow_id"))
+                      body_text="A recipe (DSL v1); stored as the next version of its workflow_id",
+                      example=RECIPE_EXAMPLE))
     async def publish_workflow(request: Request) -> JSONResponse:
         doc = await body_of(request, Any)
         try:
@@ -156,7 +157,8 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
 
     @app.post("/v1/runs", dependencies=auth,
               **route((201, api.RunCreated), 400, 401, 404, 409, 413, 422, body=api.RunCreate,
-                      body_text="Workflow, params, targets (exactly one of devices / nodes / all_online)"))
+                      body_text="Workflow, params, targets (exactly one of devices / nodes / all_online)",
+                      example=RUN_EXAMPLE))
     async def create_run(
         request: Request,
         idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
@@ -224,6 +226,12 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
             schema = get_openapi(title=app.title, version=app.version, description=app.description,
                                  routes=app.routes)
             schema.setdefault("components", {}).setdefault("schemas", {}).update(components())
+            for operations in schema["paths"].values():  # FastAPI merges a "type: string" into our refs
+                for operation in operations.values():
+                    for response in operation.get("responses", {}).values():
+                        media = response.get("content", {}).get("application/json", {})
+                        if "$ref" in media.get("schema", {}):
+                            media["schema"] = {"$ref": media["schema"]["$ref"]}
             app.openapi_schema = schema
         return app.openapi_schema
 

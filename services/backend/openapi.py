@@ -35,6 +35,20 @@ def ref(kind: type[Any]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
 
+RUN_EXAMPLE = {
+    "workflow_id": "device-smoke",
+    "params": {"url": "https://example.org/", "youtubeVideoId": "dQw4w9WgXcQ"},
+    "targets": {"all_online": True},
+    "step_timeouts_ms": {"open": 20000},
+}
+RECIPE_EXAMPLE = {
+    "dsl": 1, "workflow_id": "hello", "title": "Open a page and take a screenshot",
+    "params": {"url": {"type": "string", "pattern": "^https?://.+$"}},
+    "steps": [{"id": "open", "action": "open_url", "url": "{{url}}"}, {"id": "shot", "action": "screenshot"},
+              {"id": "report", "action": "report"}],
+}
+
+
 def components() -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(COMPONENTS, ref_template="#/components/schemas/{name}")
     return schemas
@@ -45,7 +59,7 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def route(ok: tuple[int, type[Any]], *errors: int, body: type[Any] | None = None,
-          body_text: str = "") -> dict[str, Any]:
+          body_text: str = "", example: Any = None) -> dict[str, Any]:
     """Keyword arguments for a FastAPI route decorator: its responses, and its body if it has one."""
     status, kind = ok
     responses: dict[int | str, dict[str, Any]] = {status: {"description": "OK", "content": _json(ref(kind))}}
@@ -56,7 +70,8 @@ def route(ok: tuple[int, type[Any]], *errors: int, body: type[Any] | None = None
         responses[code] = entry
     kwargs: dict[str, Any] = {"responses": responses, "status_code": status}
     if body is not None:
-        kwargs["openapi_extra"] = {"requestBody": {
-            "required": True, "description": body_text, "content": _json(ref(body)),
-        }}
+        content = _json(ref(body))
+        if example is not None:
+            content["application/json"]["example"] = example
+        kwargs["openapi_extra"] = {"requestBody": {"required": True, "description": body_text, "content": content}}
     return kwargs
