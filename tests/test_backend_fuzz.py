@@ -39,6 +39,21 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 15}
 
 
+def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, headers: dict[str, str],
+                   seen: Counter[tuple[str, int]]) -> None:
+    label = f"{operation.label} [{mode}]"
+
+    @settings(max_examples=EXAMPLES[mode], derandomize=True, deadline=None, database=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def check(case: Any) -> None:
+        response = case.call(base_url=base_url, headers=headers, timeout=30)
+        seen[(label, response.status_code)] += 1
+        case.validate_response(response, checks=CHECKS, headers=headers)
+
+    check()
+
+
 def fuzz(spec: dict[str, Any], base_url: str) -> tuple[list[str], Counter[tuple[str, int]]]:
     """Run every operation in both modes; return (failures, responses by (operation, status))."""
     schema = schemathesis.openapi.from_dict(spec)
@@ -47,19 +62,9 @@ def fuzz(spec: dict[str, Any], base_url: str) -> tuple[list[str], Counter[tuple[
     seen: Counter[tuple[str, int]] = Counter()
     for result in schema.get_all_operations():
         operation = result.ok()
-        for mode, examples in EXAMPLES.items():
-            label = f"{operation.label} [{mode}]"
-
-            @settings(max_examples=examples, derandomize=True, deadline=None, database=None,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def check(case: Any, label: str = label) -> None:
-                response = case.call(base_url=base_url, headers=headers, timeout=30)
-                seen[(label, response.status_code)] += 1
-                case.validate_response(response, checks=CHECKS, headers=headers)
-
+        for mode in EXAMPLES:
             try:
-                check()
+                fuzz_operation(operation, mode, base_url, headers, seen)
             except Unsatisfiable:  # nothing to violate: an operation without parameters or body
                 assert mode == GenerationMode.NEGATIVE, operation.label
             except Exception as exc:  # collect every operation's failure, then report them all
