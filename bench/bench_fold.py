@@ -289,7 +289,7 @@ def main() -> int:
         try:
             run_id = str(uuid.uuid4())
             events, pairs = run_events(run_id, args.devices)
-            size = sum(len(msgspec.json.encode(e)) for e in events[:1000]) / 1000
+            size = sum(len(msgspec.json.encode(e)) for e in events) / len(events)
             pub_s = asyncio.run(publish_all(nats_server.url, events))
             out(f"{len(events)} events for {args.devices} devices ({size:.0f} B average), published in {pub_s:.1f} s\n")
             loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
