@@ -15,7 +15,7 @@ import pytest
 import pytest_asyncio
 
 from contracts import recipe as dsl
-from services.node.artifacts import ArtifactError, LocalArtifactStore, render_key
+from services.node.artifacts import ArtifactError, LocalArtifactStore, StoredArtifact, render_key
 from services.node.settings import DEFAULT_PATH_TEMPLATE
 from services.node.steps import StepContext, StepError, execute, shell_line
 from services.node.vendor_client import VendorClient, VendorFailure
@@ -453,3 +453,62 @@ async def test_local_store_keeps_both_files_of_one_second(tmp_path: Path) -> Non
         assert art.sha256 == hashlib.sha256(content).hexdigest()
         assert art.bytes == len(content)
     assert not list(local.root.rglob("*.part"))
+
+
+class ScriptedStore:
+    """A store whose first `put`s raise the given exceptions, then stores locally."""
+
+    name = "scripted"
+
+    def __init__(self, inner: LocalArtifactStore, errors: list[Exception]) -> None:
+        self.inner = inner
+        self.errors = errors
+        self.tries = 0
+
+    async def put(self, key: str, source: Path, content_type: str) -> StoredArtifact:
+        self.tries += 1
+        assert content_type == "image/png" and source.exists()
+        if self.errors:
+            raise self.errors.pop(0)
+        return await self.inner.put(key, source, content_type)
+
+
+async def test_upload_retries_store_errors_with_the_same_key(
+    vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    flaky = ScriptedStore(store, [ArtifactError("Supabase Storage unreachable"), OSError("connection reset")])
+    ctx = make_ctx(vendor, store, tmp_path)
+    ctx.store = flaky
+    await execute(step({"id": "shot", "action": "screenshot"}), ctx, TIMEOUT_S)
+    result = await execute(step({"id": "upload", "action": "upload"}), ctx, TIMEOUT_S)
+    assert flaky.tries == 3 and result.artifact is not None
+    assert (store.root / result.artifact.key).exists()
+
+
+async def test_upload_gives_up_before_its_timeout_and_keeps_the_spool_copy(
+    vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    down = ScriptedStore(store, [ConnectionError("down")] * 100)
+    ctx = make_ctx(vendor, store, tmp_path)
+    ctx.store = down
+    shot = await execute(step({"id": "shot", "action": "screenshot"}), ctx, TIMEOUT_S)
+    started = time.monotonic()
+    with pytest.raises(StepError) as info:
+        await execute(step({"id": "upload", "action": "upload"}), ctx, 2.0)
+    assert info.value.code == "upload_failed" and time.monotonic() - started < 2.0
+    assert down.tries >= 2 and "spool" in str(info.value)
+    assert Path(str(shot.output)).exists()
+
+
+async def test_upload_does_not_retry_an_error_marked_not_retryable(
+    vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    refused = ArtifactError("bucket does not exist")
+    refused.retryable = False  # type: ignore[attr-defined]
+    once = ScriptedStore(store, [refused])
+    ctx = make_ctx(vendor, store, tmp_path)
+    ctx.store = once
+    await execute(step({"id": "shot", "action": "screenshot"}), ctx, TIMEOUT_S)
+    with pytest.raises(StepError, match="bucket does not exist"):
+        await execute(step({"id": "upload", "action": "upload"}), ctx, TIMEOUT_S)
+    assert once.tries == 1

@@ -17,7 +17,7 @@ import msgspec
 import structlog
 
 from contracts import recipe as dsl
-from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact, render_key
+from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver
 
 log = structlog.get_logger(__name__)
@@ -122,8 +122,12 @@ UPLOAD_MARGIN_S = 0.5  # fail with the store's error just before the step's own 
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """A store error worth retrying: anything but an `ArtifactError`, unless it says `retryable = True`."""
-    return bool(getattr(exc, "retryable", not isinstance(exc, ArtifactError)))
+    """Whether a failed `put` is worth another try: yes, unless the exception says `retryable = False`.
+
+    Stores report unreachable servers and refusals alike as `ArtifactError`;
+    within the step's upload timeout, trying again is cheap and never wrong.
+    """
+    return bool(getattr(exc, "retryable", True))
 
 
 async def _upload(ctx: StepContext, source: str | None, timeout_s: float) -> StepResult:
