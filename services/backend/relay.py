@@ -63,7 +63,14 @@ class OutboxRelay:
         return len(rows)
 
     async def _mark_sent(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
-        """After every ack: stamp the rows sent and dispatch runs with nothing left unsent."""
+        """After every ack: stamp the rows sent and dispatch runs with nothing left unsent.
+
+        The runs are locked first (in key order, as the aggregator and cancel do): two relays that
+        sent different rows of one run would otherwise each see the other's rows unsent in their
+        snapshot, and the run would stay `pending` for ever.
+        """
+        run_ids = sorted({r["run_id"] for r in rows})
+        await conn.execute("SELECT 1 FROM runs WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE", run_ids)
         await conn.execute(
             "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
         )
@@ -71,7 +78,7 @@ class OutboxRelay:
             "UPDATE runs SET status = 'dispatched', dispatched_at = now()"
             " WHERE run_id = ANY($1::uuid[]) AND status = 'pending'"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.run_id AND o.sent_at IS NULL)",
-            list({r["run_id"] for r in rows}),
+            run_ids,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
