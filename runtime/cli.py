@@ -80,11 +80,17 @@ def cmd_node(args: argparse.Namespace) -> int:
     from services.node.agent import run_node
     from services.node.settings import NodeSettings
 
+    env = os.environ
     try:
         settings = NodeSettings(
             node_id=args.node_id, nats_url=_env_required("NATS_URL"), vendor_url=args.vendor_url,
             slots=args.slots, state_dir=Path(args.state_dir), artifact_dir=Path(args.artifact_dir),
-            path_template=args.path_template,
+            path_template=args.path_template, driver=args.driver, adb_host=args.adb_host, adb_port=args.adb_port,
+            store=args.store, supabase_url=env.get("SUPABASE_URL", ""),
+            supabase_key=env.get("SUPABASE_SERVICE_KEY", ""),
+            supabase_bucket=env.get("DOAI_SUPABASE_BUCKET", "artifacts"),
+            inventory_interval_s=args.inventory_interval, offline_grace_s=args.offline_grace,
+            max_attempts=args.max_attempts,
         )
     except ValueError as exc:
         raise SystemExit(f"doai node: {exc}") from None
@@ -203,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--path-template",
                       default=os.environ.get("DOAI_ARTIFACT_PATH_TEMPLATE",
                                              "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"))
+    node.add_argument("--driver", choices=["vendor", "adb"], default=os.environ.get("DOAI_DRIVER", "vendor"),
+                      help="device driver: the vendor program (default) or an adb server")
+    node.add_argument("--adb-host", default=os.environ.get("ANDROID_ADB_SERVER_HOST", "127.0.0.1"))
+    node.add_argument("--adb-port", type=int, default=int(os.environ.get("ANDROID_ADB_SERVER_PORT", "5037")))
+    node.add_argument("--store", choices=["local", "supabase"], default=os.environ.get("DOAI_ARTIFACT_STORE", "local"),
+                      help="artifact store; supabase reads SUPABASE_URL, SUPABASE_SERVICE_KEY, DOAI_SUPABASE_BUCKET")
+    node.add_argument("--inventory-interval", type=float, default=5.0, help="seconds between device polls")
+    node.add_argument("--offline-grace", type=float, default=300.0,
+                      help="seconds a device may stay offline before its queued jobs end skipped")
+    node.add_argument("--max-attempts", type=int, default=2, help="attempts of a job interrupted by a crash")
     node.set_defaults(func=cmd_node)
 
     sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")

@@ -96,6 +96,10 @@ class FakeAdbServer:
             return (" ".join(argv[1:]) + "\n").encode()
         if argv[:2] == ["getprop", "ro.product.model"]:
             return f"{phone.model}\n".encode()
+        if argv[:2] == ["getprop", "ro.build.version.release"]:
+            return b"14\n"
+        if argv[:2] == ["dumpsys", "battery"]:
+            return b"Current Battery Service state:\n  AC powered: false\n  level: 87\n  scale: 100\n"
         if argv[:1] == ["monkey"] and "missing.app" in argv:
             return b"** No activities found to run, monkey aborted.\n"
         return b""

@@ -8,14 +8,19 @@ them once at start-up and everything else sees only the `DeviceDriver` and
 
 from __future__ import annotations
 
+from services.node.adb_driver import AdbDriver
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.driver import DeviceDriver
 from services.node.settings import NodeSettings
+from services.node.supabase_store import SupabaseArtifactStore
 from services.node.vendor_client import VendorClient
 
 
 def build_driver(settings: NodeSettings) -> DeviceDriver:
-    """The vendor program's WebSocket API (default). Requests wait for the program with backoff."""
+    """The vendor program's WebSocket API (default; requests wait for it with backoff), or plain adb."""
+    if settings.driver == "adb":
+        return AdbDriver(settings.adb_host, settings.adb_port, max_concurrency=settings.slots,
+                         request_timeout_s=settings.vendor_request_timeout_s)
     return VendorClient(
         settings.vendor_url,
         pool_size=settings.vendor_pool_size or settings.slots,
@@ -27,5 +32,7 @@ def build_driver(settings: NodeSettings) -> DeviceDriver:
 
 
 def build_store(settings: NodeSettings) -> ArtifactStore:
-    """The local filesystem store under `artifact_dir` (the embedded default)."""
+    """The local filesystem store under `artifact_dir` (the embedded default), or Supabase Storage."""
+    if settings.store == "supabase":
+        return SupabaseArtifactStore(settings.supabase_url, settings.supabase_key, settings.supabase_bucket)
     return LocalArtifactStore(settings.artifact_dir)

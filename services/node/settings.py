@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.ids import is_node_id
@@ -34,6 +34,15 @@ class NodeSettings:
     # Vendor reconnect backoff: a request that cannot connect retries from base doubling to max, within its timeout.
     vendor_backoff_base_s: float = 1.0
     vendor_backoff_max_s: float = 30.0
+    # Which device driver: "vendor" (the WebSocket program) or "adb" (an adb server at adb_host:adb_port).
+    driver: str = "vendor"
+    adb_host: str = "127.0.0.1"
+    adb_port: int = 5037
+    # Which artifact store: "local" (artifact_dir) or "supabase" (Supabase Storage through the official client).
+    store: str = "local"
+    supabase_url: str = ""
+    supabase_key: str = field(default="", repr=False)  # a secret: never logged or shown
+    supabase_bucket: str = "artifacts"
 
     def __post_init__(self) -> None:
         if not is_node_id(self.node_id):
@@ -44,6 +53,12 @@ class NodeSettings:
             raise ValueError(f"slots must be between 1 and 1000, got {self.slots}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.driver not in ("vendor", "adb"):
+            raise ValueError(f"driver must be 'vendor' or 'adb', got {self.driver!r}")
+        if self.store not in ("local", "supabase"):
+            raise ValueError(f"artifact store must be 'local' or 'supabase', got {self.store!r}")
+        if self.store == "supabase" and not (self.supabase_url and self.supabase_key and self.supabase_bucket):
+            raise ValueError("the supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and DOAI_SUPABASE_BUCKET")
         if self.offline_grace_s < 0:
             raise ValueError(f"offline_grace_s must not be negative, got {self.offline_grace_s}")
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ class SupabaseArtifactStore:
         async with self._lock:
             if self._client is None:
                 try:
-                    self._client = await acreate_client(self.url, self._key)
+                    with warnings.catch_warnings():  # supabase-py warns about its own storage-client arguments
+                        warnings.simplefilter("ignore", DeprecationWarning)
+                        self._client = await acreate_client(self.url, self._key)
                 except Exception as exc:  # the client validates URL and key shape
                     raise ArtifactError(f"cannot create the Supabase client for {self.url}: {exc}") from None
         return self._client.storage.from_(self.bucket)
