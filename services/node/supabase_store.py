@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import warnings
 from pathlib import Path
 from typing import Any
 
 import httpx
 import structlog
 from storage3.exceptions import StorageApiError
-from supabase import AsyncClient, acreate_client
+from supabase import AsyncClient, AsyncClientOptions, acreate_client
 
 from services.node.artifacts import ArtifactError, StoredArtifact
 
@@ -34,13 +33,15 @@ log = structlog.get_logger(__name__)
 class SupabaseArtifactStore:
     name = "supabase"
 
-    def __init__(self, url: str, key: str, bucket: str, *, signed_url_ttl_s: int = 3600) -> None:
+    def __init__(self, url: str, key: str, bucket: str, *, signed_url_ttl_s: int = 3600,
+                 request_timeout_s: float = 20.0) -> None:
         if not url or not key or not bucket:
             raise ValueError("the Supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and a bucket")
         self.url = url.rstrip("/")
         self._key = key
         self.bucket = bucket
         self.signed_url_ttl_s = signed_url_ttl_s
+        self.request_timeout_s = request_timeout_s
         self._client: AsyncClient | None = None
         self._lock = asyncio.Lock()
 
@@ -48,9 +49,10 @@ class SupabaseArtifactStore:
         async with self._lock:
             if self._client is None:
                 try:
-                    with warnings.catch_warnings():  # supabase-py warns about its own storage-client arguments
-                        warnings.simplefilter("ignore", DeprecationWarning)
-                        self._client = await acreate_client(self.url, self._key)
+                    # Our own HTTP client (with the request timeout) instead of supabase-py's deprecated
+                    # per-service timeout arguments.
+                    options = AsyncClientOptions(httpx_client=httpx.AsyncClient(timeout=self.request_timeout_s))
+                    self._client = await acreate_client(self.url, self._key, options)
                 except Exception as exc:  # the client validates URL and key shape
                     raise ArtifactError(f"cannot create the Supabase client for {self.url}: {exc}") from None
         return self._client.storage.from_(self.bucket)
