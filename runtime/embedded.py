@@ -123,7 +123,7 @@ class EmbeddedPostgres:
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
-            self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")
+            self._server = pgserver.get_server(self.data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
         except Exception as exc:  # pgserver raises plain subprocess/assert errors
             log_file = self.data_dir / "log"
             tail = log_file.read_text(errors="replace")[-2000:] if log_file.exists() else ""

@@ -57,7 +57,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
 
     def render(logger: WrappedLogger, name: str, event: EventDict) -> str:
         if log_file:
-            _file_sink(log_file).write(file_renderer(logger, name, dict(event)) + "\n")
+            line = file_renderer(logger, name, dict(event))
+            _file_sink(log_file).write((line.decode() if isinstance(line, bytes) else line) + "\n")
         if fmt != "json":
             event = _context_prefix(logger, name, event)
         rendered: str = console_renderer(logger, name, event)

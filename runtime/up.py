@@ -26,6 +26,7 @@ from typing import Any
 import httpx
 import structlog
 
+from runtime.aio import Stopped, unless_stopped
 from runtime.embedded import free_port
 from runtime.infra import Infra, infrastructure
 from services.aggregator.main import run_aggregator
@@ -216,9 +217,8 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                 inventory_interval_s=opts.inventory_interval_s,
             )
             spawn(run_node(node, stop), f"node-{i}")
-        stopper = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({api_ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
+        with contextlib.suppress(Stopped):
+            await unless_stopped(asyncio.shield(api_ready), stop)
         api_url = api_ready.result() if api_ready.done() else ""
         system = System(api_url, token, sims, stop, tasks, artifact_dir, started_at)
         if not api_ready.done():

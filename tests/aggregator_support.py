@@ -14,12 +14,10 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import msgspec
@@ -41,29 +39,6 @@ from runtime import db
 STEPS = [("model", "adb_shell"), ("android", "adb_shell"), ("battery", "adb_shell"), ("home", "keyevent"),
          ("open", "open_url"), ("shot", "screenshot"), ("upload", "upload"), ("report", "report")]
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
-
-
-def with_database(uri: str, name: str) -> str:
-    return urlunsplit(urlsplit(uri)._replace(path=f"/{name}"))
-
-
-@asynccontextmanager
-async def fresh_database(pg_server: str) -> AsyncIterator[str]:
-    """Another empty database on the session's server (for tests that need two)."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        yield with_database(pg_server, name)
-    finally:
-        admin = await asyncpg.connect(pg_server)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
 
 
 async def migrate(url: str) -> None:

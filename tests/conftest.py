@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -44,26 +44,34 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory, log_file: Path) -> Itera
     pg.stop()
 
 
-def _with_database(uri: str, name: str) -> str:
-    parts = urlsplit(uri)
-    return urlunsplit(parts._replace(path=f"/{name}"))
+def with_database(uri: str, name: str) -> str:
+    return urlunsplit(urlsplit(uri)._replace(path=f"/{name}"))
 
 
-@pytest.fixture
-async def database_url(pg_server: str) -> AsyncIterator[str]:
-    """A new, empty database for this test."""
+@asynccontextmanager
+async def fresh_database(pg_server: str) -> AsyncIterator[str]:
+    """A new, empty database on the session's server, dropped afterwards."""
     name = f"t_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(pg_server)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    yield _with_database(pg_server, name)
-    admin = await asyncpg.connect(pg_server)
     try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield with_database(pg_server, name)
     finally:
-        await admin.close()
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database_url(pg_server: str) -> AsyncIterator[str]:
+    """A new, empty database for this test."""
+    async with fresh_database(pg_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_aggregator(nats_url: str, database_url: str, log_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "DOAI_AGG_BATCH": "20",
+    env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "DOAI_AGG_BATCH": "5",
            "DOAI_AGG_ACK_WAIT_S": "3",
            "DOAI_LOG_FORMAT": "json"}
     with log_path.open("ab") as out:
@@ -42,7 +42,7 @@ def start_aggregator(nats_url: str, database_url: str, log_path: Path) -> subpro
 async def test_aggregator_killed_ten_times_mid_batch_loses_and_corrupts_nothing(
     nats_server: EmbeddedNats, database_url: str, tmp_path: Path
 ) -> None:
-    rec = FleetRecording(str(uuid.uuid4()), nodes=3, devices=30, seed=3)
+    rec = FleetRecording(str(uuid.uuid4()), nodes=3, devices=60, seed=3)
     await migrate(database_url)
     conn = await asyncpg.connect(database_url)
     nc = await nats.connect(nats_server.url)

@@ -17,13 +17,13 @@ from tests.aggregator_support import (
     FleetRecording,
     check_truth,
     consumer_settled,
-    fresh_database,
     migrate,
     poll,
     publish,
     seed_run,
     snapshot,
 )
+from tests.conftest import fresh_database
 
 
 async def fold_through_stream(nats_url: str, database_url: str, rec: FleetRecording, events: list,

@@ -11,6 +11,7 @@ re-sends the oldest first.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import structlog
 from nats.js import JetStreamContext
@@ -45,7 +46,7 @@ class Outbox:
         rows = self._journal.outbox_batch(self._window)
         if not rows:
             return 0
-        futures: list[asyncio.Future[object]] = []
+        futures: list[asyncio.Future[Any]] = []
         error: BaseException | None = None
         for r in rows:
             try:
