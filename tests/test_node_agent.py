@@ -35,6 +35,7 @@ from tests.node_support import (
     send,
     until,
 )
+from tests.test_e2e import max_overlap
 
 NODE = "node-T1"
 
@@ -273,15 +274,6 @@ async def test_commands_still_arrive_after_a_nats_server_restart(nats_server: Em
             await nc.close()
         assert agent.scheduler.queued == 0
     assert f.counts(b.run_id) == {"succeeded": 2}
-
-
-def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
-    points = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans], key=lambda p: (p[0], p[1]))
-    now = peak = 0
-    for _, delta in points:
-        now += delta
-        peak = max(peak, now)
-    return peak
 
 
 async def test_100_devices_20_slots_keeps_the_lock_and_the_slots_and_fills_them(
