@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast, RunCancel
+from contracts.events import TERMINAL_TASK_STATES
 from runtime import jetstream
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
@@ -33,6 +35,7 @@ class NodeAgent:
         self.scheduler = Scheduler(settings.slots)
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
+        self._stopping = False
         self.executor = Executor(
             node_id=settings.node_id, journal=journal, driver=driver,
             store=store or LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
@@ -63,9 +66,13 @@ class NodeAgent:
 
     def dispatch(self) -> None:
         """Fill every free slot now (called whenever work arrives or a slot frees)."""
+        if self._stopping:
+            return
         for job in self.scheduler.start_all():
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.run_id}-{job.serial}")
             self.tasks[job.serial] = task
+            # A done-callback, not a `finally`: it also runs for a task cancelled before it started.
+            task.add_done_callback(functools.partial(self._job_done, job))
 
     async def _run_job(self, job: Job) -> str:
         try:
@@ -77,11 +84,19 @@ class NodeAgent:
                 log.exception("Task crashed")
                 self.executor.task_event(job, "failed", error=f"internal_error: {exc!r}")
             return "failed"
-        finally:
-            self.tasks.pop(job.serial, None)
+
+    def _job_done(self, job: Job, task: asyncio.Task[str]) -> None:
+        """Give the device and the slot back, then fill the free slots."""
+        if self.tasks.get(job.serial) is task:
+            del self.tasks[job.serial]
+        if self.scheduler.running.get(job.serial) is job:
             self.scheduler.finish(job.serial)
-            if not asyncio.current_task().cancelling():  # type: ignore[union-attr]
-                self.dispatch()
+        if task.cancelled() and job.cancel_requested and job.state not in TERMINAL_TASK_STATES:
+            # Cancelled before the executor could record it (e.g. before its first step).
+            with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
+                self.executor.task_event(job, "cancelled", error="run cancelled")
+                log.info("Task cancelled")
+        self.dispatch()
 
     def on_broadcast(self, broadcast: RunBroadcast) -> None:
         jobs = self.journal.add_broadcast(broadcast)
@@ -160,6 +175,7 @@ class NodeAgent:
             background.append(asyncio.create_task(commands.run(stop), name="commands"))
             log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
             await stop.wait()
+            self._stopping = True  # no new job starts while the running ones are cancelled
             for task in [*self.tasks.values(), *background]:
                 task.cancel()
             for task in [*self.tasks.values(), *background]:
