@@ -10,10 +10,11 @@ ignore anything older than what it already applied.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 
+from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN
 from contracts.subjects import EventKind
 
 TaskState = Literal[
@@ -25,16 +26,27 @@ TERMINAL_TASK_STATES: frozenset[str] = frozenset(
 StepState = Literal["started", "ok", "failed", "timed_out", "skipped"]
 
 
+# Bounds on what ends up in indexed columns: a malformed event fails to decode
+# (and is dead-lettered) instead of failing the fold's transaction.
+EventId = Annotated[str, Meta(min_length=1, max_length=128)]
+NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
+RunId = Annotated[str, Meta(min_length=1, max_length=64)]
+Serial = Annotated[str, Meta(pattern=SERIAL_PATTERN)]
+StepId = Annotated[str, Meta(min_length=1, max_length=64)]
+Seq = Annotated[int, Meta(ge=0, le=2**62)]
+Timestamp = Annotated[datetime, Meta(tz=True)]  # always with its UTC offset
+
+
 class EventBase(Struct, tag_field="kind", kw_only=True):
-    event_id: str
-    ts: datetime
-    node_id: str
+    event_id: EventId
+    ts: Timestamp
+    node_id: NodeId
 
 
 class TaskEvent(EventBase, tag="task"):
-    run_id: str
-    device_serial: str
-    seq: int
+    run_id: RunId
+    device_serial: Serial
+    seq: Seq
     state: TaskState
     attempt: int = 1
     error: str | None = None
@@ -42,10 +54,10 @@ class TaskEvent(EventBase, tag="task"):
 
 
 class StepEvent(EventBase, tag="step"):
-    run_id: str
-    device_serial: str
-    seq: int
-    step_id: str
+    run_id: RunId
+    device_serial: Serial
+    seq: Seq
+    step_id: StepId
     index: int
     action: str
     state: StepState
@@ -54,20 +66,20 @@ class StepEvent(EventBase, tag="step"):
 
 
 class ArtifactEvent(EventBase, tag="artifact"):
-    run_id: str
-    device_serial: str
-    seq: int
-    step_id: str
+    run_id: RunId
+    device_serial: Serial
+    seq: Seq
+    step_id: StepId
     store: str  # "local" or "supabase"
-    key: str  # the path under the store, per the path convention
-    uri: str
+    key: Annotated[str, Meta(min_length=1, max_length=1024)]  # the path under the store, per the path convention
+    uri: Annotated[str, Meta(max_length=4096)]
     bytes: int
     sha256: str
     content_type: str = "image/png"
 
 
 class DeviceInfo(Struct, kw_only=True):
-    serial: str
+    serial: Serial
     status: str
     model: str = ""
     name: str = ""

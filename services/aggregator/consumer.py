@@ -58,12 +58,27 @@ def decode_batch(msgs: list[Msg]) -> tuple[Batch, list[Msg]]:
     return batch, poison
 
 
+# SQLSTATE classes that say "try again later": connection (08), rollback / deadlock (40),
+# insufficient resources (53), operator intervention such as a shutdown (57), system error (58).
+_TRANSIENT_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57", "58"})
+
+
 def is_data_error(exc: BaseException) -> bool:
-    """PostgreSQL (or asyncpg's encoder) refuses the values themselves: retrying cannot help."""
+    """Whether the batch's values themselves are at fault, so retrying the same batch cannot help.
+
+    Everything that is not a sign of PostgreSQL being unreachable or busy counts:
+    refused values (22, 23), limits such as an index row too large (54), and
+    errors raised while preparing the rows (TypeError, ValueError, ...). Such a
+    batch is folded event by event and only the offending events are dead-lettered.
+    """
     if isinstance(exc, asyncpg.PostgresError):
         state = getattr(exc, "sqlstate", None) or ""
-        return state[:2] in ("22", "23")
-    return isinstance(exc, asyncpg_base.DataError | OverflowError)
+        return state[:2] not in _TRANSIENT_SQLSTATE_CLASSES
+    if isinstance(exc, asyncpg_base.DataError):  # asyncpg could not encode a value (an InterfaceError too)
+        return True
+    if isinstance(exc, asyncpg.InterfaceError | OSError | TimeoutError | asyncio.CancelledError):
+        return False
+    return isinstance(exc, ArithmeticError | TypeError | ValueError | LookupError)
 
 
 class Aggregator:
