@@ -54,6 +54,7 @@ class Outbox:
                                                             headers={"Nats-Msg-Id": r.event_id}))
             except Exception as exc:  # disconnected with a full buffer, stalled, closed: retry later
                 error = exc
+                self._release_orphans(futures)
                 break
         if futures:
             _, pending = await asyncio.wait(futures, timeout=self._timeout)
@@ -71,6 +72,22 @@ class Outbox:
         if failed:
             raise RuntimeError(f"{failed} of {len(rows)} events not acked: {error!r}")
         return len(acked)
+
+    def _release_orphans(self, ours: list[asyncio.Future[Any]]) -> None:
+        """Cancel the ack future nats-py registered for a publish that then raised.
+
+        nats-py 2.16's `publish_async` takes a permit (4,000 in all) and registers a
+        future before it writes; when the write raises (e.g. the reconnect buffer is
+        full during an outage) that future is never returned nor completed, so its
+        permit would be lost for good and publishing would hang once all are gone.
+        Cancelling it runs nats-py's own done-callback, which gives the permit back.
+        Only this outbox publishes asynchronously on this context.
+        """
+        registered: dict[str, asyncio.Future[Any]] = getattr(self._js, "_publish_async_futures", {})
+        mine = {id(f) for f in ours}
+        for future in list(registered.values()):
+            if id(future) not in mine and not future.done():
+                future.cancel()
 
     async def run(self, stop: asyncio.Event, max_backoff_s: float = 5.0) -> None:
         # A short backoff cap: after a NATS outage the outbox empties within seconds of the reconnect.
