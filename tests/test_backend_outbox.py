@@ -168,8 +168,12 @@ async def test_two_relays_at_once_publish_every_command_once_and_in_order(
     made = [(await runs.create_run(backend_db, body)).response.run_id for _ in range(30)]
     for run_id in made[::3]:  # a third are cancelled before anything was relayed
         await runs.cancel_run(backend_db, run_id)
-    expected = {r["msg_id"] for r in await backend_db.fetch("SELECT msg_id FROM outbox")}
-    assert len(expected) == 30 * 3 + 10 * 3
+    rows = {r["msg_id"] for r in await backend_db.fetch("SELECT msg_id FROM outbox")}
+    assert len(rows) == 30 * 3 + 10 * 3
+    # Broadcasts of runs cancelled before they left are withdrawn: only their RunCancel goes out.
+    withdrawn = {m for m in rows if m.startswith("run-") and any(run_id in m for run_id in made[::3])}
+    assert len(withdrawn) == 10 * 3
+    expected = rows - withdrawn
 
     pools = [await db.create_pool(database_url) for _ in range(2)]
     conns = [await _jetstream(nats_server.url) for _ in range(2)]
@@ -192,7 +196,7 @@ async def test_two_relays_at_once_publish_every_command_once_and_in_order(
     messages = await stream_messages(nats_server.url)
     ids = Counter(msg_id for _, _, msg_id in messages)
     assert set(ids) == expected and set(ids.values()) == {1}
-    # Per (run, node): the broadcast is stored before the cancel.
+    # Per (run, node): the broadcast is stored before the cancel, and a cancelled run was never broadcast.
     order: dict[tuple[str, str], list[str]] = {}
     for subject, data, _ in messages:
         command = msgspec.json.decode(data, type=Command)
@@ -200,6 +204,6 @@ async def test_two_relays_at_once_publish_every_command_once_and_in_order(
         order.setdefault((command.run_id, command.node_id), []).append(type(command).__name__)
     assert len(order) == 30 * 3
     for (run_id, _), kinds in order.items():
-        assert kinds == (["RunBroadcast", "RunCancel"] if run_id in made[::3] else ["RunBroadcast"]), kinds
+        assert kinds == (["RunCancel"] if run_id in made[::3] else ["RunBroadcast"]), kinds
     statuses = Counter(r["status"] for r in await backend_db.fetch("SELECT status FROM runs"))
     assert statuses == {"dispatched": 20, "cancelled": 10}

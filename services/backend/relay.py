@@ -19,15 +19,18 @@ import structlog
 from nats.js import JetStreamContext
 
 from runtime.aio import drain_forever
+from services.backend.runs import broadcast_msg_id
 
 log = structlog.get_logger(__name__)
 
 _CLAIM = """
-SELECT id, run_id, node_id, subject, msg_id, payload FROM outbox o
-WHERE sent_at IS NULL
+SELECT o.id, o.run_id, o.node_id, o.subject, o.msg_id, o.payload,
+       r.status AS run_status
+FROM outbox o JOIN runs r ON r.run_id = o.run_id
+WHERE o.sent_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM outbox e WHERE e.run_id = o.run_id AND e.node_id = o.node_id
                   AND e.id < o.id AND e.sent_at IS NULL)
-ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED
+ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED
 """
 
 
@@ -51,15 +54,24 @@ class OutboxRelay:
             rows = await conn.fetch(_CLAIM, self._batch)
             if not rows:
                 return 0
+            # A broadcast of a run cancelled before it left is withdrawn: no node starts work the
+            # operator already cancelled (its RunCancel still goes out, harmlessly).
+            withdrawn = {r["id"] for r in rows if r["run_status"] == "cancelled"
+                         and r["msg_id"] == broadcast_msg_id(str(r["run_id"]), r["node_id"])}
+            sending = [r for r in rows if r["id"] not in withdrawn]
             acks = await asyncio.gather(*(
                 self._js.publish(r["subject"], r["payload"], headers={"Nats-Msg-Id": r["msg_id"]})
-                for r in rows
+                for r in sending
             ))
             await self._mark_sent(conn, rows)
-        self.published += len(rows)
-        for r, ack in zip(rows, acks, strict=True):
+        self.published += len(sending)
+        for r, ack in zip(sending, acks, strict=True):
             log.info("command published", run_id=str(r["run_id"]), node_id=r["node_id"], msg_id=r["msg_id"],
                      stream_seq=ack.seq, duplicate=bool(ack.duplicate))
+        for r in rows:
+            if r["id"] in withdrawn:
+                log.info("broadcast withdrawn: run cancelled before it was sent", run_id=str(r["run_id"]),
+                         node_id=r["node_id"])
         return len(rows)
 
     async def _mark_sent(self, conn: asyncpg.Connection, rows: Sequence[asyncpg.Record]) -> None:
