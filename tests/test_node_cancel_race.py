@@ -60,3 +60,20 @@ async def test_cancel_of_a_job_dispatched_this_turn_frees_its_slot_and_device(tm
             "SELECT state FROM jobs WHERE run_id = ?", (second.run_id,)).fetchone() == ("succeeded",))
         assert not agent.scheduler.running and not agent.tasks
         journal.close()
+
+
+async def test_a_cancel_that_arrives_before_its_broadcast_wins(tmp_path: Path) -> None:
+    """If a RunCancel is handled before its broadcast (say the broadcast is redelivered later), no job runs."""
+    async with Simulator(SimulatorConfig(devices=1, seed=1)) as sim, VendorClient(sim.url, pool_size=1) as vendor:
+        [serial] = list(sim.devices)
+        settings = NodeSettings(node_id="n1", nats_url="nats://127.0.0.1:1", slots=1, state_dir=tmp_path / "s",
+                                artifact_dir=tmp_path / "a")
+        journal = Journal(settings.journal_path)
+        agent = NodeAgent(settings, journal, vendor)
+        late = broadcast("n1", recipe([{"id": "sh", "action": "adb_shell", "command": ["echo", "hi"]}]), [serial])
+        agent.on_cancel(RunCancel(run_id=late.run_id, node_id="n1"))
+        agent.on_broadcast(late)
+        assert journal.is_cancelled(late.run_id)
+        assert journal._db.execute("SELECT count(*) FROM jobs").fetchone() == (0,)
+        assert not agent.scheduler.running and not agent.tasks and sim.action_counts["adb_shell"] == 0
+        journal.close()

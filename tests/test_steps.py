@@ -225,6 +225,19 @@ async def test_launch_and_stop_app(
     assert ("startapk", SERIAL) in sim.calls and ("stopapk", SERIAL) in sim.calls
 
 
+@pytest.mark.parametrize("pkg", ["com.x; reboot", "com.x,com.y", "notapackage", "com.x\nrm", "../x", ""])
+async def test_app_steps_refuse_what_is_not_a_package_name(
+    sim: Simulator, vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path, pkg: str
+) -> None:
+    ctx = make_ctx(vendor, store, tmp_path, params={"pkg": pkg})
+    before = len(sim.calls)
+    for action in ("launch_app", "stop_app"):
+        with pytest.raises(StepError) as info:
+            await execute(step({"id": "app", "action": action, "package": "{{pkg}}"}), ctx, TIMEOUT_S)
+        assert info.value.code == "invalid_package"
+    assert len(sim.calls) == before  # nothing reached the vendor program
+
+
 async def test_vendor_failures_fail_the_step(
     sim: Simulator, vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
 ) -> None:
@@ -399,7 +412,8 @@ def test_render_key_default_template() -> None:
     assert key == f"{VIDEO_ID}/{NODE_ID}/192.168.1.5:5555/{RUN_ID}/1739012345.png"
 
 
-@pytest.mark.parametrize("bad", ["..", "../etc", "a/b", "/abs", "a/../b", "..\\x", "a\\b", "", "."])
+@pytest.mark.parametrize("bad", ["..", "../etc", "a/b", "/abs", "a/../b", "..\\x", "a\\b", "", ".", "vid%2Fx",
+                                 "a\nb"])
 def test_render_key_refuses_unsafe_values(bad: str) -> None:
     with pytest.raises(ArtifactError):
         render_key(DEFAULT_PATH_TEMPLATE, {**BASE_VALUES, "youtubeVideoId": bad})

@@ -29,10 +29,14 @@ class StoredArtifact:
 
 
 def render_key(template: str, values: dict[str, str]) -> str:
-    """Render the path template; every segment must be a plain name (no '..', no '/')."""
+    """Render the path template; every segment must be a plain name (no '..', no '/', no '%').
+
+    '%' is refused too: a store that percent-decodes keys (Supabase Storage's client
+    does) would otherwise turn `%2F` into extra folders.
+    """
     fields: dict[str, str] = {}
     for name, value in values.items():
-        if "/" in value or "\\" in value or value in ("", ".", ".."):
+        if any(c in value for c in "/\\%") or value in ("", ".", "..") or not value.isprintable():
             fields[name] = "\0"  # caught below if the template uses it
         else:
             fields[name] = value
@@ -41,7 +45,7 @@ def render_key(template: str, values: dict[str, str]) -> str:
     except KeyError as exc:
         raise ArtifactError(f"artifact path template needs the run param {exc.args[0]!r}") from None
     if "\0" in key or key.startswith("/"):
-        raise ArtifactError("artifact path would contain an empty, '..' or '/'-bearing segment")
+        raise ArtifactError("artifact path would contain an empty or '..' segment, or a '/', '\\' or '%'")
     return key
 
 

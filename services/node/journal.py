@@ -115,8 +115,17 @@ class Journal:
         return cached
 
     def mark_cancelled(self, run_id: str) -> bool:
+        """Remember that `run_id` is cancelled; return whether its broadcast was known.
+
+        A cancel for a run not seen yet leaves an empty, cancelled placeholder, so
+        the broadcast, should it be delivered later, adds no job.
+        """
         cur = self._db.execute("UPDATE broadcasts SET cancelled = 1 WHERE run_id = ?", (run_id,))
-        return cur.rowcount > 0
+        if cur.rowcount:
+            return True
+        self._db.execute("INSERT OR IGNORE INTO broadcasts (run_id, payload, cancelled) VALUES (?, x'', 1)",
+                         (run_id,))
+        return False
 
     def is_cancelled(self, run_id: str) -> bool:
         row = self._db.execute("SELECT cancelled FROM broadcasts WHERE run_id = ?", (run_id,)).fetchone()

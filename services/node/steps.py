@@ -58,6 +58,16 @@ class StepResult:
     artifact: StoredArtifact | None = None
 
 
+_PACKAGE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)+$")
+
+
+def _package(name: str) -> str:
+    """An Android package name, checked: the vendor program receives it as is, unquoted."""
+    if not _PACKAGE.match(name):
+        raise StepError("invalid_package", f"{name!r} is not an Android package name")
+    return name
+
+
 def shell_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -75,10 +85,10 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             argv = ["am", "start", "-a", "android.intent.action.VIEW", "-d", ctx.render(url)]
             return StepResult(await _shell(ctx, argv, timeout_s))
         case dsl.LaunchApp(package=package):
-            await ctx.driver.start_apk(ctx.serial, ctx.render(package))
+            await ctx.driver.start_apk(ctx.serial, _package(ctx.render(package)))
             return StepResult()
         case dsl.StopApp(package=package):
-            await ctx.driver.stop_apk(ctx.serial, ctx.render(package))
+            await ctx.driver.stop_apk(ctx.serial, _package(ctx.render(package)))
             return StepResult()
         case dsl.KeyEvent(key=key):
             name = ctx.render(key)
