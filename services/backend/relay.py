@@ -86,9 +86,12 @@ class OutboxRelay:
         await conn.execute(
             "UPDATE outbox SET sent_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
         )
+        # `dispatched_at` is stamped even when the aggregator already moved the run on (a node's
+        # first event can be folded before this commit); only `pending` becomes `dispatched`.
         await conn.execute(
-            "UPDATE runs SET status = 'dispatched', dispatched_at = now()"
-            " WHERE run_id = ANY($1::uuid[]) AND status = 'pending'"
+            "UPDATE runs SET dispatched_at = now(),"
+            " status = CASE WHEN status = 'pending' THEN 'dispatched' ELSE status END"
+            " WHERE run_id = ANY($1::uuid[]) AND dispatched_at IS NULL"
             " AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.run_id = runs.run_id AND o.sent_at IS NULL)",
             run_ids,
         )
