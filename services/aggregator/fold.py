@@ -26,10 +26,10 @@ derived after every other fold of that run has committed.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -228,40 +228,43 @@ def _later(a: datetime | None, b: datetime | None) -> datetime | None:
     return max(a, b)
 
 
-def _reduce_tasks(events: list[TaskEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
-    best: dict[tuple[str, str, str], TaskEvent] = {}
-    started: dict[tuple[str, str, str], datetime | None] = {}
-    finished: dict[tuple[str, str, str], datetime | None] = {}
+E = TypeVar("E", TaskEvent, StepEvent)
+
+
+def _reduce(events: list[E], key: Callable[[E], tuple[str, ...]], terminal_states: Collection[str],
+            start_state: str) -> dict[tuple[str, ...], tuple[E, datetime | None, datetime | None]]:
+    """Per key: the event of highest `(terminal, seq, event_id)`, and the latest start and end times seen."""
+    out: dict[tuple[str, ...], tuple[E, datetime | None, datetime | None]] = {}
     for e in events:
-        key = (e.run_id, e.node_id, e.device_serial)
-        terminal = e.state in TERMINAL_TASK_STATES
-        cur = best.get(key)
-        if cur is None or (terminal, e.seq, e.event_id) > (cur.state in TERMINAL_TASK_STATES, cur.seq, cur.event_id):
-            best[key] = e
-        started[key] = _later(started.get(key), e.ts if e.state == "running" else None)
-        finished[key] = _later(finished.get(key), e.ts if terminal else None)
+        k = key(e)
+        terminal = e.state in terminal_states
+        cur = out.get(k)
+        if cur is None:
+            best, started, finished = e, None, None
+        else:
+            best, started, finished = cur
+            if (terminal, e.seq, e.event_id) > (best.state in terminal_states, best.seq, best.event_id):
+                best = e
+        started = _later(started, e.ts if e.state == start_state else None)
+        finished = _later(finished, e.ts if terminal else None)
+        out[k] = (best, started, finished)
+    return out
+
+
+def _reduce_tasks(events: list[TaskEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
+    reduced = _reduce(events, lambda e: (e.run_id, e.node_id, e.device_serial), TERMINAL_TASK_STATES, "running")
     return [
-        (run_ids[k[0]], k[1], k[2], e.state, e.attempt, e.seq, started[k], finished[k], e.error, e.failed_step)
-        for k, e in best.items()
+        (run_ids[k[0]], k[1], k[2], e.state, e.attempt, e.seq, started, finished, e.error, e.failed_step)
+        for k, (e, started, finished) in reduced.items()
     ]
 
 
 def _reduce_steps(events: list[StepEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
-    best: dict[tuple[str, str, str, str], StepEvent] = {}
-    started: dict[tuple[str, str, str, str], datetime | None] = {}
-    finished: dict[tuple[str, str, str, str], datetime | None] = {}
-    for e in events:
-        key = (e.run_id, e.node_id, e.device_serial, e.step_id)
-        terminal = e.state in _TERMINAL_STEP
-        cur = best.get(key)
-        if cur is None or (terminal, e.seq, e.event_id) > (cur.state in _TERMINAL_STEP, cur.seq, cur.event_id):
-            best[key] = e
-        started[key] = _later(started.get(key), e.ts if e.state == "started" else None)
-        finished[key] = _later(finished.get(key), e.ts if terminal else None)
+    reduced = _reduce(events, lambda e: (e.run_id, e.node_id, e.device_serial, e.step_id), _TERMINAL_STEP,
+                      "started")
     return [
-        (run_ids[k[0]], k[1], k[2], k[3], e.index, e.action, e.state, e.seq, started[k], finished[k], e.output,
-         e.error)
-        for k, e in best.items()
+        (run_ids[k[0]], k[1], k[2], k[3], e.index, e.action, e.state, e.seq, started, finished, e.output, e.error)
+        for k, (e, started, finished) in reduced.items()
     ]
 
 
