@@ -14,13 +14,15 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import msgspec
+import nats
 from nats.js import JetStreamContext
 
 from contracts.events import (
@@ -34,7 +36,8 @@ from contracts.events import (
 )
 from contracts.events import event_kind as kind_of
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
-from runtime import db
+from runtime import db, jetstream
+from services.aggregator.consumer import Aggregator
 
 STEPS = [("model", "adb_shell"), ("android", "adb_shell"), ("battery", "adb_shell"), ("home", "keyevent"),
          ("open", "open_url"), ("shot", "screenshot"), ("upload", "upload"), ("report", "report")]
@@ -245,3 +248,36 @@ async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float = 60.0, wha
 async def consumer_settled(js: JetStreamContext, durable: str = AGGREGATOR_DURABLE) -> bool:
     info = await js.consumer_info(EVT_STREAM, durable)
     return bool(info.num_ack_pending == 0 and info.num_pending == 0)
+
+
+@dataclass
+class RunningAggregator:
+    agg: Aggregator
+    js: JetStreamContext
+
+
+@asynccontextmanager
+async def aggregator_over(nats_url: str, database_url: str, payloads: list[bytes],
+                          subject: str = "doai.evt.n1.task") -> AsyncIterator[RunningAggregator]:
+    """Publish raw `payloads` (all in the stream before it starts: one batch), then run one aggregator."""
+    nc = await nats.connect(nats_url)
+    pool: asyncpg.Pool | None = None
+    stop = asyncio.Event()
+    worker: asyncio.Task[None] | None = None
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js)
+        await jetstream.ensure_aggregator_consumer(js)
+        for payload in payloads:
+            await js.publish(subject, payload)
+        pool = await db.create_pool(database_url, max_size=2)
+        agg = Aggregator(pool, js, batch_size=100, fetch_timeout_s=0.2)
+        worker = asyncio.create_task(agg.run(stop))
+        yield RunningAggregator(agg, js)
+    finally:
+        stop.set()
+        if worker is not None:
+            await worker
+        if pool is not None:
+            await pool.close()
+        await nc.close()

@@ -9,27 +9,24 @@ not PostgreSQL being unreachable or busy sends the batch event by event.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 import uuid
 from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
-import nats
 import pytest
 from asyncpg import exceptions as pgerr
 
 from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
-from contracts.subjects import evt_subject
-from runtime import db, jetstream
-from services.aggregator.consumer import Aggregator, is_data_error
-from tests.aggregator_support import migrate, poll, seed_run
+from runtime.embedded import EmbeddedNats
+from services.aggregator.consumer import is_data_error
+from tests.aggregator_support import aggregator_over, migrate, poll, seed_run
 
 
 async def test_naive_timestamps_and_huge_ids_are_dead_lettered_and_the_stream_moves_on(
-    nats_server: object, database_url: str
+    nats_server: EmbeddedNats, database_url: str
 ) -> None:
     run_id = str(uuid.uuid4())
     await migrate(database_url)
@@ -43,30 +40,19 @@ async def test_naive_timestamps_and_huge_ids_are_dead_lettered_and_the_stream_mo
     huge = msgspec.json.encode(NodeHeartbeat(event_id=secrets.token_hex(5000), ts=now, node_id="n1", slots=8,
                                              running=0, queued=0, vendor_connected=True, version="t"))
     later = TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", device_serial="S2", **base)
-    nc = await nats.connect(nats_server.url)  # type: ignore[attr-defined]
-    js = nc.jetstream()
-    await jetstream.ensure_streams(js)
-    await jetstream.ensure_aggregator_consumer(js)
-    for payload in (msgspec.json.encode(good), naive, huge, msgspec.json.encode(later)):
-        await js.publish(evt_subject("n1", "task"), payload)
-    pool = await db.create_pool(database_url, max_size=2)
-    agg = Aggregator(pool, js, batch_size=100, fetch_timeout_s=0.2)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(agg.run(stop))
+    payloads = [msgspec.json.encode(good), naive, huge, msgspec.json.encode(later)]
     try:
-        async def both_running() -> bool:
-            rows = await conn.fetch("SELECT state FROM run_tasks WHERE run_id = $1", uuid.UUID(run_id))
-            return [r["state"] for r in rows] == ["running", "running"]
+        async with aggregator_over(nats_server.url, database_url, payloads) as running:
 
-        await poll(both_running, timeout_s=30, what="the good events folded")
-        dead = [bytes(r["raw"]) for r in await conn.fetch("SELECT raw FROM dead_letters ORDER BY id")]
-        assert dead == [naive, huge]
-        assert agg.retries == 0
+            async def both_running() -> bool:
+                rows = await conn.fetch("SELECT state FROM run_tasks WHERE run_id = $1", uuid.UUID(run_id))
+                return [r["state"] for r in rows] == ["running", "running"]
+
+            await poll(both_running, timeout_s=30, what="the good events folded")
+            dead = [bytes(r["raw"]) for r in await conn.fetch("SELECT raw FROM dead_letters ORDER BY id")]
+            assert dead == [naive, huge]
+            assert running.agg.retries == 0
     finally:
-        stop.set()
-        await worker
-        await pool.close()
-        await nc.close()
         await conn.close()
 
 

@@ -3,7 +3,6 @@ rest of its batch is folded and the consumer keeps going (real NATS + PostgreSQL
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -11,17 +10,14 @@ from pathlib import Path
 
 import asyncpg
 import msgspec
-import nats
 import pytest
 
 from contracts.events import NodeHeartbeat, StepEvent, TaskEvent
 from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
-from runtime import db, jetstream
 from runtime.embedded import EmbeddedNats
-from services.aggregator.consumer import Aggregator
 from services.aggregator.main import settings_from_env
-from tests.aggregator_support import consumer_settled, migrate, poll, seed_run
+from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, seed_run
 
 
 async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
@@ -46,44 +42,32 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
                 b'{"kind": "teleport", "event_id": "e", "ts": "2026-01-01T00:00:00Z", "node_id": "n"}']
     payloads = [*bad_json, msgspec.json.encode(nul), msgspec.json.encode(huge), msgspec.json.encode(orphan),
                 *(msgspec.json.encode(e) for e in good)]
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
-    await jetstream.ensure_streams(js)
-    await jetstream.ensure_aggregator_consumer(js)
-    for p in payloads:  # all in the stream before the aggregator starts: one batch
-        await js.publish(evt_subject("n1", "task"), p)
-    pool = await db.create_pool(database_url, max_size=2)
-    agg = Aggregator(pool, js, batch_size=100, fetch_timeout_s=0.2)
-    stop = asyncio.Event()
-    worker = asyncio.create_task(agg.run(stop))
     try:
-        await poll(lambda: consumer_settled(js), what="batch settled")
-        rows = await conn.fetch("SELECT subject, raw, error, event_id FROM dead_letters ORDER BY stream_seq")
-        assert [bytes(r["raw"]) for r in rows] == payloads[:6]
-        assert all(r["subject"] == "doai.evt.n1.task" and r["error"] for r in rows)
-        assert "unknown run" in rows[5]["error"]
-        assert "refused by PostgreSQL" in rows[3]["error"]
-        assert "$.seq" in rows[4]["error"]  # the contracts bound seq, so it never reaches PostgreSQL
-        assert [r["event_id"] for r in rows[3:]] == [nul.event_id, None, orphan.event_id]
-        assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S1'") == "succeeded"
-        assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S2'") == "queued"
-        assert await conn.fetchval("SELECT count(*) FROM step_results") == 0
+        async with aggregator_over(nats_server.url, database_url, payloads) as running:
+            agg, js = running.agg, running.js
+            await poll(lambda: consumer_settled(js), what="batch settled")
+            rows = await conn.fetch("SELECT subject, raw, error, event_id FROM dead_letters ORDER BY stream_seq")
+            assert [bytes(r["raw"]) for r in rows] == payloads[:6]
+            assert all(r["subject"] == "doai.evt.n1.task" and r["error"] for r in rows)
+            assert "unknown run" in rows[5]["error"]
+            assert "refused by PostgreSQL" in rows[3]["error"]
+            assert "$.seq" in rows[4]["error"]  # the contracts bound seq, so it never reaches PostgreSQL
+            assert [r["event_id"] for r in rows[3:]] == [nul.event_id, None, orphan.event_id]
+            assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S1'") == "succeeded"
+            assert await conn.fetchval("SELECT state FROM run_tasks WHERE device_serial = 'S2'") == "queued"
+            assert await conn.fetchval("SELECT count(*) FROM step_results") == 0
 
-        # Terminated, not redelivered; and the consumer goes on folding what comes next.
-        beat = NodeHeartbeat(event_id=new_id(), ts=now, node_id="n1", slots=7, running=1, queued=0,
-                             vendor_connected=True, version="t")
-        await js.publish(evt_subject("n1", "node"), msgspec.json.encode(beat))
-        await poll(lambda: conn.fetchval("SELECT slots FROM nodes WHERE node_id = 'n1'"), what="heartbeat folded")
-        await poll(lambda: consumer_settled(js), what="settled again")
-        info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
-        assert info.num_redelivered == 0
-        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 6
-        assert agg.dead == 6 and agg.folded == 3
+            # Terminated, not redelivered; and the consumer goes on folding what comes next.
+            beat = NodeHeartbeat(event_id=new_id(), ts=now, node_id="n1", slots=7, running=1, queued=0,
+                                 vendor_connected=True, version="t")
+            await js.publish(evt_subject("n1", "node"), msgspec.json.encode(beat))
+            await poll(lambda: conn.fetchval("SELECT slots FROM nodes WHERE node_id = 'n1'"), what="heartbeat folded")
+            await poll(lambda: consumer_settled(js), what="settled again")
+            info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
+            assert info.num_redelivered == 0
+            assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 6
+            assert agg.dead == 6 and agg.folded == 3
     finally:
-        stop.set()
-        await worker
-        await pool.close()
-        await nc.close()
         await conn.close()
     logged = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert {d["event_id"] for d in logged if d["event"] == "event dead-lettered" and d.get("event_id")} >= {
