@@ -77,8 +77,6 @@ class NodeAgent:
     async def _run_job(self, job: Job) -> str:
         try:
             return await self.executor.run(job, self.journal.broadcast(job.run_id))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # a bug must not take the other devices down (fail-soft)
             with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
                 log.exception("Task crashed")
