@@ -1,11 +1,7 @@
-# One image for every doai part; compose.yaml picks the command.
+# One image for every central doai part (and the node/simulator of compose); compose.yaml picks the command.
+# The recipes, NATS config and migrations travel inside the wheel as package data.
 FROM python:3.11-slim
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY contracts contracts
-COPY services services
-COPY runtime runtime
-COPY infra infra
-COPY recipes recipes
-RUN pip install --no-cache-dir .
+COPY . /src
+RUN pip install --no-cache-dir "/src[server,node,supabase]" && rm -rf /src
 ENTRYPOINT ["doai"]

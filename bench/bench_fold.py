@@ -48,8 +48,8 @@ from contracts.events import (  # noqa: E402
     event_kind,
 )
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, EVT_SUBJECTS, evt_subject  # noqa: E402
+from doai.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from runtime import db, jetstream  # noqa: E402
-from runtime.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.aggregator.consumer import Aggregator  # noqa: E402
 

@@ -34,8 +34,8 @@ import nats  # noqa: E402
 
 from contracts.events import TaskEvent  # noqa: E402
 from contracts.ids import new_id, utcnow  # noqa: E402
+from doai.embedded import EmbeddedNats  # noqa: E402
 from runtime import jetstream  # noqa: E402
-from runtime.embedded import EmbeddedNats  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.journal import Journal  # noqa: E402
 from services.node.outbox import Outbox  # noqa: E402

@@ -40,8 +40,8 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import nats  # noqa: E402
 
+from doai.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from runtime import jetstream  # noqa: E402
-from runtime.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.backend.main import run_backend  # noqa: E402
 from services.backend.settings import BackendSettings  # noqa: E402

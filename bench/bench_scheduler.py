@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from contracts.recipe import validate_recipe  # noqa: E402
-from runtime.embedded import EmbeddedNats, free_port  # noqa: E402
+from doai.embedded import EmbeddedNats, free_port  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.agent import NodeAgent  # noqa: E402
 from services.node.factory import build_driver, build_store  # noqa: E402
@@ -82,7 +82,7 @@ def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
         server = EmbeddedNats(tmp / "nats")
         server.start()
         port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "runtime.cli", "sim", "--devices", str(devices), "--port",
+        sim = subprocess.Popen([sys.executable, "-m", "doai.cli", "sim", "--devices", str(devices), "--port",
                                 str(port), "--latency-ms", str(latency_ms), "--seed", "1"], cwd=ROOT,
                                env={**os.environ, "DOAI_LOG_LEVEL": "warning"}, stderr=subprocess.DEVNULL)
         try:

@@ -29,8 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from doai.up import UpOptions  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
-from runtime.up import UpOptions  # noqa: E402
 from services.node.vendor_client import VendorClient  # noqa: E402
 from services.simulator.server import Simulator, SimulatorConfig  # noqa: E402
 

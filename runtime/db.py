@@ -7,7 +7,8 @@ processes starting together do not race.
 
 from __future__ import annotations
 
-from pathlib import Path
+from importlib.resources import files
+from importlib.resources.abc import Traversable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -15,7 +16,7 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATIONS: Traversable = files("runtime") / "migrations"  # package data: works from a wheel too
 _LOCK_KEY = 0x646F6169  # "doai"
 
 
@@ -37,10 +38,10 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
     return pool
 
 
-def migration_files(folder: Path = MIGRATIONS) -> list[tuple[int, Path]]:
+def migration_files(folder: Traversable = MIGRATIONS) -> list[tuple[int, Traversable]]:
     """The `NNN_name.sql` files in order; a misnamed file or a number used twice is an error."""
-    found: dict[int, Path] = {}
-    for path in sorted(folder.glob("*.sql")):
+    found: dict[int, Traversable] = {}
+    for path in sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name):
         head = path.name.split("_", 1)[0]
         if not head.isdigit() or "_" not in path.name:
             raise RuntimeError(f"migration {path.name}: the name must be NNN_description.sql")
@@ -64,7 +65,7 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
         for number, path in migration_files():
             if number in done:
                 continue
-            await conn.execute(path.read_text())
+            await conn.execute(path.read_text(encoding="utf-8"))
             await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
             applied_now.append(number)
     if applied_now:

@@ -18,10 +18,10 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from runtime.embedded import EmbeddedNats, EmbeddedPostgres
-from runtime.infra import Infra
+from doai.embedded import EmbeddedNats, EmbeddedPostgres
+from doai.servers import Infra
+from doai.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 from runtime.logging import configure_logging
-from runtime.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 
 
 @pytest.fixture(scope="session")

@@ -156,11 +156,11 @@ async def until(predicate: Callable[[], Any], timeout_s: float, what: str, inter
 
 
 class NodeProcess:
-    """`python -m runtime.cli node ...` as a child process (so it can be killed with SIGKILL)."""
+    """`python -m doai.cli node ...` as a child process (so it can be killed with SIGKILL)."""
 
     def __init__(self, *, node_id: str, nats_url: str, vendor_url: str, state_dir: Path, artifact_dir: Path,
                  log_path: Path, slots: int = 20) -> None:
-        self.args = [sys.executable, "-m", "runtime.cli", "node", "--node-id", node_id, "--vendor-url", vendor_url,
+        self.args = [sys.executable, "-m", "doai.cli", "node", "--node-id", node_id, "--vendor-url", vendor_url,
                      "--state-dir", str(state_dir), "--artifact-dir", str(artifact_dir), "--slots", str(slots)]
         self.env = {**os.environ, "NATS_URL": nats_url, "DOAI_LOG_FORMAT": "json", "DOAI_LOG_FILE": str(log_path),
                     "PYTHONPATH": str(ROOT)}

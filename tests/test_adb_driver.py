@@ -16,7 +16,7 @@ from pathlib import Path
 import adbutils
 import pytest
 
-from runtime.embedded import free_port
+from doai.embedded import free_port
 from services.node.adb_driver import AdbDriver
 from services.node.steps import shell_line
 from services.node.vendor_client import VendorFailure, VendorTimeout, VendorUnavailable

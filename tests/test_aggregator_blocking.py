@@ -20,7 +20,7 @@ from asyncpg import exceptions as pgerr
 
 from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from services.aggregator.consumer import is_data_error
 from tests.aggregator_support import aggregator_over, migrate, poll, seed_run
 

@@ -15,8 +15,8 @@ import asyncpg
 import nats
 
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM
+from doai.embedded import EmbeddedNats
 from runtime import jetstream
-from runtime.embedded import EmbeddedNats
 from tests.aggregator_support import (
     FleetRecording,
     check_truth,
@@ -35,7 +35,7 @@ def start_aggregator(nats_url: str, database_url: str, log_path: Path) -> subpro
            "DOAI_AGG_ACK_WAIT_S": "3",
            "DOAI_LOG_FORMAT": "json"}
     with log_path.open("ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "runtime.cli", "aggregator"], cwd=ROOT, env=env,
+        return subprocess.Popen([sys.executable, "-m", "doai.cli", "aggregator"], cwd=ROOT, env=env,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=out)
 
 

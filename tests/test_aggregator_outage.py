@@ -22,8 +22,8 @@ import nats
 import pytest
 
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM
+from doai.embedded import EmbeddedNats, ensure_runtime_dir
 from runtime import db, jetstream
-from runtime.embedded import EmbeddedNats, ensure_runtime_dir
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import FleetRecording, check_truth, consumer_settled, poll, publish, seed_run
 

@@ -15,7 +15,7 @@ import pytest
 from contracts.events import NodeHeartbeat, StepEvent, TaskEvent
 from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from services.aggregator.main import settings_from_env
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, seed_run
 

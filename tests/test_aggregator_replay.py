@@ -10,8 +10,8 @@ import uuid
 import asyncpg
 import nats
 
+from doai.embedded import EmbeddedNats
 from runtime import db, jetstream
-from runtime.embedded import EmbeddedNats
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import (
     FleetRecording,

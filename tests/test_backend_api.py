@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
 from tests.backend_support import (
@@ -271,7 +271,7 @@ async def test_backend_refuses_to_start_without_a_long_node_secret(
     if secret:
         env["NODE_AGENT_SHARED_SECRET"] = secret
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runtime.cli", "backend", "--port", "0", cwd=ROOT, env=env,
+        sys.executable, "-m", "doai.cli", "backend", "--port", "0", cwd=ROOT, env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 1
@@ -296,7 +296,7 @@ async def test_recipes_publish_from_the_command_line(
         if token:
             env["DOAI_API_TOKEN"] = token
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "runtime.cli", "recipes", "publish", *args, cwd=ROOT, env=env,
+            sys.executable, "-m", "doai.cli", "recipes", "publish", *args, cwd=ROOT, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         out, err = await asyncio.wait_for(proc.communicate(), 60)
         assert proc.returncode is not None

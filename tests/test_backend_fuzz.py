@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from tests.backend_support import NODE_SECRET, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
 from tests.conftest import TEST_TOKEN
 

@@ -26,8 +26,8 @@ import pytest
 from contracts.api import RunCreate, Targets
 from contracts.commands import Command, RunBroadcast
 from contracts.recipe import decode_recipe
+from doai.embedded import EmbeddedNats, free_port
 from runtime import db, jetstream
-from runtime.embedded import EmbeddedNats, free_port
 from services.backend import runs, workflows
 from services.backend.relay import OutboxRelay
 from tests.backend_support import (
@@ -57,7 +57,7 @@ async def start_backend_process(database_url: str, nats_url: str, port: int) -> 
     env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_url, "DOAI_API_TOKEN": TEST_TOKEN,
            "NODE_AGENT_SHARED_SECRET": NODE_SECRET}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "runtime.cli", "backend", "--port", str(port), cwd=ROOT, env=env,
+        sys.executable, "-m", "doai.cli", "backend", "--port", str(port), cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     async def healthy() -> bool:

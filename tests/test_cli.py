@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def doai(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN"}}
-    return subprocess.run([sys.executable, "-m", "runtime.cli", *args], cwd=ROOT, env={**clean, **(env or {})},
+    return subprocess.run([sys.executable, "-m", "doai.cli", *args], cwd=ROOT, env={**clean, **(env or {})},
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -15,7 +15,7 @@ def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_pat
     env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN"}}
     home = tmp_path / "home"
     res = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "up", "--demo", "--home", str(home), "--port", "0",
+        [sys.executable, "-m", "doai.cli", "up", "--demo", "--home", str(home), "--port", "0",
          "--nodes", "2", "--devices", "3", "--timeout", "120"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from contracts.commands import RunCancel
 from contracts.events import StepEvent, TaskEvent
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from services.node.agent import NodeAgent
 from services.node.artifacts import ArtifactStore, LocalArtifactStore, StoredArtifact
 from services.node.factory import build_driver, build_store

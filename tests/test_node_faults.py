@@ -1,6 +1,6 @@
 """The node agent under the faults the issue names: `kill -9` mid-run, and nats-server gone for 30 s.
 
-The agent runs as a real child process (`python -m runtime.cli node ...`) for
+The agent runs as a real child process (`python -m doai.cli node ...`) for
 the crash test, so SIGKILL leaves its SQLite journal exactly as a crash would.
 Everything is checked on the events stored in JetStream: per (run, device)
 the `seq` numbers must be 1..n without a gap or a repeat (nothing lost, nothing
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from contracts.events import TaskEvent
-from runtime.embedded import EmbeddedNats
+from doai.embedded import EmbeddedNats
 from services.simulator import Simulator, SimulatorConfig
 from tests.node_support import (
     NodeProcess,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from contracts.events import NodeHeartbeat
 from contracts.ids import new_id, utcnow
+from doai.embedded import EmbeddedNats
 from runtime import jetstream
-from runtime.embedded import EmbeddedNats
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 

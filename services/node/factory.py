@@ -8,17 +8,17 @@ them once at start-up and everything else sees only the `DeviceDriver` and
 
 from __future__ import annotations
 
-from services.node.adb_driver import AdbDriver
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.driver import DeviceDriver
 from services.node.settings import NodeSettings
-from services.node.supabase_store import SupabaseArtifactStore
 from services.node.vendor_client import VendorClient
 
 
 def build_driver(settings: NodeSettings) -> DeviceDriver:
     """The vendor program's WebSocket API (default; requests wait for it with backoff), or plain adb."""
     if settings.driver == "adb":
+        from services.node.adb_driver import AdbDriver  # the `adb` extra: not every node PC installs it
+
         return AdbDriver(settings.adb_host, settings.adb_port, max_concurrency=settings.slots,
                          request_timeout_s=settings.vendor_request_timeout_s)
     return VendorClient(
@@ -34,5 +34,7 @@ def build_driver(settings: NodeSettings) -> DeviceDriver:
 def build_store(settings: NodeSettings) -> ArtifactStore:
     """The local filesystem store under `artifact_dir` (the embedded default), or Supabase Storage."""
     if settings.store == "supabase":
+        from services.node.supabase_store import SupabaseArtifactStore  # the `supabase` extra
+
         return SupabaseArtifactStore(settings.supabase_url, settings.supabase_key, settings.supabase_bucket)
     return LocalArtifactStore(settings.artifact_dir)

@@ -26,9 +26,10 @@ from typing import Any
 import httpx
 import structlog
 
+from doai.embedded import free_port
+from doai.resources import recipe_files
+from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
-from runtime.embedded import free_port
-from runtime.infra import Infra, infrastructure
 from services.aggregator.main import run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
@@ -38,7 +39,6 @@ from services.simulator.server import Simulator, SimulatorConfig
 
 log = structlog.get_logger(__name__)
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 DEMO_PARAMS = {"url": "https://example.org/doai-smoke", "youtubeVideoId": "dQw4w9WgXcQ"}
 
 
@@ -77,13 +77,11 @@ def _port_free(host: str, port: int) -> bool:
 
 async def publish_recipes(client: httpx.AsyncClient) -> list[str]:
     published = []
-    for path in sorted(RECIPES.glob("*.json")):
-        if path.name == "schema.json":
-            continue
-        r = await client.post("/v1/workflows", content=path.read_bytes())
+    for recipe in recipe_files():
+        r = await client.post("/v1/workflows", content=recipe.read_bytes())
         if r.status_code not in (201, 409):
-            raise RuntimeError(f"publishing {path.name} failed: {r.status_code} {r.text}")
-        published.append(path.stem)
+            raise RuntimeError(f"publishing {recipe.name} failed: {r.status_code} {r.text}")
+        published.append(recipe.name.removesuffix(".json"))
     return published
 
 

@@ -20,10 +20,9 @@ from typing import Any
 
 import structlog
 
+from doai.resources import nats_config
+
 log = structlog.get_logger(__name__)
-
-NATS_CONF = Path(__file__).resolve().parent.parent / "infra" / "nats" / "nats-server.conf"
-
 
 class EmbeddedError(RuntimeError):
     """An embedded server could not be started; the message says why and what to do."""
@@ -64,13 +63,17 @@ class EmbeddedNats:
     def start(self, timeout_s: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.store_dir / "nats-server.log"
+        # A copy of the packaged config beside the store: nats-server needs a file, and the
+        # package may not be a plain folder.
+        conf_path = self.store_dir / "nats-server.conf"
+        conf_path.write_text(nats_config(), encoding="utf-8")
         args = [
             nats_server_binary(),
             "-js",
             "-a", "127.0.0.1",
             "-p", str(self.port),
             "-sd", str(self.store_dir),
-            "-c", str(NATS_CONF),
+            "-c", str(conf_path),
             "-l", str(log_path),
         ]
         self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,

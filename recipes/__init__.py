@@ -1,0 +1,1 @@
+"""Not code: marks `recipes/` as the package data `doai.recipes`, so an installed doai finds the bundled recipes."""
