@@ -87,9 +87,12 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def cmd_backend(args: argparse.Namespace) -> int:
     from services.backend.main import run_backend
-    from services.backend.settings import BackendSettings
+    from services.backend.settings import BackendSettings, SettingsError
 
-    settings = BackendSettings.from_env(_env_required("DATABASE_URL"), _env_required("NATS_URL"))
+    try:
+        settings = BackendSettings.from_env(_env_required("DATABASE_URL"), _env_required("NATS_URL"))
+    except SettingsError as exc:
+        raise SystemExit(f"doai backend: {exc}") from None
     settings.host, settings.port = args.host, args.port
     return _serve("backend", lambda stop: run_backend(settings, stop))
 
@@ -115,11 +118,27 @@ def cmd_node(args: argparse.Namespace) -> int:
             supabase_key=env.get("SUPABASE_SERVICE_KEY", ""),
             supabase_bucket=env.get("DOAI_SUPABASE_BUCKET", "artifacts"),
             inventory_interval_s=args.inventory_interval, offline_grace_s=args.offline_grace,
-            max_attempts=args.max_attempts,
+            max_attempts=args.max_attempts, command_public_key=env.get("DOAI_COMMAND_PUBLIC_KEY", ""),
         )
     except ValueError as exc:
         raise SystemExit(f"doai node: {exc}") from None
     return _serve("node", lambda stop: run_node(settings, stop))
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the backend's command-signing seed file (0600) if missing; print its public key."""
+    from runtime.signing import SigningKeyError, load_or_create_seed, public_key_of
+
+    path = Path(args.out)
+    try:
+        seed = load_or_create_seed(path)
+    except (OSError, SigningKeyError) as exc:
+        sys.stderr.write(f"doai keygen: {path}: {exc}\n")
+        return 1
+    sys.stdout.write(f"{public_key_of(seed)}\n")
+    sys.stderr.write(f"seed in {path} (keep it secret; backend: DOAI_COMMAND_SIGNING_KEY_FILE={path});"
+                     " the line above is the public key for nodes (DOAI_COMMAND_PUBLIC_KEY)\n")
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -225,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("aggregator", help="fold events into PostgreSQL (needs DATABASE_URL, NATS_URL)")
     ag.set_defaults(func=cmd_aggregator)
 
-    node = sub.add_parser("node", help="node agent (needs NATS_URL)")
+    node = sub.add_parser("node", help="node agent (needs NATS_URL and DOAI_COMMAND_PUBLIC_KEY)")
     node.add_argument("--node-id", required=True)
     node.add_argument("--vendor-url", default=os.environ.get("DOAI_VENDOR_URL", "ws://127.0.0.1:22222/"))
     node.add_argument("--slots", type=int, default=20)
@@ -245,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a device may stay offline before its queued jobs end skipped")
     node.add_argument("--max-attempts", type=int, default=2, help="attempts of a job interrupted by a crash")
     node.set_defaults(func=cmd_node)
+
+    kg = sub.add_parser("keygen", help="create the command-signing seed file (0600) and print its public key")
+    kg.add_argument("--out", required=True, help="seed file to create (an existing one is kept and reused)")
+    kg.set_defaults(func=cmd_keygen)
 
     sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")
     sim.add_argument("--devices", type=int, default=10)

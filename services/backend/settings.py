@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
+from runtime.signing import Signer, SigningKeyError
 
 MIN_NODE_SECRET_BYTES = 32
 
@@ -23,6 +25,20 @@ def _node_slots(text: str) -> dict[str, int]:
             raise SettingsError(f"DOAI_NODE_SLOTS: {item!r} is not node_id=slots")
         slots[node.strip()] = int(value)
     return slots
+
+
+def _signing_seed(env: os._Environ[str] | dict[str, str]) -> str:
+    """DOAI_COMMAND_SIGNING_KEY (the seed text), else the file DOAI_COMMAND_SIGNING_KEY_FILE names."""
+    seed = env.get("DOAI_COMMAND_SIGNING_KEY", "").strip()
+    path = env.get("DOAI_COMMAND_SIGNING_KEY_FILE", "").strip()
+    if seed and path:
+        raise SettingsError("set DOAI_COMMAND_SIGNING_KEY or DOAI_COMMAND_SIGNING_KEY_FILE, not both")
+    if path:
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"DOAI_COMMAND_SIGNING_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+    return seed
 
 
 @dataclass
@@ -53,6 +69,23 @@ class BackendSettings:
     supabase_key: str | None = field(default=None, repr=False)
     supabase_bucket: str = "artifacts"
     signed_url_ttl_s: int = 3600
+    # The command-signing seed (an nkey seed, 'SN…'): the relay signs every RunBroadcast and RunCancel
+    # with it; nodes verify with `command_public_key`. A secret: never logged or shown.
+    command_signing_seed: str = field(default="", repr=False)
+
+    @property
+    def command_public_key(self) -> str:
+        """The public key nodes verify commands with (safe to show and to hand to nodes)."""
+        return self.command_signer().public_key
+
+    def command_signer(self) -> Signer:
+        if not self.command_signing_seed.strip():
+            raise SettingsError("set DOAI_COMMAND_SIGNING_KEY (an nkey seed; `doai keygen --out FILE` makes one) or "
+                                "DOAI_COMMAND_SIGNING_KEY_FILE: the backend signs every command it sends to nodes")
+        try:
+            return Signer(self.command_signing_seed)
+        except SigningKeyError as exc:
+            raise SettingsError(f"DOAI_COMMAND_SIGNING_KEY is unusable: {exc}") from None
 
     def check(self) -> None:
         """Raise `SettingsError` for a configuration the backend must not start with."""
@@ -63,6 +96,7 @@ class BackendSettings:
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
             raise SettingsError(f"NODE_AGENT_SHARED_SECRET is too short: use at least {MIN_NODE_SECRET_BYTES} bytes"
                                 " (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        self.command_signer()
 
     def slots_for(self, node_id: str) -> int:
         return self.node_slots.get(node_id, self.default_node_slots)
@@ -85,4 +119,5 @@ class BackendSettings:
             supabase_url=env.get("SUPABASE_URL") or None,
             supabase_key=env.get("SUPABASE_SERVICE_KEY") or env.get("SUPABASE_KEY") or None,
             supabase_bucket=env.get("DOAI_SUPABASE_BUCKET", "artifacts"),
+            command_signing_seed=_signing_seed(env),
         )

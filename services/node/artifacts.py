@@ -14,9 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from runtime.paths import PathEscape, contained
+
 
 class ArtifactError(Exception):
     code = "artifact_error"
+
+
+class ArtifactPathError(ArtifactError):
+    """A key that would leave the store's root: never retried."""
+
+    code = "artifact_path"
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,10 @@ class LocalArtifactStore:
         self.root = root.resolve()
 
     def _put(self, key: str, source: Path) -> StoredArtifact:
-        target = (self.root / key).resolve()
-        if not target.is_relative_to(self.root):
-            raise ArtifactError(f"artifact key escapes the store: {key!r}")
+        try:
+            target = contained(self.root, key)
+        except PathEscape as exc:
+            raise ArtifactPathError(f"artifact key escapes the store: {exc}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         final_key, final = key, target

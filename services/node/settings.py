@@ -6,6 +6,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.ids import is_node_id
+from runtime.signing import SigningKeyError, Verifier
+
+
+class NodeConfigError(RuntimeError):
+    """A configuration the node agent refuses to start with (one line: what to set)."""
 
 DEFAULT_PATH_TEMPLATE = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
 
@@ -43,6 +48,9 @@ class NodeSettings:
     supabase_url: str = ""
     supabase_key: str = field(default="", repr=False)  # a secret: never logged or shown
     supabase_bucket: str = "artifacts"
+    # The backend's command-signing public key (an nkey starting with 'N'): commands that do not
+    # verify with it are refused. Required to start (DOAI_COMMAND_PUBLIC_KEY; enrollment fills it).
+    command_public_key: str = ""
 
     def __post_init__(self) -> None:
         if not is_node_id(self.node_id):
@@ -69,3 +77,18 @@ class NodeSettings:
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool" / self.node_id
+
+    def command_verifier(self) -> Verifier:
+        """The verifier of the backend's command signatures, or `NodeConfigError` when none is configured.
+
+        A node without it would have to run unsigned commands: it does not start instead.
+        """
+        if not self.command_public_key.strip():
+            raise NodeConfigError(
+                "no command public key: set DOAI_COMMAND_PUBLIC_KEY to the backend's command-signing public key"
+                " (enrollment provides it); without it the node would run unsigned commands"
+            )
+        try:
+            return Verifier(self.command_public_key)
+        except SigningKeyError as exc:
+            raise NodeConfigError(f"DOAI_COMMAND_PUBLIC_KEY is unusable: {exc}") from None

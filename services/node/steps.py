@@ -17,6 +17,7 @@ import msgspec
 import structlog
 
 from contracts import recipe as dsl
+from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver
 
@@ -68,6 +69,13 @@ def _package(name: str) -> str:
     return name
 
 
+def _inside(root: Path, *parts: str) -> Path:
+    try:
+        return contained(root, *parts)
+    except PathEscape as exc:
+        raise StepError(exc.code, str(exc)) from None
+
+
 def shell_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -108,9 +116,12 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             await asyncio.sleep(ms / 1000)
             return StepResult()
         case dsl.Screenshot():
-            folder = ctx.spool / step.id
+            folder = _inside(ctx.spool, step.id)
             folder.mkdir(parents=True, exist_ok=True)
             path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=timeout_s)
+            if path.parent != folder:
+                raise StepError("path_escape", f"the driver saved the screenshot outside {folder}: {path}")
+            path = _inside(folder, path.name)
             ctx.screenshots[step.id] = path
             return StepResult(str(path))
         case dsl.Upload(source=source):
