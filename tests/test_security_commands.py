@@ -219,6 +219,13 @@ async def test_a_path_like_run_id_is_refused_even_when_signed(node: Node, run_id
     node.assert_nothing_changed(run_id)
 
 
+async def test_a_signed_cancel_with_a_path_like_run_id_leaves_no_placeholder(node: Node) -> None:
+    run_id = str(node.victim)
+    await send(node.js, RunCancel(run_id=run_id, node_id=NODE))
+    await node.refused("bad_run_id")
+    node.assert_nothing_changed(run_id)  # not even the cancelled placeholder a real early cancel leaves
+
+
 @pytest.mark.parametrize("steps, fault", [
     ([{"id": "a", "action": "adb_shell", "command": ["x"]}, {"id": "a", "action": "report"}], "duplicate step id"),
     ([{"id": "up", "action": "upload"}], "upload needs an earlier screenshot step"),
