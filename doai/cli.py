@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -14,6 +12,7 @@ from typing import Any
 
 from runtime.aio import Stopped
 from runtime.logging import configure_logging
+from runtime.stopping import install_stop_handlers
 
 
 def _env_required(name: str) -> str:
@@ -28,14 +27,13 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 
     async def runner() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        restore = install_stop_handlers(stop)  # Ctrl-C / Ctrl-Break on Windows, SIGINT / SIGTERM elsewhere
         try:
             await main(stop)
         except Stopped:
             pass
+        finally:
+            restore()
 
     try:
         asyncio.run(runner())

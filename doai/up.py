@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -30,6 +29,7 @@ from doai.embedded import free_port
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
+from runtime.stopping import install_stop_handlers
 from services.aggregator.main import run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
@@ -231,10 +231,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
 
 async def up(opts: UpOptions) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    install_stop_handlers(stop)
     token = opts.token or secrets.token_urlsafe(32)
     port = opts.port
     if port and not _port_free(opts.host, port):
