@@ -30,7 +30,7 @@ from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
 from runtime.stopping import install_stop_handlers
-from services.aggregator.main import run_aggregator
+from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
 from services.node.agent import run_node
@@ -200,7 +200,8 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                                    node_secret=opts.node_secret or secrets.token_urlsafe(32),
                                    artifact_dir=str(artifact_dir))
         spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
-        spawn(run_aggregator(infra.database_url, infra.nats_url, stop), "aggregator")
+        spawn(run_aggregator(AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url), stop),
+              "aggregator")
         for i in range(1, opts.nodes + 1):
             sim = Simulator(SimulatorConfig(
                 devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
