@@ -27,10 +27,11 @@ from contracts.ids import new_id
 from contracts.signatures import SIG_HEADER, SIG_KEY_HEADER, decode_signature, signed_bytes
 from contracts.subjects import CMD_STREAM, cmd_subject, node_durable
 from doai.embedded import EmbeddedNats
+from runtime.config import ConfigError
 from runtime.signing import BadSignature, Signer, Verifier, generate_seed
 from services.node.agent import NodeAgent
 from services.node.journal import Journal
-from services.node.settings import NodeConfigError, NodeSettings
+from services.node.settings import NodeSettings
 from services.simulator import Simulator
 from tests.backend_support import publish_recipe, running_backend, seed_fleet
 from tests.node_support import broadcast, connect, recipe, send, until
@@ -312,15 +313,23 @@ async def test_a_properly_signed_broadcast_runs(node: Node) -> None:
 
 async def test_a_node_without_the_backends_public_key_refuses_to_start(nats_server: EmbeddedNats,
                                                                       tmp_path: Path) -> None:
-    for key, message in (("", "no command public key"), (generate_seed(), "DOAI_COMMAND_PUBLIC_KEY is unusable")):
-        settings = NodeSettings(node_id=NODE, nats_url=nats_server.url, state_dir=tmp_path / "s",
-                                artifact_dir=tmp_path / "a", command_public_key=key)
-        journal = Journal(tmp_path / "j.sqlite")
-        agent = NodeAgent(settings, journal, driver=None)  # type: ignore[arg-type]  # never reached
-        with pytest.raises(NodeConfigError, match=message):
-            await agent.run(asyncio.Event())
-        assert agent.commands is None
-        journal.close()
+    settings = NodeSettings(node_id=NODE, nats_url=nats_server.url, state_dir=tmp_path / "s",
+                            artifact_dir=tmp_path / "a")
+    journal = Journal(tmp_path / "j.sqlite")
+    agent = NodeAgent(settings, journal, driver=None)  # type: ignore[arg-type]  # never reached
+    with pytest.raises(ConfigError, match="no command public key"):
+        await agent.run(asyncio.Event())
+    assert agent.commands is None
+    journal.close()
+    # The subscription was never made: nothing consumes this node's commands.
+    nc, js = await connect(nats_server.url)
+    try:
+        names = [c.name for c in await js.consumers_info(CMD_STREAM)]
+    finally:
+        await nc.close()
+    assert node_durable(NODE) not in names
+    with pytest.raises(ConfigError, match="DOAI_COMMAND_PUBLIC_KEY is unusable"):
+        NodeSettings(node_id=NODE, nats_url=nats_server.url, command_public_key=generate_seed())
 
 
 async def test_the_relay_signs_every_broadcast_and_cancel_over_subject_and_payload(

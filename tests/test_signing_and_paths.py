@@ -10,6 +10,7 @@ import pytest
 
 from contracts.signatures import SIG_HEADER, SIG_KEY_HEADER, signed_bytes
 from doai.up import command_key_path
+from runtime.config import ConfigError, load_settings
 from runtime.paths import PathEscape, contained
 from runtime.signing import (
     BadSignature,
@@ -22,8 +23,13 @@ from runtime.signing import (
     sign,
     verify,
 )
-from services.backend.settings import BackendSettings, SettingsError
+from services.backend.settings import BackendSettings
 from services.node.artifacts import ArtifactPathError, LocalArtifactStore
+from services.node.settings import NodeSettings
+
+BASE_ENV = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "DOAI_API_TOKEN": "t",
+            "NODE_AGENT_SHARED_SECRET": "s" * 32}
+
 
 # -- signing -----------------------------------------------------------------------------------------
 
@@ -96,7 +102,7 @@ def test_keys_of_other_roles_are_refused() -> None:
 def test_the_seed_never_shows_in_a_repr() -> None:
     seed = generate_seed()
     assert seed not in repr(Signer(seed)) and public_key_of(seed) in repr(Signer(seed))
-    settings = BackendSettings("postgresql://x", "nats://x", ["t"], command_signing_seed=seed)
+    settings = load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY": seed})
     assert seed not in repr(settings) and settings.command_public_key == public_key_of(seed)
 
 
@@ -111,30 +117,35 @@ def test_a_seed_file_is_made_once_private_and_reused(tmp_path: Path) -> None:
         load_or_create_seed(path)
 
 
-def test_backend_settings_read_the_seed_from_the_environment_or_a_file(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_backend_settings_read_the_seed_from_the_environment_or_a_file(tmp_path: Path) -> None:
     seed = generate_seed()
-    monkeypatch.setenv("DOAI_COMMAND_SIGNING_KEY", seed)
-    assert BackendSettings.from_env("postgresql://x", "nats://x").command_signing_seed == seed
+    assert load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY": seed}).command_signing_seed == seed
     path = tmp_path / "k.seed"
     path.write_text(seed + "\n")
-    monkeypatch.setenv("DOAI_COMMAND_SIGNING_KEY_FILE", str(path))
-    with pytest.raises(SettingsError, match="not both"):
-        BackendSettings.from_env("postgresql://x", "nats://x")
-    monkeypatch.delenv("DOAI_COMMAND_SIGNING_KEY")
-    assert BackendSettings.from_env("postgresql://x", "nats://x").command_signing_seed == seed
-    monkeypatch.setenv("DOAI_COMMAND_SIGNING_KEY_FILE", str(tmp_path / "missing"))
-    with pytest.raises(SettingsError, match="cannot read"):
-        BackendSettings.from_env("postgresql://x", "nats://x")
-    monkeypatch.delenv("DOAI_COMMAND_SIGNING_KEY_FILE")
-    settings = BackendSettings.from_env("postgresql://x", "nats://x")
-    settings.api_tokens, settings.node_secret = ["t"], "s" * 32
-    with pytest.raises(SettingsError, match="set DOAI_COMMAND_SIGNING_KEY"):
-        settings.check()  # the backend does not start without a key: it would send unsigned commands
-    settings.command_signing_seed = "SNnotaseed"
-    with pytest.raises(SettingsError, match="DOAI_COMMAND_SIGNING_KEY is unusable") as err:
-        settings.check()
+    from_file = load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY_FILE": str(path)})
+    assert from_file.command_signing_seed == seed and seed not in repr(from_file)
+    with pytest.raises(ConfigError, match="not both"):
+        load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY": seed,
+                                        "DOAI_COMMAND_SIGNING_KEY_FILE": str(path)})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY_FILE": str(tmp_path / "missing")})
+    with pytest.raises(ConfigError, match="set DOAI_COMMAND_SIGNING_KEY"):
+        load_settings(BackendSettings, BASE_ENV)  # no key, no backend: it would send unsigned commands
+    with pytest.raises(ConfigError, match="DOAI_COMMAND_SIGNING_KEY is unusable") as err:
+        load_settings(BackendSettings, {**BASE_ENV, "DOAI_COMMAND_SIGNING_KEY": "SNnotaseed"})
     assert "SNnotaseed" not in str(err.value)
+
+
+def test_node_settings_check_a_public_key_that_is_set_and_refuse_to_start_without_one() -> None:
+    base = {"DOAI_NODE_ID": "node-1", "NATS_URL": "nats://x"}
+    public = public_key_of(generate_seed())
+    assert load_settings(NodeSettings, {**base, "DOAI_COMMAND_PUBLIC_KEY": public}).command_verifier().public_key \
+        == public
+    with pytest.raises(ConfigError, match="DOAI_COMMAND_PUBLIC_KEY is unusable"):
+        load_settings(NodeSettings, {**base, "DOAI_COMMAND_PUBLIC_KEY": "Nnotakey"})
+    unset = load_settings(NodeSettings, base)  # loadable: enrollment may fill the key before the start
+    with pytest.raises(ConfigError, match="no command public key"):
+        unset.command_verifier()
 
 
 # -- paths -------------------------------------------------------------------------------------------
