@@ -21,7 +21,14 @@ class NodeSettings:
     # The local artifact store's root (the embedded default store).
     artifact_dir: Path = Path("var/artifacts")
     path_template: str = DEFAULT_PATH_TEMPLATE
-    vendor_pool_size: int | None = None  # default: one connection per slot
+    # WebSocket connections to the vendor program, each strictly one request at a time (no request id).
+    # Default: one per slot, so devices never wait for each other's requests; if `doai vendor probe`
+    # finds the program accepts fewer connections, set what it recommends (docs/vendor.md).
+    vendor_pool_size: int | None = None
+    # Keep-alive ping on each idle vendor connection (None: off); the probe checks the program answers pings.
+    vendor_ping_interval_s: float | None = 20.0
+    # How long a screenshot may take to appear (and finish being written) after the program answered.
+    vendor_screenshot_wait_s: float = 10.0
     vendor_request_timeout_s: float = 120.0
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = 5.0
@@ -59,6 +66,12 @@ class NodeSettings:
             raise ValueError(f"artifact store must be 'local' or 'supabase', got {self.store!r}")
         if self.store == "supabase" and not (self.supabase_url and self.supabase_key and self.supabase_bucket):
             raise ValueError("the supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and DOAI_SUPABASE_BUCKET")
+        if self.vendor_pool_size is not None and not 1 <= self.vendor_pool_size <= 1000:
+            raise ValueError(f"vendor connections must be between 1 and 1000, got {self.vendor_pool_size}")
+        if self.vendor_ping_interval_s is not None and self.vendor_ping_interval_s <= 0:
+            self.vendor_ping_interval_s = None  # 0 turns the keep-alive ping off
+        if self.vendor_screenshot_wait_s <= 0:
+            raise ValueError(f"vendor screenshot wait must be positive, got {self.vendor_screenshot_wait_s}")
         if self.offline_grace_s < 0:
             raise ValueError(f"offline_grace_s must not be negative, got {self.offline_grace_s}")
 
