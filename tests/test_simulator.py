@@ -171,6 +171,14 @@ async def test_screen_writes_a_real_png(
     for f in files:
         assert f.suffix == ".png"
         assert decode_png(f.read_bytes())[:2] == (dev.width // 4, dev.height // 4)
+    # No savePath: the program's default folder. A .png savePath: exactly that file.
+    sim.config.screen_default_dir = tmp_path / "default"
+    assert (await call(ws, "screen", "SIM0001", {}))["code"] == 10000
+    assert [f.name[:19] for f in (tmp_path / "default").iterdir()] == ["Screenshot_SIM0001_"]
+    target = tmp_path / "named" / "shot.png"
+    assert (await call(ws, "screen", "SIM0001", {"savePath": str(target)}))["code"] == 10000
+    assert list(target.parent.iterdir()) == [target] and decode_png(target.read_bytes())
+    sim.config.deviations = frozenset({"screen_needs_savepath"})
     assert (await call(ws, "screen", "SIM0001", {}))["code"] == 10001
 
 

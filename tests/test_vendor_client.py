@@ -13,6 +13,8 @@ import pytest_asyncio
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
+from contracts.events import DeviceInfo
+from services.node.driver import Key
 from services.node.vendor_client import (
     VendorClient,
     VendorError,
@@ -54,28 +56,32 @@ async def client(sim: Simulator) -> AsyncIterator[VendorClient]:
 
 async def test_list_shell_and_helpers(sim: Simulator, client: VendorClient) -> None:
     devices = await client.list_devices()
-    assert [d["onlySerial"] for d in devices] == list(sim.devices)
+    assert [d.serial for d in devices] == list(sim.devices)
     dev = sim.devices["SIM0002"]
+    assert devices[1] == DeviceInfo(serial="SIM0002", status="online", model=dev.model, name=dev.name, mode=0,
+                                    width=dev.width, height=dev.height)
     assert await client.shell("SIM0002", "getprop ro.product.model") == f"{dev.model}\n"
     assert client.connected
 
     await client.start_apk("SIM0002", "com.google.android.youtube")
     assert dev.foreground == "com.google.android.youtube"
-    await client.push_event("SIM0002", 2)
+    await client.press_key("SIM0002", Key.RECENTS)
+    assert dev.foreground == "com.android.systemui"
+    await client.press_key("SIM0002", Key.BACK)
+    assert dev.foreground == "com.google.android.youtube"
+    await client.press_key("SIM0002", Key.HOME)
     assert dev.foreground == "com.android.launcher3"
-    await client.pointer_event("SIM0002", 0, 10, 20)
-    await client.pointer_event("SIM0002", 1, 10, 20)
-    await client.pointer_event("SIM0002", 7)
-    assert dev.pointer_events == [("0", "10", "20"), ("1", "10", "20"), ("7", None, None)]
-    with pytest.raises(VendorFailure):
-        await client.input_text("SIM0002", "hi")
-    await client.select_ime("SIM0002")
-    await client.input_text("SIM0002", "hi")
-    assert dev.typed_text == "hi"
     await client.stop_apk("SIM0002", "com.android.launcher3")
-    assert await client.adb("version")
+    # Anything else goes through `request` as is.
+    with pytest.raises(VendorFailure):
+        await client.request("inputText", "SIM0002", {"text": "hi"})
+    await client.request("selectIme", "SIM0002")
+    await client.request("inputText", "SIM0002", {"text": "hi"})
+    assert dev.typed_text == "hi"
+    assert (await client.request("adb", None, {"command": "version"})).data
     assert {d for a, d in sim.calls if a not in ("list", "adb")} == {"SIM0002"}
     assert ("adb", None) in sim.calls
+    assert [a for a, _ in sim.calls if a == "pushevent"] == ["pushevent"] * 3
 
 
 async def test_screenshot_returns_the_new_png(
@@ -161,36 +167,17 @@ async def test_dropped_connection_is_unavailable_then_recovers(
     assert sim.dropped_total == 1 and client.connected
 
 
-async def test_vendor_down_then_wait_until_available(tmp_path: Path) -> None:
+async def test_vendor_down_is_a_clear_unavailable_error() -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/"
-    async with VendorClient(
-        url, backoff_base_s=0.02, backoff_max_s=0.08, connect_timeout_s=1.0
-    ) as client:
+    async with VendorClient(url, connect_timeout_s=1.0) as client:
         with pytest.raises(VendorUnavailable) as info:
             await client.list_devices()
         assert url in info.value.message and "WebSocket API" in info.value.message
-        assert not client.connected
-
-        with structlog.testing.capture_logs() as logs:
-            waiter = asyncio.create_task(client.wait_until_available())
-            await until(lambda: client.consecutive_failures >= 4)  # 1 + 3 retries
-            async with Simulator(SimulatorConfig(devices=2, port=port)) as sim:
-                assert await asyncio.wait_for(waiter, 5) is True
-                assert client.connected
-                assert [d["onlySerial"] for d in await client.list_devices()] == list(sim.devices)
-        retries = [e for e in logs if e["event"] == "vendor unavailable, retrying"]
-        assert len(retries) >= 3 and all(e["url"] == url for e in retries)
-        assert [e["retry_in_s"] for e in retries[:3]] == [0.02, 0.04, 0.08]
-
-
-async def test_wait_until_available_stops_on_event() -> None:
-    stop = asyncio.Event()
-    async with VendorClient(f"ws://127.0.0.1:{free_port()}/", backoff_base_s=0.02) as client:
-        waiter = asyncio.create_task(client.wait_until_available(stop))
-        await until(lambda: client.consecutive_failures >= 1)
-        stop.set()
-        assert await asyncio.wait_for(waiter, 5) is False
+        assert info.value.retryable and not client.connected
+        async with Simulator(SimulatorConfig(devices=2, port=port)) as sim:
+            assert [d.serial for d in await client.list_devices()] == list(sim.devices)
+            assert client.connected
 
 
 async def test_refuses_anything_but_one_serial(sim: Simulator, client: VendorClient) -> None:

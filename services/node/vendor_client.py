@@ -135,6 +135,8 @@ class VendorClient:
         self._closed = False
         self._connected = False
         self.connections_opened = 0
+        self.consecutive_failures = 0
+        """Failed connects/requests since the last success (reset by any answer)."""
         self.seen: Counter[str] = Counter()
         """What was tolerated, as ``"<action>:<variant>"`` -> answers (docs/vendor.md)."""
         self._logged: set[tuple[str, str]] = set()
@@ -177,9 +179,11 @@ class VendorClient:
 
     def _mark_failure(self) -> None:
         self._connected = False
+        self.consecutive_failures += 1
 
     def _mark_success(self) -> None:
         self._connected = True
+        self.consecutive_failures = 0
         self._backoff_s = self.backoff_base_s
 
     async def _open_retrying(self, action: str, deadline: float) -> ClientConnection:
