@@ -164,12 +164,13 @@ class _Probe:
             if serial is not None:
                 await self._shell(conn, serial)
                 await self._screens(conn, serial, default_folder)
-                await self._in_order(serial)
             await self._ping(conn)
-            await self._connections(max_connections)
+            if serial is not None:
+                await self._in_order(conn, serial)  # last on this connection: it may leave it unusable
         finally:
             with contextlib.suppress(Exception):
                 await conn[1].close()
+        await self._connections(max_connections)  # with no other connection of the probe open
         return serial
 
     def _failed_reply(self, name: str, expected: str, reply: Reply, ms: float) -> None:
@@ -232,6 +233,25 @@ class _Probe:
         else:
             self.check("adb_shell echo", "ok", expected, "output ok", ms)
 
+        name = "adb_shell without output"
+        expected = f"code 10000 and data {{{serial!r}: ''}}"
+        reply, ms = await self.call(conn, Action.ADB_SHELL, serial, {"command": "true"})
+        if not reply.ok:
+            self._failed_reply(name, expected, reply, ms)
+            return
+        try:
+            text, variants = shell_text(reply.data, serial)
+        except ShapeError as exc:
+            self.check(name, "failed", expected, f"unknown shape ({exc.reason}): {clip_raw(exc.raw)}", ms)
+            return
+        self.note(Action.ADB_SHELL, variants)
+        differs = sorted(str(v) for v in reply.variants | variants)
+        if text.strip():
+            self.check(name, "failed", expected, f"output {text!r:.200}", ms)
+        else:
+            self.check(name, "tolerated" if differs else "ok", expected,
+                       "no output" + (f"; differs: {', '.join(differs)}" if differs else ""), ms)
+
     async def _screen(self, conn: tuple[int, ClientConnection], serial: str, data: dict[str, Any],
                       folder: Path) -> tuple[Reply, float, Path | None, float]:
         before = await asyncio.to_thread(png_files, folder, False)
@@ -290,14 +310,9 @@ class _Probe:
             seen += f"; new file {new}" if new else f"; no new PNG in {default_folder}"
         self.check(name, "ok", expected, seen, ms)
 
-    async def _in_order(self, serial: str) -> None:
+    async def _in_order(self, conn: tuple[int, ClientConnection], serial: str) -> None:
         name = "two requests in flight on one connection"
         expected = "answered in the order sent (doai never sends them, so this is information)"
-        try:
-            conn = await self.open()
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            self.check(name, "skipped", expected, f"no connection for it: {exc!r}")
-            return
         tag = secrets.token_hex(3)
         try:
             started = time.monotonic()
@@ -317,9 +332,6 @@ class _Probe:
                            "second request before the first is answered; doai does not)", ms)
         except (TimeoutError, ConnectionClosed, ShapeError) as exc:
             self.check(name, "deviation", expected, f"the second answer did not come: {exc!r:.200}")
-        finally:
-            with contextlib.suppress(Exception):
-                await conn[1].close()
 
     async def _ping(self, conn: tuple[int, ClientConnection]) -> None:
         name = "keep-alive ping"
@@ -342,6 +354,7 @@ class _Probe:
         conns: list[tuple[int, ClientConnection]] = []
         answered = 0
         refused = ""
+        started = time.monotonic()
         try:
             for _ in range(wanted):
                 try:
@@ -369,11 +382,12 @@ class _Probe:
                     await c[1].close()
         self.connections_ok = answered
         self.connections_tried = wanted
+        ms = (time.monotonic() - started) * 1000
         if answered >= wanted:
-            self.check(name, "ok", expected, f"{answered} connections answered")
+            self.check(name, "ok", expected, f"{answered} connections answered", ms)
         else:
             self.check(name, "deviation", expected, f"{answered} of {wanted} connections answered"
-                       + (f"; {refused}" if refused else ""))
+                       + (f"; {refused}" if refused else ""), ms)
 
     # ------------------------------------------------------- recommendations
 
