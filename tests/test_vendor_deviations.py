@@ -11,6 +11,7 @@ the variant it tolerated.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,7 +23,7 @@ from services.simulator import Simulator, SimulatorConfig
 from tests.node_support import assert_complete_and_exact, broadcast, connect, read_events, recipe, send
 from tests.test_node_agent import NODE, agent_running, wait_terminal
 
-STEPS = [
+STEPS: list[dict[str, Any]] = [
     {"id": "model", "action": "adb_shell", "command": ["getprop", "ro.product.model"]},
     {"id": "has_model", "action": "assert", "source": "model", "pattern": "[A-Za-z0-9]"},
     {"id": "quiet", "action": "tap", "x": 10, "y": 20},
@@ -48,7 +49,7 @@ BEHAVIOUR_MODES = ["screen_subfolder", "screen_late", "screen_needs_savepath", "
 
 
 async def run_once(nats_server: EmbeddedNats, tmp_path: Path, deviations: frozenset[str],
-                   **options: object) -> tuple[VendorClient, Simulator]:
+                   **options: Any) -> tuple[VendorClient, Simulator]:
     config = SimulatorConfig(devices=3, wifi_devices=1, seed=4, default_latency_ms=2.0, latency_ms={},
                              deviations=deviations, screen_late_ms=400.0)
     async with Simulator(config) as sim, agent_running(nats_server.url, sim, tmp_path, **options) as agent:
