@@ -252,3 +252,46 @@ async def test_a_request_dropped_after_sending_is_never_retried(sim: Simulator) 
         with pytest.raises(VendorUnavailable, match="dropped"):
             await client.shell("SIM0001", "input tap 1 1")
         assert sim.requests_total == before + 1  # sent once; its fate is unknown, so it is not sent again
+
+
+async def test_screenshot_written_late_and_slowly_into_a_subfolder_is_picked_up_complete(tmp_path: Path) -> None:
+    config = SimulatorConfig(devices=1, default_latency_ms=0, screen_late_ms=600.0,
+                             deviations=frozenset({"screen_late", "screen_subfolder"}))
+    async with Simulator(config) as sim, VendorClient(sim.url, screenshot_wait_s=5.0) as client:
+        folder = tmp_path / "shot"
+        started = time.monotonic()
+        path = await client.screenshot("SIM0001", folder)
+        assert time.monotonic() - started >= 0.5  # it waited for the second half
+        assert path.parent.parent == folder and path.parent.name == time.strftime("%Y-%m-%d")
+        content = path.read_bytes()
+        assert content[:8] == b"\x89PNG\r\n\x1a\n" and content.endswith(b"IEND\xaeB`\x82")
+        assert len(content) == len(sim.devices["SIM0001"].render_screen())
+
+
+async def test_screenshot_wait_is_configurable_and_its_failure_names_the_folder(tmp_path: Path) -> None:
+    config = SimulatorConfig(devices=1, default_latency_ms=0, screen_late_ms=3000.0,
+                             deviations=frozenset({"screen_late"}))
+    async with Simulator(config) as sim, VendorClient(sim.url, screenshot_wait_s=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(VendorProtocolError) as info:
+            await client.screenshot("SIM0001", tmp_path / "slow")
+        assert time.monotonic() - started < 2.0
+        assert str(tmp_path / "slow") in info.value.message and "0.3 s" in info.value.message
+
+
+async def test_a_stable_file_without_the_png_trailer_counts_once_its_size_stops_changing(tmp_path: Path) -> None:
+    """The size-stable rule alone (a writer whose file does not end like a PNG, e.g. a truncated one)."""
+    folder = tmp_path / "odd"
+
+    async def handler(ws: ServerConnection) -> None:
+        async for _ in ws:
+            (folder / "sub").mkdir(parents=True, exist_ok=True)
+            (folder / "sub" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+            await ws.send('{"code": 10000, "message": "SUCCESS", "data": null}')
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with VendorClient(f"ws://127.0.0.1:{port}/", screenshot_wait_s=3.0) as client:
+            started = time.monotonic()
+            assert await client.screenshot("X1", folder) == folder / "sub" / "x.png"
+            assert time.monotonic() - started >= 1.0  # STABLE_S

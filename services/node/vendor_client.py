@@ -400,8 +400,8 @@ class VendorClient:
         The answer carries no reliable file name, and the program may write the
         file after it answers, or into a subfolder. So every ``*.png`` under
         ``save_dir`` is noted before, and afterwards the first new one whose
-        writing has finished is returned: it ends with the PNG trailer, or its
-        size stayed the same for ``STABLE_S``. Gives up after ``screenshot_wait_s``.
+        writing has finished is returned: it ends with the PNG trailer, or (for
+        a file that never will) its size stayed the same for ``STABLE_S``. Gives up after ``screenshot_wait_s``.
         """
         save_dir = Path(save_dir)
         check_serial(serial)
@@ -430,8 +430,9 @@ class VendorClient:
         await self.request(Action.STOP_APK, serial, {"apk": package})
 
 
-STABLE_S = 0.2
-"""A new screenshot whose size has not changed for this long counts as written."""
+STABLE_S = 1.0
+"""A new screenshot that does not end with the PNG trailer counts as written once its size has not
+changed for this long (a PNG that ends with the trailer is complete at once)."""
 _POLL_S = 0.05
 _PNG_TRAILER = b"IEND\xaeB`\x82"
 
