@@ -126,13 +126,16 @@ def cmd_node(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from services.simulator.server import SimulatorConfig, run_simulator
 
-    config = SimulatorConfig(
-        devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
-        default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
-        drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
-        wifi_devices=args.wifi_devices, deviations=frozenset(args.deviate),
-        hang_blocks_connection=not args.hang_frees_connection,
-    )
+    try:
+        config = SimulatorConfig(
+            devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
+            default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
+            drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
+            wifi_devices=args.wifi_devices, deviations=frozenset(args.deviate),
+            hang_blocks_connection=not args.hang_frees_connection,
+        )
+    except ValueError as exc:
+        raise SystemExit(f"doai sim: {exc}") from None
     return _serve("sim", lambda stop: run_simulator(config, stop))
 
 
