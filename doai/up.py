@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-import signal
 import socket
 import sys
 import time
@@ -30,7 +29,8 @@ from doai.embedded import free_port
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
-from services.aggregator.main import run_aggregator
+from runtime.stopping import install_stop_handlers
+from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
 from services.node.agent import run_node
@@ -200,7 +200,8 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                                    node_secret=opts.node_secret or secrets.token_urlsafe(32),
                                    artifact_dir=str(artifact_dir))
         spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
-        spawn(run_aggregator(infra.database_url, infra.nats_url, stop), "aggregator")
+        spawn(run_aggregator(AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url), stop),
+              "aggregator")
         for i in range(1, opts.nodes + 1):
             sim = Simulator(SimulatorConfig(
                 devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
@@ -231,10 +232,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
 
 async def up(opts: UpOptions) -> int:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
+    install_stop_handlers(stop)
     token = opts.token or secrets.token_urlsafe(32)
     port = opts.port
     if port and not _port_free(opts.host, port):

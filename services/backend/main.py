@@ -14,7 +14,7 @@ from nats.js import JetStreamContext
 from runtime import db, jetstream
 from services.backend.app import create_app
 from services.backend.relay import OutboxRelay
-from services.backend.settings import BackendSettings, SettingsError
+from services.backend.settings import BackendSettings
 
 log = structlog.get_logger(__name__)
 
@@ -30,14 +30,8 @@ class _Server(uvicorn.Server):
 async def run_backend(settings: BackendSettings, stop: asyncio.Event,
                       on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until `stop` is set; `on_ready` gets the API base URL once it listens."""
-    if not settings.api_tokens:
-        raise SystemExit("doai backend: set DOAI_API_TOKEN (one or more comma-separated tokens)")
     pool = await db.create_pool(settings.database_url)
     try:
-        try:
-            settings.check()
-        except SettingsError as exc:
-            raise SystemExit(f"doai backend: {exc}") from None
         await db.migrate(pool)
         nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop)
         try:
