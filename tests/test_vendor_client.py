@@ -14,7 +14,10 @@ import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
 from contracts.events import DeviceInfo
+from runtime.config import ConfigError, load_settings
 from services.node.driver import Key
+from services.node.factory import build_driver
+from services.node.settings import NodeSettings
 from services.node.vendor_client import (
     VendorClient,
     VendorError,
@@ -295,3 +298,25 @@ async def test_a_stable_file_without_the_png_trailer_counts_once_its_size_stops_
             started = time.monotonic()
             assert await client.screenshot("X1", folder) == folder / "sub" / "x.png"
             assert time.monotonic() - started >= 1.0  # STABLE_S
+
+
+def test_vendor_connection_settings_come_from_the_environment_and_reach_the_client(tmp_path: Path) -> None:
+    env = {"DOAI_NODE_ID": "node-1", "NATS_URL": "nats://127.0.0.1:4222", "DOAI_VENDOR_POOL_SIZE": "3",
+           "DOAI_VENDOR_PING_INTERVAL_S": "0", "DOAI_VENDOR_SCREENSHOT_WAIT_S": "4.5"}
+    settings = load_settings(NodeSettings, env, state_dir=tmp_path)
+    assert (settings.vendor_pool_size, settings.vendor_ping_interval_s, settings.vendor_screenshot_wait_s) == (
+        3, None, 4.5)
+    client = build_driver(settings)
+    assert isinstance(client, VendorClient)
+    assert (client.pool_size, client.ping_interval_s, client.screenshot_wait_s) == (3, None, 4.5)
+    # Flags win; defaults are one connection per slot and a 20 s ping.
+    default = build_driver(load_settings(NodeSettings, env, vendor_pool_size=None, slots=7,
+                                         vendor_ping_interval_s=20.0))
+    assert isinstance(default, VendorClient) and default.pool_size == 3 and default.ping_interval_s == 20.0
+    bare = build_driver(load_settings(NodeSettings, {k: env[k] for k in ("DOAI_NODE_ID", "NATS_URL")}, slots=7))
+    assert isinstance(bare, VendorClient) and (bare.pool_size, bare.ping_interval_s, bare.screenshot_wait_s) == (
+        7, 20.0, 10.0)
+    for bad in ({"DOAI_VENDOR_POOL_SIZE": "0"}, {"DOAI_VENDOR_SCREENSHOT_WAIT_S": "0"},
+                {"DOAI_VENDOR_POOL_SIZE": "many"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            load_settings(NodeSettings, {**env, **bad})

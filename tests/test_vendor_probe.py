@@ -155,3 +155,15 @@ async def test_the_doai_vendor_probe_command(tmp_path: Path) -> None:
     doc = json.loads(out.read_text())
     assert doc["ok"] is True and doc["url"] == sim.url and doc["transcript"]
     assert {c["name"] for c in doc["checks"]} == ALL_CHECKS
+
+
+async def test_no_phone_online_skips_the_device_checks(tmp_path: Path) -> None:
+    async with Simulator(config(tmp_path)) as sim:
+        for serial in sim.devices:
+            sim.set_device_status(serial, "offline")
+        report = await probe(sim, tmp_path)
+        assert {a for a, _ in sim.calls} == {"list"}
+    assert report.ok and report.device is None
+    assert statuses(report) == {"connect": "ok", "list": "ok", "device": "skipped", "keep-alive ping": "ok",
+                                "second connection": "ok"}
+    assert "pass --device" in render(report)
