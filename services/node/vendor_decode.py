@@ -20,7 +20,7 @@ Accepted variants (`contracts.vendor.Variant`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -56,7 +56,10 @@ def clip_raw(raw: Any) -> str:
     return text if len(text) <= RAW_LIMIT else text[:RAW_LIMIT] + "…"
 
 
-@dataclass(frozen=True)
+_NONE: frozenset[Variant] = frozenset()
+
+
+@dataclass(slots=True)
 class Reply:
     """One answer, normalised."""
 
@@ -65,7 +68,7 @@ class Reply:
     message: str
     data: Any
     licence: bool = False
-    variants: frozenset[Variant] = field(default_factory=frozenset)
+    variants: frozenset[Variant] = _NONE
 
 
 def _type(value: Any) -> str:
@@ -80,7 +83,7 @@ def decode_reply(raw: str | bytes) -> Reply:
         raise ShapeError("the answer is not JSON", raw) from None
     if not isinstance(obj, dict):
         raise ShapeError(f"the answer is a JSON {_type(obj)}, not an object", raw)
-    variants: set[Variant] = set()
+    variants: set[Variant] | None = None
 
     code: int | None
     raw_code = obj.get("code")
@@ -92,36 +95,36 @@ def decode_reply(raw: str | bytes) -> Reply:
         if not raw_code.strip().lstrip("-").isdigit():
             raise ShapeError("code is a string that is not a number", raw)
         code = int(raw_code)
-        variants.add(Variant.CODE_STRING)
+        variants = {Variant.CODE_STRING}
     else:
         code = raw_code
 
     text: Any = obj.get("message")
     if text is None and obj.get("msg") is not None:
         text = obj["msg"]
-        variants.add(Variant.MSG_FIELD)
+        variants = (variants or set()) | {Variant.MSG_FIELD}
     message = "" if text is None else text if isinstance(text, str) else clip_raw(text)
 
     data = obj.get("data")
     if isinstance(data, dict) and len(data) == 1 and "result" in data:
         data = data["result"]
-        variants.add(Variant.DATA_RESULT)
+        variants = (variants or set()) | {Variant.DATA_RESULT}
 
     licence = message.strip() == LICENCE_MESSAGE
     if licence:
         ok = False
     elif code is None:
         ok = True
-        variants.add(Variant.NO_CODE)
+        variants = (variants or set()) | {Variant.NO_CODE}
     elif code in SUCCESS_CODES:
         ok = True
         if code != SUCCESS:
-            variants.add(Variant.CODE_ZERO)
+            variants = (variants or set()) | {Variant.CODE_ZERO}
     else:
         ok = False
         if code != FAILURE:
-            variants.add(Variant.CODE_OTHER)
-    return Reply(ok=ok, code=code, message=message, data=data, licence=licence, variants=frozenset(variants))
+            variants = (variants or set()) | {Variant.CODE_OTHER}
+    return Reply(ok, code, message, data, licence, frozenset(variants) if variants else _NONE)
 
 
 def shell_text(data: Any, serial: str) -> tuple[str, frozenset[Variant]]:
@@ -139,20 +142,20 @@ def shell_text(data: Any, serial: str) -> tuple[str, frozenset[Variant]]:
     else:
         raise ShapeError("adb_shell data has no entry for the device", data)
     if value is None:
-        return "", frozenset()
+        return "", _NONE
     if not isinstance(value, str):
         raise ShapeError(f"adb_shell output is a {_type(value)}", data)
-    return value, frozenset()
+    return value, _NONE
 
 
 def device_entries(data: Any) -> tuple[list[dict[str, Any]], frozenset[Variant]]:
     """The device objects of a `list` answer (an empty list may mean the program is restarting)."""
     if data is None:
-        return [], frozenset()
+        return [], _NONE
     if isinstance(data, list):
         if not all(isinstance(d, dict) for d in data):
             raise ShapeError("list data has an element that is not an object", data)
-        return data, frozenset()
+        return data, _NONE
     if isinstance(data, dict):
         if not all(isinstance(d, dict) for d in data.values()):
             raise ShapeError("list data is an object whose values are not devices", data)

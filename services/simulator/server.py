@@ -203,6 +203,11 @@ class Simulator:
                 sort=i - 1,
                 battery_level=self._rng.randint(20, 100),
             )
+        # Other names a device answers to: its `serial` field and its intranet IP:PORT.
+        self._aliases: dict[str, SimDevice] = {
+            **{f"{d.intranet_ip}:{WIFI_ADB_PORT}": d for d in self.devices.values()},
+            **{d.serial: d for d in self.devices.values()},
+        }
         self._server: Server | None = None
         self._port = self.config.port
         self._connections: set[ServerConnection] = set()
@@ -397,6 +402,8 @@ class Simulator:
     def _shape(self, action: str, resp: Response) -> dict[str, Any]:
         """The answer as sent: documented, or with the configured response ``deviations``."""
         dev = self.config.deviations
+        if not dev:
+            return {"code": resp.code, "message": resp.message, "data": resp.data}
         data = resp.data
         ok = resp.code == SUCCESS
         if ok and action == "adb_shell" and isinstance(data, dict) and len(data) == 1:
@@ -488,13 +495,11 @@ class Simulator:
             if not targets:
                 raise _Fail("no online devices")
             return targets
-        by_serial = {d.serial: d for d in self.devices.values()}
-        by_serial.update({f"{d.intranet_ip}:{WIFI_ADB_PORT}": d for d in self.devices.values()})
         out: list[tuple[str, SimDevice]] = []
         for token in (t.strip() for t in devices.split(",")):
             if not token:
                 continue
-            dev = self.devices.get(token) or by_serial.get(token)
+            dev = self.devices.get(token) or self._aliases.get(token)
             if dev is None:
                 raise _Fail(f"device {token} not found")
             if not dev.online:
@@ -521,8 +526,9 @@ class Simulator:
 
     async def _a_adb_shell(self, devices: Any, data: dict[str, Any]) -> Any:
         command = self._str_field(data, "command")
-        out = {key: dev.run_shell(command) for key, dev in self._resolve(devices)}
-        delay = max((dev.take_sleep() for _, dev in self._resolve(devices)), default=0.0)
+        targets = self._resolve(devices)
+        out = {key: dev.run_shell(command) for key, dev in targets}
+        delay = max((dev.take_sleep() for _, dev in targets), default=0.0)
         if delay:
             await asyncio.sleep(delay)  # `sleep N` on the phone takes that long
         return out
