@@ -26,6 +26,7 @@ from runtime.signing import (
 from services.backend.settings import BackendSettings
 from services.node.artifacts import ArtifactPathError, LocalArtifactStore
 from services.node.settings import NodeSettings
+from services.node.steps import StepError, _saved_inside
 
 BASE_ENV = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "DOAI_API_TOKEN": "t",
             "NODE_AGENT_SHARED_SECRET": "s" * 32}
@@ -185,3 +186,17 @@ async def test_the_local_store_writes_nothing_outside_its_root(tmp_path: Path) -
     assert list(outside.iterdir()) == []
     stored = await store.put("vid/node-2/S1/run/1.png", source, "image/png")
     assert (root / stored.key).read_bytes() == source.read_bytes()
+
+
+def test_a_screenshot_the_driver_reports_outside_its_folder_is_refused(tmp_path: Path) -> None:
+    folder = (tmp_path / "spool" / "shot").resolve()
+    (folder / "2026-11-29").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    dated = folder / "2026-11-29" / "s.png"
+    assert _saved_inside(folder, dated) == dated  # a program that adds a dated subfolder is fine
+    (folder / "link").symlink_to(outside, target_is_directory=True)
+    for path in (outside / "s.png", folder / ".." / "s.png", folder / "link" / "s.png"):
+        with pytest.raises(StepError) as err:
+            _saved_inside(folder, path)
+        assert err.value.code == "path_escape"

@@ -76,6 +76,15 @@ def _inside(root: Path, *parts: str) -> Path:
         raise StepError(exc.code, str(exc)) from None
 
 
+def _saved_inside(folder: Path, path: Path) -> Path:
+    """The file a driver saved, checked to lie under `folder` (a program may add dated subfolders)."""
+    try:
+        relative = path.resolve().relative_to(folder)
+    except ValueError:
+        raise StepError("path_escape", f"the driver saved the screenshot outside {folder}: {path}") from None
+    return _inside(folder, *relative.parts)
+
+
 def shell_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -119,9 +128,7 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             folder = _inside(ctx.spool, step.id)
             folder.mkdir(parents=True, exist_ok=True)
             path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=timeout_s)
-            if path.parent != folder:
-                raise StepError("path_escape", f"the driver saved the screenshot outside {folder}: {path}")
-            path = _inside(folder, path.name)
+            path = _saved_inside(folder, path)
             ctx.screenshots[step.id] = path
             return StepResult(str(path))
         case dsl.Upload(source=source):
