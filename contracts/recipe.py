@@ -460,8 +460,12 @@ def param_text(value: str | int | bool) -> str:
 def _param_value_fault(spec: ParamSpec, value: Any) -> str | None:
     """Type, length, characters and pattern (matched as a whole, in linear time)."""
     problem = _param_type_fault(spec, value)
-    if problem is None and spec.pattern is not None and not compile_pattern(spec.pattern).fullmatch(param_text(value)):
-        problem = f"does not match pattern {spec.pattern}"
+    if problem is None and spec.pattern is not None:
+        try:
+            if not compile_pattern(spec.pattern).fullmatch(param_text(value)):
+                problem = f"does not match pattern {spec.pattern}"
+        except PatternError as exc:  # a version published before patterns were RE2
+            problem = f"cannot be checked: the workflow's pattern for it is refused ({exc}); publish a new version"
     return problem
 
 
