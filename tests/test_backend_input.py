@@ -13,9 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from contracts.text import MAX_TEXT_CHARS
 from doai.embedded import EmbeddedNats
+from runtime.config import ConfigError, load_settings
+from services.backend.settings import BackendSettings
 from tests.backend_support import (
     NODE_SECRET,
     PARAMS,
@@ -363,3 +366,18 @@ async def test_openapi_tells_the_truth_about_methods_targets_integers_and_links(
                                          path.replace("{run_id}", run_id))).status_code < 300
         published = spec["paths"]["/v1/workflows"]["post"]["responses"]["201"]["links"]
         assert {link["operationId"] for link in published.values()} == {"get_workflow", "get_workflow_version"}
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{youtubeVideoId.__class__}/{run_id}.png", "plain names"),
+    ("/{run_id}.png", "relative"),
+    ("static.png", "at least one field"),
+    ("{run_id", "not valid"),
+])
+def test_backend_refuses_an_artifact_path_template_it_cannot_check(template: str, message: str) -> None:
+    env = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "DOAI_API_TOKEN": "t",
+           "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_ARTIFACT_PATH_TEMPLATE": template}
+    with pytest.raises(ConfigError, match=f"DOAI_ARTIFACT_PATH_TEMPLATE: .*{message}"):
+        load_settings(BackendSettings, env)
+    env["DOAI_ARTIFACT_PATH_TEMPLATE"] = "{site}/{node_id}/{run_id}.png"
+    assert load_settings(BackendSettings, env).path_template == "{site}/{node_id}/{run_id}.png"
