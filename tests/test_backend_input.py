@@ -381,3 +381,15 @@ def test_backend_refuses_an_artifact_path_template_it_cannot_check(template: str
         load_settings(BackendSettings, env)
     env["DOAI_ARTIFACT_PATH_TEMPLATE"] = "{site}/{node_id}/{run_id}.png"
     assert load_settings(BackendSettings, env).path_template == "{site}/{node_id}/{run_id}.png"
+
+
+async def test_the_json_depth_check_is_linear_on_hostile_bodies(database_url: str, nats_server: EmbeddedNats) -> None:
+    """An unterminated string full of `\\"` after 33 brackets made the depth check's string scan restart at
+    every quote (quadratic: about 15 s for 40 KB, hours for 1 MiB, with the event loop blocked)."""
+    async with running_backend(database_url, nats_server.url) as backend, backend.client(timeout=60) as client:
+        hostile = b"{" * 40 + b'"' + b'\\"' * 500_000  # just under 1 MiB
+        answers = await asyncio.gather(*(client.post(path, content=hostile) for path in ("/v1/runs", "/v1/workflows")),
+                                       client.get("/healthz"))
+        assert [r.status_code for r in answers] == [422, 422, 200]
+        assert {r.json()["error"]["code"] for r in answers[:2]} == {"json_too_deep"}
+        await nothing_stored(database_url, nats_server.url)
