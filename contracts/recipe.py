@@ -30,6 +30,10 @@ DEFAULT_UPLOAD_TIMEOUT_MS: Final = 30_000
 MIN_TIMEOUT_MS: Final = 100
 MAX_TIMEOUT_MS: Final = 3_600_000
 BUILTIN_PLACEHOLDERS: Final = frozenset({"run_id", "node_id", "device_serial"})
+MAX_STEPS: Final = 200
+MAX_PARAMS: Final = 100  # as many as a run may pass
+# Past this many faults the validator stops looking (a hostile document could otherwise keep it busy).
+MAX_FAULTS: Final = 200
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -184,9 +188,9 @@ class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
     workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
     title: FreeText = ""
     description: FreeText = ""
-    params: dict[ParamName, ParamSpec] = {}
+    params: Annotated[dict[ParamName, ParamSpec], Meta(max_length=MAX_PARAMS)] = {}
     timeouts: TimeoutDefaults = TimeoutDefaults()
-    steps: Annotated[list[Step], Meta(min_length=1, max_length=200)]
+    steps: Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS)]
 
     def step(self, step_id: str) -> StepBase | None:
         for s in self.steps:
@@ -251,7 +255,7 @@ def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step],
     params_out: dict[str, ParamSpec] = {}
     steps = doc.get("steps")
     if isinstance(steps, list):
-        for i, raw in enumerate(steps):
+        for i, raw in enumerate(steps[:MAX_STEPS]):  # (more steps: one fault, from the top-level check)
             try:
                 steps_out.append(msgspec.convert(raw, Step))
             except msgspec.ValidationError as err:
@@ -264,7 +268,7 @@ def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step],
                 faults.append(fault)
     params = doc.get("params")
     if isinstance(params, dict):
-        for name, raw in params.items():
+        for name, raw in list(params.items())[:MAX_PARAMS]:
             if not isinstance(name, str) or not _PARAM_NAME.match(name):
                 faults.append(Fault(f"$.params.{name}", "param names are letters, digits and '_' (max 64)"))
             try:
@@ -301,6 +305,8 @@ def _check_top_level(doc: dict[str, Any], faults: list[Fault]) -> Recipe | None:
         except msgspec.ValidationError as err:
             fault = _fault_from(err, "$")
             faults.append(fault)
+            if len(faults) >= MAX_FAULTS:
+                return None
             key = re.split(r"[.\[]", fault.path[2:], maxsplit=1)[0]
             if key in _TOP_LEVEL_STAND_INS:
                 shell[key] = _TOP_LEVEL_STAND_INS[key]

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from contracts.recipe import MAX_FAULTS, MAX_PARAMS, MAX_STEPS, RecipeInvalid, validate_recipe
 from contracts.text import MAX_TEXT_CHARS
 from doai.embedded import EmbeddedNats
 from runtime.config import ConfigError, load_settings
@@ -392,4 +393,23 @@ async def test_the_json_depth_check_is_linear_on_hostile_bodies(database_url: st
                                        client.get("/healthz"))
         assert [r.status_code for r in answers] == [422, 422, 200]
         assert {r.json()["error"]["code"] for r in answers[:2]} == {"json_too_deep"}
+        # 75,000 unknown fields (and 5,000 steps): the validator stops after a bounded number of faults
+        # instead of re-checking the document once per fault.
+        crowded = {**{f"k{i}": 1 for i in range(75_000)}, "dsl": 1, "workflow_id": "crowded",
+                   "steps": [{"id": "r", "action": "nope"}] * 5_000}
+        body = json.dumps(crowded, separators=(",", ":")).encode()
+        assert len(body) < backend.settings.max_body_bytes
+        r, health = await asyncio.gather(client.post("/v1/workflows", content=body), client.get("/healthz"))
+        assert health.status_code == 200
+        assert r.status_code == 422 and len(r.json()["error"]["details"]) == 101, r.text[:300]
         await nothing_stored(database_url, nats_server.url)
+        assert await fetchval(database_url, "SELECT count(*) FROM workflows") == 0
+
+
+def test_recipe_validation_stops_after_a_bounded_number_of_faults() -> None:
+    """The work per fault is a re-check of the document: an unbounded list of faults was quadratic work."""
+    crowded = {**{f"k{i}": 1 for i in range(20_000)}, "dsl": 1, "workflow_id": "crowded",
+               "params": {f"p{i}": {"type": "x"} for i in range(5_000)}, "steps": [{"id": "r", "action": "x"}] * 5_000}
+    with pytest.raises(RecipeInvalid) as info:
+        validate_recipe(crowded)
+    assert len(info.value.faults) <= MAX_FAULTS + MAX_STEPS + MAX_PARAMS
