@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -413,3 +414,30 @@ def test_recipe_validation_stops_after_a_bounded_number_of_faults() -> None:
     with pytest.raises(RecipeInvalid) as info:
         validate_recipe(crowded)
     assert len(info.value.faults) <= MAX_FAULTS + MAX_STEPS + MAX_PARAMS
+
+
+async def test_versions_stored_under_older_rules_are_refused_cleanly(
+    database_url: str, nats_server: EmbeddedNats
+) -> None:
+    """Rows published before these rules (a bell in a title, a `{1,2000}` repetition RE2 refuses) get a 409 or
+    a 422 that says to publish a new version, never a 500."""
+    async with running_backend(database_url, nats_server.url) as backend, backend.client() as client:
+        await seed_fleet(database_url, fleet_of(1, 1))
+        old = {"bell": recipe("bell", {}, [{"id": "r", "action": "report"}], title="ding\x07"),
+               "wide": recipe("wide", {"u": {"pattern": "^[a-z]{1,2000}$"}}, [{"id": "r", "action": "report"}])}
+        conn = await asyncpg.connect(database_url)
+        try:
+            for workflow_id, doc in old.items():
+                await conn.execute("INSERT INTO workflows (workflow_id, version, recipe, digest)"
+                                   " VALUES ($1, 1, $2::jsonb, $3)", workflow_id, json.dumps(doc), workflow_id)
+        finally:
+            await conn.close()
+        for path in ("/v1/workflows/bell", "/v1/workflows/bell/versions/1"):
+            r = await client.get(path)
+            assert r.status_code == 409 and r.json()["error"]["code"] == "workflow_outdated", r.text
+        r = await client.post("/v1/runs", json=run_body(workflow_id="bell", params={}))
+        assert r.status_code == 409 and "publish a new version" in r.json()["error"]["message"], r.text
+        refused(await client.post("/v1/runs", json=run_body(workflow_id="wide", params={"u": "abc"})),
+                "$.params.u", contains="publish a new version")
+        assert (await client.get("/v1/workflows")).status_code == 200
+        await nothing_stored(database_url, nats_server.url)

@@ -217,12 +217,12 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
                                 msgspec.to_builtins(stored.recipe))
 
     @app.get("/v1/workflows/{workflow_id}", dependencies=auth, operation_id="get_workflow",
-             **route((200, api.WorkflowView), 401, 404, 422))
+             **route((200, api.WorkflowView), 401, 404, 409, 422))
     async def get_workflow(workflow_id: WorkflowIdPath) -> JSONResponse:
         return JSONResponse(await _workflow(workflow_id, None))
 
     @app.get("/v1/workflows/{workflow_id}/versions/{version}", dependencies=auth, operation_id="get_workflow_version",
-             **route((200, api.WorkflowView), 401, 404, 422))
+             **route((200, api.WorkflowView), 401, 404, 409, 422))
     async def get_workflow_version(workflow_id: WorkflowIdPath,
                                    version: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> JSONResponse:
         return JSONResponse(await _workflow(workflow_id, version))
