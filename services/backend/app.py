@@ -1,68 +1,32 @@
-"""The REST API (FastAPI). Bodies are msgspec Structs from `contracts.api`, decoded from raw bytes.
+"""The REST API (FastAPI): the app, its middleware and its OpenAPI document.
+
+The routes live in `services/backend/routes/`, one `APIRouter` per resource
+(workflows, runs, fleet, node, health); what they share, including the input
+rules every request meets, is in `routes/common.py`. Bodies are msgspec Structs
+from `contracts.api`, decoded from raw bytes.
 
 Operator endpoints take `Authorization: Bearer <token>`; node endpoints
 (`/v1/node/...`) take only `X-Node-Auth: <NODE_AGENT_SHARED_SECRET>`. Every
 error has the shape `{"error": {"code", "message", "details"}}`.
-
-Input rules (each a 422 with the JSON path of every fault): no control
-character in any string of a body, query or path (tab, line feed and carriage
-return only in recipe titles and descriptions), no query parameter an operation
-does not declare, date filters in RFC 3339 with an offset, whole-number floats
-accepted wherever an integer is.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import asyncpg
-import msgspec
-from fastapi import Depends, FastAPI, Header, Path, Query, Request, Security
-from fastapi.dependencies.models import Dependant
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.routing import APIRoute
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from contracts import api
-from contracts.ids import NODE_ID_PATTERN, WORKFLOW_ID_PATTERN
-from contracts.recipe import Recipe, RecipeInvalid, validate_recipe
-from contracts.text import clip, control_faults, has_control, whole_numbers
-from services.backend import runs, workflows
 from services.backend.artifact_links import ArtifactLinker
 from services.backend.auth import AuthFailureLog, NodeSecretCheck, TokenCheck
-from services.backend.errors import (
-    ApiError,
-    JSONResponse,
-    check_json_depth,
-    decode_error,
-    error_response,
-    install_error_handlers,
-    invalid,
-)
-from services.backend.openapi import RECIPE_EXAMPLE, RUN_EXAMPLE, add_links, components, route, tidy_parameters
+from services.backend.errors import ApiError, JSONResponse, error_response, install_error_handlers
+from services.backend.openapi import add_links, components, tidy_parameters
 from services.backend.relay import OutboxRelay
+from services.backend.routes import fleet, health, node, runs, workflows
+from services.backend.routes.common import Context
 from services.backend.settings import BackendSettings
-
-RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
-WorkflowIdPath = Annotated[str, Path(pattern=WORKFLOW_ID_PATTERN)]
-RunIdPath = Annotated[str, Path(pattern=api.RUN_ID_PATTERN, description="A run id (UUID) as POST /v1/runs returned it")]
-# RFC 3339 date-time with a time offset (`Z` or `±hh:mm`): no bare numbers, no dates without a zone.
-RFC3339_PATTERN = (r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
-                   r"([Zz]|[+-][0-9]{2}:[0-9]{2})$")
-_DATE_TEXT = ("RFC 3339 date-time with an offset, e.g. 2026-01-31T12:00:00Z or 2026-01-31T14:00:00+02:00;"
-              " its UTC time must fall within the years 0001-9999")
-CURSOR_PATTERN = r"^[A-Za-z0-9_-]{1,200}$"
-CreatedAfter = Annotated[str | None, Query(pattern=RFC3339_PATTERN, json_schema_extra={"format": "date-time"},
-                                           description=f"created at or after: {_DATE_TEXT}")]
-CreatedBefore = Annotated[str | None, Query(pattern=RFC3339_PATTERN, json_schema_extra={"format": "date-time"},
-                                            description=f"created before: {_DATE_TEXT}")]
-Cursor = Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="next_cursor of the previous page")]
-# Security schemes (documented in OpenAPI); the checks themselves read the raw headers.
-bearer = HTTPBearer(auto_error=False, description="Operator token (DOAI_API_TOKEN)")
-node_header = APIKeyHeader(name="X-Node-Auth", auto_error=False, scheme_name="NodeAuth",
-                           description="The node shared secret (NODE_AGENT_SHARED_SECRET)")
 
 
 class BodyLimit:
@@ -95,211 +59,24 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def parse_date(value: str | None, name: str) -> datetime | None:
-    """An RFC 3339 date filter (already pattern-checked) as an aware UTC datetime; 422 when out of range."""
-    if value is None:
-        return None
-    fault = [{"path": f"$.query.{name}", "message": _DATE_TEXT}]
-    try:
-        parsed = datetime.fromisoformat(value.upper())  # (3.11+: any number of fractional digits)
-        if parsed.tzinfo is None:
-            raise ValueError("no offset")
-        return parsed.astimezone(UTC)
-    except (ValueError, OverflowError):
-        raise ApiError(422, "invalid", f"{name} is not a valid date-time", fault) from None
-
-
-def _query_names(dependant: Dependant) -> set[str]:
-    names = {p.alias for p in dependant.query_params}
-    for sub in dependant.dependencies:
-        names |= _query_names(sub)
-    return names
-
-
-def check_request(request: Request) -> None:
-    """Refuse what no operation's parameters can express: unknown query parameters, control characters."""
-    faults: list[dict[str, str]] = []
-    route = request.scope.get("route")
-    declared = _query_names(route.dependant) if isinstance(route, APIRoute) else None
-    for name, value in request.query_params.multi_items():
-        where = f"$.query.{clip(name)}"
-        if declared is not None and name not in declared:
-            faults.append({"path": where, "message": "unknown query parameter; this operation takes "
-                                                     + (", ".join(sorted(declared)) or "none")})
-        elif has_control(name) or has_control(value):
-            faults.append({"path": where, "message": "must not contain control characters"})
-    for name, value in request.path_params.items():
-        if isinstance(value, str) and has_control(value):
-            faults.append({"path": f"$.path.{name}", "message": "must not contain control characters"})
-    if faults:
-        raise ApiError(422, "invalid", "request is invalid", faults)
-
-
 def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings) -> FastAPI:
-    operator_check = TokenCheck(settings.api_tokens,
-                                AuthFailureLog("operator authentication failed", settings.auth_log_interval_s))
-    node_check = NodeSecretCheck(settings.node_secret,
-                                 AuthFailureLog("node authentication failed", settings.auth_log_interval_s))
-    linker = ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
-                            supabase_key=settings.supabase_key, bucket=settings.supabase_bucket,
-                            ttl_s=settings.signed_url_ttl_s)
-
-    # Credentials first (401), then the request's shape (422). Async: they run on the loop, not in threads.
-    async def operator(request: Request,
-                       _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:
-        operator_check(request.headers.get("authorization"), client=_client(request))
-        check_request(request)
-
-    async def node(request: Request, x_node_auth: Annotated[str | None, Security(node_header)]) -> None:
-        node_check(x_node_auth, client=_client(request))
-        check_request(request)
-
-    async def body_of(request: Request, kind: type[Any]) -> Any:
-        """The body decoded (400 if not JSON), checked for control characters, then converted to `kind`."""
-        data = await request.body()
-        check_json_depth(data, settings.max_json_depth)
-        try:
-            doc = msgspec.json.decode(data)
-        except msgspec.DecodeError as err:
-            raise decode_error(err) from None
-        faults = control_faults(doc)
-        if faults:
-            raise ApiError(422, "invalid", "request body contains control characters",
-                           [{"path": path, "message": message} for path, message in faults])
-        doc = whole_numbers(doc)
-        if kind is Any:
-            return doc
-        try:
-            return msgspec.convert(doc, type=kind)
-        except msgspec.ValidationError as err:
-            raise decode_error(err) from None
-
+    ctx = Context(
+        pool=pool, relay=relay, settings=settings,
+        linker=ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
+                              supabase_key=settings.supabase_key, bucket=settings.supabase_bucket,
+                              ttl_s=settings.signed_url_ttl_s),
+        operator_check=TokenCheck(settings.api_tokens,
+                                  AuthFailureLog("operator authentication failed", settings.auth_log_interval_s)),
+        node_check=NodeSecretCheck(settings.node_secret,
+                                   AuthFailureLog("node authentication failed", settings.auth_log_interval_s)),
+    )
     app = FastAPI(title="doai", version="1", default_response_class=JSONResponse,
                   description="Workflows on fleets of Android devices. Errors: "
                               '`{"error": {"code", "message", "details"}}`.')
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    auth = [Depends(operator)]
-
-    @app.get("/healthz", operation_id="healthz", **route((200, api.Health), checked=False))
-    async def healthz() -> JSONResponse:
-        await pool.fetchval("SELECT 1")
-        return JSONResponse(api.Health("ok"))
-
-    # -- workflows ------------------------------------------------------------------
-
-    @app.post("/v1/workflows", dependencies=auth, operation_id="publish_workflow",
-              **route((201, api.WorkflowPublished), 400, 401, 409, 413, 422, body=Recipe,
-                      body_text="A recipe (DSL v1); stored as the next version of its workflow_id",
-                      example=RECIPE_EXAMPLE))
-    async def publish_workflow(request: Request) -> JSONResponse:
-        doc = await body_of(request, Any)
-        try:
-            recipe = validate_recipe(doc)
-        except RecipeInvalid as err:
-            raise invalid("recipe is invalid", err.faults, code="invalid_recipe") from None
-        stored, created = await workflows.publish(pool, recipe)
-        if not created:
-            raise ApiError(409, "unchanged",
-                           f"recipe equals the latest version {stored.version} of {stored.workflow_id}")
-        return JSONResponse(api.WorkflowPublished(stored.workflow_id, stored.version), status_code=201)
-
-    @app.get("/v1/workflows", dependencies=auth, operation_id="list_workflows", **route((200, api.WorkflowList), 401))
-    async def list_workflows() -> JSONResponse:
-        return JSONResponse(api.WorkflowList(await workflows.list_latest(pool)))
-
-    async def _workflow(workflow_id: str, version: int | None) -> api.WorkflowView:
-        stored = await workflows.get(pool, workflow_id, version)
-        if stored is None:
-            suffix = f" version {version}" if version is not None else ""
-            raise ApiError(404, "workflow_not_found", f"unknown workflow {clip(workflow_id)}{suffix}")
-        return api.WorkflowView(stored.workflow_id, stored.version, runs.iso(stored.created_at) or "",
-                                msgspec.to_builtins(stored.recipe))
-
-    @app.get("/v1/workflows/{workflow_id}", dependencies=auth, operation_id="get_workflow",
-             **route((200, api.WorkflowView), 401, 404, 409, 422))
-    async def get_workflow(workflow_id: WorkflowIdPath) -> JSONResponse:
-        return JSONResponse(await _workflow(workflow_id, None))
-
-    @app.get("/v1/workflows/{workflow_id}/versions/{version}", dependencies=auth, operation_id="get_workflow_version",
-             **route((200, api.WorkflowView), 401, 404, 409, 422))
-    async def get_workflow_version(workflow_id: WorkflowIdPath,
-                                   version: Annotated[int, Path(ge=1, le=2**31 - 1)]) -> JSONResponse:
-        return JSONResponse(await _workflow(workflow_id, version))
-
-    # -- runs -----------------------------------------------------------------------
-
-    @app.post("/v1/runs", dependencies=auth, operation_id="create_run",
-              **route((201, api.RunCreated), 400, 401, 404, 409, 413, 422, body=api.RunCreate,
-                      body_text="Workflow, params, targets (exactly one of devices / nodes / all_online)",
-                      example=RUN_EXAMPLE))
-    async def create_run(
-        request: Request,
-        idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
-                                                      description="Same key and body: the same run again")] = None,
-    ) -> JSONResponse:
-        body: api.RunCreate = await body_of(request, api.RunCreate)
-        created = await runs.create_run(pool, body, settings.device_stale_s, idempotency_key,
-                                        path_template=settings.path_template)
-        relay.wake()
-        headers = {"Idempotent-Replayed": "true"} if created.replayed else None
-        return JSONResponse(created.response, status_code=201, headers=headers)
-
-    @app.get("/v1/runs", dependencies=auth, operation_id="list_runs", **route((200, api.RunPage), 401, 422))
-    async def list_runs(
-        status: RunStatus | None = None,
-        workflow_id: Annotated[str | None, Query(pattern=WORKFLOW_ID_PATTERN)] = None,
-        created_after: CreatedAfter = None,
-        created_before: CreatedBefore = None,
-        cursor: Cursor = None,
-        limit: Annotated[int, Query(ge=1, le=api.MAX_PAGE_SIZE)] = api.DEFAULT_PAGE_SIZE,
-    ) -> JSONResponse:
-        after = parse_date(created_after, "created_after")
-        before = parse_date(created_before, "created_before")
-        return JSONResponse(await runs.list_runs(
-            pool, status=status, workflow_id=workflow_id, created_after=after,
-            created_before=before, cursor=cursor, limit=limit))
-
-    @app.get("/v1/runs/{run_id}", dependencies=auth, operation_id="get_run", **route((200, api.RunView), 401, 404, 422))
-    async def get_run(run_id: RunIdPath) -> JSONResponse:
-        return JSONResponse(await runs.get_run(pool, run_id))
-
-    @app.post("/v1/runs/{run_id}/cancel", dependencies=auth, operation_id="cancel_run",
-              **route((202, api.RunCancelled), 401, 404, 409, 422))
-    async def cancel_run(run_id: RunIdPath) -> JSONResponse:
-        cancelled = await runs.cancel_run(pool, run_id)
-        relay.wake()
-        return JSONResponse(cancelled, status_code=202)
-
-    @app.get("/v1/runs/{run_id}/artifacts", dependencies=auth, operation_id="run_artifacts",
-             **route((200, api.ArtifactList), 401, 404, 422))
-    async def run_artifacts(run_id: RunIdPath) -> JSONResponse:
-        rid = runs.parse_run_id(run_id)
-        if await pool.fetchval("SELECT 1 FROM runs WHERE run_id = $1", rid) is None:
-            raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-        rows = await pool.fetch("SELECT * FROM artifacts WHERE run_id = $1"
-                                " ORDER BY node_id, device_serial, created_at, key", rid)
-        return JSONResponse(api.ArtifactList(run_id=str(rid), artifacts=await linker.links(rows)))
-
-    # -- fleet ----------------------------------------------------------------------
-
-    @app.get("/v1/devices", dependencies=auth, operation_id="list_devices", **route((200, api.DeviceList), 401))
-    async def get_devices() -> JSONResponse:
-        return JSONResponse(api.DeviceList(await runs.list_devices(pool)))
-
-    @app.get("/v1/nodes", dependencies=auth, operation_id="list_nodes", **route((200, api.NodeList), 401))
-    async def get_nodes() -> JSONResponse:
-        return JSONResponse(api.NodeList(await runs.list_nodes(pool)))
-
-    # -- node-facing (X-Node-Auth only) -----------------------------------------------
-
-    @app.get("/v1/node/config", dependencies=[Depends(node)], operation_id="node_config",
-             **route((200, api.NodeConfig), 401, 422))
-    async def node_config(node_id: Annotated[str, Query(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
-        return JSONResponse(api.NodeConfig(
-            node_id=node_id, slots=settings.slots_for(node_id),
-            timeouts=api.NodeTimeouts(step_ms=settings.step_timeout_ms, upload_ms=settings.upload_timeout_ms),
-        ))
+    for resource in (health, workflows, runs, fleet, node):
+        app.include_router(resource.router(ctx))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -319,7 +96,3 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app
-
-
-def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"

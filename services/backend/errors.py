@@ -20,7 +20,6 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from contracts.api import ErrorBody, ErrorResponse
 from contracts.recipe import Fault
@@ -130,13 +129,13 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route serves on this path (Starlette's 405 names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches({**request.scope, "method": ""})  # no method matches: path-only is PARTIAL
-        if match == Match.PARTIAL:
-            methods.update(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    """Every method the OpenAPI document lists for this path (Starlette's 405 names only the first route's)."""
+    paths = request.app.openapi().get("paths", {})
+    path = request.url.path
+    for template, operations in paths.items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            return sorted(method.upper() for method in operations)
+    return []
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:
