@@ -24,7 +24,7 @@ from runtime.signing import (
     verify,
 )
 from services.backend.settings import BackendSettings
-from services.node.artifacts import ArtifactPathError, LocalArtifactStore
+from services.node.artifacts import ArtifactKeyEscape, LocalArtifactStore
 from services.node.settings import NodeSettings
 from services.node.steps import StepError, _saved_inside
 
@@ -181,7 +181,7 @@ async def test_the_local_store_writes_nothing_outside_its_root(tmp_path: Path) -
     source.write_bytes(b"\x89PNG\r\n\x1a\nfake")
     store = LocalArtifactStore(root)
     for key in ("vid/node-1/S1/run/1.png", "../outside/1.png", str(outside / "1.png")):
-        with pytest.raises(ArtifactPathError):
+        with pytest.raises(ArtifactKeyEscape):
             await store.put(key, source, "image/png")
     assert list(outside.iterdir()) == []
     stored = await store.put("vid/node-2/S1/run/1.png", source, "image/png")

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from msgspec import field
 
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
 from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from runtime.config import ConfigError, Settings
 from runtime.signing import Signer, SigningKeyError
@@ -52,6 +53,11 @@ class BackendSettings(Settings):
     # RunBroadcast and RunCancel with it; nodes verify with `command_public_key`. A secret: never logged.
     command_signing_seed: str = field(default="", name="DOAI_COMMAND_SIGNING_KEY")
     command_signing_key_file: Path | None = field(default=None, name="DOAI_COMMAND_SIGNING_KEY_FILE")
+    # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
+    # at creation when a param the template uses is missing or not a plain path segment.
+    path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # Failed authentications are logged as one line per interval, with their count.
+    auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key",
                                                    "command_signing_seed"})
@@ -73,6 +79,10 @@ class BackendSettings(Settings):
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
+        try:
+            template_fields(self.path_template)
+        except ArtifactPathError as exc:
+            raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
         self._load_signing_seed()
 
     def _load_signing_seed(self) -> None:

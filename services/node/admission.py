@@ -11,7 +11,8 @@ A `RunBroadcast` is admitted only when
 * its recipe snapshot passes `validate_recipe`, the validator the backend runs
   when a recipe is published, and names the broadcast's `workflow_id`;
 * its params are exactly what `validate_params` makes of them (declared, typed,
-  matching their patterns, defaults filled in);
+  matching their patterns, defaults filled in) and keep every `assert` pattern
+  valid RE2 once filled in (`check_assert_patterns`, as at run creation);
 * its step timeouts name every step of the recipe and no other, each within the
   step's bounds (`resolve_step_timeouts`);
 * its devices are valid serials, at least one, no duplicates, never the
@@ -31,7 +32,14 @@ import msgspec
 
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.ids import WORKFLOW_ID_PATTERN, is_run_id, is_serial
-from contracts.recipe import Recipe, RecipeInvalid, resolve_step_timeouts, validate_params, validate_recipe
+from contracts.recipe import (
+    Recipe,
+    RecipeInvalid,
+    check_assert_patterns,
+    resolve_step_timeouts,
+    validate_params,
+    validate_recipe,
+)
 
 MAX_DEVICES: Final = 10_000
 _WORKFLOW_ID: Final = re.compile(WORKFLOW_ID_PATTERN)
@@ -104,6 +112,9 @@ def check_broadcast(b: RunBroadcast, node_id: str) -> None:
         raise Refused("invalid_params", f"params do not fit the recipe: {err}") from None
     if resolved != b.params:
         raise Refused("invalid_params", "params are not in the form the backend sends (defaults, canonical values)")
+    faults = check_assert_patterns(recipe, b.params)
+    if faults:
+        raise Refused("invalid_params", f"params make an assert pattern invalid: {RecipeInvalid(faults)}")
     try:
         timeouts = resolve_step_timeouts(recipe, b.step_timeouts_ms)
     except RecipeInvalid as err:
