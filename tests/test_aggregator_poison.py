@@ -12,7 +12,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from contracts.events import NodeHeartbeat, StepEvent, TaskEvent
+from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
 from doai.embedded import EmbeddedNats
@@ -33,8 +33,8 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", device_serial="S1", **base),
         TaskEvent(event_id=new_id(), ts=now, seq=2, state="succeeded", device_serial="S1", **base),
     ]
-    nul = StepEvent(event_id=new_id(), ts=now, seq=1, step_id="a", index=0, action="wait", state="failed",
-                    error="bad \x00 byte", device_serial="S2", **base)  # PostgreSQL text cannot hold NUL
+    nul = TaskEvent(event_id=new_id(), ts=now, seq=1, state="failed", error="bad \x00 byte", device_serial="S2",
+                    **base)  # PostgreSQL text cannot hold NUL
     huge = TaskEvent(event_id=new_id(), ts=now, seq=2**63, state="running", device_serial="S2", **base)
     orphan = TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", node_id="n1", run_id=new_id(),
                        device_serial="S9")
@@ -46,8 +46,11 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         async with aggregator_over(nats_server.url, database_url, payloads) as running:
             agg, js = running.agg, running.js
             await poll(lambda: consumer_settled(js), what="batch settled")
-            rows = await conn.fetch("SELECT subject, raw, error, event_id FROM dead_letters ORDER BY stream_seq")
+            rows = await conn.fetch("SELECT subject, raw, error, event_id, reason FROM dead_letters"
+                                    " ORDER BY stream_seq")
             assert [bytes(r["raw"]) for r in rows] == payloads[:6]
+            assert [r["reason"] for r in rows] == ["undecodable"] * 3 + ["refused_by_database", "undecodable",
+                                                                         "unknown_run"]
             assert all(r["subject"] == "doai.evt.n1.task" and r["error"] for r in rows)
             assert "unknown run" in rows[5]["error"]
             assert "refused by PostgreSQL" in rows[3]["error"]

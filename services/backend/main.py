@@ -13,6 +13,7 @@ from nats.js import JetStreamContext
 
 from runtime import db, jetstream
 from services.backend.app import create_app
+from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings, SettingsError
 
@@ -57,6 +58,8 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
                             access_log=False, lifespan="off")
     server = _Server(config)
     relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
+    keeper_task = asyncio.create_task(StreamKeeper(pool, js, every_s=settings.keeper_every_s).run(stop),
+                                      name="stream-keeper")
     serve_task = asyncio.create_task(server.serve(), name="uvicorn")
     try:
         while not server.started:
@@ -72,6 +75,7 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
         server.should_exit = True
         await serve_task
     finally:
-        relay_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay_task
+        for task in (relay_task, keeper_task):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

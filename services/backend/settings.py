@@ -39,6 +39,8 @@ class BackendSettings:
     max_json_depth: int = 32
     # How often the relay looks for unsent broadcasts when nothing woke it up.
     relay_poll_s: float = 1.0
+    # How often missing streams and node command consumers are re-declared (services/backend/keeper.py).
+    keeper_every_s: float = 3.0
     # Devices whose last inventory is older than this are not targeted.
     device_stale_s: float = 60.0
     # What `GET /v1/node/config` answers: slots per node (default and overrides) and step timeouts.
@@ -58,6 +60,8 @@ class BackendSettings:
         """Raise `SettingsError` for a configuration the backend must not start with."""
         if not self.api_tokens:
             raise SettingsError("set DOAI_API_TOKEN (one or more comma-separated tokens)")
+        if not 0.1 <= self.keeper_every_s <= 3600:
+            raise SettingsError(f"DOAI_NATS_KEEPER_S must be between 0.1 and 3600, got {self.keeper_every_s}")
         if not self.node_secret:
             raise SettingsError("set NODE_AGENT_SHARED_SECRET (the X-Node-Auth secret, at least 32 bytes)")
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
@@ -79,6 +83,7 @@ class BackendSettings:
             host=env.get("DOAI_API_HOST", "127.0.0.1"),
             port=int(env.get("DOAI_API_PORT", "8000")),
             device_stale_s=float(env.get("DOAI_DEVICE_STALE_S", "60")),
+            keeper_every_s=float(env.get("DOAI_NATS_KEEPER_S", "3")),
             default_node_slots=int(env.get("DOAI_DEFAULT_SLOTS", "20")),
             node_slots=_node_slots(env.get("DOAI_NODE_SLOTS", "")),
             artifact_dir=env.get("DOAI_ARTIFACT_DIR") or None,
