@@ -82,6 +82,8 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
     ({"DOAI_AGG_BATCH": "0"}, "DOAI_AGG_BATCH must be between 1 and 10000"),
     ({"DOAI_AGG_ACK_WAIT_S": "0.1"}, "DOAI_AGG_ACK_WAIT_S must be between 1 and 3600"),
     ({"DOAI_LIVENESS_WINDOW_S": "-5"}, "DOAI_LIVENESS_WINDOW_S must be > 0"),
+    ({"DOAI_AGG_MAX_SKEW_S": "-1"}, "DOAI_AGG_MAX_SKEW_S must be between 0 and 3600"),
+    ({"DOAI_AGG_MAX_SKEW_S": "soon"}, "not a number"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
     with pytest.raises(RuntimeError, match=message):
@@ -89,5 +91,7 @@ def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], mess
 
 
 def test_settings_from_env() -> None:
-    s = settings_from_env({"DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12", "DOAI_LIVENESS_WINDOW_S": "90"})
-    assert (s.batch_size, s.ack_wait_s, s.liveness_window_s) == (250, 12.0, 90.0)
+    s = settings_from_env({"DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12", "DOAI_LIVENESS_WINDOW_S": "90",
+                           "DOAI_AGG_MAX_SKEW_S": "5"})
+    assert (s.batch_size, s.ack_wait_s, s.liveness_window_s, s.max_skew_s) == (250, 12.0, 90.0, 5.0)
+    assert settings_from_env({}).max_skew_s == 30.0

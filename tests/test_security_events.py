@@ -43,11 +43,13 @@ from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
 from doai.embedded import EmbeddedNats
 from doai.up import DEMO_PARAMS
-from runtime import db
-from runtime.jetstream import DEFAULT_LIMITS
+from runtime import db, jetstream
+from runtime.jetstream import DEFAULT_LIMITS, StreamLimits, stream_limits_from_env
 from services.aggregator.consumer import Aggregator
 from services.aggregator.validate import DEAD_LETTER_KEEP_BYTES, DEFAULT_MAX_SKEW_S
 from services.backend.keeper import StreamKeeper
+from services.node.journal import Journal
+from services.node.outbox import Outbox
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, publish, seed_run, snapshot
 from tests.test_e2e import wait_completed
 
@@ -388,3 +390,52 @@ async def test_deleted_consumers_and_streams_heal_and_later_runs_complete(
     assert logged(log_file, "consumer recreated", durable=AGGREGATOR_DURABLE)
     assert logged(log_file, "stream was missing; recreated", stream=CMD_STREAM)
     assert logged(log_file, "stream was missing; recreated", stream=EVT_STREAM)
+
+
+async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_them(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """Discard policy NEW: what a full stream refuses stays in the sender's outbox; nothing is dropped."""
+    small = {**DEFAULT_LIMITS, EVT_STREAM: StreamLimits(max_bytes=DEFAULT_LIMITS[EVT_STREAM].max_bytes, max_msgs=50,
+                                                        max_msg_size=64 * 1024)}
+    nc = await jetstream.connect(nats_server.url, "flood")
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, small)
+        sent = [beat(N1, datetime.now(UTC)) for _ in range(80)]
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, js, publish_timeout_s=0.5)
+        # nats-py hands a refused async publish to the error callback ("maximum messages exceeded"),
+        # so the outbox sees those publishes unacknowledged and keeps them.
+        with pytest.raises(RuntimeError, match="30 of 80 events not acked"):
+            await outbox.publish_once()
+        assert outbox.published == 50 and journal.outbox_size() == 30
+        info = await js.stream_info(EVT_STREAM)
+        assert info.state.messages == 50 and info.state.first_seq == 1  # the oldest were not discarded
+        # The operator raises the limit (the backend applies DOAI_EVT_MAX_MSGS at start-up): the rest goes out.
+        await jetstream.ensure_streams(js, DEFAULT_LIMITS)
+        assert await outbox.publish_once() == 30 and journal.outbox_size() == 0
+        info = await js.stream_info(EVT_STREAM)
+        assert info.state.messages == 80
+        stored = {msgspec.json.decode((await js.get_msg(EVT_STREAM, seq)).data, type=NodeHeartbeat).event_id
+                  for seq in range(1, 81)}
+        assert stored == {e.event_id for e in sent}
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+def test_stream_limits_come_from_the_environment_and_bad_values_are_refused() -> None:
+    limits = stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "1073741824", "DOAI_CMD_MAX_MSGS": "5000"})
+    assert limits[EVT_STREAM] == StreamLimits(max_bytes=1 << 30, max_msgs=DEFAULT_LIMITS[EVT_STREAM].max_msgs,
+                                              max_msg_size=DEFAULT_LIMITS[EVT_STREAM].max_msg_size)
+    assert limits[CMD_STREAM].max_msgs == 5000
+    assert stream_limits_from_env({}) == DEFAULT_LIMITS
+    with pytest.raises(RuntimeError, match="DOAI_EVT_MAX_BYTES must be a whole number"):
+        stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "4GB"})
+    with pytest.raises(RuntimeError, match="DOAI_CMD_MAX_MSG_SIZE must be at least 1"):
+        stream_limits_from_env({"DOAI_CMD_MAX_MSG_SIZE": "0"})
+    with pytest.raises(RuntimeError, match="DOAI_EVT_MAX_MSG_SIZE must not exceed DOAI_EVT_MAX_BYTES"):
+        stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "1000", "DOAI_EVT_MAX_MSG_SIZE": "2000"})

@@ -82,7 +82,7 @@ async def run_aggregator(database_url: str, nats_url: str, stop: asyncio.Event,
         nc = await jetstream.connect(nats_url, name="doai-aggregator", stop=stop)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js)
+            await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             await Aggregator(pool, js, batch_size=settings.batch_size,
