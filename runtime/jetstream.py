@@ -182,7 +182,18 @@ async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] |
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
-            await js.add_stream(config)
+            try:
+                await js.add_stream(config)
+            except Exception:
+                # Another part created it at the same moment (JetStream may then refuse the second
+                # create, e.g. for storage it counts twice): fine if it exists now.
+                try:
+                    await js.stream_info(config.name)  # type: ignore[arg-type]
+                except NotFoundError:
+                    pass
+                else:
+                    continue
+                raise
             created.append(config.name)  # type: ignore[arg-type]
             log.info("stream created", stream=config.name)
         else:
