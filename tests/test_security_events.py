@@ -25,6 +25,7 @@ import asyncpg
 import msgspec
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy
@@ -40,11 +41,12 @@ from contracts.events import (
     TaskEvent,
 )
 from contracts.ids import new_id
-from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
+from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, cmd_subject, node_durable
 from doai.embedded import EmbeddedNats
 from doai.up import DEMO_PARAMS
 from runtime import db, jetstream
 from runtime.jetstream import DEFAULT_LIMITS, StreamLimits, stream_limits_from_env
+from runtime.pull_consumer import PullConsumer
 from services.aggregator.consumer import Aggregator
 from services.aggregator.validate import DEAD_LETTER_KEEP_BYTES, DEFAULT_MAX_SKEW_S
 from services.backend.keeper import StreamKeeper
@@ -439,3 +441,70 @@ def test_stream_limits_come_from_the_environment_and_bad_values_are_refused() ->
         stream_limits_from_env({"DOAI_CMD_MAX_MSG_SIZE": "0"})
     with pytest.raises(RuntimeError, match="DOAI_EVT_MAX_MSG_SIZE must not exceed DOAI_EVT_MAX_BYTES"):
         stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "1000", "DOAI_EVT_MAX_MSG_SIZE": "2000"})
+
+
+async def test_a_flood_of_junk_is_logged_once_per_batch_not_once_per_message(
+    nats_server: EmbeddedNats, database_url: str, log_file: Path
+) -> None:
+    await migrate(database_url)
+    junk = [b"junk %d" % i for i in range(60)]
+    async with aggregator_over(nats_server.url, database_url, junk, subject="doai.evt.flooder.task") as running:
+        await poll(lambda: consumer_settled(running.js), what="junk dead-lettered")
+        assert running.agg.dead == 60
+        batches = running.agg.batches  # usually 1 (all 60 were in the stream before it started)
+    singles = logged(log_file, "event dead-lettered", subject="doai.evt.flooder.task")
+    summaries = [d for d in logged(log_file, "more events dead-lettered in this batch")
+                 if d.get("subjects") == ["doai.evt.flooder.task"]]
+    assert len(singles) <= 10 * batches < 60 and len(summaries) <= batches
+    assert len(singles) + sum(d["count"] for d in summaries) == 60
+    assert all(set(d["reasons"]) == {"undecodable"} for d in summaries)
+
+
+async def test_a_node_that_may_not_create_its_consumer_binds_again_once_the_backend_recreated_it(
+    scene: Scene, log_file: Path
+) -> None:
+    """The node side of healing under least privilege: its `ensure` callback can only wait."""
+    pool = await db.create_pool(scene.url, max_size=2)
+    keeper = StreamKeeper(pool, scene.js, every_s=0.5)
+    await keeper.ensure_once()  # node-1's consumer exists
+    asked = 0
+
+    async def may_not_create() -> None:
+        nonlocal asked
+        asked += 1
+
+    got: list[bytes] = []
+
+    async def handle(msgs: list[Msg]) -> bool:
+        for m in msgs:
+            got.append(m.data)
+            await m.ack()
+        return True
+
+    consumer = PullConsumer(scene.js, CMD_STREAM, node_durable(N1), ensure=may_not_create, fetch_timeout_s=0.2,
+                            first_backoff_s=0.1, max_backoff_s=0.5, check_every_s=0.5)
+    stop = asyncio.Event()
+    loop = asyncio.create_task(consumer.run(stop, handle))
+    keeping: asyncio.Task[None] | None = None
+    try:
+        await scene.js.publish(cmd_subject(N1), b"first")
+        await poll(lambda: _true(got == [b"first"]), what="first command")
+        await scene.js.delete_consumer(CMD_STREAM, node_durable(N1))
+        await poll(lambda: _true(asked > 0), what="the node noticed its consumer missing")
+        await scene.js.publish(cmd_subject(N1), b"second")
+        assert got == [b"first"] and consumer.recreated == 0  # it could not create it itself
+        keeping = asyncio.create_task(keeper.run(stop))
+        # The recreated consumer delivers the stream from its start: "first" again, then "second".
+        await poll(lambda: _true(got[-1:] == [b"second"]), what="second command after the keeper", timeout_s=15)
+        assert got == [b"first", b"first", b"second"]
+        assert logged(log_file, "node command consumer was missing; recreated", node_id=N1)
+    finally:
+        stop.set()
+        await loop
+        if keeping is not None:
+            await keeping
+        await pool.close()
+
+
+async def _true(value: bool) -> bool:
+    return value

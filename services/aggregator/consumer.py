@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -58,6 +59,7 @@ log = structlog.get_logger(__name__)
 _decoder = msgspec.json.Decoder(Event)
 
 PRUNE_AFTER_S = 8 * 86_400.0  # longer than the event stream keeps messages (7 days)
+_LOGGED_DEAD_PER_BATCH = 10  # dead letters logged one by one per batch; the rest in one summary line
 
 
 def decode_batch(msgs: list[Msg], max_skew: timedelta = timedelta(seconds=DEFAULT_MAX_SKEW_S)) -> Batch:
@@ -212,9 +214,14 @@ class Aggregator:
             return False
         result, dead = done
         dead_seqs = {d.stream_seq for d in dead if d.stream_seq is not None}
-        for d in dead:
+        for d in dead[:_LOGGED_DEAD_PER_BATCH]:
             log.error("event dead-lettered", reason=d.reason, subject=d.subject[:200], stream_seq=d.stream_seq,
                       event_id=d.event_id, error=d.error[:500], size=len(d.raw))
+        if len(dead) > _LOGGED_DEAD_PER_BATCH:  # a flood of junk gives one line per batch, not one per message
+            rest = dead[_LOGGED_DEAD_PER_BATCH:]
+            log.error("more events dead-lettered in this batch", count=len(rest),
+                      reasons=dict(Counter(d.reason for d in rest)),
+                      subjects=sorted({d.subject[:80] for d in rest})[:10])
         if batch.clamped:
             nodes = sorted({node for node, _, _ in batch.clamped})
             latest = max(sent for _, sent, _ in batch.clamped)
