@@ -508,3 +508,34 @@ async def test_a_node_that_may_not_create_its_consumer_binds_again_once_the_back
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_migration_004_describes_old_dead_letters_and_unfreezes_rows_stored_in_the_future(
+    database_url: str
+) -> None:
+    conn = await asyncpg.connect(database_url)
+    try:
+        # The schema before 004, with what the attacks left behind.
+        await conn.execute("CREATE TABLE schema_migrations (version integer PRIMARY KEY,"
+                           " applied_at timestamptz NOT NULL DEFAULT now())")
+        for number, path in db.migration_files():
+            if number < 4:
+                await conn.execute(path.read_text(encoding="utf-8"))
+                await conn.execute("INSERT INTO schema_migrations (version) VALUES ($1)", number)
+        junk = b"J" * 10_000
+        await conn.execute("INSERT INTO dead_letters (subject, stream_seq, raw, error) VALUES ('doai.evt.x.task', 1,"
+                           " $1, 'junk')", junk)
+        await conn.execute("INSERT INTO nodes VALUES ('node-1', 20, 0, 0, true, 't', $1)", FUTURE)
+        await conn.execute("INSERT INTO devices VALUES ('node-1', 'PHANTOM', 'online', '', '', $1)", FUTURE)
+        await conn.execute("INSERT INTO node_inventories VALUES ('node-1', $1, 1)", FUTURE)
+        pool = await db.create_pool(database_url, max_size=1)
+        try:
+            assert await db.migrate(pool) == [4]
+        finally:
+            await pool.close()
+        row = await conn.fetchrow("SELECT raw_size, raw_sha256, reason FROM dead_letters")
+        assert tuple(row) == (len(junk), hashlib.sha256(junk).hexdigest(), "unclassified")
+        assert await _latest_stored_timestamp(conn) <= datetime.now(UTC)
+        assert await conn.fetchval("SELECT max(taken_at) FROM node_inventories") <= datetime.now(UTC)
+    finally:
+        await conn.close()
