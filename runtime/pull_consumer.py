@@ -15,8 +15,9 @@ What it takes care of, so the parts only handle messages:
   recreates it, with a warning in the log. The callback is the caller's because
   who may create what differs: the aggregator creates its own consumer; a
   node may not create its own (the backend re-declares every node's consumer,
-  see `services/backend/keeper.py`), so its callback may only wait. When the
-  stream itself is missing the callback fails; the loop keeps retrying with
+  see `services/backend/keeper.py`), so it passes no callback and the loop
+  waits for the consumer to appear (said once in the log, then quiet). When
+  the stream itself is missing the callback fails; the loop keeps retrying with
   backoff until whoever owns the stream has recreated it.
 
 The consumer's messages are handed out in batches (`fetch`), or by `run`,
@@ -35,13 +36,17 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from runtime.aio import pause
 
 log = structlog.get_logger(__name__)
 
 EnsureConsumer = Callable[[], Awaitable[None]]
+
+
+class ConsumerMissing(RuntimeError):
+    """The consumer does not exist and this part may not (or did not) declare it."""
 BatchHandler = Callable[[list[Msg]], Awaitable[bool]]
 
 
@@ -67,6 +72,7 @@ class PullConsumer:
         self._backoff = first_backoff_s
         self._next_check = 0.0
         self._ahead: asyncio.Task[list[Msg]] | None = None
+        self._waiting = False  # the consumer is missing and someone else must declare it
         self.subscriptions = 0  # how many times the pull subscription was (re)bound
         self.recreated = 0  # how many times the consumer was found missing and `ensure` succeeded
         self.errors = 0  # failed fetches and binds
@@ -88,14 +94,21 @@ class PullConsumer:
     async def _heal(self) -> None:
         """Recreate the consumer through `ensure` if JetStream says it is missing."""
         self._next_check = time.monotonic() + self._check_every_s
-        if await self._exists() is not False:
+        exists = await self._exists()
+        if exists is not False:
+            if exists and self._waiting:
+                log.info("consumer declared; binding it", **self._fields)
+                self._waiting = False
             return
         if self._ensure is None:
-            raise RuntimeError(f"consumer {self.durable} on {self.stream} is missing")
+            if not self._waiting:
+                log.info("consumer missing; waiting for it to be declared", **self._fields)
+                self._waiting = True
+            raise ConsumerMissing(f"consumer {self.durable} on {self.stream} is missing")
         log.warning("consumer missing; recreating it", **self._fields)
         await self._ensure()
         if await self._exists() is False:
-            raise RuntimeError(f"consumer {self.durable} on {self.stream} is still missing")
+            raise ConsumerMissing(f"consumer {self.durable} on {self.stream} is still missing")
         self.recreated += 1
         log.warning("consumer recreated", **self._fields)
         await self._drop()  # a subscription bound to the old consumer gets nothing from the new one
@@ -110,7 +123,12 @@ class PullConsumer:
         self.errors += 1
         if stop.is_set():
             return
-        log.warning(f"{what} failed; retrying", error=repr(exc), retry_in_s=self._backoff, **self._fields)
+        if isinstance(exc, ConsumerMissing) or (isinstance(exc, ServiceUnavailableError) and self._waiting):
+            pass  # already said once (`_heal`)
+        elif isinstance(exc, ServiceUnavailableError):  # no responders: the consumer (or stream) is gone
+            log.info(f"{what}: no consumer answered; looking it up", retry_in_s=self._backoff, **self._fields)
+        else:
+            log.warning(f"{what} failed; retrying", error=repr(exc), retry_in_s=self._backoff, **self._fields)
         await self._drop()
         await pause(stop, self._backoff)
         self._backoff = min(self._backoff * 2, self._max_backoff_s)

@@ -463,16 +463,10 @@ async def test_a_flood_of_junk_is_logged_once_per_batch_not_once_per_message(
 async def test_a_node_that_may_not_create_its_consumer_binds_again_once_the_backend_recreated_it(
     scene: Scene, log_file: Path
 ) -> None:
-    """The node side of healing under least privilege: its `ensure` callback can only wait."""
+    """The node side of healing under least privilege: it has no `ensure` callback, so it waits."""
     pool = await db.create_pool(scene.url, max_size=2)
     keeper = StreamKeeper(pool, scene.js, every_s=0.5)
     await keeper.ensure_once()  # node-1's consumer exists
-    asked = 0
-
-    async def may_not_create() -> None:
-        nonlocal asked
-        asked += 1
-
     got: list[bytes] = []
 
     async def handle(msgs: list[Msg]) -> bool:
@@ -481,23 +475,31 @@ async def test_a_node_that_may_not_create_its_consumer_binds_again_once_the_back
             await m.ack()
         return True
 
-    consumer = PullConsumer(scene.js, CMD_STREAM, node_durable(N1), ensure=may_not_create, fetch_timeout_s=0.2,
-                            first_backoff_s=0.1, max_backoff_s=0.5, check_every_s=0.5)
+    durable = node_durable(N1)
+    consumer = PullConsumer(scene.js, CMD_STREAM, durable, fetch_timeout_s=0.2, first_backoff_s=0.1,
+                            max_backoff_s=0.3, check_every_s=0.5)
     stop = asyncio.Event()
     loop = asyncio.create_task(consumer.run(stop, handle))
     keeping: asyncio.Task[None] | None = None
     try:
         await scene.js.publish(cmd_subject(N1), b"first")
         await poll(lambda: _true(got == [b"first"]), what="first command")
-        await scene.js.delete_consumer(CMD_STREAM, node_durable(N1))
-        await poll(lambda: _true(asked > 0), what="the node noticed its consumer missing")
+        await scene.js.delete_consumer(CMD_STREAM, durable)
+        await poll(lambda: _true(bool(logged(log_file, "consumer missing; waiting for it to be declared",
+                                             durable=durable))), what="the node noticed its consumer missing")
+        errors = consumer.errors
         await scene.js.publish(cmd_subject(N1), b"second")
-        assert got == [b"first"] and consumer.recreated == 0  # it could not create it itself
+        await poll(lambda: _true(consumer.errors >= errors + 3), what="a few more attempts")
+        assert got == [b"first"] and consumer.recreated == 0  # it did not create it itself
         keeping = asyncio.create_task(keeper.run(stop))
         # The recreated consumer delivers the stream from its start: "first" again, then "second".
         await poll(lambda: _true(got[-1:] == [b"second"]), what="second command after the keeper", timeout_s=15)
         assert got == [b"first", b"first", b"second"]
         assert logged(log_file, "node command consumer was missing; recreated", node_id=N1)
+        # Said once while it waited, however many attempts it made; and once when it came back. (Lines
+        # with a node_id are a node agent's, from another test of this session.)
+        for said in ("consumer missing; waiting for it to be declared", "consumer declared; binding it"):
+            assert len([d for d in logged(log_file, said, durable=durable) if "node_id" not in d]) == 1
     finally:
         stop.set()
         await loop

@@ -18,7 +18,6 @@ from nats.js import JetStreamContext
 
 from contracts.commands import Command, RunBroadcast, RunCancel
 from contracts.subjects import CMD_STREAM, node_durable
-from runtime import jetstream
 from runtime.pull_consumer import EnsureConsumer, PullConsumer
 
 log = structlog.get_logger(__name__)
@@ -36,9 +35,8 @@ class CommandConsumer:
         self._node_id = node_id
         self._on_broadcast = on_broadcast
         self._on_cancel = on_cancel
-        if ensure_consumer is None:
-            async def ensure_consumer() -> None:
-                await jetstream.ensure_node_consumer(js, node_id)
+        # The backend declares node consumers (services/backend/keeper.py); a node that may not
+        # passes no `ensure_consumer` and waits for it.
         self.consumer = PullConsumer(js, CMD_STREAM, node_durable(node_id), nc=nc, ensure=ensure_consumer,
                                      batch=16, fetch_timeout_s=fetch_timeout_s, first_backoff_s=0.5,
                                      max_backoff_s=5.0, log_fields={"node_id": node_id})
@@ -79,6 +77,6 @@ class CommandConsumer:
 
         It binds again after every reconnect (a pull subscription can go silent
         after a server restart), backs off on errors, and when the consumer is
-        missing calls `ensure_consumer` (by default: declare it) before binding again.
+        missing calls `ensure_consumer`, or without one waits until the backend has declared it.
         """
         await self.consumer.run(stop, self._handle_batch)
