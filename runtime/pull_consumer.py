@@ -43,11 +43,11 @@ from runtime.aio import pause
 log = structlog.get_logger(__name__)
 
 EnsureConsumer = Callable[[], Awaitable[None]]
+BatchHandler = Callable[[list[Msg]], Awaitable[bool]]
 
 
 class ConsumerMissing(RuntimeError):
     """The consumer does not exist and this part may not (or did not) declare it."""
-BatchHandler = Callable[[list[Msg]], Awaitable[bool]]
 
 
 class PullConsumer:
@@ -150,6 +150,7 @@ class PullConsumer:
         try:
             msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout_s)
         except TimeoutError:  # nothing to do: the normal empty case
+            self._backoff = self._first_backoff_s
             if time.monotonic() >= self._next_check:
                 try:
                     await self._heal()
