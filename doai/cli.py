@@ -1,26 +1,27 @@
-"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `recipes`."""
+"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import signal
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from runtime.aio import Stopped
+from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
+from runtime.stopping import install_stop_handlers
 
 
-def _env_required(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise SystemExit(f"doai: set {name} (or use `doai up`, which starts embedded servers)")
-    return value
+def _config_error(name: str, exc: ConfigError) -> int:
+    hint = ""
+    if str(exc) in ("set DATABASE_URL", "set NATS_URL"):
+        hint = " (or use `doai up`, which starts embedded servers)"
+    sys.stderr.write(f"doai {name}: {exc}{hint}\n")
+    return 1
 
 
 def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]]) -> int:
@@ -28,14 +29,13 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 
     async def runner() -> None:
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
+        restore = install_stop_handlers(stop)  # Ctrl-C / Ctrl-Break on Windows, SIGINT / SIGTERM elsewhere
         try:
             await main(stop)
         except Stopped:
             pass
+        finally:
+            restore()
 
     try:
         asyncio.run(runner())
@@ -89,48 +89,73 @@ def cmd_backend(args: argparse.Namespace) -> int:
     from services.backend.main import run_backend
     from services.backend.settings import BackendSettings
 
-    settings = BackendSettings.from_env(_env_required("DATABASE_URL"), _env_required("NATS_URL"))
-    settings.host, settings.port = args.host, args.port
+    try:
+        settings = load_settings(BackendSettings, os.environ, host=args.host, port=args.port)
+    except ConfigError as exc:
+        return _config_error("backend", exc)
     return _serve("backend", lambda stop: run_backend(settings, stop))
 
 
 def cmd_aggregator(args: argparse.Namespace) -> int:
-    from services.aggregator.main import run_aggregator
+    from services.aggregator.main import AggregatorSettings, run_aggregator
 
-    db, nats = _env_required("DATABASE_URL"), _env_required("NATS_URL")
-    return _serve("aggregator", lambda stop: run_aggregator(db, nats, stop))
+    try:
+        settings = load_settings(AggregatorSettings, os.environ)
+    except ConfigError as exc:
+        return _config_error("aggregator", exc)
+    return _serve("aggregator", lambda stop: run_aggregator(settings, stop))
 
 
 def cmd_node(args: argparse.Namespace) -> int:
     from services.node.agent import run_node
     from services.node.settings import NodeSettings
 
-    env = os.environ
     try:
-        settings = NodeSettings(
-            node_id=args.node_id, nats_url=_env_required("NATS_URL"), vendor_url=args.vendor_url,
-            slots=args.slots, state_dir=Path(args.state_dir), artifact_dir=Path(args.artifact_dir),
-            path_template=args.path_template, driver=args.driver, adb_host=args.adb_host, adb_port=args.adb_port,
-            store=args.store, supabase_url=env.get("SUPABASE_URL", ""),
-            supabase_key=env.get("SUPABASE_SERVICE_KEY", ""),
-            supabase_bucket=env.get("DOAI_SUPABASE_BUCKET", "artifacts"),
+        settings = load_settings(
+            NodeSettings, os.environ,
+            node_id=args.node_id, vendor_url=args.vendor_url, slots=args.slots, state_dir=args.state_dir,
+            artifact_dir=args.artifact_dir, path_template=args.path_template, driver=args.driver,
+            adb_host=args.adb_host, adb_port=args.adb_port, store=args.store,
             inventory_interval_s=args.inventory_interval, offline_grace_s=args.offline_grace,
-            max_attempts=args.max_attempts,
+            max_attempts=args.max_attempts, vendor_pool_size=args.vendor_connections,
+            vendor_ping_interval_s=args.vendor_ping_interval, vendor_screenshot_wait_s=args.screenshot_wait,
         )
-    except ValueError as exc:
-        raise SystemExit(f"doai node: {exc}") from None
+    except ConfigError as exc:
+        return _config_error("node", exc)
     return _serve("node", lambda stop: run_node(settings, stop))
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
     from services.simulator.server import SimulatorConfig, run_simulator
 
-    config = SimulatorConfig(
-        devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
-        default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
-        drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
-    )
+    try:
+        config = SimulatorConfig(
+            devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
+            default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
+            drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
+            wifi_devices=args.wifi_devices, deviations=frozenset(args.deviate),
+            hang_blocks_connection=not args.hang_frees_connection,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"doai sim: {exc}\n")
+        return 1
     return _serve("sim", lambda stop: run_simulator(config, stop))
+
+
+def cmd_vendor_probe(args: argparse.Namespace) -> int:
+    """Check the vendor program against what doai assumes; print a report, write the transcript."""
+    import msgspec
+
+    from services.node.vendor_probe import render, run_probe
+
+    report = asyncio.run(run_probe(
+        args.url, device=args.device, timeout_s=args.timeout, max_connections=args.connections,
+        default_folder=Path(args.default_folder) if args.default_folder else None,
+    ))
+    out = Path(args.out)
+    out.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    sys.stdout.write(render(report, out))
+    return 0 if report.ok else 1
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:
@@ -218,32 +243,44 @@ def build_parser() -> argparse.ArgumentParser:
     up.set_defaults(func=cmd_up)
 
     be = sub.add_parser("backend", help="REST API + broadcast relay (needs DATABASE_URL, NATS_URL, DOAI_API_TOKEN)")
-    be.add_argument("--host", default=os.environ.get("DOAI_API_HOST", "127.0.0.1"))
-    be.add_argument("--port", type=int, default=int(os.environ.get("DOAI_API_PORT", "8000")))
+    be.add_argument("--host", help="listen address (DOAI_API_HOST, default 127.0.0.1)")
+    be.add_argument("--port", type=int, help="listen port (DOAI_API_PORT, default 8000)")
     be.set_defaults(func=cmd_backend)
 
     ag = sub.add_parser("aggregator", help="fold events into PostgreSQL (needs DATABASE_URL, NATS_URL)")
     ag.set_defaults(func=cmd_aggregator)
 
-    node = sub.add_parser("node", help="node agent (needs NATS_URL)")
-    node.add_argument("--node-id", required=True)
-    node.add_argument("--vendor-url", default=os.environ.get("DOAI_VENDOR_URL", "ws://127.0.0.1:22222/"))
-    node.add_argument("--slots", type=int, default=20)
-    node.add_argument("--state-dir", default="var/node")
-    node.add_argument("--artifact-dir", default="var/artifacts")
-    node.add_argument("--path-template",
-                      default=os.environ.get("DOAI_ARTIFACT_PATH_TEMPLATE",
-                                             "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"))
-    node.add_argument("--driver", choices=["vendor", "adb"], default=os.environ.get("DOAI_DRIVER", "vendor"),
-                      help="device driver: the vendor program (default) or an adb server")
-    node.add_argument("--adb-host", default=os.environ.get("ANDROID_ADB_SERVER_HOST", "127.0.0.1"))
-    node.add_argument("--adb-port", type=int, default=int(os.environ.get("ANDROID_ADB_SERVER_PORT", "5037")))
-    node.add_argument("--store", choices=["local", "supabase"], default=os.environ.get("DOAI_ARTIFACT_STORE", "local"),
-                      help="artifact store; supabase reads SUPABASE_URL, SUPABASE_SERVICE_KEY, DOAI_SUPABASE_BUCKET")
-    node.add_argument("--inventory-interval", type=float, default=5.0, help="seconds between device polls")
-    node.add_argument("--offline-grace", type=float, default=300.0,
-                      help="seconds a device may stay offline before its queued jobs end skipped")
-    node.add_argument("--max-attempts", type=int, default=2, help="attempts of a job interrupted by a crash")
+    node = sub.add_parser("node", help="node agent (needs NATS_URL); every flag has an environment variable")
+    node.add_argument("--node-id", help="this node's id (DOAI_NODE_ID)")
+    node.add_argument("--vendor-url", help="the vendor program's WebSocket (DOAI_VENDOR_URL, default "
+                                           "ws://127.0.0.1:22222/)")
+    node.add_argument("--slots", type=int, help="devices run at once (DOAI_SLOTS, default 20)")
+    node.add_argument("--state-dir", help="journal and spool (DOAI_STATE_DIR, default var/node)")
+    node.add_argument("--artifact-dir", help="local artifact store (DOAI_ARTIFACT_DIR, default var/artifacts)")
+    node.add_argument("--path-template", help="artifact key template (DOAI_ARTIFACT_PATH_TEMPLATE)")
+    node.add_argument("--driver", choices=["vendor", "adb"],
+                      help="device driver (DOAI_DRIVER): the vendor program (default) or an adb server")
+    node.add_argument("--adb-host", help="adb server host (ANDROID_ADB_SERVER_HOST, default 127.0.0.1)")
+    node.add_argument("--adb-port", type=int, help="adb server port (ANDROID_ADB_SERVER_PORT, default 5037)")
+    node.add_argument("--store", choices=["local", "supabase"],
+                      help="artifact store (DOAI_ARTIFACT_STORE); supabase reads SUPABASE_URL, SUPABASE_SERVICE_KEY, "
+                           "DOAI_SUPABASE_BUCKET")
+    node.add_argument("--inventory-interval", type=float,
+                      help="seconds between device polls (DOAI_INVENTORY_INTERVAL_S, default 5)")
+    node.add_argument("--offline-grace", type=float,
+                      help="seconds a device may stay offline before its queued jobs end skipped "
+                           "(DOAI_OFFLINE_GRACE_S, default 300)")
+    node.add_argument("--max-attempts", type=int,
+                      help="attempts of a job interrupted by a crash (DOAI_MAX_ATTEMPTS, default 2)")
+    node.add_argument("--vendor-connections", type=int,
+                      help="vendor program connections (DOAI_VENDOR_POOL_SIZE, default one per slot; "
+                           "see `doai vendor probe`)")
+    node.add_argument("--vendor-ping-interval", type=float,
+                      help="seconds between keep-alive pings on vendor connections, 0: off "
+                           "(DOAI_VENDOR_PING_INTERVAL_S, default 20)")
+    node.add_argument("--screenshot-wait", type=float,
+                      help="seconds a screenshot may take to appear after the vendor answered "
+                           "(DOAI_VENDOR_SCREENSHOT_WAIT_S, default 10)")
     node.set_defaults(func=cmd_node)
 
     sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")
@@ -257,7 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop-rate", type=float, default=0.0)
     sim.add_argument("--no-licence", action="store_true", help="answer every action as unlicensed")
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--wifi-devices", type=int, default=0, help="how many devices are attached over Wi-Fi (IP:PORT)")
+    sim.add_argument("--deviate", action="append", default=[], metavar="NAME",
+                     help="answer unlike the documentation (repeatable; docs/vendor.md lists the names)")
+    sim.add_argument("--hang-frees-connection", action="store_true",
+                     help="a hung request does not block later requests on its connection")
     sim.set_defaults(func=cmd_sim)
+
+    ven = sub.add_parser("vendor", help="work with the vendor device-control program")
+    vsub = ven.add_subparsers(dest="vendor_command", required=True)
+    probe = vsub.add_parser("probe", help="check the vendor program against what doai assumes (non-destructive)")
+    probe.add_argument("--url", default=os.environ.get("DOAI_VENDOR_URL", "ws://127.0.0.1:22222/"))
+    probe.add_argument("--device", help="serial for the device checks (default: the first online device)")
+    probe.add_argument("--out", default="vendor-probe.json", help="where the full transcript goes (JSON)")
+    probe.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    probe.add_argument("--connections", type=int, default=20, help="connections to try at once (default 20)")
+    probe.add_argument("--default-folder", help="the program's default screenshot folder, to look for the "
+                       "file of a screen without savePath (e.g. D:\\Pictures)")
+    probe.set_defaults(func=cmd_vendor_probe)
 
     rec = sub.add_parser("recipes", help="work with recipe files")
     rsub = rec.add_subparsers(dest="recipes_command", required=True)
@@ -278,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.func(args)
     except KeyboardInterrupt:
         code = 130
+    except ConfigError as exc:
+        code = _config_error(args.command, exc)
     except ModuleNotFoundError as exc:
         message = _missing_extra(exc)
         if message is None:

@@ -107,6 +107,8 @@ def ensure_runtime_dir() -> None:
     """Give pgserver's lock file a private XDG_RUNTIME_DIR when the session has none."""
     if os.environ.get("XDG_RUNTIME_DIR"):
         return
+    if sys.platform == "win32":  # pgserver's runtime dir is a POSIX matter; the node's win32 type check reads this
+        return
     path = Path(tempfile.gettempdir()) / f"doai-runtime-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
     path.chmod(0o700)

@@ -16,7 +16,8 @@ from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
 from doai.embedded import EmbeddedNats
-from services.aggregator.main import settings_from_env
+from runtime.config import ConfigError, load_settings
+from services.aggregator.main import AggregatorSettings
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, seed_run
 
 
@@ -77,21 +78,25 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         nul.event_id, orphan.event_id}
 
 
+SERVERS = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "NATS_URL": "nats://127.0.0.1:4222"}
+
+
 @pytest.mark.parametrize("env, message", [
-    ({"DOAI_AGG_BATCH": "lots"}, "not a number"),
+    ({"DOAI_AGG_BATCH": "lots"}, "DOAI_AGG_BATCH: expected an integer"),
     ({"DOAI_AGG_BATCH": "0"}, "DOAI_AGG_BATCH must be between 1 and 10000"),
     ({"DOAI_AGG_ACK_WAIT_S": "0.1"}, "DOAI_AGG_ACK_WAIT_S must be between 1 and 3600"),
     ({"DOAI_LIVENESS_WINDOW_S": "-5"}, "DOAI_LIVENESS_WINDOW_S must be > 0"),
+    ({"DOAI_LIVENESS_WINDOW_S": "soon"}, "DOAI_LIVENESS_WINDOW_S: expected a number"),
     ({"DOAI_AGG_MAX_SKEW_S": "-1"}, "DOAI_AGG_MAX_SKEW_S must be between 0 and 3600"),
-    ({"DOAI_AGG_MAX_SKEW_S": "soon"}, "not a number"),
+    ({"DOAI_AGG_MAX_SKEW_S": "soon"}, "DOAI_AGG_MAX_SKEW_S: expected a number"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
-    with pytest.raises(RuntimeError, match=message):
-        settings_from_env(env)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(AggregatorSettings, {**SERVERS, **env})
 
 
 def test_settings_from_env() -> None:
-    s = settings_from_env({"DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12", "DOAI_LIVENESS_WINDOW_S": "90",
-                           "DOAI_AGG_MAX_SKEW_S": "5"})
+    s = load_settings(AggregatorSettings, {**SERVERS, "DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12",
+                                           "DOAI_LIVENESS_WINDOW_S": "90", "DOAI_AGG_MAX_SKEW_S": "5"})
     assert (s.batch_size, s.ack_wait_s, s.liveness_window_s, s.max_skew_s) == (250, 12.0, 90.0, 5.0)
-    assert settings_from_env({}).max_skew_s == 30.0
+    assert load_settings(AggregatorSettings, SERVERS).max_skew_s == 30.0

@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 from doai.embedded import EmbeddedNats
-from services.backend.main import run_backend
+from runtime.config import ConfigError
 from services.backend.settings import BackendSettings
 from tests.backend_support import (
     NODE_SECRET,
@@ -262,9 +262,8 @@ async def test_secrets_never_appear_in_responses_openapi_or_logs(
 async def test_backend_refuses_to_start_without_a_long_node_secret(
     database_url: str, nats_server: EmbeddedNats, secret: str, message: str
 ) -> None:
-    settings = BackendSettings(database_url, nats_server.url, [TEST_TOKEN], port=0, node_secret=secret)
-    with pytest.raises(SystemExit, match=message):
-        await run_backend(settings, asyncio.Event())
+    with pytest.raises(ConfigError, match=message):
+        BackendSettings(database_url, nats_server.url, [TEST_TOKEN], port=0, node_secret=secret)
     # The command line says the same in one line, without a traceback or the secret.
     env = {k: v for k, v in os.environ.items() if k != "NODE_AGENT_SHARED_SECRET"}
     env.update(DATABASE_URL=database_url, NATS_URL=nats_server.url, DOAI_API_TOKEN=TEST_TOKEN)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,13 +38,41 @@ def test_services_refuse_missing_configuration() -> None:
     res = doai("backend", env={"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://127.0.0.1:1"})
     assert res.returncode != 0 and "set DOAI_API_TOKEN" in res.stderr
     res = doai("node", "--node-id", "bad.id", env={"NATS_URL": "nats://127.0.0.1:1"})
-    assert res.returncode != 0 and "node id 'bad.id' is invalid" in res.stderr
+    assert res.returncode != 0 and "DOAI_NODE_ID (--node-id) 'bad.id' is invalid" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["node"], {"NATS_URL": "nats://127.0.0.1:1"}, "doai node: set DOAI_NODE_ID"),
+    (["node", "--node-id", "n1"], {}, "doai node: set NATS_URL (or use `doai up`"),
+    (["node", "--node-id", "n1"], {"NATS_URL": "nats://x:1", "DOAI_SLOTS": "many"}, "DOAI_SLOTS: expected an integer"),
+    (["node", "--node-id", "n1", "--slots", "0"], {"NATS_URL": "nats://x:1"}, "DOAI_SLOTS (--slots) must be between"),
+    (["node", "--node-id", "n1"], {"NATS_URL": "nats://x:1", "DOAI_ARTIFACT_STORE": "supabase"},
+     "the supabase store needs SUPABASE_URL"),
+    (["aggregator"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1",
+                      "DOAI_AGG_BATCH": "0"}, "doai aggregator: DOAI_AGG_BATCH must be between 1 and 10000"),
+    (["backend", "--port", "70000"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1",
+                                      "DOAI_API_TOKEN": "t", "NODE_AGENT_SHARED_SECRET": "n" * 32},
+     "DOAI_API_PORT (--port) must be between 0 and 65535"),
+    (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_NODE_SLOTS": "node-1"},
+     "DOAI_NODE_SLOTS: 'node-1' is not key=value"),
+])
+def test_every_part_reports_a_bad_setting_in_one_line_naming_the_variable(
+    args: list[str], env: dict[str, str], message: str
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("DOAI_", "SUPABASE"))}
+    res = subprocess.run([sys.executable, "-m", "doai.cli", *args], cwd=ROOT, env={**clean, **env},
+                         capture_output=True, text=True, timeout=30, check=False)
+    assert res.returncode == 1, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
 def test_unreachable_database_is_one_line_without_the_password() -> None:
     res = doai("backend", env={"DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/d",
-                               "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t"})
+                               "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
+                               "NODE_AGENT_SHARED_SECRET": "n" * 32})
     assert res.returncode == 1
     assert "doai backend: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/d" in res.stderr
     assert "s3cret" not in res.stderr and "Traceback" not in res.stderr

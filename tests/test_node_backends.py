@@ -38,7 +38,7 @@ def test_settings_choose_the_driver_and_the_store(tmp_path: Path) -> None:
     store = build_store(NodeSettings(**base, store="supabase", supabase_url="http://x", supabase_key=KEY))
     assert isinstance(store, SupabaseArtifactStore) and store.bucket == "artifacts"
     assert KEY not in repr(NodeSettings(**base, store="supabase", supabase_url="http://x", supabase_key=KEY))
-    with pytest.raises(ValueError, match="driver must be 'vendor' or 'adb'"):
+    with pytest.raises(ValueError, match="DOAI_DRIVER \\(--driver\\) must be 'vendor' or 'adb'"):
         NodeSettings(**base, driver="usb")
     with pytest.raises(ValueError, match="SUPABASE_SERVICE_KEY"):
         NodeSettings(**base, store="supabase", supabase_url="http://x")

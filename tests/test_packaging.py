@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -38,8 +39,17 @@ PIP_TIMEOUT_S = 900
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the files git knows (tracked, or new and not ignored): setuptools builds in
+    # the source folder and reuses a stale build/ there, which could smuggle deleted modules into the wheel.
+    source = tmp_path_factory.mktemp("source")
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, check=True,
+                            capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps",
-                    "-w", str(out), str(ROOT)], check=True, timeout=PIP_TIMEOUT_S)
+                    "-w", str(out), str(source)], check=True, timeout=PIP_TIMEOUT_S)
     (built,) = out.glob("doai-*.whl")
     return built
 

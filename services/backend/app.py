@@ -75,7 +75,6 @@ class BodyLimit:
 
 
 def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings) -> FastAPI:
-    settings.check()
     operator_check = TokenCheck(settings.api_tokens)
     node_check = NodeSecretCheck(settings.node_secret)
     linker = ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,

@@ -12,10 +12,12 @@ import uvicorn
 from nats.js import JetStreamContext
 
 from runtime import db, jetstream
+from runtime.aio import Stopped, unless_stopped
+from runtime.supervisor import Supervisor
 from services.backend.app import create_app
 from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
-from services.backend.settings import BackendSettings, SettingsError
+from services.backend.settings import BackendSettings
 
 log = structlog.get_logger(__name__)
 
@@ -31,14 +33,8 @@ class _Server(uvicorn.Server):
 async def run_backend(settings: BackendSettings, stop: asyncio.Event,
                       on_ready: Callable[[str], None] | None = None) -> None:
     """Serve until `stop` is set; `on_ready` gets the API base URL once it listens."""
-    if not settings.api_tokens:
-        raise SystemExit("doai backend: set DOAI_API_TOKEN (one or more comma-separated tokens)")
     pool = await db.create_pool(settings.database_url)
     try:
-        try:
-            settings.check()
-        except SettingsError as exc:
-            raise SystemExit(f"doai backend: {exc}") from None
         await db.migrate(pool)
         nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop)
         try:
@@ -57,25 +53,26 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="off")
     server = _Server(config)
-    relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
-    keeper_task = asyncio.create_task(StreamKeeper(pool, js, every_s=settings.keeper_every_s).run(stop),
-                                      name="stream-keeper")
-    serve_task = asyncio.create_task(server.serve(), name="uvicorn")
-    try:
-        while not server.started:
-            if serve_task.done():
-                raise RuntimeError(f"the API could not listen on {settings.host}:{settings.port}")
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{settings.host}:{port}"
-        log.info("backend listening", url=url)
-        if on_ready is not None:
-            on_ready(url)
-        await stop.wait()
-        server.should_exit = True
-        await serve_task
-    finally:
-        for task in (relay_task, keeper_task):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    async with Supervisor(stop, "backend") as loops:
+        loops.start("relay", lambda: relay.run(stop))
+        keeper = StreamKeeper(pool, js, every_s=settings.keeper_every_s)
+        loops.start("stream-keeper", lambda: keeper.run(stop))
+        serve_task = asyncio.create_task(server.serve(), name="uvicorn")
+        try:
+            while not server.started:
+                if serve_task.done():
+                    raise RuntimeError(f"the API could not listen on {settings.host}:{settings.port}")
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://{settings.host}:{port}"
+            log.info("backend listening", url=url)
+            if on_ready is not None:
+                on_ready(url)
+            await unless_stopped(asyncio.shield(serve_task), stop)
+        except Stopped:
+            pass
+        finally:
+            stop.set()  # the API stopped or failed: the relay stops with it
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await serve_task

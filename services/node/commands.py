@@ -79,4 +79,6 @@ class CommandConsumer:
         after a server restart), backs off on errors, and when the consumer is
         missing calls `ensure_consumer`, or without one waits until the backend has declared it.
         """
+        # On the way out (stopped or cancelled) the loop unsubscribes, so messages handed to its inbox
+        # do not wait out the AckWait before anyone else can take them.
         await self.consumer.run(stop, self._handle_batch)

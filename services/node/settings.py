@@ -1,66 +1,95 @@
-"""Node agent configuration (flags of `doai node`, or environment variables)."""
+"""Node agent configuration: one typed settings object from the environment, overlaid by `doai node` flags.
+
+Every setting has one default here and one environment variable (the field's
+encoded name); `runtime.config.load_settings` builds it and reports a bad
+value as one `ConfigError` naming the variable.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
+
+from msgspec import field
 
 from contracts.ids import is_node_id
+from runtime.config import ConfigError, Settings, env_names
 
 DEFAULT_PATH_TEMPLATE = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
 
 
-@dataclass
-class NodeSettings:
-    node_id: str
-    nats_url: str
-    vendor_url: str = "ws://127.0.0.1:22222/"
-    slots: int = 20
+class NodeSettings(Settings, kw_only=True):
+    node_id: str = field(name="DOAI_NODE_ID")
+    nats_url: str = field(name="NATS_URL")
+    vendor_url: str = field(default="ws://127.0.0.1:22222/", name="DOAI_VENDOR_URL")
+    slots: int = field(default=20, name="DOAI_SLOTS")
     # Local state: the journal (SQLite) and the screenshot spool live here.
-    state_dir: Path = Path("var/node")
+    state_dir: Path = field(default=Path("var/node"), name="DOAI_STATE_DIR")
     # The local artifact store's root (the embedded default store).
-    artifact_dir: Path = Path("var/artifacts")
-    path_template: str = DEFAULT_PATH_TEMPLATE
-    vendor_pool_size: int | None = None  # default: one connection per slot
-    vendor_request_timeout_s: float = 120.0
+    artifact_dir: Path = field(default=Path("var/artifacts"), name="DOAI_ARTIFACT_DIR")
+    path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # WebSocket connections to the vendor program, each strictly one request at a time (no request id).
+    # Default: one per slot, so devices never wait for each other's requests; if `doai vendor probe`
+    # finds the program accepts fewer connections, set what it recommends (docs/vendor.md).
+    vendor_pool_size: int | None = field(default=None, name="DOAI_VENDOR_POOL_SIZE")
+    # Keep-alive ping on each idle vendor connection (0: off); the probe checks the program answers pings.
+    vendor_ping_interval_s: float | None = field(default=20.0, name="DOAI_VENDOR_PING_INTERVAL_S")
+    # How long a screenshot may take to appear (and finish being written) after the program answered.
+    vendor_screenshot_wait_s: float = field(default=10.0, name="DOAI_VENDOR_SCREENSHOT_WAIT_S")
+    vendor_request_timeout_s: float = field(default=120.0, name="DOAI_VENDOR_REQUEST_TIMEOUT_S")
     # How often the vendor's device list is polled and a heartbeat is sent.
-    inventory_interval_s: float = 5.0
+    inventory_interval_s: float = field(default=5.0, name="DOAI_INVENTORY_INTERVAL_S")
     # How long one `list` poll may take (connect retries included) before it counts as "unavailable".
-    inventory_timeout_s: float = 10.0
+    inventory_timeout_s: float = field(default=10.0, name="DOAI_INVENTORY_TIMEOUT_S")
     # Queued jobs of a device that stays offline this long (while they wait) end `skipped`.
-    offline_grace_s: float = 300.0
+    offline_grace_s: float = field(default=300.0, name="DOAI_OFFLINE_GRACE_S")
     # A job found `running` after a crash is re-queued (attempt + 1) while attempt < max_attempts, else failed.
-    max_attempts: int = 2
+    max_attempts: int = field(default=2, name="DOAI_MAX_ATTEMPTS")
     # Vendor reconnect backoff: a request that cannot connect retries from base doubling to max, within its timeout.
-    vendor_backoff_base_s: float = 1.0
-    vendor_backoff_max_s: float = 30.0
+    vendor_backoff_base_s: float = field(default=1.0, name="DOAI_VENDOR_BACKOFF_BASE_S")
+    vendor_backoff_max_s: float = field(default=30.0, name="DOAI_VENDOR_BACKOFF_MAX_S")
     # Which device driver: "vendor" (the WebSocket program) or "adb" (an adb server at adb_host:adb_port).
-    driver: str = "vendor"
-    adb_host: str = "127.0.0.1"
-    adb_port: int = 5037
+    driver: str = field(default="vendor", name="DOAI_DRIVER")
+    adb_host: str = field(default="127.0.0.1", name="ANDROID_ADB_SERVER_HOST")
+    adb_port: int = field(default=5037, name="ANDROID_ADB_SERVER_PORT")
     # Which artifact store: "local" (artifact_dir) or "supabase" (Supabase Storage through the official client).
-    store: str = "local"
-    supabase_url: str = ""
-    supabase_key: str = field(default="", repr=False)  # a secret: never logged or shown
-    supabase_bucket: str = "artifacts"
+    store: str = field(default="local", name="DOAI_ARTIFACT_STORE")
+    supabase_url: str = field(default="", name="SUPABASE_URL")
+    supabase_key: str = field(default="", name="SUPABASE_SERVICE_KEY")  # a secret: never logged or shown
+    supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
+
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key"})
+    ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:
         if not is_node_id(self.node_id):
-            raise ValueError(
-                f"node id {self.node_id!r} is invalid: use letters, digits, '-' and '_' (max 64)"
+            raise ConfigError(
+                f"DOAI_NODE_ID (--node-id) {self.node_id[:80]!r} is invalid: use letters, digits, '-' and '_' (max 64)"
             )
         if not 1 <= self.slots <= 1000:
-            raise ValueError(f"slots must be between 1 and 1000, got {self.slots}")
+            raise ConfigError(f"DOAI_SLOTS (--slots) must be between 1 and 1000, got {self.slots}")
         if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+            raise ConfigError(f"DOAI_MAX_ATTEMPTS (--max-attempts) must be at least 1, got {self.max_attempts}")
         if self.driver not in ("vendor", "adb"):
-            raise ValueError(f"driver must be 'vendor' or 'adb', got {self.driver!r}")
+            raise ConfigError(f"DOAI_DRIVER (--driver) must be 'vendor' or 'adb', got {self.driver!r}")
         if self.store not in ("local", "supabase"):
-            raise ValueError(f"artifact store must be 'local' or 'supabase', got {self.store!r}")
+            raise ConfigError(f"DOAI_ARTIFACT_STORE (--store) must be 'local' or 'supabase', got {self.store!r}")
         if self.store == "supabase" and not (self.supabase_url and self.supabase_key and self.supabase_bucket):
-            raise ValueError("the supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and DOAI_SUPABASE_BUCKET")
+            raise ConfigError("the supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and DOAI_SUPABASE_BUCKET")
+        if self.vendor_pool_size is not None and not 1 <= self.vendor_pool_size <= 1000:
+            raise ConfigError(f"DOAI_VENDOR_POOL_SIZE (--vendor-connections) must be between 1 and 1000, "
+                              f"got {self.vendor_pool_size}")
+        if self.vendor_ping_interval_s is not None and self.vendor_ping_interval_s <= 0:
+            self.vendor_ping_interval_s = None  # 0 turns the keep-alive ping off
+        if not self.vendor_screenshot_wait_s > 0:
+            raise ConfigError(f"DOAI_VENDOR_SCREENSHOT_WAIT_S (--screenshot-wait) must be positive, "
+                              f"got {self.vendor_screenshot_wait_s}")
         if self.offline_grace_s < 0:
-            raise ValueError(f"offline_grace_s must not be negative, got {self.offline_grace_s}")
+            raise ConfigError(
+                f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")
+        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s"):
+            if not getattr(self, attr) > 0:
+                raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
 
     @property
     def journal_path(self) -> Path:

@@ -18,12 +18,12 @@ import structlog
 
 from contracts import recipe as dsl
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
-from services.node.driver import DeviceDriver
+from services.node.driver import DeviceDriver, Key
 
 log = structlog.get_logger(__name__)
 
-_KEYS = {"recents": "1", "home": "2", "back": "3"}  # vendor pushEvent types
 _OUTPUT_LIMIT = 4000
+_NATIVE_KEYS = frozenset(k.value for k in Key)
 
 
 class StepError(Exception):
@@ -92,8 +92,8 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             return StepResult()
         case dsl.KeyEvent(key=key):
             name = ctx.render(key)
-            if name.lower() in _KEYS:
-                await ctx.driver.push_event(ctx.serial, _KEYS[name.lower()])
+            if name.lower() in _NATIVE_KEYS:  # home, back, recents: the driver presses them natively
+                await ctx.driver.press_key(ctx.serial, Key(name.lower()))
                 return StepResult()
             return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
         case dsl.Tap(x=x, y=y):
