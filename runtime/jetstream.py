@@ -10,14 +10,14 @@ Both streams have byte, message and message-size limits and discard **new**
 messages when full: a full stream refuses a publish, and the sender keeps the
 message in its durable outbox (the node's journal, the backend's `outbox`
 table) and retries it with backoff, so nothing a sender was told is stored is
-ever dropped before `max_age`. The limits come from the environment
-(`stream_limits_from_env`; see docs/architecture.md "Streams").
+ever dropped before `max_age`. The backend owns the limits
+(`BackendSettings.stream_limits()`, from `DOAI_{CMD,EVT}_MAX_*`; see
+docs/architecture.md "Streams"); other parts only create a missing stream.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,37 +75,6 @@ DEFAULT_LIMITS: dict[str, StreamLimits] = {
     # devices is ~15 KB.
     EVT_STREAM: StreamLimits(max_bytes=4 * GIB, max_msgs=20_000_000, max_msg_size=1 * MIB),
 }
-_ENV_PREFIX = {CMD_STREAM: "DOAI_CMD", EVT_STREAM: "DOAI_EVT"}
-
-
-def stream_limits_from_env(env: dict[str, str] | None = None) -> dict[str, StreamLimits]:
-    """`DOAI_{CMD,EVT}_{MAX_BYTES,MAX_MSGS,MAX_MSG_SIZE}` over `DEFAULT_LIMITS`; a bad value is an error."""
-    env = dict(os.environ) if env is None else env
-    out: dict[str, StreamLimits] = {}
-    for stream, default in DEFAULT_LIMITS.items():
-        values: dict[str, int] = {}
-        for field in ("max_bytes", "max_msgs", "max_msg_size"):
-            name = f"{_ENV_PREFIX[stream]}_{field.upper()}"
-            raw = env.get(name)
-            value = getattr(default, field) if not raw else _positive_int(name, raw)
-            values[field] = value
-        limits = StreamLimits(**values)
-        if limits.max_msg_size > limits.max_bytes:
-            raise RuntimeError(f"{_ENV_PREFIX[stream]}_MAX_MSG_SIZE must not exceed {_ENV_PREFIX[stream]}_MAX_BYTES")
-        out[stream] = limits
-    return out
-
-
-def _positive_int(name: str, raw: str) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise RuntimeError(f"{name} must be a whole number of bytes or messages, got {raw!r}") from None
-    if value < 1:
-        raise RuntimeError(f"{name} must be at least 1, got {value}")
-    return value
-
-
 def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[StreamConfig]:
     limits = DEFAULT_LIMITS if limits is None else limits
     return [
@@ -175,10 +144,10 @@ async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] |
                          update: bool = True) -> list[str]:
     """Create the streams that are missing (and with `update`, bring the others to this config).
 
-    Returns the names of the streams it created. `limits` None: from the environment.
+    Returns the names of the streams it created. `limits` None: `DEFAULT_LIMITS`.
     """
     created: list[str] = []
-    for config in stream_configs(stream_limits_from_env() if limits is None else limits):
+    for config in stream_configs(limits):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:

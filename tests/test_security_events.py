@@ -45,11 +45,13 @@ from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, cmd_s
 from doai.embedded import EmbeddedNats
 from doai.up import DEMO_PARAMS
 from runtime import db, jetstream
-from runtime.jetstream import DEFAULT_LIMITS, StreamLimits, stream_limits_from_env
+from runtime.config import ConfigError, load_settings
+from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from runtime.pull_consumer import PullConsumer
 from services.aggregator.consumer import Aggregator
 from services.aggregator.validate import DEAD_LETTER_KEEP_BYTES, DEFAULT_MAX_SKEW_S
 from services.backend.keeper import StreamKeeper
+from services.backend.settings import BackendSettings
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, publish, seed_run, snapshot
@@ -429,18 +431,23 @@ async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_t
         await jetstream.close(nc)
 
 
-def test_stream_limits_come_from_the_environment_and_bad_values_are_refused() -> None:
-    limits = stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "1073741824", "DOAI_CMD_MAX_MSGS": "5000"})
+def test_stream_limits_come_from_the_backend_settings_and_bad_values_are_refused() -> None:
+    required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
+                "NODE_AGENT_SHARED_SECRET": "s" * 32}
+    limits = load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "1073741824",
+                                             "DOAI_CMD_MAX_MSGS": "5000"}).stream_limits()
     assert limits[EVT_STREAM] == StreamLimits(max_bytes=1 << 30, max_msgs=DEFAULT_LIMITS[EVT_STREAM].max_msgs,
                                               max_msg_size=DEFAULT_LIMITS[EVT_STREAM].max_msg_size)
     assert limits[CMD_STREAM].max_msgs == 5000
-    assert stream_limits_from_env({}) == DEFAULT_LIMITS
-    with pytest.raises(RuntimeError, match="DOAI_EVT_MAX_BYTES must be a whole number"):
-        stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "4GB"})
-    with pytest.raises(RuntimeError, match="DOAI_CMD_MAX_MSG_SIZE must be at least 1"):
-        stream_limits_from_env({"DOAI_CMD_MAX_MSG_SIZE": "0"})
-    with pytest.raises(RuntimeError, match="DOAI_EVT_MAX_MSG_SIZE must not exceed DOAI_EVT_MAX_BYTES"):
-        stream_limits_from_env({"DOAI_EVT_MAX_BYTES": "1000", "DOAI_EVT_MAX_MSG_SIZE": "2000"})
+    assert load_settings(BackendSettings, required).stream_limits() == DEFAULT_LIMITS
+    with pytest.raises(ConfigError, match="DOAI_EVT_MAX_BYTES"):
+        load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "4GB"})
+    with pytest.raises(ConfigError, match="DOAI_CMD_MAX_MSG_SIZE must be at least 1"):
+        load_settings(BackendSettings, {**required, "DOAI_CMD_MAX_MSG_SIZE": "0"})
+    with pytest.raises(ConfigError, match="DOAI_EVT_MAX_MSG_SIZE must not exceed DOAI_EVT_MAX_BYTES"):
+        load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "1000", "DOAI_EVT_MAX_MSG_SIZE": "2000"})
+    with pytest.raises(ConfigError, match="DOAI_NATS_KEEPER_S must be between 0.1 and 3600"):
+        load_settings(BackendSettings, {**required, "DOAI_NATS_KEEPER_S": "0"})
 
 
 async def test_a_flood_of_junk_is_logged_once_per_batch_not_once_per_message(

@@ -42,7 +42,7 @@ class StreamKeeper:
         self._pool = pool
         self._js = js
         self._every_s = every_s
-        self._limits = jetstream.stream_limits_from_env() if limits is None else limits
+        self._limits = limits
         self.streams_recreated = 0
         self.consumers_recreated = 0
         self.rounds = 0
