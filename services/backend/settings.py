@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from msgspec import field
 
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
 from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from contracts.subjects import CMD_STREAM, EVT_STREAM
 from runtime.config import ConfigError, Settings
@@ -57,6 +58,11 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
+    # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
+    # at creation when a param the template uses is missing or not a plain path segment.
+    path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # Failed authentications are logged as one line per interval, with their count.
+    auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
@@ -86,6 +92,10 @@ class BackendSettings(Settings):
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
+        try:
+            template_fields(self.path_template)
+        except ArtifactPathError as exc:
+            raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
 
     def stream_limits(self) -> dict[str, StreamLimits]:
         return {

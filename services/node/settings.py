@@ -12,10 +12,11 @@ from typing import ClassVar
 
 from msgspec import field
 
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.ids import is_node_id
 from runtime.config import ConfigError, Settings, env_names
 
-DEFAULT_PATH_TEMPLATE = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
+__all__ = ["DEFAULT_PATH_TEMPLATE", "NodeSettings"]
 
 
 class NodeSettings(Settings, kw_only=True):

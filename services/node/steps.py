@@ -17,6 +17,8 @@ import msgspec
 import structlog
 
 from contracts import recipe as dsl
+from contracts.patterns import PatternError
+from contracts.patterns import search as pattern_search
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver, Key
 
@@ -116,8 +118,13 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
         case dsl.Upload(source=source):
             return await _upload(ctx, source, timeout_s)
         case dsl.Assert(source=source, pattern=pattern):
+            # RE2: linear in the output whatever the pattern, so no recipe can stall the node's event loop.
             text = ctx.outputs.get(source, "")
-            if re.search(ctx.render(pattern), text) is None:
+            try:
+                matched = pattern_search(ctx.render(pattern), text)
+            except PatternError as exc:
+                raise StepError("invalid_pattern", f"pattern of step {step.id!r}: {exc}") from None
+            if not matched:
                 raise StepError("assert_failed", f"output of step {source!r} does not match {pattern!r}")
             return StepResult()
         case dsl.Report():
