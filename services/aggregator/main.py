@@ -9,6 +9,7 @@ built by `runtime.config.load_settings`).
 | `DOAI_AGG_BATCH` | 500 | messages fetched and folded per transaction |
 | `DOAI_AGG_ACK_WAIT_S` | 30 | JetStream AckWait: an unacked message (crashed aggregator) is redelivered after it |
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
+| `DOAI_AGG_MAX_SKEW_S` | 30 | a node timestamp later than the message's arrival + this is clamped to the arrival |
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
 from runtime.supervisor import Supervisor
 from services.aggregator.consumer import Aggregator
+from services.aggregator.validate import DEFAULT_MAX_SKEW_S
 
 log = structlog.get_logger(__name__)
 
@@ -33,12 +35,15 @@ class AggregatorSettings(Settings, kw_only=True):
     batch_size: int = field(default=500, name="DOAI_AGG_BATCH")
     ack_wait_s: float = field(default=30.0, name="DOAI_AGG_ACK_WAIT_S")
     liveness_window_s: float | None = field(default=None, name="DOAI_LIVENESS_WINDOW_S")
+    max_skew_s: float = field(default=DEFAULT_MAX_SKEW_S, name="DOAI_AGG_MAX_SKEW_S")
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
             raise ConfigError(f"DOAI_AGG_BATCH must be between 1 and 10000, got {self.batch_size}")
         if not 1.0 <= self.ack_wait_s <= 3600.0:
             raise ConfigError(f"DOAI_AGG_ACK_WAIT_S must be between 1 and 3600, got {self.ack_wait_s}")
+        if not 0.0 <= self.max_skew_s <= 3600.0:
+            raise ConfigError(f"DOAI_AGG_MAX_SKEW_S must be between 0 and 3600, got {self.max_skew_s}")
         if self.liveness_window_s is not None and not self.liveness_window_s > 0:
             raise ConfigError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {self.liveness_window_s}")
 
@@ -60,11 +65,12 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
         nc = await jetstream.connect(settings.nats_url, name="doai-aggregator", stop=stop)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js)
+            await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             aggregator = Aggregator(pool, js, batch_size=settings.batch_size,
-                                    max_backoff_s=min(10.0, settings.ack_wait_s / 3))
+                                    max_backoff_s=min(10.0, settings.ack_wait_s / 3), max_skew_s=settings.max_skew_s,
+                                    ack_wait_s=settings.ack_wait_s, nc=nc)
             async with Supervisor(stop, "aggregator") as loops:
                 loops.start("fold", lambda: aggregator.run(stop))
         finally:

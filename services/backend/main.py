@@ -15,6 +15,7 @@ from runtime import db, jetstream
 from runtime.aio import Stopped, unless_stopped
 from runtime.supervisor import Supervisor
 from services.backend.app import create_app
+from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
 
@@ -46,7 +47,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
 
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
                  on_ready: Callable[[str], None] | None) -> None:
-    await jetstream.ensure_streams(js)
+    await jetstream.ensure_streams(js, settings.stream_limits())  # creates, or applies changed limits
     signer = settings.command_signer()
     log.info("commands are signed", command_public_key=signer.public_key)
     relay = OutboxRelay(pool, js, signer=signer, poll_s=settings.relay_poll_s)
@@ -56,6 +57,8 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     server = _Server(config)
     async with Supervisor(stop, "backend") as loops:
         loops.start("relay", lambda: relay.run(stop))
+        keeper = StreamKeeper(pool, js, every_s=settings.keeper_every_s, limits=settings.stream_limits())
+        loops.start("stream-keeper", lambda: keeper.run(stop))
         serve_task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
             while not server.started:

@@ -173,7 +173,7 @@ class NodeAgent:
         nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js)
+            await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
             await jetstream.ensure_node_consumer(js, s.node_id)
             self.outbox = Outbox(self.journal, js)
             self.recover()
