@@ -9,6 +9,8 @@ built by `runtime.config.load_settings`).
 | `DOAI_AGG_BATCH` | 500 | messages fetched and folded per transaction |
 | `DOAI_AGG_ACK_WAIT_S` | 30 | JetStream AckWait: an unacked message (crashed aggregator) is redelivered after it |
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
+| `DOAI_NATS_CREDS` | (required) | the aggregator's NATS credentials file (`aggregator.creds` of `doai nats-auth init`) |
+| `DOAI_NATS_CA` | unset | CA file that signed nats-server's certificate (with a `tls://` NATS_URL) |
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncpg
 import structlog
 from msgspec import field
 
+from contracts.subjects import EVT_STREAM, role_inbox_prefix
 from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
 from services.aggregator.consumer import Aggregator
@@ -32,6 +35,10 @@ class AggregatorSettings(Settings, kw_only=True):
     batch_size: int = field(default=500, name="DOAI_AGG_BATCH")
     ack_wait_s: float = field(default=30.0, name="DOAI_AGG_ACK_WAIT_S")
     liveness_window_s: float | None = field(default=None, name="DOAI_LIVENESS_WINDOW_S")
+    # The aggregator's NATS identity (`aggregator.creds` of `doai nats-auth init`) and the CA that
+    # signed nats-server's TLS certificate (with a tls:// NATS_URL).
+    nats_creds: str | None = field(default=None, name="DOAI_NATS_CREDS")
+    nats_ca: str | None = field(default=None, name="DOAI_NATS_CA")
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
@@ -56,10 +63,12 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
         if settings.liveness_window_s is not None:
             await set_liveness_window(pool, settings.liveness_window_s)
             log.info("liveness window set", seconds=settings.liveness_window_s)
-        nc = await jetstream.connect(settings.nats_url, name="doai-aggregator", stop=stop)
+        nc = await jetstream.connect(settings.nats_url, name="doai-aggregator", stop=stop, creds=settings.nats_creds,
+                                     inbox_prefix=role_inbox_prefix("aggregator"), ca_file=settings.nats_ca)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js)
+            # Only the backend may declare streams (least privilege): wait for DOAI_EVT.
+            await jetstream.wait_for_stream(js, EVT_STREAM, stop)
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             await Aggregator(pool, js, batch_size=settings.batch_size,
