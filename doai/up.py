@@ -196,12 +196,21 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
     artifact_dir = opts.home / "artifacts"
     started_at = datetime.now(UTC)
     try:
+        node_secret = opts.node_secret or secrets.token_urlsafe(32)
         settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
-                                   node_secret=opts.node_secret or secrets.token_urlsafe(32),
-                                   artifact_dir=str(artifact_dir))
+                                   node_secret=node_secret, artifact_dir=str(artifact_dir),
+                                   nats_auth_dir=infra.nats_auth_dir, nats_ca=infra.nats_ca)
         spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
-        spawn(run_aggregator(AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url), stop),
-              "aggregator")
+        spawn(run_aggregator(AggregatorSettings(
+            database_url=infra.database_url, nats_url=infra.nats_url,
+            nats_creds=str(infra.nats_auth_dir / "aggregator.creds"),
+            nats_ca=str(infra.nats_ca) if infra.nats_ca else None), stop), "aggregator")
+        with contextlib.suppress(Stopped):
+            await unless_stopped(asyncio.shield(api_ready), stop)
+        api_url = api_ready.result() if api_ready.done() else ""
+        system = System(api_url, token, sims, stop, tasks, artifact_dir, started_at)
+        if not api_ready.done():
+            raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
         for i in range(1, opts.nodes + 1):
             sim = Simulator(SimulatorConfig(
                 devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
@@ -210,18 +219,15 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
             ))
             await sim.start()
             sims.append(sim)
+            # Each node enrolls at the API with the shared secret on its first start (its own NATS
+            # identity, kept under home/node) and reuses those credentials afterwards.
             node = NodeSettings(
                 node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
                 state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                inventory_interval_s=opts.inventory_interval_s,
+                inventory_interval_s=opts.inventory_interval_s, api_url=api_url, node_secret=node_secret,
+                nats_ca=infra.nats_ca,
             )
             spawn(run_node(node, stop), f"node-{i}")
-        with contextlib.suppress(Stopped):
-            await unless_stopped(asyncio.shield(api_ready), stop)
-        api_url = api_ready.result() if api_ready.done() else ""
-        system = System(api_url, token, sims, stop, tasks, artifact_dir, started_at)
-        if not api_ready.done():
-            raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
         yield system
     finally:
         stop.set()

@@ -280,13 +280,13 @@ class NatsTrust:
         account_public = _public(account) if account is not None else self.account
         ac = AccountClaims(account_public, ACCOUNT_NAME)
         # A JSON list, as nats-server reads it (nats-jwt's SigningKeys would serialise as an object).
-        ac.nats.signing_keys = [_public(_load_seed(self.dir / "account-signing.nk"))]  # type: ignore[assignment]
+        ac.nats.signing_keys = [_public(_load_seed(self.dir / "account-signing.nk"))]
         limits = ac.nats.limits
         limits.disk_storage = -1
         limits.streams = -1
         limits.consumer = -1
         # A plain mapping: nats-jwt's RevocationList (a dataclass over dict) serialises as {}.
-        ac.nats.revocations = {key: int(when.timestamp()) for key, when in revocations.items()}  # type: ignore[assignment]
+        ac.nats.revocations = {key: int(when.timestamp()) for key, when in revocations.items()}
         token: str = ac.encode(signer or _load_seed(self.dir / "operator-signing.nk"))
         return token
 

@@ -26,6 +26,7 @@ from tests.aggregator_support import (
     publish,
     seed_run,
 )
+from tests.conftest import nats_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +46,7 @@ async def test_aggregator_killed_ten_times_mid_batch_loses_and_corrupts_nothing(
     rec = FleetRecording(str(uuid.uuid4()), nodes=3, devices=60, seed=3)
     await migrate(database_url)
     conn = await asyncpg.connect(database_url)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     await jetstream.ensure_aggregator_consumer(js)

@@ -28,6 +28,7 @@ from contracts.commands import Command, RunBroadcast
 from contracts.recipe import decode_recipe
 from doai.embedded import EmbeddedNats, free_port
 from runtime import db, jetstream
+from runtime.nats_auth import inbox_prefix
 from services.backend import runs, workflows
 from services.backend.relay import OutboxRelay
 from tests.backend_support import (
@@ -45,7 +46,7 @@ from tests.backend_support import (
     stream_messages,
     wait_until,
 )
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, creds_file
 
 
 async def unsent(database_url: str) -> int:
@@ -134,7 +135,8 @@ async def backend_db(database_url: str, nats_server: EmbeddedNats) -> AsyncItera
 
 
 async def _jetstream(url: str) -> tuple[nats.NATS, nats.js.JetStreamContext]:
-    nc = await jetstream.connect(url, name="test-relay")
+    nc = await jetstream.connect(url, name="test-relay", creds=creds_file("backend"),
+                                 inbox_prefix=inbox_prefix("backend"))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     return nc, js

@@ -9,7 +9,7 @@ built by `runtime.config.load_settings`).
 | `DOAI_AGG_BATCH` | 500 | messages fetched and folded per transaction |
 | `DOAI_AGG_ACK_WAIT_S` | 30 | JetStream AckWait: an unacked message (crashed aggregator) is redelivered after it |
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
-| `DOAI_NATS_CREDS` | (required) | the aggregator's NATS credentials file (`aggregator.creds` of `doai nats-auth init`) |
+| `DOAI_NATS_CREDS` | (required) | the aggregator's NATS credentials (`aggregator.creds` of `doai nats-auth init`) |
 | `DOAI_NATS_CA` | unset | CA file that signed nats-server's certificate (with a `tls://` NATS_URL) |
 """
 

@@ -23,6 +23,7 @@ from contracts.recipe import Recipe, RecipeInvalid, validate_recipe
 from services.backend import runs, workflows
 from services.backend.artifact_links import ArtifactLinker
 from services.backend.auth import NodeSecretCheck, TokenCheck
+from services.backend.enrollment import Enrollment
 from services.backend.errors import (
     ApiError,
     JSONResponse,
@@ -74,7 +75,8 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings) -> FastAPI:
+def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings,
+               enrollment: Enrollment) -> FastAPI:
     operator_check = TokenCheck(settings.api_tokens)
     node_check = NodeSecretCheck(settings.node_secret)
     linker = ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
@@ -219,6 +221,19 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
             node_id=node_id, slots=settings.slots_for(node_id),
             timeouts=api.NodeTimeouts(step_ms=settings.step_timeout_ms, upload_ms=settings.upload_timeout_ms),
         ))
+
+    @app.post("/v1/node/enroll", dependencies=[Depends(node)],
+              **route((201, api.NodeEnrollment), 400, 401, 409, 413, 422, 503, body=api.NodeEnrollRequest,
+                      body_text="A new node's id and the public key of the NATS user key pair it made"))
+    async def enroll_node(request: Request) -> JSONResponse:
+        body: api.NodeEnrollRequest = await body_of(request, api.NodeEnrollRequest)
+        enrolled, _ = await enrollment.enroll(body)  # the same id and key again: the same answer (retry)
+        return JSONResponse(enrolled, status_code=201)
+
+    @app.post("/v1/nodes/{node_id}/revoke", dependencies=auth,
+              **route((200, api.NodeRevoked), 401, 404, 422, 503))
+    async def revoke_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
+        return JSONResponse(await enrollment.revoke(node_id))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

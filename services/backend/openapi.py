@@ -17,7 +17,7 @@ from contracts.recipe import Recipe
 COMPONENTS: tuple[type[Any], ...] = (
     api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.ArtifactList,
     api.WorkflowView, api.WorkflowPublished, api.WorkflowList, api.DeviceList, api.NodeList, api.NodeConfig,
-    api.Health, api.ErrorResponse, Recipe,
+    api.NodeEnrollRequest, api.NodeEnrollment, api.NodeRevoked, api.Health, api.ErrorResponse, Recipe,
 )
 
 _ERROR_TEXT = {
@@ -28,6 +28,7 @@ _ERROR_TEXT = {
     413: "Request body too large",
     422: "The request does not validate; `details` lists every fault with its JSON path",
     500: "Internal error",
+    503: "A server doai depends on (NATS) is unavailable; retry later",
 }
 
 

@@ -8,6 +8,7 @@ fields are checked once, when the object is built.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from msgspec import field
@@ -46,6 +47,15 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
+    # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
+    # credentials at enrollment, the operator signing key and system user for revocations.
+    nats_auth_dir: Path | None = field(default=None, name="DOAI_NATS_AUTH_DIR")
+    # The backend's own NATS credentials; default: `backend.creds` in DOAI_NATS_AUTH_DIR.
+    nats_creds: Path | None = field(default=None, name="DOAI_NATS_CREDS")
+    # CA file that signed nats-server's TLS certificate (use a tls:// NATS_URL).
+    nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
+    # What enrolled nodes verify commands with (the command-signing public key); "" until signing is configured.
+    command_public_key: str = field(default="", name="DOAI_COMMAND_PUBLIC_KEY")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
@@ -59,6 +69,10 @@ class BackendSettings(Settings):
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
             raise ConfigError(f"NODE_AGENT_SHARED_SECRET is too short: use at least {MIN_NODE_SECRET_BYTES} bytes"
                               " (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        if self.nats_auth_dir is None:
+            raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
+        if self.nats_creds is None:
+            self.nats_creds = self.nats_auth_dir / "backend.creds"
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"DOAI_API_PORT (--port) must be between 0 and 65535, got {self.port}")
         for node, slots in self.node_slots.items():

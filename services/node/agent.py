@@ -11,10 +11,12 @@ from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES
+from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
 from services.node.driver import DeviceDriver
+from services.node.enroll import NodeIdentity, node_identity
 from services.node.executor import Executor
 from services.node.factory import build_driver, build_store
 from services.node.inventory import Inventory
@@ -35,6 +37,7 @@ class NodeAgent:
         self.scheduler = Scheduler(settings.slots)
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
+        self.identity: NodeIdentity | None = None
         self._stopping = False
         self.executor = Executor(
             node_id=settings.node_id, journal=journal, driver=driver,
@@ -155,11 +158,14 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
-        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop)
+        identity = await node_identity(s, stop)
+        self.identity = identity
+        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop, creds=identity.creds,
+                                     inbox_prefix=node_inbox_prefix(s.node_id), ca_file=s.nats_ca)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js)
-            await jetstream.ensure_node_consumer(js, s.node_id)
+            # Streams and this node's consumer are declared by the backend (the node may not): the
+            # command consumer binds to it and retries until it exists.
             self.outbox = Outbox(self.journal, js)
             self.recover()
             commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel,

@@ -19,7 +19,6 @@ from nats.js import JetStreamContext
 
 from contracts.commands import Command, RunBroadcast, RunCancel
 from contracts.subjects import CMD_STREAM, node_durable
-from runtime import jetstream
 from runtime.aio import pause
 
 log = structlog.get_logger(__name__)
@@ -62,8 +61,7 @@ class CommandConsumer:
         return int(self._nc.stats["reconnects"]) if self._nc is not None else 0
 
     async def _subscribe(self) -> JetStreamContext.PullSubscription:
-        """(Re)create the durable consumer if needed and bind a fresh pull subscription to it."""
-        await jetstream.ensure_node_consumer(self._js, self._node_id)
+        """Bind a fresh pull subscription to this node's durable consumer (the backend declares it)."""
         sub = await self._js.pull_subscribe_bind(durable=node_durable(self._node_id), stream=CMD_STREAM)
         self.subscriptions += 1
         return sub

@@ -51,8 +51,16 @@ class NodeSettings(Settings, kw_only=True):
     supabase_url: str = field(default="", name="SUPABASE_URL")
     supabase_key: str = field(default="", name="SUPABASE_SERVICE_KEY")  # a secret: never logged or shown
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
+    # NATS identity. A new node enrolls once at the backend (`api_url`, with the shared secret as
+    # X-Node-Auth) and keeps `<state_dir>/<node_id>.creds`; a pre-provisioned node is given
+    # `creds_file` instead (`--creds`) and never enrolls.
+    api_url: str = field(default="", name="DOAI_API_URL")
+    node_secret: str = field(default="", name="NODE_AGENT_SHARED_SECRET")  # a secret: never logged or shown
+    creds_file: Path | None = field(default=None, name="DOAI_NATS_CREDS")
+    # CA file that signed nats-server's TLS certificate (use a tls:// NATS_URL).
+    nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
 
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key", "node_secret"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:
@@ -80,6 +88,16 @@ class NodeSettings(Settings, kw_only=True):
     @property
     def journal_path(self) -> Path:
         return self.state_dir / f"{self.node_id}.journal.sqlite"
+
+    @property
+    def enrolled_creds_path(self) -> Path:
+        """Where an enrolled node keeps its NATS credentials (0600)."""
+        return self.state_dir / f"{self.node_id}.creds"
+
+    @property
+    def enrollment_path(self) -> Path:
+        """The enrollment answer without the JWT (the backend's command public key, when, as whom)."""
+        return self.state_dir / f"{self.node_id}.enrollment.json"
 
     @property
     def spool_dir(self) -> Path:
