@@ -78,7 +78,7 @@ async def test_replay_shuffled_with_duplicates_by_three_aggregators_gives_identi
     rng = random.Random(5)
     noisy = rec.events + rng.sample(rec.events, k=len(rec.events) // 5)
     rng.shuffle(noisy)
-    replay_server = EmbeddedNats(tmp_path / "replay-nats")  # type: ignore[operator]
+    replay_server = EmbeddedNats(tmp_path / "replay-nats", nats_server.trust)
     replay_server.start()
     try:
         async with fresh_database(pg_server) as replay_url:

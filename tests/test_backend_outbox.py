@@ -46,7 +46,7 @@ from tests.backend_support import (
     stream_messages,
     wait_until,
 )
-from tests.conftest import TEST_TOKEN, creds_file
+from tests.conftest import TEST_TOKEN, creds_file, trust
 
 
 async def unsent(database_url: str) -> int:
@@ -56,7 +56,7 @@ async def unsent(database_url: str) -> int:
 
 async def start_backend_process(database_url: str, nats_url: str, port: int) -> asyncio.subprocess.Process:
     env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_url, "DOAI_API_TOKEN": TEST_TOKEN,
-           "NODE_AGENT_SHARED_SECRET": NODE_SECRET}
+           "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_NATS_AUTH_DIR": str(trust().dir)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "doai.cli", "backend", "--port", str(port), cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -72,7 +72,7 @@ def test_every_part_reports_a_bad_setting_in_one_line_naming_the_variable(
 def test_unreachable_database_is_one_line_without_the_password() -> None:
     res = doai("backend", env={"DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/d",
                                "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                               "NODE_AGENT_SHARED_SECRET": "n" * 32})
+                               "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_NATS_AUTH_DIR": "/nonexistent"})
     assert res.returncode == 1
     assert "doai backend: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/d" in res.stderr
     assert "s3cret" not in res.stderr and "Traceback" not in res.stderr

@@ -47,6 +47,9 @@ class AggregatorSettings(Settings, kw_only=True):
             raise ConfigError(f"DOAI_AGG_ACK_WAIT_S must be between 1 and 3600, got {self.ack_wait_s}")
         if self.liveness_window_s is not None and not self.liveness_window_s > 0:
             raise ConfigError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {self.liveness_window_s}")
+        if not self.nats_creds:
+            raise ConfigError("set DOAI_NATS_CREDS to the aggregator's NATS credentials file (`aggregator.creds` of "
+                              "`doai nats-auth init`)")
 
 
 async def set_liveness_window(pool: asyncpg.Pool, seconds: float) -> None:

@@ -33,7 +33,7 @@ from services.backend.errors import (
     install_error_handlers,
     invalid,
 )
-from services.backend.openapi import RECIPE_EXAMPLE, RUN_EXAMPLE, components, route
+from services.backend.openapi import ENROLL_EXAMPLE, RECIPE_EXAMPLE, RUN_EXAMPLE, components, route
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
 
@@ -224,7 +224,8 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
 
     @app.post("/v1/node/enroll", dependencies=[Depends(node)],
               **route((201, api.NodeEnrollment), 400, 401, 409, 413, 422, 503, body=api.NodeEnrollRequest,
-                      body_text="A new node's id and the public key of the NATS user key pair it made"))
+                      body_text="A new node's id and the public key of the NATS user key pair it made",
+                      example=ENROLL_EXAMPLE))
     async def enroll_node(request: Request) -> JSONResponse:
         body: api.NodeEnrollRequest = await body_of(request, api.NodeEnrollRequest)
         enrolled, _ = await enrollment.enroll(body)  # the same id and key again: the same answer (retry)

@@ -31,7 +31,7 @@ from nats.js import JetStreamContext
 
 from contracts import api
 from runtime import jetstream
-from runtime.nats_auth import NatsTrust, push_account_jwt, revocation_time
+from runtime.nats_auth import NatsTrust, is_user_public_key, push_account_jwt, revocation_time
 from services.backend.errors import ApiError
 from services.backend.runs import iso
 
@@ -51,6 +51,9 @@ class Enrollment:
     async def enroll(self, request: api.NodeEnrollRequest) -> tuple[api.NodeEnrollment, bool]:
         """Record the node's key and sign its user JWT; (answer, whether it was new)."""
         node_id, key = request.node_id, request.public_key
+        if not is_user_public_key(key):  # the pattern matched; the nkey checksum must hold too
+            raise ApiError(422, "invalid", "request body is invalid",
+                           [{"path": "$.public_key", "message": "not a NATS user public key (bad checksum)"}])
         async with self._pool.acquire() as conn, conn.transaction():
             if await conn.fetchval("SELECT 1 FROM nats_revocations WHERE public_key = $1", key):
                 raise ApiError(409, "key_revoked", "this public key was revoked: make a new key pair")

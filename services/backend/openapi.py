@@ -36,6 +36,9 @@ def ref(kind: type[Any]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
 
+# A node's enrollment: its id and the public key of the NATS user key pair it made (the seed stays on the node).
+ENROLL_EXAMPLE = {"node_id": "node-A1", "public_key": "UD6JOQGGXUS6SAVE7POJWYLLF7ORP3O63DZDCG7E4ZSWRILK75GL4ZYZ"}
+
 RUN_EXAMPLE = {
     "workflow_id": "device-smoke",
     "params": {"url": "https://example.org/", "youtubeVideoId": "dQw4w9WgXcQ"},

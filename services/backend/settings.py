@@ -69,10 +69,6 @@ class BackendSettings(Settings):
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
             raise ConfigError(f"NODE_AGENT_SHARED_SECRET is too short: use at least {MIN_NODE_SECRET_BYTES} bytes"
                               " (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
-        if self.nats_auth_dir is None:
-            raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
-        if self.nats_creds is None:
-            self.nats_creds = self.nats_auth_dir / "backend.creds"
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"DOAI_API_PORT (--port) must be between 0 and 65535, got {self.port}")
         for node, slots in self.node_slots.items():
@@ -80,6 +76,11 @@ class BackendSettings(Settings):
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
+
+        if self.nats_auth_dir is None:
+            raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
+        if self.nats_creds is None:
+            self.nats_creds = self.nats_auth_dir / "backend.creds"
 
     def slots_for(self, node_id: str) -> int:
         return self.node_slots.get(node_id, self.default_node_slots)
