@@ -16,6 +16,7 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 
 from contracts.commands import Command, RunBroadcast, RunCancel
 from contracts.subjects import CMD_STREAM, node_durable
@@ -75,6 +76,7 @@ class CommandConsumer:
         """
         sub: JetStreamContext.PullSubscription | None = None
         seen_reconnects = self._reconnects()
+        waiting = False
         while not stop.is_set():
             if sub is None or self._reconnects() != seen_reconnects:
                 if sub is not None:
@@ -93,6 +95,15 @@ class CommandConsumer:
                 msgs = await sub.fetch(16, timeout=self._fetch_timeout_s)
             except TimeoutError:
                 continue
+            except ServiceUnavailableError:
+                # No consumer to answer: the backend has not declared this node's consumer yet
+                # (a pre-provisioned node before its first command), or it was deleted. Said once.
+                if not waiting:
+                    log.info("waiting for the backend to declare this node's command consumer",
+                             node_id=self._node_id, consumer=node_durable(self._node_id))
+                    waiting = True
+                await pause(stop, 1.0)
+                continue
             except Exception as exc:
                 log.warning("command fetch failed; subscribing again", error=repr(exc))
                 with contextlib.suppress(Exception):
@@ -100,6 +111,7 @@ class CommandConsumer:
                 sub = None
                 await pause(stop, 1.0)
                 continue
+            waiting = False
             for msg in msgs:
                 try:
                     await self.handle(msg)
