@@ -251,6 +251,8 @@ async def up(opts: UpOptions) -> int:
                 say(f"doai is up: API {system.api_url}  (token: {token})")
                 pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
                 say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+                say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
+                    f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
                 if opts.demo:
