@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
 from runtime.stopping import install_stop_handlers
+from runtime.supervisor import LoopFailed, Supervisor
 from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
@@ -166,7 +168,7 @@ class System:
     token: str
     sims: list[Simulator]
     stop: asyncio.Event
-    tasks: list[asyncio.Task[Any]]
+    parts: Supervisor
     artifact_dir: Path
     started_at: datetime
 
@@ -175,65 +177,72 @@ class System:
                                  timeout=timeout)
 
     def failures(self) -> list[str]:
-        return [f"{t.get_name()}: {t.exception()!r}" for t in self.tasks
-                if t.done() and not t.cancelled() and t.exception() is not None]
+        return [str(self.parts.failure)] if self.parts.failure is not None else []
 
 
 @asynccontextmanager
 async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                          stop: asyncio.Event | None = None) -> AsyncIterator[System]:
-    """Start backend, aggregator, and per node a simulator and an agent; stop them all on exit."""
+    """Start backend, aggregator, and per node a simulator and an agent; stop them all on exit.
+
+    Each part runs under one `Supervisor`: a part that fails sets `stop`, so
+    the others shut down as usual, and the failure is reported (`System.failures`).
+    """
     stop = stop or asyncio.Event()
-    tasks: list[asyncio.Task[Any]] = []
     sims: list[Simulator] = []
     api_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-
-    def spawn(coro: Coroutine[Any, Any, Any], name: str) -> None:
-        task = asyncio.create_task(coro, name=name)
-        task.add_done_callback(lambda t: stop.set() if not t.cancelled() and t.exception() else None)
-        tasks.append(task)
-
     artifact_dir = opts.home / "artifacts"
     started_at = datetime.now(UTC)
+    node_secret = opts.node_secret or secrets.token_urlsafe(32)
+    settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
+                               node_secret=node_secret, artifact_dir=str(artifact_dir),
+                               nats_auth_dir=infra.nats_auth_dir, nats_ca=infra.nats_ca)
+    aggregator = AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url,
+                                    nats_creds=str(infra.nats_auth_dir / "aggregator.creds"),
+                                    nats_ca=str(infra.nats_ca) if infra.nats_ca else None)
+    parts = Supervisor(stop, "doai up", grace_s=15.0)
+    body_error: BaseException | None = None
     try:
-        node_secret = opts.node_secret or secrets.token_urlsafe(32)
-        settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
-                                   node_secret=node_secret, artifact_dir=str(artifact_dir),
-                                   nats_auth_dir=infra.nats_auth_dir, nats_ca=infra.nats_ca)
-        spawn(run_backend(settings, stop, on_ready=api_ready.set_result), "backend")
-        spawn(run_aggregator(AggregatorSettings(
-            database_url=infra.database_url, nats_url=infra.nats_url,
-            nats_creds=str(infra.nats_auth_dir / "aggregator.creds"),
-            nats_ca=str(infra.nats_ca) if infra.nats_ca else None), stop), "aggregator")
-        with contextlib.suppress(Stopped):
-            await unless_stopped(asyncio.shield(api_ready), stop)
-        api_url = api_ready.result() if api_ready.done() else ""
-        system = System(api_url, token, sims, stop, tasks, artifact_dir, started_at)
-        if not api_ready.done():
-            raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
-        for i in range(1, opts.nodes + 1):
-            sim = Simulator(SimulatorConfig(
-                devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
-                default_latency_ms=opts.sim_latency_ms,
-                latency_ms={"screen": opts.screen_latency_ms},
-            ))
-            await sim.start()
-            sims.append(sim)
-            # Each node enrolls at the API with the shared secret on its first start (its own NATS
-            # identity, kept under home/node) and reuses those credentials afterwards.
-            node = NodeSettings(
-                node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
-                state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                inventory_interval_s=opts.inventory_interval_s, api_url=api_url, node_secret=node_secret,
-                nats_ca=infra.nats_ca,
-            )
-            spawn(run_node(node, stop), f"node-{i}")
-        yield system
+        async with parts:
+            parts.start("backend", lambda: run_backend(settings, stop, on_ready=api_ready.set_result), restart=False)
+            parts.start("aggregator", lambda: run_aggregator(aggregator, stop), restart=False)
+            with contextlib.suppress(Stopped):
+                await unless_stopped(asyncio.shield(api_ready), stop)
+            api_url = api_ready.result() if api_ready.done() else ""
+            system = System(api_url, token, sims, stop, parts, artifact_dir, started_at)
+            if not api_ready.done():
+                raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
+            for i in range(1, opts.nodes + 1):
+                sim = Simulator(SimulatorConfig(
+                    devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
+                    default_latency_ms=opts.sim_latency_ms,
+                    latency_ms={"screen": opts.screen_latency_ms},
+                ))
+                await sim.start()
+                sims.append(sim)
+                # Each node enrolls at the API with the shared secret on its first start (its own NATS
+                # identity, kept under home/node) and reuses those credentials afterwards.
+                node = NodeSettings(
+                    node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
+                    state_dir=opts.home / "node", artifact_dir=artifact_dir,
+                    inventory_interval_s=opts.inventory_interval_s, api_url=api_url, node_secret=node_secret,
+                    nats_ca=infra.nats_ca,
+                )
+                parts.start(f"node-{i}", functools.partial(run_node, node, stop), restart=False)
+            try:
+                yield system
+            except BaseException as exc:  # stop the parts gracefully first, then let it go on
+                body_error = exc
+            finally:
+                stop.set()
+    except LoopFailed:
+        pass  # reported through System.failures (the caller decides the exit code)
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
         for sim in sims:
             await sim.close()
+    if body_error is not None:
+        raise body_error
 
 
 async def up(opts: UpOptions) -> int:

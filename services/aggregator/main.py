@@ -24,6 +24,7 @@ from msgspec import field
 from contracts.subjects import EVT_STREAM, role_inbox_prefix
 from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
+from runtime.supervisor import Supervisor
 from services.aggregator.consumer import Aggregator
 
 log = structlog.get_logger(__name__)
@@ -74,8 +75,10 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
             await jetstream.wait_for_stream(js, EVT_STREAM, stop)
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
-            await Aggregator(pool, js, batch_size=settings.batch_size,
-                             max_backoff_s=min(10.0, settings.ack_wait_s / 3)).run(stop)
+            aggregator = Aggregator(pool, js, batch_size=settings.batch_size,
+                                    max_backoff_s=min(10.0, settings.ack_wait_s / 3))
+            async with Supervisor(stop, "aggregator") as loops:
+                loops.start("fold", lambda: aggregator.run(stop))
         finally:
             await jetstream.close(nc)
     finally:

@@ -13,7 +13,9 @@ from nats.js import JetStreamContext
 
 from contracts.subjects import role_inbox_prefix
 from runtime import db, jetstream
+from runtime.aio import Stopped, unless_stopped
 from runtime.nats_auth import NatsTrust
+from runtime.supervisor import Supervisor
 from services.backend.app import create_app
 from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError
@@ -64,22 +66,24 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="off")
     server = _Server(config)
-    relay_task = asyncio.create_task(relay.run(stop), name="outbox-relay")
-    serve_task = asyncio.create_task(server.serve(), name="uvicorn")
-    try:
-        while not server.started:
-            if serve_task.done():
-                raise RuntimeError(f"the API could not listen on {settings.host}:{settings.port}")
-            await asyncio.sleep(0.02)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        url = f"http://{settings.host}:{port}"
-        log.info("backend listening", url=url)
-        if on_ready is not None:
-            on_ready(url)
-        await stop.wait()
-        server.should_exit = True
-        await serve_task
-    finally:
-        relay_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await relay_task
+    async with Supervisor(stop, "backend") as loops:
+        loops.start("relay", lambda: relay.run(stop))
+        serve_task = asyncio.create_task(server.serve(), name="uvicorn")
+        try:
+            while not server.started:
+                if serve_task.done():
+                    raise RuntimeError(f"the API could not listen on {settings.host}:{settings.port}")
+                await asyncio.sleep(0.02)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            url = f"http://{settings.host}:{port}"
+            log.info("backend listening", url=url)
+            if on_ready is not None:
+                on_ready(url)
+            await unless_stopped(asyncio.shield(serve_task), stop)
+        except Stopped:
+            pass
+        finally:
+            stop.set()  # the API stopped or failed: the relay stops with it
+            server.should_exit = True
+            with contextlib.suppress(BaseException):
+                await serve_task

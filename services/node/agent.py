@@ -13,6 +13,7 @@ from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES
 from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
+from runtime.supervisor import Supervisor
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
 from services.node.driver import DeviceDriver
@@ -38,6 +39,7 @@ class NodeAgent:
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.identity: NodeIdentity | None = None
+        self.loops: Supervisor | None = None  # the outbox, inventory and command loops while running
         self._stopping = False
         self.executor = Executor(
             node_id=settings.node_id, journal=journal, driver=driver,
@@ -170,22 +172,23 @@ class NodeAgent:
             self.recover()
             commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel,
                                        nc=nc)
-            background = [
-                asyncio.create_task(self.outbox.run(stop), name="outbox"),
-                asyncio.create_task(self.inventory.run(stop, s.inventory_interval_s), name="inventory"),
-            ]
-            await self.inventory.poll()  # know the devices before taking work
-            self.dispatch()
-            background.append(asyncio.create_task(commands.run(stop), name="commands"))
-            log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
-            await stop.wait()
-            self._stopping = True  # no new job starts while the running ones are cancelled
-            for task in [*self.tasks.values(), *background]:
-                task.cancel()
-            for task in [*self.tasks.values(), *background]:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await self.outbox.drain(timeout_s=2.0)
+            outbox = self.outbox
+            async with Supervisor(stop, f"node {s.node_id}") as loops:
+                loops.start("outbox", lambda: outbox.run(stop))
+                loops.start("inventory", lambda: self.inventory.run(stop, s.inventory_interval_s))
+                await self.inventory.poll()  # know the devices before taking work
+                self.dispatch()
+                loops.start("commands", lambda: commands.run(stop))
+                self.loops = loops
+                log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
+                await stop.wait()
+                self._stopping = True  # no new job starts while the running ones are cancelled
+                for task in self.tasks.values():
+                    task.cancel()
+                for task in list(self.tasks.values()):
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+            await outbox.drain(timeout_s=2.0)
         finally:
             await jetstream.close(nc)
 

@@ -77,43 +77,50 @@ class CommandConsumer:
         sub: JetStreamContext.PullSubscription | None = None
         seen_reconnects = self._reconnects()
         waiting = False
-        while not stop.is_set():
-            if sub is None or self._reconnects() != seen_reconnects:
-                if sub is not None:
-                    log.info("NATS reconnected: binding the command subscription again", node_id=self._node_id)
+        try:
+            while not stop.is_set():
+                if sub is None or self._reconnects() != seen_reconnects:
+                    if sub is not None:
+                        log.info("NATS reconnected: binding the command subscription again", node_id=self._node_id)
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                        sub = None
+                    seen_reconnects = self._reconnects()
+                    try:
+                        sub = await self._subscribe()
+                    except Exception as exc:
+                        log.warning("command subscription failed; retrying", error=repr(exc))
+                        await pause(stop, 1.0)
+                        continue
+                try:
+                    msgs = await sub.fetch(16, timeout=self._fetch_timeout_s)
+                except TimeoutError:
+                    continue
+                except ServiceUnavailableError:
+                    # No consumer to answer: the backend has not declared this node's consumer yet
+                    # (a pre-provisioned node before its first command), or it was deleted. Said once.
+                    if not waiting:
+                        log.info("waiting for the backend to declare this node's command consumer",
+                                 node_id=self._node_id, consumer=node_durable(self._node_id))
+                        waiting = True
+                    await pause(stop, 1.0)
+                    continue
+                except Exception as exc:
+                    log.warning("command fetch failed; subscribing again", error=repr(exc))
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
                     sub = None
-                seen_reconnects = self._reconnects()
-                try:
-                    sub = await self._subscribe()
-                except Exception as exc:
-                    log.warning("command subscription failed; retrying", error=repr(exc))
                     await pause(stop, 1.0)
                     continue
-            try:
-                msgs = await sub.fetch(16, timeout=self._fetch_timeout_s)
-            except TimeoutError:
-                continue
-            except ServiceUnavailableError:
-                # No consumer to answer: the backend has not declared this node's consumer yet
-                # (a pre-provisioned node before its first command), or it was deleted. Said once.
-                if not waiting:
-                    log.info("waiting for the backend to declare this node's command consumer",
-                             node_id=self._node_id, consumer=node_durable(self._node_id))
-                    waiting = True
-                await pause(stop, 1.0)
-                continue
-            except Exception as exc:
-                log.warning("command fetch failed; subscribing again", error=repr(exc))
+                waiting = False
+                for msg in msgs:
+                    try:
+                        await self.handle(msg)
+                    except Exception:
+                        log.exception("command not handled; JetStream will redeliver it", subject=msg.subject)
+        finally:
+            # A killed or stopped loop must not leave its pull subscription behind: messages handed to
+            # its inbox would wait out the AckWait before anyone else could take them.
+            if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-                sub = None
-                await pause(stop, 1.0)
-                continue
-            waiting = False
-            for msg in msgs:
-                try:
-                    await self.handle(msg)
-                except Exception:
-                    log.exception("command not handled; JetStream will redeliver it", subject=msg.subject)
