@@ -212,3 +212,30 @@ def test_nats_auth_init_and_creds_write_private_files_nats_server_accepts(tmp_pa
         assert asyncio.run(connects(server.url, out, "n7"))
     finally:
         server.stop()
+
+
+async def test_with_nats_down_enroll_and_revoke_answer_503_and_record_nothing(
+    nats_server: AuthNats, database_url: str
+) -> None:
+    creds = nats_server.creds("node", "node-down")
+    public = jwt_subject(creds_jwt(creds.read_text()))
+    async with running_backend(database_url, nats_server.url) as backend:
+        headers = {"X-Node-Auth": backend.settings.node_secret}
+        async with httpx.AsyncClient(base_url=backend.url, headers=headers, timeout=60) as api:
+            assert (await api.post("/v1/node/enroll", json={"node_id": "node-down", "public_key": public})
+                    ).status_code == 201
+            nats_server.stop()
+            try:
+                other = public_key_of(new_user_seed())
+                r = await api.post("/v1/node/enroll", json={"node_id": "node-late", "public_key": other})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "nats_unavailable", r.text
+                async with backend.client(timeout=60) as client:
+                    r = await client.post("/v1/nodes/node-down/revoke")
+                assert r.status_code == 503 and r.json()["error"]["code"] == "nats_unavailable", r.text
+            finally:
+                nats_server.start()
+    assert await count(database_url, "SELECT count(*) FROM node_identities WHERE node_id = 'node-late'") == 0
+    assert await count(database_url, "SELECT revoked_at FROM node_identities WHERE node_id = 'node-down'") is None
+    assert await count(database_url, "SELECT count(*) FROM nats_revocations") == 0
+    # Nothing was revoked on the server either.
+    assert await connects(nats_server.url, creds, "node-down")

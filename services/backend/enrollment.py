@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC
 from typing import Any
 
@@ -74,8 +75,12 @@ class Enrollment:
                 " ELSE now() END, revoked_at = NULL"
                 " RETURNING enrolled_at", node_id, key)
             user_jwt = self._trust.user_jwt(key, "node", node_id)
-            # Nodes cannot create consumers: the backend declares the node's durable one now.
-            await jetstream.ensure_node_consumer(self._js, node_id)
+            # Nodes cannot create consumers: the backend declares the node's durable one now. If NATS
+            # cannot be reached the transaction rolls back: nothing is recorded, the node retries (503).
+            try:
+                await jetstream.ensure_node_consumer(self._js, node_id)
+            except Exception as exc:
+                raise ApiError(503, "nats_unavailable", f"cannot declare the node's consumer: {exc!r}") from None
         log.info("node enrolled" if created else "node enrollment answered again", node_id=node_id,
                  public_key=key)
         return api.NodeEnrollment(node_id=node_id, public_key=key, user_jwt=user_jwt,
@@ -109,13 +114,18 @@ class Enrollment:
         tls = jetstream.tls_context(self._nats_url, self._ca_file)
         if tls is not None:
             options["tls"] = tls
+        async def quiet(exc: Exception) -> None:  # the failure is raised below, once
+            pass
+
         try:
-            nc = await nats.connect(self._nats_url, name="doai-backend-sys", allow_reconnect=False,
-                                    connect_timeout=5, max_reconnect_attempts=0,
-                                    user_credentials=str(self._trust.creds_path("sys-user")), **options)
+            # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
+            nc = await asyncio.wait_for(nats.connect(
+                self._nats_url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
+                max_reconnect_attempts=0, error_cb=quiet,
+                user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
         except Exception as exc:
-            raise ApiError(503, "nats_unavailable", f"cannot reach nats-server to update the account: {exc}") \
-                from None
+            raise ApiError(503, "nats_unavailable",
+                           f"cannot reach nats-server to update the account: {exc!r}") from None
         try:
             await push_account_jwt(nc, token)
         except Exception as exc:
