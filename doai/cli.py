@@ -73,8 +73,10 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from doai.embedded import EmbeddedError
     from doai.servers import doai_home
     from doai.up import UpOptions, up
+    from runtime.nats_auth import TrustError
 
     opts = UpOptions(
         home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
@@ -82,7 +84,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
         node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None,
     )
-    return asyncio.run(up(opts))
+    try:
+        return asyncio.run(up(opts))
+    except (EmbeddedError, TrustError) as exc:  # a server that cannot start, trust material missing
+        sys.stderr.write(f"doai up: {exc}\n")
+        return 1
 
 
 def cmd_backend(args: argparse.Namespace) -> int:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doai.embedded import EmbeddedNats, EmbeddedPostgres
-from runtime.nats_auth import NatsTrust
+from runtime.nats_auth import NatsTrust, TrustError
 
 
 @dataclass(frozen=True)
@@ -42,8 +42,8 @@ async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
     database_url = os.environ.get("DATABASE_URL")
     configured_auth = os.environ.get("DOAI_NATS_AUTH_DIR")
     if nats_url and not configured_auth:
-        raise RuntimeError("NATS_URL is set: also set DOAI_NATS_AUTH_DIR to its trust folder "
-                           "(`doai nats-auth init --dir DIR`)")
+        raise TrustError("NATS_URL is set: also set DOAI_NATS_AUTH_DIR to its trust folder "
+                         "(`doai nats-auth init --dir DIR`)")
     auth_dir = Path(configured_auth) if configured_auth else home / "nats-auth"
     nats_ca = Path(os.environ["DOAI_NATS_CA"]) if os.environ.get("DOAI_NATS_CA") else None
     nats = None if nats_url else EmbeddedNats(home / "nats", await asyncio.to_thread(NatsTrust.ensure, auth_dir))

@@ -140,7 +140,10 @@ async def close(nc: NATS) -> None:
             await nc.flush(timeout=2)
         except Exception as exc:
             log.warning("nats flush at close failed", error=repr(exc))
-    await nc.close()
+    try:
+        await nc.close()
+    except OSError as exc:  # the connection dropped while closing (a server restart): closed all the same
+        log.info("nats connection lost while closing", error=repr(exc))
 
 
 async def ensure_streams(js: JetStreamContext) -> None:

@@ -239,3 +239,12 @@ async def test_with_nats_down_enroll_and_revoke_answer_503_and_record_nothing(
     assert await count(database_url, "SELECT count(*) FROM nats_revocations") == 0
     # Nothing was revoked on the server either.
     assert await connects(nats_server.url, creds, "node-down")
+
+
+def test_doai_up_against_an_external_nats_needs_its_trust_folder(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NATS_URL": "nats://127.0.0.1:1"}
+    env.pop("DOAI_NATS_AUTH_DIR", None)
+    res = subprocess.run([sys.executable, "-m", "doai.cli", "up", "--home", str(tmp_path / "home"), "--port", "0"],
+                         env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 1
+    assert "set DOAI_NATS_AUTH_DIR" in res.stderr and "Traceback" not in res.stderr
