@@ -41,6 +41,7 @@ from doai.embedded import EmbeddedNats, free_port  # noqa: E402
 from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.agent import NodeAgent  # noqa: E402
+from services.node.driver import Key  # noqa: E402
 from services.node.factory import build_driver, build_store  # noqa: E402
 from services.node.journal import Journal  # noqa: E402
 from services.node.settings import NodeSettings  # noqa: E402
@@ -73,7 +74,7 @@ async def one_workflow_alone(agent: NodeAgent, serial: str) -> float:
     driver = agent.driver
     await driver.shell(serial, "getprop ro.product.model")
     await driver.shell(serial, "dumpsys battery")
-    await driver.push_event(serial, 2)
+    await driver.press_key(serial, Key.HOME)
     await driver.shell(serial, "am start -a android.intent.action.VIEW -d 'https://example.org/'")
     return time.perf_counter() - started
 

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from doai.up import UpOptions  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
+from services.node.driver import Key  # noqa: E402
 from services.node.vendor_client import VendorClient  # noqa: E402
 from services.simulator.server import Simulator, SimulatorConfig  # noqa: E402
 
@@ -69,7 +70,7 @@ async def floor_one_device() -> float:
             await vendor.shell(serial, "getprop ro.product.model")
             await vendor.shell(serial, "getprop ro.build.version.release")
             await vendor.shell(serial, "dumpsys battery")
-            await vendor.push_event(serial, "2")
+            await vendor.press_key(serial, Key.HOME)
             await vendor.shell(serial, "am start -a android.intent.action.VIEW -d https://example.org/")
             await asyncio.sleep(0.3)  # the recipe's `wait` step
             await vendor.screenshot(serial, Path(spool))

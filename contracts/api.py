@@ -7,21 +7,35 @@ schema a client (or a fuzzer) sees is the one the server enforces.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
+from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
+from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN
 
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
 Serial = Annotated[str, Meta(pattern=SERIAL_PATTERN)]
 WorkflowId = Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
+# A run id as this API returns it (a UUID, lower or upper case hex).
+RUN_ID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 # Parameter values are scalars, checked against the recipe's declarations (type, required, pattern).
-# Decoded as Any so a wrong value is reported at its own path (`$.params.url`) by that check.
-_PARAM_VALUE_SCHEMA = {"anyOf": [{"type": "string", "maxLength": 4096}, {"type": "integer"}, {"type": "boolean"}]}
+# Decoded as Any so a wrong value is reported at its own path (`$.params.url`) by that check, which
+# enforces exactly this schema (length, characters, 64-bit integers).
+PARAM_VALUE_SCHEMA = {"anyOf": [
+    {"type": "string", "maxLength": MAX_TEXT_CHARS, "pattern": PLAIN_PATTERN},
+    {"type": "integer", "minimum": MIN_INT, "maximum": MAX_INT},
+    {"type": "boolean"},
+]}
 Params = Annotated[
-    dict[Annotated[str, Meta(max_length=64)], Any],
-    Meta(max_length=100, extra_json_schema={"additionalProperties": _PARAM_VALUE_SCHEMA}),
+    dict[ParamName, Any],
+    Meta(max_length=100, extra_json_schema={"additionalProperties": PARAM_VALUE_SCHEMA},
+         description="Values for the workflow's declared params: each of the declared type (strings at most"
+                     f" {MAX_TEXT_CHARS} characters without control characters, 64-bit integers, booleans) and"
+                     " matching the param's pattern; required params without a default must be given; params that"
+                     " fill the artifact path template (`youtubeVideoId`) must be plain path segments when the"
+                     " workflow uploads a screenshot."),
 ]
 # `Idempotency-Key` header: printable ASCII without spaces, at most 200 characters.
 IDEMPOTENCY_KEY_PATTERN = r"^[\x21-\x7e]{1,200}$"
@@ -34,32 +48,56 @@ class DeviceRef(Struct, forbid_unknown_fields=True):
     serial: Serial
 
 
-class Targets(Struct, forbid_unknown_fields=True, kw_only=True):
-    """Exactly one of: explicit devices, every online device of some nodes, or every online device."""
+DeviceList_ = Annotated[list[DeviceRef], Meta(min_length=1, max_length=10_000)]
+NodeIdList = Annotated[list[NodeId], Meta(min_length=1, max_length=1_000)]
 
-    devices: Annotated[list[DeviceRef], Meta(min_length=1, max_length=10_000)] | None = None
-    nodes: Annotated[list[NodeId], Meta(min_length=1, max_length=1_000)] | None = None
-    all_online: bool | None = None
+
+class Targets(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Exactly one of: explicit devices, every online device of some nodes, or every online device.
+
+    The OpenAPI document states it as a `oneOf` (see `TARGETS_SCHEMA`).
+    """
+
+    devices: DeviceList_ | UnsetType = UNSET
+    nodes: NodeIdList | UnsetType = UNSET
+    all_online: Literal[True] | UnsetType = UNSET
 
     def chosen(self) -> list[str]:
-        return [
-            name
-            for name, value in (
-                ("devices", self.devices),
-                ("nodes", self.nodes),
-                ("all_online", self.all_online),
-            )
-            if value is not None and value is not False
-        ]
+        return [name for name in ("devices", "nodes", "all_online") if getattr(self, name) is not UNSET]
+
+
+def _one_target(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {name: schema}, "required": [name], "additionalProperties": False}
+
+
+# The schema of `Targets` in the OpenAPI document: what `RunCreate` decoding plus `chosen()` enforce.
+TARGETS_SCHEMA: dict[str, Any] = {
+    "description": Targets.__doc__.splitlines()[0] if Targets.__doc__ else "",
+    "oneOf": [
+        _one_target("devices", {"type": "array", "minItems": 1, "maxItems": 10_000,
+                                "items": {"$ref": "#/components/schemas/DeviceRef"}}),
+        _one_target("nodes", {"type": "array", "minItems": 1, "maxItems": 1_000,
+                              "items": {"type": "string", "pattern": NODE_ID_PATTERN}}),
+        _one_target("all_online", {"type": "boolean", "enum": [True]}),
+    ],
+}
 
 
 class RunCreate(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A run of one workflow version on explicit targets.
+
+    Checked against the workflow (422 with the path of each fault): `params` against its declared
+    params; each `step_timeouts_ms` key must be a step id of the workflow and its value within that
+    step's bounds; `targets` names exactly one of `devices`, `nodes`, `all_online` and must resolve
+    to at least one online device. Integers may be written as whole-number floats (`1.0`).
+    """
+
     workflow_id: WorkflowId
     workflow_version: Annotated[int, Meta(ge=1, le=2**31 - 1)] | None = None
     params: Params = {}
     targets: Targets
     step_timeouts_ms: Annotated[
-        dict[Annotated[str, Meta(max_length=64)], Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(max_length=200)
+        dict[StepId, Annotated[int, Meta(ge=0, le=2**31 - 1)]], Meta(max_length=200)
     ] = {}
 
 

@@ -21,6 +21,8 @@ import msgspec
 from msgspec import Meta, Struct
 
 from contracts.ids import WORKFLOW_ID_PATTERN
+from contracts.patterns import MAX_PATTERN_CHARS, PatternError, compile_pattern
+from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN, FreeText, PlainText, explain, has_control
 
 DSL_VERSION: Final = 1
 DEFAULT_STEP_TIMEOUT_MS: Final = 90_000
@@ -28,6 +30,10 @@ DEFAULT_UPLOAD_TIMEOUT_MS: Final = 30_000
 MIN_TIMEOUT_MS: Final = 100
 MAX_TIMEOUT_MS: Final = 3_600_000
 BUILTIN_PLACEHOLDERS: Final = frozenset({"run_id", "node_id", "device_serial"})
+MAX_STEPS: Final = 200
+MAX_PARAMS: Final = 100  # as many as a run may pass
+# Past this many faults the validator stops looking (a hostile document could otherwise keep it busy).
+MAX_FAULTS: Final = 200
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -38,17 +44,27 @@ _PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 _PARAM_NAME = re.compile(_PARAM_NAME_PATTERN)
 ParamName = Annotated[str, Meta(pattern=_PARAM_NAME_PATTERN)]
 TimeoutMs = Annotated[int, Meta(ge=MIN_TIMEOUT_MS, le=MAX_TIMEOUT_MS)]
-ShortText = Annotated[str, Meta(max_length=4096)]
+ShortText = PlainText  # at most 4096 characters, no control characters
+# A regular expression (RE2 syntax, see contracts/patterns.py).
+Pattern = Annotated[str, Meta(max_length=MAX_PATTERN_CHARS, pattern=PLAIN_PATTERN)]
+# Integer params and defaults: 64-bit.
+MIN_INT: Final = -(2**63)
+MAX_INT: Final = 2**63 - 1
+ParamInt = Annotated[int, Meta(ge=MIN_INT, le=MAX_INT)]
 
 
 class ParamSpec(Struct, forbid_unknown_fields=True, kw_only=True):
-    """A parameter a run must (or may) supply."""
+    """A parameter a run must (or may) supply.
+
+    `default` must be of `type` and match `pattern`; `pattern` (RE2 syntax, no
+    backreferences or lookaround) must match a value as a whole.
+    """
 
     type: Literal["string", "integer", "boolean"] = "string"
     required: bool = True
-    default: str | int | bool | None = None
-    pattern: str | None = None
-    description: str = ""
+    default: PlainText | ParamInt | bool | None = None
+    pattern: Pattern | None = None
+    description: FreeText = ""
 
 
 class TimeoutDefaults(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -62,7 +78,7 @@ class TimeoutDefaults(Struct, forbid_unknown_fields=True, kw_only=True, frozen=T
 
 class StepBase(Struct, tag_field="action", forbid_unknown_fields=True, kw_only=True):
     id: StepId
-    title: str = ""
+    title: FreeText = ""
     timeout_ms: TimeoutMs | None = None
     # Bounds for a run's override of this step's timeout; recipe-wide bounds when absent.
     min_timeout_ms: TimeoutMs | None = None
@@ -125,10 +141,10 @@ class Upload(StepBase, tag="upload"):
 
 
 class Assert(StepBase, tag="assert"):
-    """Fail unless `pattern` matches the output of the earlier step `source`."""
+    """Fail unless `pattern` (RE2 syntax, searched anywhere) matches the output of the earlier step `source`."""
 
     source: StepId
-    pattern: ShortText
+    pattern: Pattern
 
 
 class Report(StepBase, tag="report"):
@@ -155,15 +171,26 @@ STEP_ACTIONS: Final[tuple[str, ...]] = tuple(str(t.__struct_config__.tag) for t 
 
 
 class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One version of a workflow. The backend assigns the version on publish."""
+    """One version of a workflow (DSL v1). The backend assigns the version on publish.
+
+    Rules across fields, checked on publish (422 `invalid_recipe`, every fault with its path):
+    step ids are unique; every `{{name}}` placeholder names a declared param or a built-in
+    (`run_id`, `node_id`, `device_serial`); an `assert` or `upload` `source` names an earlier
+    step, and an upload's source is a `screenshot` (an upload without `source` needs an earlier
+    screenshot); `timeouts.min_ms <= timeouts.max_ms`; a step's `timeout_ms` lies within its
+    bounds (`min_timeout_ms`/`max_timeout_ms`, else the recipe's); a param `default` has the
+    param's type and matches its `pattern`; patterns are RE2 (linear time: no backreferences, no
+    lookaround). Titles and descriptions may contain tab, line feed and carriage return; no other
+    string may contain a control character.
+    """
 
     dsl: Literal[1]
     workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
-    title: str = ""
-    description: str = ""
-    params: dict[ParamName, ParamSpec] = {}
+    title: FreeText = ""
+    description: FreeText = ""
+    params: Annotated[dict[ParamName, ParamSpec], Meta(max_length=MAX_PARAMS)] = {}
     timeouts: TimeoutDefaults = TimeoutDefaults()
-    steps: Annotated[list[Step], Meta(min_length=1, max_length=200)]
+    steps: Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS)]
 
     def step(self, step_id: str) -> StepBase | None:
         for s in self.steps:
@@ -201,6 +228,7 @@ def _fault_from(err: msgspec.ValidationError, prefix: str) -> Fault:
     if " - at `" in text:
         text, _, raw_path = text.rpartition(" - at `")
         path = _join(prefix, raw_path.rstrip("`"))
+    text = explain(text)
     named = _UNKNOWN_FIELD.match(text) or _MISSING_FIELD.match(text)
     if named:
         path = f"{path}.{named.group(1)}"
@@ -227,7 +255,7 @@ def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step],
     params_out: dict[str, ParamSpec] = {}
     steps = doc.get("steps")
     if isinstance(steps, list):
-        for i, raw in enumerate(steps):
+        for i, raw in enumerate(steps[:MAX_STEPS]):  # (more steps: one fault, from the top-level check)
             try:
                 steps_out.append(msgspec.convert(raw, Step))
             except msgspec.ValidationError as err:
@@ -240,7 +268,7 @@ def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step],
                 faults.append(fault)
     params = doc.get("params")
     if isinstance(params, dict):
-        for name, raw in params.items():
+        for name, raw in list(params.items())[:MAX_PARAMS]:
             if not isinstance(name, str) or not _PARAM_NAME.match(name):
                 faults.append(Fault(f"$.params.{name}", "param names are letters, digits and '_' (max 64)"))
             try:
@@ -277,6 +305,8 @@ def _check_top_level(doc: dict[str, Any], faults: list[Fault]) -> Recipe | None:
         except msgspec.ValidationError as err:
             fault = _fault_from(err, "$")
             faults.append(fault)
+            if len(faults) >= MAX_FAULTS:
+                return None
             key = re.split(r"[.\[]", fault.path[2:], maxsplit=1)[0]
             if key in _TOP_LEVEL_STAND_INS:
                 shell[key] = _TOP_LEVEL_STAND_INS[key]
@@ -300,13 +330,17 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
     if t.min_ms > t.max_ms:
         faults.append(Fault("$.timeouts", "min_ms is greater than max_ms"))
     for name, spec in recipe.params.items():
+        pattern_ok = True
         if spec.pattern is not None:
             try:
-                re.compile(spec.pattern)
-            except re.error as exc:
-                faults.append(Fault(f"$.params.{name}.pattern", f"not a valid regex: {exc}"))
-        if spec.default is not None and _param_type_fault(spec, spec.default) is not None:
-            faults.append(Fault(f"$.params.{name}.default", f"not a {spec.type}"))
+                compile_pattern(spec.pattern)
+            except PatternError as exc:
+                pattern_ok = False
+                faults.append(Fault(f"$.params.{name}.pattern", str(exc)))
+        if spec.default is not None:
+            problem = _param_value_fault(spec, spec.default) if pattern_ok else _param_type_fault(spec, spec.default)
+            if problem is not None:
+                faults.append(Fault(f"$.params.{name}.default", problem))
     for i, step in enumerate(recipe.steps):
         base = f"$.steps[{i}]"
         if step.id in seen:
@@ -335,10 +369,10 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
             elif isinstance(step, Upload) and not isinstance(recipe.step(step.source), Screenshot):
                 faults.append(Fault(f"{base}.source", f"step {step.source!r} is not a screenshot"))
         if isinstance(step, Assert):
-            try:
-                re.compile(step.pattern)
-            except re.error as exc:
-                faults.append(Fault(f"{base}.pattern", f"not a valid regex: {exc}"))
+            try:  # placeholders are filled in per run (see `check_assert_patterns`); "0" stands in here
+                compile_pattern(PLACEHOLDER.sub("0", step.pattern))
+            except PatternError as exc:
+                faults.append(Fault(f"{base}.pattern", str(exc)))
         if isinstance(step, Upload) and step.source is None and not any(
             isinstance(s, Screenshot) for s in recipe.steps[:i]
         ):
@@ -412,7 +446,33 @@ def _param_type_fault(spec: ParamSpec, value: Any) -> str | None:
         "integer": isinstance(value, int) and not isinstance(value, bool),
         "boolean": isinstance(value, bool),
     }[spec.type]
-    return None if ok else f"must be a {spec.type}"
+    if not ok:
+        return f"must be a{'n' if spec.type == 'integer' else ''} {spec.type}"
+    if isinstance(value, str):
+        if len(value) > MAX_TEXT_CHARS:
+            return f"is longer than {MAX_TEXT_CHARS} characters"
+        if has_control(value):
+            return "must not contain control characters (U+0000–U+001F, U+007F–U+009F)"
+    if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
+        return "must be a 64-bit integer"
+    return None
+
+
+def param_text(value: str | int | bool) -> str:
+    """A param value as the text steps and the artifact path see (`true`/`false` for booleans)."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _param_value_fault(spec: ParamSpec, value: Any) -> str | None:
+    """Type, length, characters and pattern (matched as a whole, in linear time)."""
+    problem = _param_type_fault(spec, value)
+    if problem is None and spec.pattern is not None:
+        try:
+            if not compile_pattern(spec.pattern).fullmatch(param_text(value)):
+                problem = f"does not match pattern {spec.pattern}"
+        except PatternError as exc:  # a version published before patterns were RE2
+            problem = f"cannot be checked: the workflow's pattern for it is refused ({exc}); publish a new version"
+    return problem
 
 
 def validate_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, str]:
@@ -429,18 +489,35 @@ def validate_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, str]:
             if spec.required:
                 faults.append(Fault(where, "required param is missing"))
             continue
-        problem = _param_type_fault(spec, value)
+        problem = _param_value_fault(spec, value)
         if problem:
             faults.append(Fault(where, problem))
             continue
-        text = str(value).lower() if isinstance(value, bool) else str(value)
-        if spec.pattern is not None and not re.fullmatch(spec.pattern, text):
-            faults.append(Fault(where, f"does not match pattern {spec.pattern}"))
-            continue
-        resolved[name] = text
+        resolved[name] = param_text(value)
     if faults:
         raise RecipeInvalid(faults)
     return resolved
+
+
+# What the built-in placeholders stand for when a run's assert patterns are checked before any node has them.
+_BUILTIN_STAND_INS: Final = {"run_id": "00000000-0000-0000-0000-000000000000", "node_id": "node",
+                             "device_serial": "serial"}
+
+
+def check_assert_patterns(recipe: Recipe, params: dict[str, str]) -> list[Fault]:
+    """Faults for `assert` patterns that stop being valid RE2 once this run's params are filled in."""
+    faults: list[Fault] = []
+    values = {**_BUILTIN_STAND_INS, **params}
+    for i, step in enumerate(recipe.steps):
+        if not isinstance(step, Assert) or not PLACEHOLDER.search(step.pattern):
+            continue
+        try:
+            compile_pattern(render(step.pattern, values))
+        except PatternError as exc:
+            used = [n for n in PLACEHOLDER.findall(step.pattern) if n in params]
+            where = f"$.params.{used[0]}" if used else f"$.steps[{i}].pattern"
+            faults.append(Fault(where, f"makes the pattern of assert step {step.id!r} invalid: {exc}"))
+    return faults
 
 
 def render(text: str, values: dict[str, str]) -> str:

@@ -1,4 +1,4 @@
-"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `recipes`."""
+"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`."""
 
 from __future__ import annotations
 
@@ -123,7 +123,9 @@ def cmd_node(args: argparse.Namespace) -> int:
             artifact_dir=args.artifact_dir, path_template=args.path_template, driver=args.driver,
             adb_host=args.adb_host, adb_port=args.adb_port, store=args.store,
             inventory_interval_s=args.inventory_interval, offline_grace_s=args.offline_grace,
-            max_attempts=args.max_attempts, creds_file=args.creds, api_url=args.api_url,
+            max_attempts=args.max_attempts, vendor_pool_size=args.vendor_connections,
+            vendor_ping_interval_s=args.vendor_ping_interval, vendor_screenshot_wait_s=args.screenshot_wait,
+            creds_file=args.creds, api_url=args.api_url,
         )
     except ConfigError as exc:
         return _config_error("node", exc)
@@ -171,12 +173,34 @@ def cmd_nats_auth_creds(args: argparse.Namespace) -> int:
 def cmd_sim(args: argparse.Namespace) -> int:
     from services.simulator.server import SimulatorConfig, run_simulator
 
-    config = SimulatorConfig(
-        devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
-        default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
-        drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
-    )
+    try:
+        config = SimulatorConfig(
+            devices=args.devices, serial_prefix=args.prefix, host=args.host, port=args.port,
+            default_latency_ms=args.latency_ms, failure_rate=args.failure_rate, hang_rate=args.hang_rate,
+            drop_rate=args.drop_rate, licence_active=not args.no_licence, seed=args.seed,
+            wifi_devices=args.wifi_devices, deviations=frozenset(args.deviate),
+            hang_blocks_connection=not args.hang_frees_connection,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"doai sim: {exc}\n")
+        return 1
     return _serve("sim", lambda stop: run_simulator(config, stop))
+
+
+def cmd_vendor_probe(args: argparse.Namespace) -> int:
+    """Check the vendor program against what doai assumes; print a report, write the transcript."""
+    import msgspec
+
+    from services.node.vendor_probe import render, run_probe
+
+    report = asyncio.run(run_probe(
+        args.url, device=args.device, timeout_s=args.timeout, max_connections=args.connections,
+        default_folder=Path(args.default_folder) if args.default_folder else None,
+    ))
+    out = Path(args.out)
+    out.write_bytes(msgspec.json.format(msgspec.json.encode(report)))
+    sys.stdout.write(render(report, out))
+    return 0 if report.ok else 1
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:
@@ -293,6 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
                            "(DOAI_OFFLINE_GRACE_S, default 300)")
     node.add_argument("--max-attempts", type=int,
                       help="attempts of a job interrupted by a crash (DOAI_MAX_ATTEMPTS, default 2)")
+    node.add_argument("--vendor-connections", type=int,
+                      help="vendor program connections (DOAI_VENDOR_POOL_SIZE, default one per slot; "
+                           "see `doai vendor probe`)")
+    node.add_argument("--vendor-ping-interval", type=float,
+                      help="seconds between keep-alive pings on vendor connections, 0: off "
+                           "(DOAI_VENDOR_PING_INTERVAL_S, default 20)")
+    node.add_argument("--screenshot-wait", type=float,
+                      help="seconds a screenshot may take to appear after the vendor answered "
+                           "(DOAI_VENDOR_SCREENSHOT_WAIT_S, default 10)")
     node.add_argument("--api-url", help="the backend, to enroll at on the first start (DOAI_API_URL; the secret "
                                         "comes from NODE_AGENT_SHARED_SECRET)")
     node.add_argument("--creds", help="a pre-provisioned NATS credentials file (DOAI_NATS_CREDS); no enrollment")
@@ -324,7 +357,24 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--drop-rate", type=float, default=0.0)
     sim.add_argument("--no-licence", action="store_true", help="answer every action as unlicensed")
     sim.add_argument("--seed", type=int)
+    sim.add_argument("--wifi-devices", type=int, default=0, help="how many devices are attached over Wi-Fi (IP:PORT)")
+    sim.add_argument("--deviate", action="append", default=[], metavar="NAME",
+                     help="answer unlike the documentation (repeatable; docs/vendor.md lists the names)")
+    sim.add_argument("--hang-frees-connection", action="store_true",
+                     help="a hung request does not block later requests on its connection")
     sim.set_defaults(func=cmd_sim)
+
+    ven = sub.add_parser("vendor", help="work with the vendor device-control program")
+    vsub = ven.add_subparsers(dest="vendor_command", required=True)
+    probe = vsub.add_parser("probe", help="check the vendor program against what doai assumes (non-destructive)")
+    probe.add_argument("--url", default=os.environ.get("DOAI_VENDOR_URL", "ws://127.0.0.1:22222/"))
+    probe.add_argument("--device", help="serial for the device checks (default: the first online device)")
+    probe.add_argument("--out", default="vendor-probe.json", help="where the full transcript goes (JSON)")
+    probe.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    probe.add_argument("--connections", type=int, default=20, help="connections to try at once (default 20)")
+    probe.add_argument("--default-folder", help="the program's default screenshot folder, to look for the "
+                       "file of a screen without savePath (e.g. D:\\Pictures)")
+    probe.set_defaults(func=cmd_vendor_probe)
 
     rec = sub.add_parser("recipes", help="work with recipe files")
     rsub = rec.add_subparsers(dest="recipes_command", required=True)

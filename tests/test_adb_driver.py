@@ -18,6 +18,7 @@ import pytest
 
 from doai.embedded import free_port
 from services.node.adb_driver import AdbDriver
+from services.node.driver import Key
 from services.node.steps import shell_line
 from services.node.vendor_client import VendorFailure, VendorTimeout, VendorUnavailable
 from tests.adb_support import FakeAdbServer, FakePhone
@@ -28,8 +29,8 @@ async def test_lists_phones_and_runs_quoted_shell_commands(tmp_path: Path) -> No
     async with FakeAdbServer(phones) as server:
         driver = AdbDriver(port=server.port)
         devices = await driver.list_devices()
-        assert [(d["onlySerial"], d["status"], d["model"]) for d in devices] == [
-            ("R58M123", "online", "Pixel_7"), ("192.168.0.7:5555", "offline", "Pixel_7")]
+        assert [(d.serial, d.status, d.model, d.mode) for d in devices] == [
+            ("R58M123", "online", "Pixel_7", 0), ("192.168.0.7:5555", "offline", "Pixel_7", 1)]
         assert driver.connected
 
         payload = "x'; reboot; echo 'pwned $(id)"
@@ -40,7 +41,7 @@ async def test_lists_phones_and_runs_quoted_shell_commands(tmp_path: Path) -> No
         shot = await driver.screenshot("R58M123", tmp_path / "spool")
         assert shot.parent == tmp_path / "spool" and shot.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
-        await driver.push_event("R58M123", "2")
+        await driver.press_key("R58M123", Key.HOME)
         await driver.start_apk("R58M123", "com.example.app")
         await driver.stop_apk("R58M123", "com.example.app")
         assert phones[0].commands[-3:] == [

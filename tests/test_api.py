@@ -122,7 +122,8 @@ async def test_bad_runs_are_refused_and_store_nothing(start_system: Any, databas
         error(await client.post("/v1/runs", content=b"x" * 2_000_000), 413, "body_too_large")
 
         error(await client.get(f"/v1/runs/{uuid.uuid4()}"), 404, "run_not_found")
-        error(await client.get("/v1/runs/not-a-uuid"), 404, "run_not_found")
+        body = error(await client.get("/v1/runs/not-a-uuid"), 422, "invalid")  # not a run id at all
+        assert body["details"][0]["path"] == "$.path.run_id"
     assert await run_count(database_url) == 0
 
 

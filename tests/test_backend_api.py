@@ -176,7 +176,8 @@ async def test_every_error_has_one_shape_and_is_documented(database_url: str, na
         body = error(await client.post("/v1/runs", json=run_body(params={"url": ["not", "a", "scalar"]})),
                      422, "invalid")
         assert body["details"][0]["path"] == "$.params.url"
-        error(await client.post(f"/v1/runs/{'0' * 8}/cancel"), 404, "run_not_found")
+        error(await client.post(f"/v1/runs/{'0' * 8}/cancel"), 422, "invalid")
+        error(await client.post(f"/v1/runs/{'0' * 8}-0000-0000-0000-{'0' * 12}/cancel"), 404, "run_not_found")
 
         spec = (await client.get("/openapi.json")).json()
         error_ref = "#/components/schemas/ErrorResponse"

@@ -8,6 +8,11 @@ status code the document declares for that operation, the declared content
 type and headers, and a body that validates against the declared schema
 (errors included: they must be the one error shape).
 
+Then the stateful phase: schemathesis follows the document's OpenAPI links
+(a created run → its read, cancel and artifacts; a cancel → the run; a
+published workflow → its versions) in generated sequences, with the same
+checks on every response.
+
 Schemathesis calls the API synchronously, so it runs in a worker thread while
 the event loop keeps serving the in-process backend.
 """
@@ -15,13 +20,15 @@ the event loop keeps serving the in-process backend.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 from collections import Counter
 from typing import Any
 
 import httpx
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
-from hypothesis.errors import Unsatisfiable
+from hypothesis.errors import FlakyStrategyDefinition, Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import (
@@ -33,12 +40,13 @@ from schemathesis.specs.openapi.checks import (
 
 from doai.embedded import EmbeddedNats
 from services.node.enroll import new_user_seed, public_key_of
-from tests.backend_support import NODE_SECRET, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
+from tests.backend_support import NODE_SECRET, PARAMS, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
 from tests.conftest import TEST_TOKEN
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
 EXAMPLES = {GenerationMode.POSITIVE: 30, GenerationMode.NEGATIVE: 15}
+STATEFUL_SEQUENCES = 40
 
 
 def fuzz_operation(operation: Any, mode: GenerationMode, base_url: str, headers: dict[str, str],
@@ -71,6 +79,60 @@ def fuzz(spec: dict[str, Any], base_url: str) -> tuple[list[str], Counter[tuple[
                 assert mode == GenerationMode.NEGATIVE, operation.label
             except Exception as exc:  # collect every operation's failure, then report them all
                 failures.append(f"{operation.label} [{mode}]: {exc}")
+    return failures, seen
+
+
+def narrowed_for_runs(spec: dict[str, Any]) -> dict[str, Any]:
+    """The document with `RunCreate` narrowed to bodies that name the published workflow and the fleet.
+
+    A random workflow id is a 404 and a random recipe a 422, so a generated sequence would almost never get
+    past its first step; every body of the narrowed schema is still valid under the real one.
+    """
+    narrowed = copy.deepcopy(spec)
+    schemas = narrowed["components"]["schemas"]
+    props = schemas["RunCreate"]["properties"]
+    props["workflow_id"] = {"const": "device-smoke"}
+    props["params"] = {"const": PARAMS}
+    props["step_timeouts_ms"] = {"type": "object", "properties": {"open": {"type": "integer", "minimum": 1000,
+                                                                           "maximum": 600000}},
+                                 "additionalProperties": False}
+    props["workflow_version"] = {"const": 1}
+    schemas["Targets"] = {"oneOf": [schemas["Targets"]["oneOf"][2]]}  # all_online: what is online right now
+    # Node identities (enroll, revoke) are no part of a run's life: fuzzed above, left out of the sequences.
+    for path in ("/v1/node/enroll", "/v1/nodes/{node_id}/revoke"):
+        narrowed["paths"].pop(path, None)
+    return narrowed
+
+
+def fuzz_stateful(spec: dict[str, Any], base_url: str) -> tuple[list[str], Counter[tuple[str, int]]]:
+    """Run generated sequences that follow the links; return (failures, responses by (operation, status)).
+
+    Check failures are collected rather than raised: a raised one makes Hypothesis replay the sequence, and
+    against a server whose state moved on (more runs, more workflows) the replay draws differently and ends
+    in `FlakyStrategyDefinition`, hiding the failure itself. For the same reason an inconsistent draw
+    (Hypothesis's bookkeeping, not the server) ends the phase early instead of failing it; the assertions on
+    what was exercised still have to hold.
+    """
+    schema = schemathesis.openapi.from_dict(spec)
+    headers = {"Authorization": f"Bearer {TEST_TOKEN}", "X-Node-Auth": NODE_SECRET}
+    seen: Counter[tuple[str, int]] = Counter()
+    failures: list[str] = []
+
+    class Machine(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case: Any) -> dict[str, Any]:
+            return {"base_url": base_url, "headers": headers, "timeout": 30}
+
+        def validate_response(self, response: Any, case: Any, additional_checks: Any = None, **kwargs: Any) -> None:
+            seen[(case.operation.label, response.status_code)] += 1
+            try:
+                case.validate_response(response, checks=CHECKS, headers=headers)
+            except Exception as exc:
+                failures.append(f"{case.operation.label} -> {response.status_code}: {exc}")
+
+    with contextlib.suppress(FlakyStrategyDefinition):
+        Machine.run(settings=settings(max_examples=STATEFUL_SEQUENCES, stateful_step_count=6, derandomize=True,
+                                      deadline=None, database=None, phases=[Phase.generate],
+                                      suppress_health_check=list(HealthCheck)))
     return failures, seen
 
 
@@ -109,3 +171,13 @@ async def test_api_fuzz_finds_no_server_error_and_no_schema_violation(
                 assert any(status < 300 for (x, status) in seen if x == label), (label, sorted(seen.items()))
         # The API still works after the fuzz.
         assert (await client.get(f"/v1/runs/{r.json()['run_id']}")).status_code == 200
+
+        # Stateful: sequences that create runs and follow the links to read and cancel them.
+        await seed_fleet(database_url, fleet_of(2, 3))  # seen again now: still targetable however long the above took
+        stateful_failures, stateful = await asyncio.to_thread(fuzz_stateful, narrowed_for_runs(spec), backend.url)
+        assert not stateful_failures, "\n\n".join(stateful_failures[:20])
+        created = sum(n for (label, status), n in stateful.items() if label == "POST /v1/runs" and status == 201)
+        followed = {label for (label, status) in stateful if status < 300}
+        assert created > 0, sorted(stateful.items())
+        assert {"GET /v1/runs/{run_id}", "POST /v1/runs/{run_id}/cancel"} <= followed, sorted(stateful.items())
+        assert not [k for k in stateful if k[1] >= 500], sorted(stateful.items())

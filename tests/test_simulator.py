@@ -171,6 +171,14 @@ async def test_screen_writes_a_real_png(
     for f in files:
         assert f.suffix == ".png"
         assert decode_png(f.read_bytes())[:2] == (dev.width // 4, dev.height // 4)
+    # No savePath: the program's default folder. A .png savePath: exactly that file.
+    sim.config.screen_default_dir = tmp_path / "default"
+    assert (await call(ws, "screen", "SIM0001", {}))["code"] == 10000
+    assert [f.name[:19] for f in (tmp_path / "default").iterdir()] == ["Screenshot_SIM0001_"]
+    target = tmp_path / "named" / "shot.png"
+    assert (await call(ws, "screen", "SIM0001", {"savePath": str(target)}))["code"] == 10000
+    assert list(target.parent.iterdir()) == [target] and decode_png(target.read_bytes())
+    sim.config.deviations = frozenset({"screen_needs_savepath"})
     assert (await call(ws, "screen", "SIM0001", {}))["code"] == 10001
 
 
@@ -218,6 +226,10 @@ async def test_input_text_needs_select_ime(sim: Simulator, ws: ClientConnection)
     assert (await call(ws, "selectIme", "SIM0005"))["code"] == 10000
     assert (await call(ws, "inputText", "SIM0005", {"text": "abc"}))["code"] == 10000
     assert sim.devices["SIM0005"].typed_text == "abc"
+    # As documented: an escaped \n is a line break; no text is a failure.
+    assert (await call(ws, "inputText", "SIM0005", {"text": "x\\ny"}))["code"] == 10000
+    assert sim.devices["SIM0005"].typed_text == "abcx\ny"
+    assert (await call(ws, "inputText", "SIM0005", {}))["code"] == 10001
 
 
 async def test_install_apk_needs_a_real_file(
@@ -315,3 +327,94 @@ async def test_run_simulator_serves_until_stop() -> None:
     with pytest.raises(OSError):
         async with connect(url, open_timeout=2):
             pass
+
+
+async def test_wifi_devices_are_listed_and_addressed_by_ip_and_port() -> None:
+    async with Simulator(SimulatorConfig(devices=3, wifi_devices=1, default_latency_ms=0)) as sim, \
+            connect(sim.url) as ws:
+        listed = (await call(ws, "list"))["data"]
+        wifi = listed[-1]
+        assert wifi["serial"] == wifi["onlySerial"] == f"{wifi['intranetIp']}:5555" and wifi["mode"] == 1
+        assert [d["mode"] for d in listed[:-1]] == [0, 0]
+        reply = await call(ws, "adb_shell", wifi["serial"], {"command": "echo hi"})
+        assert reply["data"] == {wifi["serial"]: "hi\n"}
+        # A USB phone is also reachable by its intranet IP:PORT, as the program documents.
+        usb_ip = f"{listed[0]['intranetIp']}:5555"
+        assert (await call(ws, "pushEvent", usb_ip, {"type": "2"}))["code"] == 10000
+        assert (await call(ws, "adb_shell", "10.9.9.9:5555", {"command": "echo"}))["code"] == 10001
+
+
+async def test_actions_doai_does_not_send(sim: Simulator, ws: ClientConnection, tmp_path: Path) -> None:
+    dev = sim.devices["SIM0001"]
+    apks = (await call(ws, "apkList", "SIM0001", {}))["data"]
+    assert list(apks) == ["SIM0001"] and "com.android.settings" in apks["SIM0001"]
+    assert (await call(ws, "uninstallApk", "SIM0001", {"apk": "com.android.settings"}))["code"] == 10000
+    assert "com.android.settings" not in dev.installed
+    assert (await call(ws, "uninstallApk", "SIM0001", {}))["code"] == 10000  # as seen live: success, no change
+    imes = (await call(ws, "imeList", "SIM0001", {}))["data"]["SIM0001"]
+    assert imes[-1].startswith("com.vendor.ime")
+    assert (await call(ws, "writeClipBoard", "SIM0001", {"text": "hello"}))["code"] == 10000
+    assert dev.clipboard == "hello"
+    assert (await call(ws, "writeClipBoard", "SIM0001", {}))["code"] == 10001
+    assert (await call(ws, "updateDevices", "SIM0001", {"name": "Shelf 3"}))["code"] == 10000
+    assert (await call(ws, "list"))["data"][0]["name"] == "Shelf 3"
+    assert (await call(ws, "updateDevices", "SIM0001", {}))["code"] == 10001
+    # actionCreate / autojsCreate take an array of task objects, as the earlier client sends.
+    assert (await call(ws, "actionCreate", "SIM0001", [{"actionName": "watch", "count": 1}]))["code"] == 10000
+    assert sim.action_tasks == [{"name": "watch", "devices": ["SIM0001"]}]
+    assert (await call(ws, "actionCreate", "SIM0001", {}))["code"] == 10001
+    missing = await call(ws, "autojsCreate", "SIM0001,SIM0002", [{"path": str(tmp_path / "nope.js")}])
+    assert missing["code"] == 10001 and "not found" in missing["message"]
+    script = tmp_path / "task.js"
+    script.write_text("toast('hi')")
+    assert (await call(ws, "autojsCreate", "SIM0001,SIM0002", [{"path": str(script)}]))["code"] == 10000
+    tasks = (await call(ws, "autojsTasks"))["data"]
+    assert tasks == [{"name": "task.js", "path": str(script), "devices": ["SIM0001", "SIM0002"]}]
+    assert (await call(ws, "autojsRemove", "SIM0001", {"name": "task.js"}))["code"] == 10000
+    assert (await call(ws, "autojsTasks"))["data"][0]["devices"] == ["SIM0002"]
+    assert (await call(ws, "autojsRemove", "SIM0002", {"name": "task.js"}))["code"] == 10000
+    assert (await call(ws, "autojsTasks"))["data"] == []
+    # The earlier client's name for host-side adb: the program's own unknown-action failure.
+    unknown = await call(ws, "xiaowei.adb", "SIM0001", {"command": "devices"})
+    assert unknown == {"code": 10001, "message": "invalid action: xiaowei.adb", "data": None}
+
+
+async def test_hang_blocks_the_connection_unless_switched_off() -> None:
+    for blocks in (True, False):
+        async with Simulator(SimulatorConfig(devices=2, default_latency_ms=0, hang_blocks_connection=blocks)) as sim, \
+                connect(sim.url) as ws:
+            sim.hang_device("SIM0001")
+            await ws.send(json.dumps({"action": "adb_shell", "devices": "SIM0001", "data": {"command": "echo a"}}))
+            await ws.send(json.dumps({"action": "adb_shell", "devices": "SIM0002", "data": {"command": "echo b"}}))
+            if blocks:
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(ws.recv(), 0.5)
+            else:
+                assert json.loads(await asyncio.wait_for(ws.recv(), 5))["data"] == {"SIM0002": "b\n"}
+            # Blocked: the second request is never even handled.
+            assert sim.hung_total == 1 and sim.action_counts["adb_shell"] == (1 if blocks else 2)
+
+
+@pytest.mark.parametrize(("deviations", "expected"), [
+    ({"shell_string"}, {"code": 10000, "message": "SUCCESS", "data": "x\n"}),
+    ({"data_result"}, {"code": 10000, "message": "SUCCESS", "data": {"result": {"SIM0001": "x\n"}}}),
+    ({"msg_field", "code_string"}, {"code": "10000", "msg": "SUCCESS", "data": {"SIM0001": "x\n"}}),
+    ({"no_code"}, {"message": "SUCCESS", "data": {"SIM0001": "x\n"}}),
+    ({"code_zero"}, {"code": 0, "message": "SUCCESS", "data": {"SIM0001": "x\n"}}),
+])
+async def test_response_deviations(deviations: set[str], expected: dict[str, Any]) -> None:
+    config = SimulatorConfig(devices=2, default_latency_ms=0, deviations=frozenset(deviations))
+    async with Simulator(config) as sim, connect(sim.url) as ws:
+        assert await call(ws, "adb_shell", "SIM0001", {"command": "echo x"}) == expected
+        if deviations == {"shell_string"}:
+            sim.config.deviations = frozenset({"shell_null", "list_keyed", "code_other"})
+            assert (await call(ws, "adb_shell", "SIM0001", {"command": "true"}))["data"] is None
+            assert set((await call(ws, "list"))["data"]) == {"SIM0001", "SIM0002"}
+            assert (await call(ws, "teleport", "SIM0001"))["code"] == 10002
+            sim.set_licence(False)  # the licence failure keeps its documented code
+            assert (await call(ws, "list"))["code"] == 10001
+
+
+def test_unknown_deviation_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown deviation"):
+        SimulatorConfig(deviations=frozenset({"teleport"}))

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import shlex
 import struct
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -276,6 +278,36 @@ async def test_assert_step_passes_and_fails(
     with pytest.raises(StepError) as info:
         await execute(missing, ctx, TIMEOUT_S)
     assert info.value.code == "assert_failed"
+
+
+def test_assert_patterns_take_linear_time_on_the_node(
+    vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    """`(a+)+$` against 100,000 a's and a '!' takes exponential time with a backtracking engine (and no step
+    timeout can interrupt it: the event loop is blocked). With RE2 it returns at once.
+
+    Run on a loop of its own in a daemon thread, so that a regression fails this test instead of hanging it.
+    """
+    ctx = make_ctx(vendor, store, tmp_path, params={"tail": "!", "broken": "("})
+    ctx.outputs["src"] = "a" * 100_000 + "!"
+    outcomes: list[str] = []
+
+    def run(pattern: str) -> None:
+        async def one() -> None:
+            try:
+                await execute(step({"id": "check", "action": "assert", "source": "src", "pattern": pattern}),
+                              ctx, TIMEOUT_S)
+                outcomes.append("ok")
+            except StepError as exc:
+                outcomes.append(exc.code)
+        asyncio.run(one())
+
+    for pattern in ("^(a+)+$", "^(a+)+{{tail}}$", "^(a|aa)+$", "(a*)*b", "{{broken}}"):
+        worker = threading.Thread(target=run, args=(pattern,), daemon=True)
+        worker.start()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), f"the assert pattern {pattern} did not return"
+    assert outcomes == ["assert_failed", "ok", "assert_failed", "assert_failed", "invalid_pattern"]
 
 
 async def test_wait_and_report(vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path) -> None:

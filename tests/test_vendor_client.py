@@ -13,6 +13,11 @@ import pytest_asyncio
 import structlog
 from websockets.asyncio.server import ServerConnection, serve
 
+from contracts.events import DeviceInfo
+from runtime.config import ConfigError, load_settings
+from services.node.driver import Key
+from services.node.factory import build_driver
+from services.node.settings import NodeSettings
 from services.node.vendor_client import (
     VendorClient,
     VendorError,
@@ -54,28 +59,32 @@ async def client(sim: Simulator) -> AsyncIterator[VendorClient]:
 
 async def test_list_shell_and_helpers(sim: Simulator, client: VendorClient) -> None:
     devices = await client.list_devices()
-    assert [d["onlySerial"] for d in devices] == list(sim.devices)
+    assert [d.serial for d in devices] == list(sim.devices)
     dev = sim.devices["SIM0002"]
+    assert devices[1] == DeviceInfo(serial="SIM0002", status="online", model=dev.model, name=dev.name, mode=0,
+                                    width=dev.width, height=dev.height)
     assert await client.shell("SIM0002", "getprop ro.product.model") == f"{dev.model}\n"
     assert client.connected
 
     await client.start_apk("SIM0002", "com.google.android.youtube")
     assert dev.foreground == "com.google.android.youtube"
-    await client.push_event("SIM0002", 2)
+    await client.press_key("SIM0002", Key.RECENTS)
+    assert dev.foreground == "com.android.systemui"
+    await client.press_key("SIM0002", Key.BACK)
+    assert dev.foreground == "com.google.android.youtube"
+    await client.press_key("SIM0002", Key.HOME)
     assert dev.foreground == "com.android.launcher3"
-    await client.pointer_event("SIM0002", 0, 10, 20)
-    await client.pointer_event("SIM0002", 1, 10, 20)
-    await client.pointer_event("SIM0002", 7)
-    assert dev.pointer_events == [("0", "10", "20"), ("1", "10", "20"), ("7", None, None)]
-    with pytest.raises(VendorFailure):
-        await client.input_text("SIM0002", "hi")
-    await client.select_ime("SIM0002")
-    await client.input_text("SIM0002", "hi")
-    assert dev.typed_text == "hi"
     await client.stop_apk("SIM0002", "com.android.launcher3")
-    assert await client.adb("version")
+    # Anything else goes through `request` as is.
+    with pytest.raises(VendorFailure):
+        await client.request("inputText", "SIM0002", {"text": "hi"})
+    await client.request("selectIme", "SIM0002")
+    await client.request("inputText", "SIM0002", {"text": "hi"})
+    assert dev.typed_text == "hi"
+    assert (await client.request("adb", None, {"command": "version"})).data
     assert {d for a, d in sim.calls if a not in ("list", "adb")} == {"SIM0002"}
     assert ("adb", None) in sim.calls
+    assert [a for a, _ in sim.calls if a == "pushevent"] == ["pushevent"] * 3
 
 
 async def test_screenshot_returns_the_new_png(
@@ -161,36 +170,17 @@ async def test_dropped_connection_is_unavailable_then_recovers(
     assert sim.dropped_total == 1 and client.connected
 
 
-async def test_vendor_down_then_wait_until_available(tmp_path: Path) -> None:
+async def test_vendor_down_is_a_clear_unavailable_error() -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/"
-    async with VendorClient(
-        url, backoff_base_s=0.02, backoff_max_s=0.08, connect_timeout_s=1.0
-    ) as client:
+    async with VendorClient(url, connect_timeout_s=1.0) as client:
         with pytest.raises(VendorUnavailable) as info:
             await client.list_devices()
         assert url in info.value.message and "WebSocket API" in info.value.message
-        assert not client.connected
-
-        with structlog.testing.capture_logs() as logs:
-            waiter = asyncio.create_task(client.wait_until_available())
-            await until(lambda: client.consecutive_failures >= 4)  # 1 + 3 retries
-            async with Simulator(SimulatorConfig(devices=2, port=port)) as sim:
-                assert await asyncio.wait_for(waiter, 5) is True
-                assert client.connected
-                assert [d["onlySerial"] for d in await client.list_devices()] == list(sim.devices)
-        retries = [e for e in logs if e["event"] == "vendor unavailable, retrying"]
-        assert len(retries) >= 3 and all(e["url"] == url for e in retries)
-        assert [e["retry_in_s"] for e in retries[:3]] == [0.02, 0.04, 0.08]
-
-
-async def test_wait_until_available_stops_on_event() -> None:
-    stop = asyncio.Event()
-    async with VendorClient(f"ws://127.0.0.1:{free_port()}/", backoff_base_s=0.02) as client:
-        waiter = asyncio.create_task(client.wait_until_available(stop))
-        await until(lambda: client.consecutive_failures >= 1)
-        stop.set()
-        assert await asyncio.wait_for(waiter, 5) is False
+        assert info.value.retryable and not client.connected
+        async with Simulator(SimulatorConfig(devices=2, port=port)) as sim:
+            assert [d.serial for d in await client.list_devices()] == list(sim.devices)
+            assert client.connected
 
 
 async def test_refuses_anything_but_one_serial(sim: Simulator, client: VendorClient) -> None:
@@ -265,3 +255,68 @@ async def test_a_request_dropped_after_sending_is_never_retried(sim: Simulator) 
         with pytest.raises(VendorUnavailable, match="dropped"):
             await client.shell("SIM0001", "input tap 1 1")
         assert sim.requests_total == before + 1  # sent once; its fate is unknown, so it is not sent again
+
+
+async def test_screenshot_written_late_and_slowly_into_a_subfolder_is_picked_up_complete(tmp_path: Path) -> None:
+    config = SimulatorConfig(devices=1, default_latency_ms=0, screen_late_ms=600.0,
+                             deviations=frozenset({"screen_late", "screen_subfolder"}))
+    async with Simulator(config) as sim, VendorClient(sim.url, screenshot_wait_s=5.0) as client:
+        folder = tmp_path / "shot"
+        started = time.monotonic()
+        path = await client.screenshot("SIM0001", folder)
+        assert time.monotonic() - started >= 0.5  # it waited for the second half
+        assert path.parent.parent == folder and path.parent.name == time.strftime("%Y-%m-%d")
+        content = path.read_bytes()
+        assert content[:8] == b"\x89PNG\r\n\x1a\n" and content.endswith(b"IEND\xaeB`\x82")
+        assert len(content) == len(sim.devices["SIM0001"].render_screen())
+
+
+async def test_screenshot_wait_is_configurable_and_its_failure_names_the_folder(tmp_path: Path) -> None:
+    config = SimulatorConfig(devices=1, default_latency_ms=0, screen_late_ms=3000.0,
+                             deviations=frozenset({"screen_late"}))
+    async with Simulator(config) as sim, VendorClient(sim.url, screenshot_wait_s=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(VendorProtocolError) as info:
+            await client.screenshot("SIM0001", tmp_path / "slow")
+        assert time.monotonic() - started < 2.0
+        assert str(tmp_path / "slow") in info.value.message and "0.3 s" in info.value.message
+
+
+async def test_a_stable_file_without_the_png_trailer_counts_once_its_size_stops_changing(tmp_path: Path) -> None:
+    """The size-stable rule alone (a writer whose file does not end like a PNG, e.g. a truncated one)."""
+    folder = tmp_path / "odd"
+
+    async def handler(ws: ServerConnection) -> None:
+        async for _ in ws:
+            (folder / "sub").mkdir(parents=True, exist_ok=True)
+            (folder / "sub" / "x.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 100)
+            await ws.send('{"code": 10000, "message": "SUCCESS", "data": null}')
+
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        async with VendorClient(f"ws://127.0.0.1:{port}/", screenshot_wait_s=3.0) as client:
+            started = time.monotonic()
+            assert await client.screenshot("X1", folder) == folder / "sub" / "x.png"
+            assert time.monotonic() - started >= 1.0  # STABLE_S
+
+
+def test_vendor_connection_settings_come_from_the_environment_and_reach_the_client(tmp_path: Path) -> None:
+    env = {"DOAI_NODE_ID": "node-1", "NATS_URL": "nats://127.0.0.1:4222", "DOAI_VENDOR_POOL_SIZE": "3",
+           "DOAI_VENDOR_PING_INTERVAL_S": "0", "DOAI_VENDOR_SCREENSHOT_WAIT_S": "4.5"}
+    settings = load_settings(NodeSettings, env, state_dir=tmp_path)
+    assert (settings.vendor_pool_size, settings.vendor_ping_interval_s, settings.vendor_screenshot_wait_s) == (
+        3, None, 4.5)
+    client = build_driver(settings)
+    assert isinstance(client, VendorClient)
+    assert (client.pool_size, client.ping_interval_s, client.screenshot_wait_s) == (3, None, 4.5)
+    # Flags win; defaults are one connection per slot and a 20 s ping.
+    default = build_driver(load_settings(NodeSettings, env, vendor_pool_size=None, slots=7,
+                                         vendor_ping_interval_s=20.0))
+    assert isinstance(default, VendorClient) and default.pool_size == 3 and default.ping_interval_s == 20.0
+    bare = build_driver(load_settings(NodeSettings, {k: env[k] for k in ("DOAI_NODE_ID", "NATS_URL")}, slots=7))
+    assert isinstance(bare, VendorClient) and (bare.pool_size, bare.ping_interval_s, bare.screenshot_wait_s) == (
+        7, 20.0, 10.0)
+    for bad in ({"DOAI_VENDOR_POOL_SIZE": "0"}, {"DOAI_VENDOR_SCREENSHOT_WAIT_S": "0"},
+                {"DOAI_VENDOR_POOL_SIZE": "many"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            load_settings(NodeSettings, {**env, **bad})

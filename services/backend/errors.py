@@ -3,6 +3,10 @@
 Errors raised by this code (`ApiError`), FastAPI's own (unknown route 404,
 405, request validation 422) and unexpected ones (500, logged, nothing of
 the request echoed) all leave in that shape.
+
+Whatever an error echoes of the request is bounded: ids in messages are cut to
+64 characters (`contracts.text.clip`), every message to `MAX_MESSAGE_CHARS`,
+every path to `MAX_PATH_CHARS`, and `details` to `MAX_DETAILS` entries.
 """
 
 from __future__ import annotations
@@ -19,6 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.api import ErrorBody, ErrorResponse
 from contracts.recipe import Fault
+from contracts.text import clip, explain
+
+MAX_MESSAGE_CHARS = 500
+MAX_PATH_CHARS = 200
+MAX_DETAILS = 100
 
 log = structlog.get_logger(__name__)
 
@@ -47,10 +56,13 @@ def decode_error(err: msgspec.ValidationError | msgspec.DecodeError) -> ApiError
         path = raw_path.rstrip("`")
     if not isinstance(err, msgspec.ValidationError):  # (ValidationError is a DecodeError too)
         return ApiError(400, "bad_json", f"body is not valid JSON: {text}")
-    return ApiError(422, "invalid", "request body is invalid", [{"path": path, "message": text}])
+    return ApiError(422, "invalid", "request body is invalid", [{"path": path, "message": explain(text)}])
 
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+# A JSON string, or an unterminated one up to the end: a backslash may end the text and nothing makes the
+# star give back, so one scan is linear (the plain `"(?:[^"\\]|\\.)*"` restarts at every quote of an unterminated
+# string full of `\"`, quadratic: minutes of a blocked event loop for a 1 MiB body).
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.?)*(?:"|\Z)', re.S)
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
 
@@ -76,8 +88,16 @@ class JSONResponse(Response):
         return msgspec.json.encode(content)
 
 
+def _bounded(details: list[dict[str, str]]) -> list[dict[str, str]]:
+    out = [{k: clip(v, MAX_PATH_CHARS if k == "path" else MAX_MESSAGE_CHARS) for k, v in d.items()}
+           for d in details[:MAX_DETAILS]]
+    if len(details) > MAX_DETAILS:
+        out.append({"path": "$", "message": f"… and {len(details) - MAX_DETAILS} more faults"})
+    return out
+
+
 def error_response(err: ApiError) -> JSONResponse:
-    body = ErrorResponse(ErrorBody(err.code, err.message, err.details))
+    body = ErrorResponse(ErrorBody(err.code, clip(err.message, MAX_MESSAGE_CHARS), _bounded(err.details)))
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
     return JSONResponse(body, status_code=err.status, headers=headers)
 
@@ -94,16 +114,28 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     """Starlette's own errors (no such route, method not allowed) in our shape."""
     assert isinstance(exc, StarletteHTTPException)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
-        message = f"no such endpoint: {request.method} {request.url.path}"
+        message = f"no such endpoint: {clip(request.method, 16)} {clip(request.url.path)}"
     elif exc.status_code == 405:
-        message = f"method {request.method} is not allowed here"
+        message = f"method {clip(request.method, 16)} is not allowed here"
+        headers["Allow"] = ", ".join(allowed_methods(request))
     else:
         message = str(exc.detail)
     response = error_response(ApiError(exc.status_code, code, message))
-    for name, value in (exc.headers or {}).items():
+    for name, value in headers.items():
         response.headers[name] = value
     return response
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists for this path (Starlette's 405 names only the first route's)."""
+    paths = request.app.openapi().get("paths", {})
+    path = request.url.path
+    for template, operations in paths.items():
+        if re.fullmatch(re.sub(r"\\{[^/]+?\\}", "[^/]+", re.escape(template)), path):
+            return sorted(method.upper() for method in operations)
+    return []
 
 
 def _loc_path(loc: tuple[Any, ...]) -> str:

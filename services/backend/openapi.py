@@ -55,7 +55,50 @@ RECIPE_EXAMPLE = {
 
 def components() -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(COMPONENTS, ref_template="#/components/schemas/{name}")
+    schemas["Targets"] = api.TARGETS_SCHEMA  # exactly one of the three: msgspec cannot say it, the server checks it
     return schemas
+
+
+def _link(operation_id: str, description: str, **parameters: str) -> dict[str, Any]:
+    return {"operationId": operation_id, "description": description, "parameters": parameters}
+
+
+# OpenAPI links: how a client (or a stateful fuzzer) follows what it created to where it can read or act on it.
+LINKS: dict[tuple[str, str, str], dict[str, Any]] = {
+    ("/v1/runs", "post", "201"): {
+        "GetRun": _link("get_run", "The run: status, counts, tasks", run_id="$response.body#/run_id"),
+        "CancelRun": _link("cancel_run", "Cancel the run", run_id="$response.body#/run_id"),
+        "RunArtifacts": _link("run_artifacts", "The run's artifacts", run_id="$response.body#/run_id"),
+    },
+    ("/v1/runs/{run_id}/cancel", "post", "202"): {
+        "GetRun": _link("get_run", "The cancelled run", run_id="$response.body#/run_id"),
+    },
+    ("/v1/workflows", "post", "201"): {
+        "GetWorkflow": _link("get_workflow", "The workflow's latest version",
+                             workflow_id="$response.body#/workflow_id"),
+        "GetWorkflowVersion": _link("get_workflow_version", "The version just published",
+                                    workflow_id="$response.body#/workflow_id", version="$response.body#/version"),
+    },
+}
+
+
+def tidy_parameters(schema: dict[str, Any]) -> None:
+    """An optional query parameter is absent, never `null`: FastAPI's `anyOf: [X, {type: null}]` becomes X
+    (with the outer keywords, such as `format`, moved into it)."""
+    for operations in schema["paths"].values():
+        for operation in operations.values():
+            for parameter in operation.get("parameters", []):
+                outer = parameter.get("schema", {})
+                variants = outer.get("anyOf", [])
+                if len(variants) == 2 and {"type": "null"} in variants:
+                    inner = dict(next(v for v in variants if v != {"type": "null"}))
+                    inner.update({k: v for k, v in outer.items() if k not in ("anyOf", "default")})
+                    parameter["schema"] = inner
+
+
+def add_links(schema: dict[str, Any]) -> None:
+    for (path, method, status), links in LINKS.items():
+        schema["paths"][path][method]["responses"][status]["links"] = links
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -63,11 +106,14 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def route(ok: tuple[int, type[Any]], *errors: int, body: type[Any] | None = None,
-          body_text: str = "", example: Any = None) -> dict[str, Any]:
-    """Keyword arguments for a FastAPI route decorator: its responses, and its body if it has one."""
+          body_text: str = "", example: Any = None, checked: bool = True) -> dict[str, Any]:
+    """Keyword arguments for a FastAPI route decorator: its responses, and its body if it has one.
+
+    `checked` routes run `check_request` (unknown query parameters, control characters): they can answer 422.
+    """
     status, kind = ok
     responses: dict[int | str, dict[str, Any]] = {status: {"description": "OK", "content": _json(ref(kind))}}
-    for code in sorted({*errors, 500}):
+    for code in sorted({*errors, 500, *((422,) if checked else ())}):
         entry: dict[str, Any] = {"description": _ERROR_TEXT[code], "content": _json(ref(api.ErrorResponse))}
         if code == 401:
             entry["headers"] = {"WWW-Authenticate": {"schema": {"type": "string"}}}

@@ -27,9 +27,20 @@ from contracts.api import (
     StepView,
     TaskView,
 )
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
+from contracts.artifact_path import check_params as check_path_params
 from contracts.commands import RunBroadcast, RunCancel
-from contracts.recipe import RecipeInvalid, resolve_step_timeouts, validate_params
+from contracts.recipe import (
+    Fault,
+    Recipe,
+    RecipeInvalid,
+    Upload,
+    check_assert_patterns,
+    resolve_step_timeouts,
+    validate_params,
+)
 from contracts.subjects import cmd_subject
+from contracts.text import clip
 from services.backend import targets as targeting
 from services.backend import workflows
 from services.backend.errors import ApiError, invalid
@@ -73,8 +84,19 @@ async def _replay(pool: asyncpg.Pool, key: str, digest: str) -> Created | None:
     return Created(msgspec.json.decode(row["response"], type=RunCreated), replayed=True)
 
 
+def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str) -> None:
+    """What the nodes would only find out after a device did its work: bad artifact path segments, assert
+    patterns the params make invalid. `RecipeInvalid` with each fault at `$.params.<name>`."""
+    faults = check_assert_patterns(recipe, params)
+    if any(isinstance(step, Upload) for step in recipe.steps):
+        faults += [Fault(f"$.params.{name}", problem) for name, problem in check_path_params(path_template, params)]
+    if faults:
+        raise RecipeInvalid(faults)
+
+
 async def create_run(
-    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0, idempotency_key: str | None = None
+    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0, idempotency_key: str | None = None,
+    path_template: str = DEFAULT_PATH_TEMPLATE,
 ) -> Created:
     """Validate, resolve targets and store a run with its broadcasts."""
     digest = request_digest(body)
@@ -86,11 +108,12 @@ async def create_run(
                        [{"path": "$.targets", "message": f"got {chosen or 'none'}"}])
     stored = await workflows.get(pool, body.workflow_id, body.workflow_version)
     if stored is None:
-        what = body.workflow_id + (f" version {body.workflow_version}" if body.workflow_version else "")
+        what = clip(body.workflow_id) + (f" version {body.workflow_version}" if body.workflow_version else "")
         raise ApiError(404, "workflow_not_found", f"unknown workflow {what}")
     try:
         params = validate_params(stored.recipe, body.params)
         timeouts = resolve_step_timeouts(stored.recipe, body.step_timeouts_ms)
+        check_run_params(stored.recipe, params, path_template)
     except RecipeInvalid as err:
         raise invalid("run does not fit the workflow", err.faults) from None
     run_id = str(uuid.uuid4())
@@ -149,7 +172,7 @@ def parse_run_id(run_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(run_id)
     except ValueError:
-        raise ApiError(404, "run_not_found", f"unknown run {run_id!r}") from None
+        raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)!r}") from None
 
 
 async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
@@ -162,9 +185,9 @@ async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
     async with pool.acquire() as conn, conn.transaction():
         run = await conn.fetchrow("SELECT status FROM runs WHERE run_id = $1 FOR UPDATE", rid)
         if run is None:
-            raise ApiError(404, "run_not_found", f"unknown run {run_id}")
+            raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
         if run["status"] == "completed":
-            raise ApiError(409, "run_finished", f"run {run_id} has already completed")
+            raise ApiError(409, "run_finished", f"run {clip(run_id)} has already completed")
         nodes = [r["node_id"] for r in await conn.fetch(
             "SELECT DISTINCT node_id FROM run_tasks WHERE run_id = $1 ORDER BY node_id", rid)]
         if run["status"] != "cancelled":
@@ -188,7 +211,7 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
     async with pool.acquire() as conn:
         run = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", rid)
         if run is None:
-            raise ApiError(404, "run_not_found", f"unknown run {run_id}")
+            raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
         tasks = await conn.fetch(
             "SELECT * FROM run_tasks WHERE run_id = $1 ORDER BY node_id, device_serial", rid
         )

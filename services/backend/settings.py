@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from msgspec import field
 
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
 from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from runtime.config import ConfigError, Settings
 
@@ -47,6 +48,11 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
+    # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
+    # at creation when a param the template uses is missing or not a plain path segment.
+    path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # Failed authentications are logged as one line per interval, with their count.
+    auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
     # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
     # credentials at enrollment, the operator signing key and system user for revocations.
     nats_auth_dir: Path | None = field(default=None, name="DOAI_NATS_AUTH_DIR")
@@ -76,7 +82,10 @@ class BackendSettings(Settings):
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
-
+        try:
+            template_fields(self.path_template)
+        except ArtifactPathError as exc:
+            raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
         if self.nats_auth_dir is None:
             raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
         if self.nats_creds is None:

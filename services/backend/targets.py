@@ -25,7 +25,7 @@ async def resolve(conn: asyncpg.Connection, targets: Targets, stale_s: float) ->
     online within the last `stale_s` seconds (an inventory older than that is not trusted)."""
     by_node: dict[str, list[str]] = defaultdict(list)
     rejected: list[dict[str, str]] = []
-    if targets.devices is not None:
+    if isinstance(targets.devices, list):
         known = {
             (r["node_id"], r["serial"]): r["status"]
             for r in await conn.fetch(
@@ -54,7 +54,7 @@ async def resolve(conn: asyncpg.Connection, targets: Targets, stale_s: float) ->
             else:
                 by_node[d.node_id].append(d.serial)
     else:
-        nodes = targets.nodes
+        nodes = targets.nodes if isinstance(targets.nodes, list) else None
         rows = await conn.fetch(
             "SELECT node_id, serial FROM devices WHERE status = 'online'"
             " AND last_seen >= now() - make_interval(secs => $2)"

@@ -11,6 +11,8 @@ import msgspec
 
 from contracts.api import WorkflowSummary
 from contracts.recipe import Recipe
+from contracts.text import clip
+from services.backend.errors import ApiError
 
 
 @dataclass(frozen=True)
@@ -26,10 +28,16 @@ def recipe_digest(recipe: Recipe) -> str:
 
 
 def _row(row: asyncpg.Record) -> StoredWorkflow:
+    try:
+        recipe = msgspec.json.decode(row["recipe"], type=Recipe)
+    except msgspec.ValidationError as err:  # stored under older, looser rules (e.g. a control character)
+        raise ApiError(409, "workflow_outdated",
+                       f"version {row['version']} of {row['workflow_id']} no longer passes the recipe rules"
+                       f" ({clip(str(err), 200)}); publish a new version") from None
     return StoredWorkflow(
         workflow_id=row["workflow_id"],
         version=row["version"],
-        recipe=msgspec.json.decode(row["recipe"], type=Recipe),
+        recipe=recipe,
         created_at=row["created_at"],
     )
 

@@ -7,11 +7,12 @@ subclasses the vendor client raises, so steps report them alike.
 
 Mapping to the DeviceDriver interface:
 
-* `list_devices` → `host:devices-l`; state `device` is reported as `online`.
+* `list_devices` → `host:devices-l` as `DeviceInfo`; state `device` is reported as `online`,
+  an `IP:PORT` serial as Wi-Fi (mode 1).
 * `shell` → `shell:<command>` (the caller has already quoted every argument).
 * `screenshot` → `screencap -p` streamed back over the shell (exec-out), written
   to a new file in `save_dir`.
-* `push_event` → `input keyevent` (1 recents, 2 home, 3 back, as the vendor's pushEvent).
+* `press_key` → `input keyevent` (KEYCODE_HOME, KEYCODE_BACK, KEYCODE_APP_SWITCH).
 * `start_apk` / `stop_apk` → `monkey -p PKG -c android.intent.category.LAUNCHER 1` / `am force-stop PKG`.
 
 adbutils starts a local adb server by itself when none answers; `start_server=False`
@@ -25,25 +26,28 @@ import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import adbutils
 import structlog
 from adbutils.errors import AdbError, AdbTimeout
 
+from contracts.events import DeviceInfo
+from contracts.ids import is_serial
+from contracts.vendor import DeviceMode, check_serial, is_wifi_serial
+from services.node.driver import Key
 from services.node.vendor_client import (
     VendorFailure,
     VendorProtocolError,
     VendorTimeout,
     VendorUnavailable,
-    check_serial,
 )
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-_KEYCODES = {"1": "KEYCODE_APP_SWITCH", "2": "KEYCODE_HOME", "3": "KEYCODE_BACK"}
+_KEYCODES = {Key.RECENTS: "KEYCODE_APP_SWITCH", Key.HOME: "KEYCODE_HOME", Key.BACK: "KEYCODE_BACK"}
 _PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -97,18 +101,18 @@ class AdbDriver:
             ) from None
         writer.close()
 
-    async def list_devices(self, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
+    async def list_devices(self, *, timeout_s: float | None = None) -> list[DeviceInfo]:
         infos = await self._call("devices", lambda: self._client.list(extended=True), timeout_s)
         devices = []
         for info in infos:
-            devices.append({
-                "serial": info.serial,
-                "onlySerial": info.serial,
-                "status": "online" if info.state == "device" else info.state,
-                "model": info.tags.get("model", ""),
-                "name": info.tags.get("device", ""),
-                "mode": 0 if ":" not in info.serial else 1,
-            })
+            if not is_serial(info.serial):
+                log.warning("adb listed a device with an unusable serial", serial=f"{info.serial!r:.80}")
+                continue
+            mode = DeviceMode.WIFI if is_wifi_serial(info.serial) else DeviceMode.USB
+            devices.append(DeviceInfo(
+                serial=info.serial, status="online" if info.state == "device" else info.state,
+                model=info.tags.get("model", ""), name=info.tags.get("device", ""), mode=int(mode),
+            ))
         return devices
 
     async def shell(self, serial: str, command: str, *, timeout_s: float | None = None) -> str:
@@ -131,11 +135,8 @@ class AdbDriver:
         await asyncio.to_thread(_write, path, data)
         return path
 
-    async def push_event(self, serial: str, type: int | str) -> None:
-        keycode = _KEYCODES.get(str(type))
-        if keycode is None:
-            raise VendorFailure(f"unknown pushEvent type {type!r}", action="pushEvent")
-        await self.shell(serial, f"input keyevent {keycode}")
+    async def press_key(self, serial: str, key: Key) -> None:
+        await self.shell(serial, f"input keyevent {_KEYCODES[key]}")
 
     async def start_apk(self, serial: str, package: str) -> None:
         out = await self.shell(serial, f"monkey -p {shlex.quote(package)} -c android.intent.category.LAUNCHER 1")

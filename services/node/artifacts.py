@@ -2,7 +2,9 @@
 
 The key of a screenshot is `path_template` rendered with the run's params and
 `node_id`, `device_serial`, `run_id`, `timestamp` (epoch seconds); the default
-is `{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png`.
+is `{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png`. The
+template and the segment rule live in `contracts.artifact_path`, which the
+backend also uses to check a run's params when the run is created.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+from contracts.artifact_path import ArtifactPathError
+from contracts.artifact_path import render_key as _render_key
 
 
 class ArtifactError(Exception):
@@ -29,24 +34,11 @@ class StoredArtifact:
 
 
 def render_key(template: str, values: dict[str, str]) -> str:
-    """Render the path template; every segment must be a plain name (no '..', no '/', no '%').
-
-    '%' is refused too: a store that percent-decodes keys (Supabase Storage's client
-    does) would otherwise turn `%2F` into extra folders.
-    """
-    fields: dict[str, str] = {}
-    for name, value in values.items():
-        if any(c in value for c in "/\\%") or value in ("", ".", "..") or not value.isprintable():
-            fields[name] = "\0"  # caught below if the template uses it
-        else:
-            fields[name] = value
+    """Render the path template with the shared segment rule (`contracts.artifact_path.render_key`)."""
     try:
-        key = template.format_map(fields)
-    except KeyError as exc:
-        raise ArtifactError(f"artifact path template needs the run param {exc.args[0]!r}") from None
-    if "\0" in key or key.startswith("/"):
-        raise ArtifactError("artifact path would contain an empty or '..' segment, or a '/', '\\' or '%'")
-    return key
+        return _render_key(template, values)
+    except ArtifactPathError as exc:
+        raise ArtifactError(str(exc)) from None
 
 
 class ArtifactStore(Protocol):

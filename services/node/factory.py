@@ -27,6 +27,8 @@ def build_driver(settings: NodeSettings) -> DeviceDriver:
         request_timeout_s=settings.vendor_request_timeout_s,
         backoff_base_s=settings.vendor_backoff_base_s,
         backoff_max_s=settings.vendor_backoff_max_s,
+        ping_interval_s=settings.vendor_ping_interval_s,
+        screenshot_wait_s=settings.vendor_screenshot_wait_s,
         connect_retry=True,
     )
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 
 from contracts.events import DeviceInfo, DeviceInventoryEvent, NodeHeartbeat
-from contracts.ids import is_serial, new_id, utcnow
+from contracts.ids import new_id, utcnow
 from runtime.aio import pause
 from services.node.driver import DeviceDriver
 from services.node.journal import Journal
@@ -23,29 +22,6 @@ from services.node.vendor_client import VendorError
 log = structlog.get_logger(__name__)
 
 VERSION = "0.1.0"
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def parse_devices(listed: list[dict[str, Any]]) -> list[DeviceInfo]:
-    """The vendor's device dicts as `DeviceInfo`, keyed by the stable `onlySerial`."""
-    devices = []
-    for d in listed:
-        serial = str(d.get("onlySerial") or d.get("serial") or "")
-        if not is_serial(serial):
-            log.warning("vendor listed a device with an unusable serial", serial=serial)
-            continue
-        devices.append(DeviceInfo(
-            serial=serial, status=str(d.get("status", "unknown")), model=str(d.get("model", "")),
-            name=str(d.get("name", "")), mode=_int(d.get("mode")), width=_int(d.get("width")),
-            height=_int(d.get("height")),
-        ))
-    return devices
 
 
 class Inventory:
@@ -62,13 +38,13 @@ class Inventory:
         self.polls = 0
 
     async def poll(self) -> None:
+        devices: list[DeviceInfo]
         try:
-            listed = await self.driver.list_devices(timeout_s=self.list_timeout_s)
+            devices = await self.driver.list_devices(timeout_s=self.list_timeout_s)
         except VendorError as exc:
-            listed = []
+            devices = []
             if self.vendor_available or self.polls == 0:
                 log.warning("vendor program unavailable", error=str(exc), url=self.driver.url)
-        devices = parse_devices(listed)
         was_available = self.vendor_available
         self.vendor_available = bool(devices)
         if devices:

@@ -12,10 +12,11 @@ from typing import ClassVar
 
 from msgspec import field
 
+from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.ids import is_node_id
 from runtime.config import ConfigError, Settings, env_names
 
-DEFAULT_PATH_TEMPLATE = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
+__all__ = ["DEFAULT_PATH_TEMPLATE", "NodeSettings"]
 
 
 class NodeSettings(Settings, kw_only=True):
@@ -28,8 +29,14 @@ class NodeSettings(Settings, kw_only=True):
     # The local artifact store's root (the embedded default store).
     artifact_dir: Path = field(default=Path("var/artifacts"), name="DOAI_ARTIFACT_DIR")
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
-    # Default: one connection per slot.
+    # WebSocket connections to the vendor program, each strictly one request at a time (no request id).
+    # Default: one per slot, so devices never wait for each other's requests; if `doai vendor probe`
+    # finds the program accepts fewer connections, set what it recommends (docs/vendor.md).
     vendor_pool_size: int | None = field(default=None, name="DOAI_VENDOR_POOL_SIZE")
+    # Keep-alive ping on each idle vendor connection (0: off); the probe checks the program answers pings.
+    vendor_ping_interval_s: float | None = field(default=20.0, name="DOAI_VENDOR_PING_INTERVAL_S")
+    # How long a screenshot may take to appear (and finish being written) after the program answered.
+    vendor_screenshot_wait_s: float = field(default=10.0, name="DOAI_VENDOR_SCREENSHOT_WAIT_S")
     vendor_request_timeout_s: float = field(default=120.0, name="DOAI_VENDOR_REQUEST_TIMEOUT_S")
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = field(default=5.0, name="DOAI_INVENTORY_INTERVAL_S")
@@ -78,6 +85,14 @@ class NodeSettings(Settings, kw_only=True):
             raise ConfigError(f"DOAI_ARTIFACT_STORE (--store) must be 'local' or 'supabase', got {self.store!r}")
         if self.store == "supabase" and not (self.supabase_url and self.supabase_key and self.supabase_bucket):
             raise ConfigError("the supabase store needs SUPABASE_URL, SUPABASE_SERVICE_KEY and DOAI_SUPABASE_BUCKET")
+        if self.vendor_pool_size is not None and not 1 <= self.vendor_pool_size <= 1000:
+            raise ConfigError(f"DOAI_VENDOR_POOL_SIZE (--vendor-connections) must be between 1 and 1000, "
+                              f"got {self.vendor_pool_size}")
+        if self.vendor_ping_interval_s is not None and self.vendor_ping_interval_s <= 0:
+            self.vendor_ping_interval_s = None  # 0 turns the keep-alive ping off
+        if not self.vendor_screenshot_wait_s > 0:
+            raise ConfigError(f"DOAI_VENDOR_SCREENSHOT_WAIT_S (--screenshot-wait) must be positive, "
+                              f"got {self.vendor_screenshot_wait_s}")
         if self.offline_grace_s < 0:
             raise ConfigError(
                 f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")

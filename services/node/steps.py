@@ -17,13 +17,15 @@ import msgspec
 import structlog
 
 from contracts import recipe as dsl
+from contracts.patterns import PatternError
+from contracts.patterns import search as pattern_search
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
-from services.node.driver import DeviceDriver
+from services.node.driver import DeviceDriver, Key
 
 log = structlog.get_logger(__name__)
 
-_KEYS = {"recents": "1", "home": "2", "back": "3"}  # vendor pushEvent types
 _OUTPUT_LIMIT = 4000
+_NATIVE_KEYS = frozenset(k.value for k in Key)
 
 
 class StepError(Exception):
@@ -92,8 +94,8 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             return StepResult()
         case dsl.KeyEvent(key=key):
             name = ctx.render(key)
-            if name.lower() in _KEYS:
-                await ctx.driver.push_event(ctx.serial, _KEYS[name.lower()])
+            if name.lower() in _NATIVE_KEYS:  # home, back, recents: the driver presses them natively
+                await ctx.driver.press_key(ctx.serial, Key(name.lower()))
                 return StepResult()
             return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
         case dsl.Tap(x=x, y=y):
@@ -116,8 +118,13 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
         case dsl.Upload(source=source):
             return await _upload(ctx, source, timeout_s)
         case dsl.Assert(source=source, pattern=pattern):
+            # RE2: linear in the output whatever the pattern, so no recipe can stall the node's event loop.
             text = ctx.outputs.get(source, "")
-            if re.search(ctx.render(pattern), text) is None:
+            try:
+                matched = pattern_search(ctx.render(pattern), text)
+            except PatternError as exc:
+                raise StepError("invalid_pattern", f"pattern of step {step.id!r}: {exc}") from None
+            if not matched:
                 raise StepError("assert_failed", f"output of step {source!r} does not match {pattern!r}")
             return StepResult()
         case dsl.Report():

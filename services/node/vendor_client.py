@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -23,66 +24,77 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
+from contracts.events import DeviceInfo
+from contracts.vendor import FAILURE, Action, PushEvent, Request, check_serial
+from services.node.driver import Key
+from services.node.errors import NodeError
+from services.node.vendor_decode import (
+    Reply,
+    ShapeError,
+    clip_raw,
+    decode_reply,
+    device_entries,
+    device_info,
+    shell_text,
+)
+
 log = structlog.get_logger(__name__)
 
-SUCCESS = 10000
-FAILURE = 10001
-LICENCE_MESSAGE = "请激活会员后使用"
+__all__ = [
+    "VendorClient", "VendorError", "VendorFailure", "VendorProtocolError", "VendorTimeout",
+    "VendorUnavailable", "check_serial",
+]
+
+_PUSH_OF_KEY = {Key.HOME: PushEvent.HOME, Key.BACK: PushEvent.BACK, Key.RECENTS: PushEvent.RECENTS}
 
 
-class VendorError(Exception):
-    """Base class of vendor errors; ``code`` is a short machine-readable code."""
+class VendorError(NodeError):
+    """Base class of device-driver errors (vendor program or adb); ``code`` is machine-readable."""
 
     code: str = "vendor_error"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
 
 class VendorFailure(VendorError):
-    """The vendor answered 10001. ``licence`` is True when the program is not activated."""
+    """The vendor refused the request (10001, or another failure code in ``vendor_code``).
+
+    ``licence`` is True when the program's licence is not activated.
+    """
 
     code = "vendor_10001"
 
-    def __init__(self, message: str, *, action: str | None = None) -> None:
+    def __init__(self, message: str, *, action: str | None = None, vendor_code: int | None = FAILURE,
+                 licence: bool = False) -> None:
         super().__init__(message)
         self.action = action
-        self.licence = message.strip() == LICENCE_MESSAGE
+        self.vendor_code = vendor_code
+        self.licence = licence
+        if vendor_code not in (None, FAILURE):
+            self.code = f"vendor_{vendor_code}"
 
 
 class VendorTimeout(VendorError):
     """No answer within the timeout (the connection was discarded)."""
 
     code = "vendor_timeout"
+    retryable = True
 
 
 class VendorUnavailable(VendorError):
     """Cannot connect to the vendor program, or the connection dropped mid-request."""
 
     code = "vendor_unavailable"
+    retryable = True
 
 
 class VendorProtocolError(VendorError):
-    """The vendor answered something that does not follow the protocol."""
+    """The vendor answered something this client does not understand; ``raw`` is the answer (truncated)."""
 
     code = "vendor_protocol_error"
 
-
-def check_serial(serial: str) -> str:
-    """Return ``serial`` if it names exactly one device, else raise ValueError.
-
-    doai never addresses ``all`` devices or a comma-separated list.
-    """
-    if not isinstance(serial, str):
-        raise ValueError(f"serial must be a string, not {type(serial).__name__}")
-    if not serial.strip():
-        raise ValueError("serial must not be empty")
-    if serial.strip().lower() == "all":
-        raise ValueError("refusing to address 'all' devices: send exactly one serial")
-    if "," in serial:
-        raise ValueError(f"refusing a list of serials {serial!r}: send exactly one serial")
-    return serial
+    def __init__(self, message: str, *, action: str | None = None, raw: str = "") -> None:
+        super().__init__(message)
+        self.action = action
+        self.raw = raw
 
 
 class VendorClient:
@@ -97,7 +109,7 @@ class VendorClient:
         connect_timeout_s: float = 5.0,
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 30.0,
-        screenshot_wait_s: float = 2.0,
+        screenshot_wait_s: float = 10.0,
         ping_interval_s: float | None = 20.0,
         connect_retry: bool = False,
     ) -> None:
@@ -125,6 +137,9 @@ class VendorClient:
         self.connections_opened = 0
         self.consecutive_failures = 0
         """Failed connects/requests since the last success (reset by any answer)."""
+        self.seen: Counter[str] = Counter()
+        """What was tolerated, as ``"<action>:<variant>"`` -> answers (docs/vendor.md)."""
+        self._logged: set[tuple[str, str]] = set()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -231,41 +246,6 @@ class VendorClient:
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
-    async def wait_until_available(self, stop: asyncio.Event | None = None) -> bool:
-        """Retry connecting with backoff until the vendor answers; True when it does.
-
-        Returns False if ``stop`` gets set first. The successful connection is kept
-        in the pool. Backoff starts at ``backoff_base_s`` and doubles up to
-        ``backoff_max_s``; every failure is logged.
-        """
-        delay = self.backoff_base_s
-        attempt = 0
-        while stop is None or not stop.is_set():
-            attempt += 1
-            try:
-                async with self._slots:
-                    conn = await self._open()
-                    self._release(conn)
-            except VendorUnavailable as exc:
-                log.warning(
-                    "vendor unavailable, retrying",
-                    url=self.url,
-                    attempt=attempt,
-                    retry_in_s=delay,
-                    error=exc.message,
-                )
-            else:
-                if attempt > 1:
-                    log.info("vendor available", url=self.url, attempts=attempt)
-                return True
-            if stop is None:
-                await asyncio.sleep(delay)
-            else:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), timeout=delay)
-            delay = min(delay * 2, self.backoff_max_s)
-        return False
-
     # ---------------------------------------------------------------- request
 
     async def request(
@@ -275,26 +255,22 @@ class VendorClient:
         data: dict[str, Any] | None = None,
         *,
         timeout_s: float | None = None,
-    ) -> Any:
-        """Send one request and return the response's ``data`` (code 10000).
+    ) -> Reply:
+        """Send one request and return the normalised successful answer.
 
-        Raises VendorFailure (10001), VendorTimeout, VendorUnavailable or
-        VendorProtocolError; ValueError for a serial that is not exactly one device.
+        Raises VendorFailure (10001 or another failure code), VendorTimeout,
+        VendorUnavailable or VendorProtocolError; ValueError for a serial that is
+        not exactly one device.
         """
         if not action:
             raise ValueError("action must not be empty")
-        envelope: dict[str, Any] = {"action": action}
-        if serial is not None:
-            envelope["devices"] = check_serial(serial)
-        if data is not None:
-            envelope["data"] = data
-        payload = msgspec.json.encode(envelope).decode()
+        devices = None if serial is None else check_serial(serial)
+        payload = msgspec.json.encode(Request(action=action, devices=devices, data=data)).decode()
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
 
         async with self._slots:
             raw = await self._exchange(payload, action, timeout)
         return self._parse(raw, action)
-
     async def _exchange(self, payload: str, action: str, limit_s: float) -> str | bytes:
         started = time.monotonic()
         for attempt in (1, 2):
@@ -350,40 +326,57 @@ class VendorClient:
             return raw
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _parse(self, raw: str | bytes, action: str) -> Any:
+    def _tolerated(self, action: str, variants: frozenset[Any]) -> None:
+        for variant in variants:
+            self.seen[f"{action}:{variant}"] += 1
+            if (action, str(variant)) not in self._logged:
+                self._logged.add((action, str(variant)))
+                log.info("vendor answer differs from the documented shape; tolerated",
+                         action=action, variant=str(variant))
+
+    def _protocol_error(self, action: str, exc: ShapeError, serial: str | None = None) -> VendorProtocolError:
+        raw = clip_raw(exc.raw)
+        if (action, exc.reason) not in self._logged:  # once per shape, not once per device or request
+            self._logged.add((action, exc.reason))
+            log.warning("vendor answer has an unknown shape", action=action, reason=exc.reason, raw=raw,
+                        device_serial=serial)
+        return VendorProtocolError(f"vendor answer to {action!r} has an unknown shape ({exc.reason}): {raw}",
+                                   action=action, raw=raw)
+
+    def _parse(self, raw: str | bytes, action: str) -> Reply:
         try:
-            resp = msgspec.json.decode(raw)
-        except msgspec.DecodeError as exc:
-            raise VendorProtocolError(f"vendor answered non-JSON to {action!r}: {exc}") from exc
-        if not isinstance(resp, dict) or "code" not in resp:
-            raise VendorProtocolError(f"vendor answer to {action!r} has no code: {resp!r:.200}")
-        code = resp["code"]
-        try:
-            code = int(code)
-        except (TypeError, ValueError):
-            raise VendorProtocolError(f"vendor answered bad code {code!r} to {action!r}") from None
-        if code == SUCCESS:
-            return resp.get("data")
-        message = str(resp.get("message") or "")
-        if code == FAILURE:
-            err = VendorFailure(message or "vendor reported failure", action=action)
-            if err.licence:
-                log.error("vendor program licence not activated", action=action)
-            else:
-                log.info("vendor request failed", action=action, message=message)
-            raise err
-        raise VendorProtocolError(f"vendor answered unknown code {code} to {action!r}: {message}")
+            reply = decode_reply(raw)
+        except ShapeError as exc:
+            raise self._protocol_error(action, exc) from None
+        self._tolerated(action, reply.variants)
+        if reply.ok:
+            return reply
+        err = VendorFailure(reply.message or f"vendor reported failure (code {reply.code})", action=action,
+                            vendor_code=reply.code, licence=reply.licence)
+        if err.licence:
+            log.error("vendor program licence not activated", action=action)
+        else:
+            log.info("vendor request failed", action=action, message=reply.message, vendor_code=reply.code)
+        raise err
 
     # ---------------------------------------------------------------- helpers
 
-    async def list_devices(self, *, timeout_s: float | None = None) -> list[dict[str, Any]]:
-        """Devices as the vendor sees them. An empty list may mean the program is restarting."""
-        data = await self.request("list", timeout_s=timeout_s)
-        if data is None:
-            return []
-        if not isinstance(data, list) or not all(isinstance(d, dict) for d in data):
-            raise VendorProtocolError(f"list answered {type(data).__name__}, not a device array")
-        return data
+    async def list_devices(self, *, timeout_s: float | None = None) -> list[DeviceInfo]:
+        """Devices as doai sees them. An empty list may mean the program is restarting."""
+        reply = await self.request(Action.LIST, timeout_s=timeout_s)
+        try:
+            entries, variants = device_entries(reply.data)
+        except ShapeError as exc:
+            raise self._protocol_error(Action.LIST, exc) from None
+        self._tolerated(Action.LIST, variants)
+        devices = []
+        for entry in entries:
+            info = device_info(entry)
+            if info is None:
+                self._protocol_error(Action.LIST, ShapeError("a listed device has no usable serial", entry))
+                continue
+            devices.append(info)
+        return devices
 
     async def shell(self, serial: str, command: str, *, timeout_s: float | None = None) -> str:
         """Run ``adb shell command`` on one device and return its stdout.
@@ -391,94 +384,114 @@ class VendorClient:
         ``command`` goes to a shell as is: quote anything that came from outside
         (``shlex.quote``).
         """
-        data = await self.request("adb_shell", serial, {"command": command}, timeout_s=timeout_s)
-        if isinstance(data, dict):
-            if serial in data:
-                value = data[serial]
-            elif len(data) == 1:
-                value = next(iter(data.values()))
-            else:
-                raise VendorProtocolError(f"adb_shell answer has no entry for {serial}")
-        else:
-            raise VendorProtocolError(f"adb_shell answered {type(data).__name__}, not an object")
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise VendorProtocolError(f"adb_shell output for {serial} is not text")
-        return value
-
-    async def adb(self, command: str, *, timeout_s: float | None = None) -> Any:
-        """Host-side adb command (e.g. ``connect IP:5555``)."""
-        return await self.request("adb", None, {"command": command}, timeout_s=timeout_s)
+        reply = await self.request(Action.ADB_SHELL, serial, {"command": command}, timeout_s=timeout_s)
+        try:
+            text, variants = shell_text(reply.data, serial)
+        except ShapeError as exc:
+            raise self._protocol_error(Action.ADB_SHELL, exc, serial) from None
+        self._tolerated(Action.ADB_SHELL, variants)
+        return text
 
     async def screenshot(
         self, serial: str, save_dir: Path, *, timeout_s: float | None = None
     ) -> Path:
         """Take a screenshot into ``save_dir`` (dedicated to this device) and return the new file.
 
-        The vendor's answer carries no reliable file name, so the new ``*.png`` in
-        ``save_dir`` is found by comparing the folder before and after.
+        The answer carries no reliable file name, and the program may write the
+        file after it answers, or into a subfolder. So every ``*.png`` under
+        ``save_dir`` is noted before, and afterwards the first new one whose
+        writing has finished is returned: it ends with the PNG trailer, or (for
+        a file that never will) its size stayed the same for ``STABLE_S``. Gives up after ``screenshot_wait_s``.
         """
         save_dir = Path(save_dir)
         check_serial(serial)
-        before = await asyncio.to_thread(_png_names, save_dir, True)
-        await self.request(
-            "screen", serial, {"savePath": str(save_dir)}, timeout_s=timeout_s
+        before = await asyncio.to_thread(png_files, save_dir, True)
+        reply = await self.request(
+            Action.SCREEN, serial, {"savePath": str(save_dir)}, timeout_s=timeout_s
         )
-        deadline = time.monotonic() + self.screenshot_wait_s
-        while True:
-            after = await asyncio.to_thread(_png_names, save_dir, False)
-            new = after - before
-            if new:
-                paths = [save_dir / n for n in new]
-                return max(paths, key=lambda p: (p.stat().st_mtime_ns, p.name))
-            if time.monotonic() >= deadline:
-                raise VendorProtocolError(
-                    f"screen succeeded but no new PNG appeared in {save_dir} for {serial}"
-                )
-            await asyncio.sleep(0.05)
+        named = reply.data if isinstance(reply.data, str) and reply.data.lower().endswith(".png") else None
+        found = await wait_for_new_png(save_dir, before, self.screenshot_wait_s, named=named)
+        if found is None:
+            raise VendorProtocolError(
+                f"screen succeeded but no new complete PNG appeared under {save_dir} for {serial} "
+                f"within {self.screenshot_wait_s:g} s (answer: {clip_raw(reply.data)})",
+                action=Action.SCREEN, raw=clip_raw(reply.data),
+            )
+        return found
 
-    async def push_event(self, serial: str, type: int | str) -> None:
-        """1 recent apps, 2 home, 3 back."""
-        await self.request("pushEvent", serial, {"type": str(type)})
-
-    async def pointer_event(
-        self,
-        serial: str,
-        type: int | str,
-        x: int | float | str | None = None,
-        y: int | float | str | None = None,
-    ) -> None:
-        """0 press, 1 release, 2 move, 4/5 wheel up/down (need x, y); 6-9 swipe
-        up/down/left/right (no x, y). Sent as strings on the wire."""
-        data: dict[str, Any] = {"type": str(type)}
-        if x is not None:
-            data["x"] = str(x)
-        if y is not None:
-            data["y"] = str(y)
-        await self.request("pointerEvent", serial, data)
+    async def press_key(self, serial: str, key: Key) -> None:
+        """Home, back or recent apps through the program's ``pushEvent``."""
+        await self.request(Action.PUSH_EVENT, serial, {"type": str(int(_PUSH_OF_KEY[key]))})
 
     async def start_apk(self, serial: str, package: str) -> None:
-        await self.request("startApk", serial, {"apk": package})
+        await self.request(Action.START_APK, serial, {"apk": package})
 
     async def stop_apk(self, serial: str, package: str) -> None:
-        await self.request("stopApk", serial, {"apk": package})
-
-    async def install_apk(self, serial: str, path: str | Path) -> None:
-        await self.request("installApk", serial, {"path": str(path)})
-
-    async def select_ime(self, serial: str) -> None:
-        await self.request("selectIme", serial)
-
-    async def input_text(self, serial: str, text: str) -> None:
-        """Type ``text`` through the vendor's input method (``select_ime`` first)."""
-        await self.request("inputText", serial, {"text": text})
+        await self.request(Action.STOP_APK, serial, {"apk": package})
 
 
-def _png_names(folder: Path, create: bool) -> set[str]:
+STABLE_S = 1.0
+"""A new screenshot that does not end with the PNG trailer counts as written once its size has not
+changed for this long (a PNG that ends with the trailer is complete at once)."""
+_POLL_S = 0.05
+_PNG_TRAILER = b"IEND\xaeB`\x82"
+
+
+def png_files(folder: Path, create: bool) -> dict[Path, int]:
+    """Every ``*.png`` under ``folder`` (subfolders too) with its size."""
     if create:
         folder.mkdir(parents=True, exist_ok=True)
+    found: dict[Path, int] = {}
     try:
-        return {p.name for p in folder.iterdir() if p.suffix.lower() == ".png" and p.is_file()}
-    except FileNotFoundError:
-        return set()
+        for path in folder.rglob("*"):
+            if path.suffix.lower() == ".png":
+                with contextlib.suppress(OSError):
+                    if path.is_file():
+                        found[path] = path.stat().st_size
+    except OSError:
+        pass
+    return found
+
+
+def _complete_png(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            f.seek(-len(_PNG_TRAILER), 2)
+            return f.read() == _PNG_TRAILER
+    except OSError:
+        return False
+
+
+async def wait_for_new_png(folder: Path, before: dict[Path, int], wait_s: float, *,
+                           named: str | None = None) -> Path | None:
+    """The first new, completely written ``*.png`` under ``folder`` (or at ``named``), within ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    seen: dict[Path, tuple[int, float]] = {}  # path -> (size, since when that size)
+
+    def scan() -> Path | None:
+        files = png_files(folder, False)
+        if named is not None:
+            with contextlib.suppress(OSError):
+                target = Path(named)
+                if target.is_file():
+                    files[target] = target.stat().st_size
+        now = time.monotonic()
+        new = sorted((p for p in files if p not in before), key=lambda p: p.name)
+        for path in new:
+            size = files[path]
+            if size > 0 and _complete_png(path):
+                return path
+            last = seen.get(path)
+            if last is None or last[0] != size:
+                seen[path] = (size, now)
+            elif size > 0 and now - last[1] >= STABLE_S:
+                return path
+        return None
+
+    while True:
+        found = await asyncio.to_thread(scan)
+        if found is not None:
+            return found
+        if time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(_POLL_S)

@@ -3,6 +3,7 @@
 from .device import SimDevice
 from .png import make_png
 from .server import (
+    DEVIATIONS,
     FAILURE,
     LICENCE_MESSAGE,
     SUCCESS,
@@ -12,6 +13,7 @@ from .server import (
 )
 
 __all__ = [
+    "DEVIATIONS",
     "FAILURE",
     "LICENCE_MESSAGE",
     "SUCCESS",

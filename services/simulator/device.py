@@ -90,6 +90,9 @@ class SimDevice:
     screen_on: bool = True
     ime_selected: bool = False
     typed_text: str = ""
+    clipboard: str = ""
+    pending_sleep_s: float = 0.0
+    """What `sleep N` in the last shell command asked for (the server waits it out)."""
     installed: set[str] = field(default_factory=lambda: set(DEFAULT_PACKAGES))
     back_stack: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
@@ -211,6 +214,17 @@ class SimDevice:
 
     def _sh_echo(self, args: list[str]) -> str:
         return " ".join(args) + "\n"
+
+    def take_sleep(self) -> float:
+        delay, self.pending_sleep_s = self.pending_sleep_s, 0.0
+        return delay
+
+    def _sh_sleep(self, args: list[str]) -> str:
+        try:
+            self.pending_sleep_s += min(5.0, max(0.0, float(args[0]))) if args else 0.0
+        except ValueError:
+            return f"sleep: invalid number '{args[0]}'\n"
+        return ""
 
     def _sh_true(self, args: list[str]) -> str:
         return ""
