@@ -1,15 +1,25 @@
 """Connecting to NATS and declaring doai's streams and consumers (infrastructure as code).
 
-Every service calls `ensure_streams` at start-up; it is idempotent and updates
-a stream whose config drifted. Consumers are created or updated explicitly
-(`add_consumer`): nats-py's `pull_subscribe(durable=..., config=...)` silently
-ignores the config of an existing consumer.
+`ensure_streams` is idempotent: it creates a missing stream and (with
+`update=True`, at start-up) updates one whose config drifted. Consumers are
+created or updated explicitly (`add_consumer`): nats-py's
+`pull_subscribe(durable=..., config=...)` silently ignores the config of an
+existing consumer.
+
+Both streams have byte, message and message-size limits and discard **new**
+messages when full: a full stream refuses a publish, and the sender keeps the
+message in its durable outbox (the node's journal, the backend's `outbox`
+table) and retries it with backoff, so nothing a sender was told is stored is
+ever dropped before `max_age`. The backend owns the limits
+(`BackendSettings.stream_limits()`, from `DOAI_{CMD,EVT}_MAX_*`; see
+docs/architecture.md "Streams"); other parts only create a missing stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +56,43 @@ DAY_S = 86_400.0
 DUPLICATE_WINDOW_S = 15 * 60.0
 
 
-def stream_configs() -> list[StreamConfig]:
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    max_bytes: int
+    max_msgs: int
+    max_msg_size: int
+
+
+# The server's `max_file_store` (infra/nats/nats-server.conf: 8 GB) must hold both streams' max_bytes.
+DEFAULT_LIMITS: dict[str, StreamLimits] = {
+    # RunBroadcast / RunCancel: one per (run, node). A broadcast carries the recipe (the API takes
+    # bodies up to 1 MiB), so its size limit is the server's max_payload.
+    CMD_STREAM: StreamLimits(max_bytes=1 * GIB, max_msgs=1_000_000, max_msg_size=4 * MIB),
+    # Node events: a step event holds at most ~4,000 characters of output; an inventory of 100
+    # devices is ~15 KB.
+    EVT_STREAM: StreamLimits(max_bytes=4 * GIB, max_msgs=20_000_000, max_msg_size=1 * MIB),
+}
+def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[StreamConfig]:
+    limits = DEFAULT_LIMITS if limits is None else limits
     return [
         StreamConfig(
-            name=CMD_STREAM,
-            subjects=[CMD_SUBJECTS],
+            name=name,
+            subjects=[subjects],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=7 * DAY_S,
+            max_bytes=limits[name].max_bytes,
+            max_msgs=limits[name].max_msgs,
+            max_msg_size=limits[name].max_msg_size,
             duplicate_window=DUPLICATE_WINDOW_S,
-            discard=DiscardPolicy.OLD,
-        ),
-        StreamConfig(
-            name=EVT_STREAM,
-            subjects=[EVT_SUBJECTS],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            max_age=7 * DAY_S,
-            duplicate_window=DUPLICATE_WINDOW_S,
-            discard=DiscardPolicy.OLD,
-        ),
+            discard=DiscardPolicy.NEW,
+        )
+        for name, subjects in ((CMD_STREAM, CMD_SUBJECTS), (EVT_STREAM, EVT_SUBJECTS))
     ]
 
 
@@ -146,15 +173,35 @@ async def close(nc: NATS) -> None:
         log.info("nats connection lost while closing", error=repr(exc))
 
 
-async def ensure_streams(js: JetStreamContext) -> None:
-    for config in stream_configs():
+async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] | None = None, *,
+                         update: bool = True) -> list[str]:
+    """Create the streams that are missing (and with `update`, bring the others to this config).
+
+    Returns the names of the streams it created. `limits` None: `DEFAULT_LIMITS`.
+    """
+    created: list[str] = []
+    for config in stream_configs(limits):
         try:
             await js.stream_info(config.name)  # type: ignore[arg-type]
         except NotFoundError:
-            await js.add_stream(config)
+            try:
+                await js.add_stream(config)
+            except Exception:
+                # Another part created it at the same moment (JetStream may then refuse the second
+                # create, e.g. for storage it counts twice): fine if it exists now.
+                try:
+                    await js.stream_info(config.name)  # type: ignore[arg-type]
+                except NotFoundError:
+                    pass
+                else:
+                    continue
+                raise
+            created.append(config.name)  # type: ignore[arg-type]
             log.info("stream created", stream=config.name)
         else:
-            await js.update_stream(config)
+            if update:
+                await js.update_stream(config)
+    return created
 
 
 async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event | None = None,
@@ -206,3 +253,26 @@ async def ensure_node_consumer(js: JetStreamContext, node_id: str, ack_wait_s: f
             filter_subject=cmd_subject(node_id),
         ),
     )
+
+
+async def consumer_names(js: JetStreamContext, stream: str) -> set[str]:
+    """The durable names of every consumer on `stream` (paged: JetStream lists 256 at a time)."""
+    names: set[str] = set()
+    offset = 0
+    while True:
+        page = await js.consumers_info(stream, offset=offset)
+        names.update(c.name for c in page)
+        if len(page) < 256:
+            return names
+        offset += len(page)
+
+
+async def ensure_node_consumers(js: JetStreamContext, node_ids: list[str]) -> list[str]:
+    """Create the durable consumer of each node in `node_ids` that lacks one; return those nodes."""
+    existing = await consumer_names(js, CMD_STREAM)
+    created = []
+    for node_id in node_ids:
+        if node_durable(node_id) not in existing:
+            await ensure_node_consumer(js, node_id)
+            created.append(node_id)
+    return created

@@ -12,7 +12,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from contracts.events import NodeHeartbeat, StepEvent, TaskEvent
+from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
 from doai.embedded import EmbeddedNats
@@ -34,8 +34,8 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", device_serial="S1", **base),
         TaskEvent(event_id=new_id(), ts=now, seq=2, state="succeeded", device_serial="S1", **base),
     ]
-    nul = StepEvent(event_id=new_id(), ts=now, seq=1, step_id="a", index=0, action="wait", state="failed",
-                    error="bad \x00 byte", device_serial="S2", **base)  # PostgreSQL text cannot hold NUL
+    nul = TaskEvent(event_id=new_id(), ts=now, seq=1, state="failed", error="bad \x00 byte", device_serial="S2",
+                    **base)  # PostgreSQL text cannot hold NUL
     huge = TaskEvent(event_id=new_id(), ts=now, seq=2**63, state="running", device_serial="S2", **base)
     orphan = TaskEvent(event_id=new_id(), ts=now, seq=1, state="running", node_id="n1", run_id=new_id(),
                        device_serial="S9")
@@ -47,8 +47,11 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         async with aggregator_over(nats_server.url, database_url, payloads) as running:
             agg, js = running.agg, running.js
             await poll(lambda: consumer_settled(js), what="batch settled")
-            rows = await conn.fetch("SELECT subject, raw, error, event_id FROM dead_letters ORDER BY stream_seq")
+            rows = await conn.fetch("SELECT subject, raw, error, event_id, reason FROM dead_letters"
+                                    " ORDER BY stream_seq")
             assert [bytes(r["raw"]) for r in rows] == payloads[:6]
+            assert [r["reason"] for r in rows] == ["undecodable"] * 3 + ["refused_by_database", "undecodable",
+                                                                         "unknown_run"]
             assert all(r["subject"] == "doai.evt.n1.task" and r["error"] for r in rows)
             assert "unknown run" in rows[5]["error"]
             assert "refused by PostgreSQL" in rows[3]["error"]
@@ -86,6 +89,8 @@ SERVERS = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "NATS_URL": "nats://127
     ({"DOAI_LIVENESS_WINDOW_S": "-5"}, "DOAI_LIVENESS_WINDOW_S must be > 0"),
     ({"DOAI_LIVENESS_WINDOW_S": "soon"}, "DOAI_LIVENESS_WINDOW_S: expected a number"),
     ({"DOAI_NATS_CREDS": ""}, "set DOAI_NATS_CREDS"),
+    ({"DOAI_AGG_MAX_SKEW_S": "-1"}, "DOAI_AGG_MAX_SKEW_S must be between 0 and 3600"),
+    ({"DOAI_AGG_MAX_SKEW_S": "soon"}, "DOAI_AGG_MAX_SKEW_S: expected a number"),
 ])
 def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -94,5 +99,6 @@ def test_bad_settings_are_refused_with_a_clear_message(env: dict[str, str], mess
 
 def test_settings_from_env() -> None:
     s = load_settings(AggregatorSettings, {**SERVERS, "DOAI_AGG_BATCH": "250", "DOAI_AGG_ACK_WAIT_S": "12",
-                                           "DOAI_LIVENESS_WINDOW_S": "90"})
-    assert (s.batch_size, s.ack_wait_s, s.liveness_window_s) == (250, 12.0, 90.0)
+                                           "DOAI_LIVENESS_WINDOW_S": "90", "DOAI_AGG_MAX_SKEW_S": "5"})
+    assert (s.batch_size, s.ack_wait_s, s.liveness_window_s, s.max_skew_s) == (250, 12.0, 90.0, 5.0)
+    assert load_settings(AggregatorSettings, SERVERS).max_skew_s == 30.0

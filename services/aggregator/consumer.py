@@ -8,12 +8,18 @@
   messages are kept in progress so JetStream does not redeliver them meanwhile.
   Nothing is lost: at worst a message is redelivered, and the fold skips
   events it already applied (`processed_events`).
-* A message that cannot be decoded, or names a run PostgreSQL does not know,
-  or whose values PostgreSQL refuses (SQLSTATE classes 22/23, found by folding
-  the batch's events one by one), is stored in `dead_letters` with its raw
-  bytes and the error, terminated on JetStream and logged; the rest is folded.
+* A message that cannot be decoded, arrived on a subject that does not match
+  it (`validate.py`), names a run or a task the backend did not create on that
+  node, or whose values PostgreSQL refuses (SQLSTATE classes 22/23, found by
+  folding the batch's events one by one), is stored in `dead_letters` with a
+  reason, the head of its bytes, their size and SHA-256, and the error;
+  it is terminated on JetStream and logged; the rest is folded.
+* Node timestamps too far in the future are clamped to the message's arrival.
 * Several instances may bind the same durable consumer: JetStream shares the
   messages out, and the fold is idempotent and order-independent.
+* The consumer loop is `runtime.pull_consumer.PullConsumer`: it re-binds after
+  reconnects, backs off on errors, and recreates the `aggregator` consumer
+  when it finds it missing.
 """
 
 from __future__ import annotations
@@ -21,41 +27,65 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import msgspec
 import structlog
 from asyncpg.exceptions import _base as asyncpg_base
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts.events import Event
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM
+from runtime import jetstream
 from runtime.aio import pause
+from runtime.pull_consumer import PullConsumer
 from services.aggregator.fold import Batch, DeadLetter, FoldResult, Incoming, fold
+from services.aggregator.validate import (
+    DEFAULT_MAX_SKEW_S,
+    REFUSED_BY_DATABASE,
+    SUBJECT_MISMATCH,
+    UNDECODABLE,
+    clamp_future,
+    subject_problem,
+)
 
 log = structlog.get_logger(__name__)
 
 _decoder = msgspec.json.Decoder(Event)
 
 PRUNE_AFTER_S = 8 * 86_400.0  # longer than the event stream keeps messages (7 days)
+_LOGGED_DEAD_PER_BATCH = 10  # dead letters logged one by one per batch; the rest in one summary line
 
 
-def decode_batch(msgs: list[Msg]) -> tuple[Batch, list[Msg]]:
-    """Split fetched messages into foldable events and dead letters (returned for `term`)."""
+def decode_batch(msgs: list[Msg], max_skew: timedelta = timedelta(seconds=DEFAULT_MAX_SKEW_S)) -> Batch:
+    """Decode and check fetched messages: foldable events, and dead letters (to be terminated).
+
+    An event whose subject does not match it is a dead letter; a node timestamp
+    more than `max_skew` after the message's arrival in JetStream is clamped to it.
+    """
     batch = Batch()
-    poison: list[Msg] = []
     for msg in msgs:
         seq = msg.metadata.sequence.stream if msg.reply else None
         try:
             event = _decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            batch.dead.append(DeadLetter(msg.subject, seq, msg.data, str(err)))
-            poison.append(msg)
+            batch.dead.append(DeadLetter(msg.subject, seq, msg.data, str(err), reason=UNDECODABLE))
             continue
-        batch.items.append(Incoming(event, msg.subject, seq, msg.data))
-    return batch, poison
+        problem = subject_problem(msg.subject, event)
+        if problem is not None:
+            batch.dead.append(DeadLetter(msg.subject, seq, msg.data, problem, event.event_id, SUBJECT_MISMATCH))
+            continue
+        received_at = msg.metadata.timestamp if msg.reply else datetime.now(UTC)
+        clamped = clamp_future(event, received_at, max_skew)
+        if clamped is not event:
+            batch.clamped.append((event.node_id, event.ts, received_at))
+        batch.items.append(Incoming(clamped, msg.subject, seq, msg.data))
+    return batch
 
 
 # SQLSTATE classes that say "try again later": connection (08), rollback / deadlock (40),
@@ -84,20 +114,32 @@ def is_data_error(exc: BaseException) -> bool:
 class Aggregator:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, batch_size: int = 500,
                  fetch_timeout_s: float = 1.0, first_backoff_s: float = 0.25, max_backoff_s: float = 10.0,
-                 prune_every_s: float = 3600.0, prune_after_s: float = PRUNE_AFTER_S) -> None:
+                 prune_every_s: float = 3600.0, prune_after_s: float = PRUNE_AFTER_S,
+                 max_skew_s: float = DEFAULT_MAX_SKEW_S, ack_wait_s: float = 30.0, nc: NATS | None = None,
+                 check_every_s: float = 5.0) -> None:
         self._pool = pool
         self._js = js
         self._batch_size = batch_size
-        self._fetch_timeout_s = fetch_timeout_s
         self._first_backoff_s = first_backoff_s
         self._max_backoff_s = max_backoff_s
         self._prune_every_s = prune_every_s
         self._prune_after_s = prune_after_s
+        self._max_skew = timedelta(seconds=max_skew_s)
+        self._ack_wait_s = ack_wait_s
+        # The aggregator may (re)create its own consumer, and only that (not the stream: the backend's).
+        self.consumer = PullConsumer(js, EVT_STREAM, AGGREGATOR_DURABLE, nc=nc, ensure=self._ensure_consumer,
+                                     batch=batch_size, fetch_timeout_s=fetch_timeout_s,
+                                     first_backoff_s=first_backoff_s, max_backoff_s=max(1.0, max_backoff_s),
+                                     check_every_s=check_every_s)
         self.folded = 0  # events applied
         self.skipped = 0  # events seen again (already applied)
         self.dead = 0  # messages dead-lettered
+        self.clamped = 0  # events whose future node timestamp was clamped
         self.batches = 0
         self.retries = 0  # failed commits retried (PostgreSQL unreachable, ...)
+
+    async def _ensure_consumer(self) -> None:
+        await jetstream.ensure_aggregator_consumer(self._js, ack_wait_s=self._ack_wait_s)
 
     # -- PostgreSQL ---------------------------------------------------------
 
@@ -119,7 +161,8 @@ class Aggregator:
                     raise
                 e = item.event
                 dead.append(DeadLetter(item.subject, item.stream_seq, item.raw,
-                                       f"refused by PostgreSQL: {type(exc).__name__}: {exc}", e.event_id))
+                                       f"refused by PostgreSQL: {type(exc).__name__}: {exc}", e.event_id,
+                                       REFUSED_BY_DATABASE))
                 continue
             dead.extend(single.dead)
             total.applied += r.applied
@@ -134,7 +177,7 @@ class Aggregator:
         """Fold `batch` until it commits; None when stopped first. `hold()` lists messages to keep alive."""
         backoff = self._first_backoff_s
         while True:
-            attempt = Batch(items=list(batch.items), dead=list(batch.dead))
+            attempt = Batch(items=list(batch.items), dead=list(batch.dead), clamped=batch.clamped)
             try:
                 try:
                     result = await self._fold_tx(attempt)
@@ -162,29 +205,28 @@ class Aggregator:
 
     # -- NATS ---------------------------------------------------------------
 
-    async def _fetch(self, sub: JetStreamContext.PullSubscription, stop: asyncio.Event) -> list[Msg]:
-        try:
-            return await sub.fetch(self._batch_size, timeout=self._fetch_timeout_s)
-        except TimeoutError:
-            return []  # nothing to do: the normal empty case
-        except Exception as exc:  # NATS down or reconnecting: fetch again
-            if not stop.is_set():
-                log.warning("fetch failed; retrying", error=repr(exc))
-                await pause(stop, 1.0)
-            return []
-
     async def handle(self, msgs: list[Msg], stop: asyncio.Event,
                      hold: Callable[[], list[Msg]] = list) -> bool:
         """Fold, commit, then ack/term `msgs`; False if stopped before the commit (nothing acked)."""
-        batch, _ = decode_batch(msgs)
+        batch = decode_batch(msgs, self._max_skew)
         done = await self.commit(batch, stop, lambda: msgs + hold())
         if done is None:
             return False
         result, dead = done
         dead_seqs = {d.stream_seq for d in dead if d.stream_seq is not None}
-        for d in dead:
-            log.error("event dead-lettered", subject=d.subject, stream_seq=d.stream_seq, event_id=d.event_id,
-                      error=d.error)
+        for d in dead[:_LOGGED_DEAD_PER_BATCH]:
+            log.error("event dead-lettered", reason=d.reason, subject=d.subject[:200], stream_seq=d.stream_seq,
+                      event_id=d.event_id, error=d.error[:500], size=len(d.raw))
+        if len(dead) > _LOGGED_DEAD_PER_BATCH:  # a flood of junk gives one line per batch, not one per message
+            rest = dead[_LOGGED_DEAD_PER_BATCH:]
+            log.error("more events dead-lettered in this batch", count=len(rest),
+                      reasons=dict(Counter(d.reason for d in rest)),
+                      subjects=sorted({d.subject[:80] for d in rest})[:10])
+        if batch.clamped:
+            nodes = sorted({node for node, _, _ in batch.clamped})
+            latest = max(sent for _, sent, _ in batch.clamped)
+            log.warning("future node timestamps clamped to their arrival", events=len(batch.clamped),
+                        node_ids=nodes[:20], latest_ts=latest.isoformat(), max_skew_s=self._max_skew.total_seconds())
         for m in msgs:
             if m.metadata.sequence.stream in dead_seqs:
                 await m.term()
@@ -193,44 +235,26 @@ class Aggregator:
         self.folded += result.applied
         self.skipped += result.skipped
         self.dead += len(dead)
+        self.clamped += len(batch.clamped)
         self.batches += 1
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        sub = await self._js.pull_subscribe_bind(durable=AGGREGATOR_DURABLE, stream=EVT_STREAM)
         log.info("aggregator consuming", stream=EVT_STREAM, durable=AGGREGATOR_DURABLE, batch_size=self._batch_size)
         next_prune = time.monotonic() + self._prune_every_s
-        ahead: asyncio.Task[list[Msg]] = asyncio.create_task(self._fetch(sub, stop))
 
-        def prefetched() -> list[Msg]:
-            return ahead.result() if ahead.done() and not ahead.cancelled() and ahead.exception() is None else []
+        async def handle(msgs: list[Msg]) -> bool:
+            nonlocal next_prune
+            if not await self.handle(msgs, stop, self.consumer.prefetched):
+                return False
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + self._prune_every_s
+                try:
+                    pruned = await self.prune()
+                    log.info("processed events pruned", rows=pruned)
+                except Exception as exc:
+                    log.warning("pruning processed events failed", error=repr(exc))
+            return True
 
-        try:
-            while not stop.is_set():
-                msgs = await ahead
-                if stop.is_set():
-                    break  # `msgs` is still `ahead`'s result: released below
-                ahead = asyncio.create_task(self._fetch(sub, stop))  # fetch the next batch while folding
-                if msgs and not await self.handle(msgs, stop, prefetched):
-                    await self._release(msgs)
-                    break
-                if time.monotonic() >= next_prune:
-                    next_prune = time.monotonic() + self._prune_every_s
-                    try:
-                        pruned = await self.prune()
-                        log.info("processed events pruned", rows=pruned)
-                    except Exception as exc:
-                        log.warning("pruning processed events failed", error=repr(exc))
-        finally:
-            if not ahead.done():
-                ahead.cancel()
-                with contextlib.suppress(BaseException):
-                    await ahead
-            await self._release(prefetched())
-
-    @staticmethod
-    async def _release(msgs: list[Msg]) -> None:
-        """Give unfolded messages back at once (instead of after AckWait) when stopping."""
-        for m in msgs:
-            with contextlib.suppress(Exception):
-                await m.nak()
+        # The next batch is fetched while the current one is folded.
+        await self.consumer.run(stop, handle, prefetch=True)

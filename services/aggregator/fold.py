@@ -42,6 +42,15 @@ from contracts.events import (
     StepEvent,
     TaskEvent,
 )
+from services.aggregator.validate import (
+    DEAD_LETTER_ERROR_CHARS,
+    DEAD_LETTER_SUBJECT_CHARS,
+    UNDECODABLE,
+    UNKNOWN_RUN,
+    UNKNOWN_TASK,
+    payload_digest,
+    storable,
+)
 
 TERMINAL = sorted(TERMINAL_TASK_STATES)
 TERMINAL_STEP = ["failed", "ok", "skipped", "timed_out"]
@@ -55,6 +64,7 @@ class DeadLetter:
     raw: bytes
     error: str
     event_id: str | None = None
+    reason: str = UNDECODABLE  # one of `validate.REASONS`
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Incoming:
 class Batch:
     items: list[Incoming] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
+    clamped: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # (node_id, sent ts, used ts)
 
 
 @dataclass
@@ -79,6 +90,13 @@ class FoldResult:
 
 
 _LOCK_RUNS = "SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE"
+
+# Which of the batch's (run, node, device) tasks the backend created: only those may change.
+_KNOWN_TASKS = """
+SELECT t.run_id, t.node_id, t.device_serial
+FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(run_id, node_id, device_serial)
+JOIN run_tasks t ON (t.run_id, t.node_id, t.device_serial) = (u.run_id, u.node_id, u.device_serial)
+"""
 
 _CLAIM = """
 INSERT INTO processed_events (event_id)
@@ -180,9 +198,11 @@ ON CONFLICT (node_id) DO UPDATE SET
 WHERE EXCLUDED.last_seen > n.last_seen
 """
 
+# `raw` is the payload's head only; `raw_size` and `raw_sha256` describe all of it.
 _DEAD_LETTERS = """
-INSERT INTO dead_letters (subject, stream_seq, raw, error, event_id)
-SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::text[], $5::text[])
+INSERT INTO dead_letters (subject, stream_seq, raw, raw_size, raw_sha256, error, event_id, reason)
+SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bigint[], $5::text[], $6::text[], $7::text[],
+                     $8::text[])
 ON CONFLICT DO NOTHING
 """
 
@@ -290,25 +310,42 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
         unique.setdefault(item.event.event_id, item)
     result.skipped = len(batch.items) - len(unique)
 
-    # 1. Lock the batch's runs (also: which runs exist). Events of unknown runs are dead letters.
+    # 1. Lock the batch's runs (also: which runs exist), then find which of the named tasks the
+    #    backend created, on that node. Events of unknown runs or tasks are dead letters.
     run_ids: dict[str, uuid.UUID] = {}
+    task_keys: set[tuple[uuid.UUID, str, str]] = set()
     for item in unique.values():
         e = item.event
-        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent) and e.run_id not in run_ids:
-            rid = _uuid(e.run_id)
+        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
+            rid = run_ids.get(e.run_id) or _uuid(e.run_id)
             if rid is not None:
                 run_ids[e.run_id] = rid
+                task_keys.add((rid, e.node_id, e.device_serial))
     known: set[uuid.UUID] = set()
+    known_tasks: set[tuple[uuid.UUID, str, str]] = set()
     if run_ids:
         known = {r["run_id"] for r in await conn.fetch(_LOCK_RUNS, sorted(set(run_ids.values())))}
+        asked = [k for k in task_keys if k[0] in known]
+        if asked:
+            known_tasks = {(r["run_id"], r["node_id"], r["device_serial"])
+                           for r in await conn.fetch(_KNOWN_TASKS, *_columns(asked, 3))}
     foldable: list[Incoming] = []
     for item in unique.values():
         e = item.event
-        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent) and run_ids.get(e.run_id) not in known:
-            batch.dead.append(DeadLetter(item.subject, item.stream_seq, item.raw,
-                                         f"event {e.event_id} names unknown run {e.run_id!r}", e.event_id))
-        else:
-            foldable.append(item)
+        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
+            rid = run_ids.get(e.run_id)
+            if rid not in known:
+                batch.dead.append(DeadLetter(item.subject, item.stream_seq, item.raw,
+                                             f"event {e.event_id} names unknown run {e.run_id!r}", e.event_id,
+                                             UNKNOWN_RUN))
+                continue
+            if (rid, e.node_id, e.device_serial) not in known_tasks:
+                batch.dead.append(DeadLetter(
+                    item.subject, item.stream_seq, item.raw,
+                    f"event {e.event_id}: run {e.run_id} has no task for device {e.device_serial!r} on node"
+                    f" {e.node_id!r}", e.event_id, UNKNOWN_TASK))
+                continue
+        foldable.append(item)
 
     # 2. Claim the events; whatever another transaction already claimed is skipped.
     fresh: set[str] = set()
@@ -370,7 +407,10 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
             7))
     if batch.dead:
         await conn.execute(_DEAD_LETTERS, *_columns(
-            [(d.subject, d.stream_seq, d.raw, d.error, d.event_id) for d in batch.dead], 5))
+            [(storable(d.subject, DEAD_LETTER_SUBJECT_CHARS), d.stream_seq, *payload_digest(d.raw),
+              storable(d.error, DEAD_LETTER_ERROR_CHARS),
+              None if d.event_id is None else storable(d.event_id, DEAD_LETTER_SUBJECT_CHARS), d.reason)
+             for d in batch.dead], 8))
         result.dead = len(batch.dead)
     touched = sorted({run_ids[e.run_id] for e in tasks})
     if touched:

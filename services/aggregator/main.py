@@ -11,6 +11,7 @@ built by `runtime.config.load_settings`).
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
 | `DOAI_NATS_CREDS` | (required) | the aggregator's NATS credentials (`aggregator.creds` of `doai nats-auth init`) |
 | `DOAI_NATS_CA` | unset | CA file that signed nats-server's certificate (with a `tls://` NATS_URL) |
+| `DOAI_AGG_MAX_SKEW_S` | 30 | a node timestamp later than the message's arrival + this is clamped to the arrival |
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
 from runtime.supervisor import Supervisor
 from services.aggregator.consumer import Aggregator
+from services.aggregator.validate import DEFAULT_MAX_SKEW_S
 
 log = structlog.get_logger(__name__)
 
@@ -40,12 +42,15 @@ class AggregatorSettings(Settings, kw_only=True):
     # signed nats-server's TLS certificate (with a tls:// NATS_URL).
     nats_creds: str | None = field(default=None, name="DOAI_NATS_CREDS")
     nats_ca: str | None = field(default=None, name="DOAI_NATS_CA")
+    max_skew_s: float = field(default=DEFAULT_MAX_SKEW_S, name="DOAI_AGG_MAX_SKEW_S")
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
             raise ConfigError(f"DOAI_AGG_BATCH must be between 1 and 10000, got {self.batch_size}")
         if not 1.0 <= self.ack_wait_s <= 3600.0:
             raise ConfigError(f"DOAI_AGG_ACK_WAIT_S must be between 1 and 3600, got {self.ack_wait_s}")
+        if not 0.0 <= self.max_skew_s <= 3600.0:
+            raise ConfigError(f"DOAI_AGG_MAX_SKEW_S must be between 0 and 3600, got {self.max_skew_s}")
         if self.liveness_window_s is not None and not self.liveness_window_s > 0:
             raise ConfigError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {self.liveness_window_s}")
         if not self.nats_creds:
@@ -76,7 +81,8 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             aggregator = Aggregator(pool, js, batch_size=settings.batch_size,
-                                    max_backoff_s=min(10.0, settings.ack_wait_s / 3))
+                                    max_backoff_s=min(10.0, settings.ack_wait_s / 3), max_skew_s=settings.max_skew_s,
+                                    ack_wait_s=settings.ack_wait_s, nc=nc)
             async with Supervisor(stop, "aggregator") as loops:
                 loops.start("fold", lambda: aggregator.run(stop))
         finally:

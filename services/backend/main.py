@@ -19,6 +19,7 @@ from runtime.supervisor import Supervisor
 from services.backend.app import create_app
 from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError
+from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
 
@@ -51,7 +52,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
 
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
                  on_ready: Callable[[str], None] | None) -> None:
-    await jetstream.ensure_streams(js)
+    await jetstream.ensure_streams(js, settings.stream_limits())  # creates, or applies changed limits
     relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
     assert settings.nats_auth_dir is not None  # checked when the settings were built
     enrollment = Enrollment(pool, js, NatsTrust(settings.nats_auth_dir), nats_url=settings.nats_url,
@@ -68,6 +69,8 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     server = _Server(config)
     async with Supervisor(stop, "backend") as loops:
         loops.start("relay", lambda: relay.run(stop))
+        keeper = StreamKeeper(pool, js, every_s=settings.keeper_every_s, limits=settings.stream_limits())
+        loops.start("stream-keeper", lambda: keeper.run(stop))
         serve_task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
             while not server.started:

@@ -15,7 +15,9 @@ from msgspec import field
 
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
 from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
+from contracts.subjects import CMD_STREAM, EVT_STREAM
 from runtime.config import ConfigError, Settings
+from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 
 MIN_NODE_SECRET_BYTES = 32
 
@@ -34,6 +36,15 @@ class BackendSettings(Settings):
     max_json_depth: int = field(default=32, name="DOAI_MAX_JSON_DEPTH")
     # How often the relay looks for unsent broadcasts when nothing woke it up.
     relay_poll_s: float = field(default=1.0, name="DOAI_RELAY_POLL_S")
+    # How often missing streams and node command consumers are re-declared (services/backend/keeper.py).
+    keeper_every_s: float = field(default=3.0, name="DOAI_NATS_KEEPER_S")
+    # Stream limits the backend declares (discard new; docs/architecture.md "Streams").
+    cmd_max_bytes: int = field(default=DEFAULT_LIMITS[CMD_STREAM].max_bytes, name="DOAI_CMD_MAX_BYTES")
+    cmd_max_msgs: int = field(default=DEFAULT_LIMITS[CMD_STREAM].max_msgs, name="DOAI_CMD_MAX_MSGS")
+    cmd_max_msg_size: int = field(default=DEFAULT_LIMITS[CMD_STREAM].max_msg_size, name="DOAI_CMD_MAX_MSG_SIZE")
+    evt_max_bytes: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_bytes, name="DOAI_EVT_MAX_BYTES")
+    evt_max_msgs: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msgs, name="DOAI_EVT_MAX_MSGS")
+    evt_max_msg_size: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msg_size, name="DOAI_EVT_MAX_MSG_SIZE")
     # Devices whose last inventory is older than this are not targeted.
     device_stale_s: float = field(default=60.0, name="DOAI_DEVICE_STALE_S")
     # What `GET /v1/node/config` answers: slots per node (default and overrides) and step timeouts.
@@ -70,6 +81,15 @@ class BackendSettings(Settings):
         self.api_tokens = [t.strip() for t in self.api_tokens if t.strip()]
         if not self.api_tokens:
             raise ConfigError("set DOAI_API_TOKEN (one or more comma-separated tokens)")
+        if not 0.1 <= self.keeper_every_s <= 3600:
+            raise ConfigError(f"DOAI_NATS_KEEPER_S must be between 0.1 and 3600, got {self.keeper_every_s}")
+        for prefix in ("cmd", "evt"):
+            for name in ("max_bytes", "max_msgs", "max_msg_size"):
+                if getattr(self, f"{prefix}_{name}") < 1:
+                    raise ConfigError(f"DOAI_{prefix.upper()}_{name.upper()} must be at least 1,"
+                                      f" got {getattr(self, f'{prefix}_{name}')}")
+            if getattr(self, f"{prefix}_max_msg_size") > getattr(self, f"{prefix}_max_bytes"):
+                raise ConfigError(f"DOAI_{prefix.upper()}_MAX_MSG_SIZE must not exceed DOAI_{prefix.upper()}_MAX_BYTES")
         if not self.node_secret:
             raise ConfigError("set NODE_AGENT_SHARED_SECRET (the X-Node-Auth secret, at least 32 bytes)")
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
@@ -90,6 +110,12 @@ class BackendSettings(Settings):
             raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
         if self.nats_creds is None:
             self.nats_creds = self.nats_auth_dir / "backend.creds"
+
+    def stream_limits(self) -> dict[str, StreamLimits]:
+        return {
+            CMD_STREAM: StreamLimits(self.cmd_max_bytes, self.cmd_max_msgs, self.cmd_max_msg_size),
+            EVT_STREAM: StreamLimits(self.evt_max_bytes, self.evt_max_msgs, self.evt_max_msg_size),
+        }
 
     def slots_for(self, node_id: str) -> int:
         return self.node_slots.get(node_id, self.default_node_slots)

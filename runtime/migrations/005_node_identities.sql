@@ -1,4 +1,4 @@
--- doai schema v4 (backend): node NATS identities (enrollment) and revoked user keys.
+-- doai schema v5 (backend): node NATS identities (enrollment) and revoked user keys.
 
 -- One row per enrolled node: its NATS user public key (the seed never leaves the node).
 -- A node id enrolls once; enrolling it again is refused while it is not revoked.

@@ -1,0 +1,209 @@
+"""One durable pull-consumer loop for every part that consumes JetStream (node commands, aggregator).
+
+What it takes care of, so the parts only handle messages:
+
+* **Re-binding after a reconnect.** A nats-py pull subscription can go silent
+  after a server restart (the outstanding pull request is not re-sent), so
+  after every reconnect of the connection the subscription is thrown away and
+  bound again.
+* **Backing off on errors.** A failed fetch or bind is logged and retried
+  after `first_backoff_s`, doubling up to `max_backoff_s`; a good fetch resets
+  it. `fetch()` returning nothing is the normal "empty" case.
+* **A missing consumer (or stream).** Before binding, and whenever a fetch
+  fails or the consumer has been idle for `check_every_s`, the consumer is
+  looked up. When JetStream says it does not exist, the `ensure` callback
+  recreates it, with a warning in the log. The callback is the caller's because
+  who may create what differs: the aggregator creates its own consumer; a
+  node may not create its own (the backend re-declares every node's consumer,
+  see `services/backend/keeper.py`), so it passes no callback and the loop
+  waits for the consumer to appear (said once in the log, then quiet). When
+  the stream itself is missing the callback fails; the loop keeps retrying with
+  backoff until whoever owns the stream has recreated it.
+
+The consumer's messages are handed out in batches (`fetch`), or by `run`,
+which can fetch the next batch while the caller handles the current one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+from runtime.aio import pause
+
+log = structlog.get_logger(__name__)
+
+EnsureConsumer = Callable[[], Awaitable[None]]
+BatchHandler = Callable[[list[Msg]], Awaitable[bool]]
+
+
+class ConsumerMissing(RuntimeError):
+    """The consumer does not exist and this part may not (or did not) declare it."""
+
+
+class PullConsumer:
+    def __init__(self, js: JetStreamContext, stream: str, durable: str, *, nc: NATS | None = None,
+                 ensure: EnsureConsumer | None = None, batch: int = 100, fetch_timeout_s: float = 1.0,
+                 first_backoff_s: float = 0.25, max_backoff_s: float = 10.0, check_every_s: float = 5.0,
+                 info_timeout_s: float = 2.0, log_fields: dict[str, Any] | None = None) -> None:
+        self._js = js
+        self._nc: NATS | None = nc if nc is not None else getattr(js, "_nc", None)
+        self.stream = stream
+        self.durable = durable
+        self._ensure = ensure
+        self._batch = batch
+        self._fetch_timeout_s = fetch_timeout_s
+        self._first_backoff_s = first_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._check_every_s = check_every_s
+        self._info_timeout_s = info_timeout_s
+        self._fields = {"stream": stream, "durable": durable, **(log_fields or {})}
+        self._sub: JetStreamContext.PullSubscription | None = None
+        self._seen_reconnects = self._reconnects()
+        self._backoff = first_backoff_s
+        self._next_check = 0.0
+        self._ahead: asyncio.Task[list[Msg]] | None = None
+        self._waiting = False  # the consumer is missing and someone else must declare it
+        self.subscriptions = 0  # how many times the pull subscription was (re)bound
+        self.recreated = 0  # how many times the consumer was found missing and `ensure` succeeded
+        self.errors = 0  # failed fetches and binds
+
+    def _reconnects(self) -> int:
+        return int(self._nc.stats["reconnects"]) if self._nc is not None else 0
+
+    async def _exists(self) -> bool | None:
+        """Whether the consumer exists; None when JetStream cannot say right now."""
+        try:
+            await self._js.consumer_info(self.stream, self.durable, timeout=self._info_timeout_s)
+        except NotFoundError:
+            return False
+        except Exception as exc:
+            log.debug("consumer lookup failed", error=repr(exc), **self._fields)
+            return None
+        return True
+
+    async def _heal(self) -> None:
+        """Recreate the consumer through `ensure` if JetStream says it is missing."""
+        self._next_check = time.monotonic() + self._check_every_s
+        exists = await self._exists()
+        if exists is not False:
+            if exists and self._waiting:
+                log.info("consumer declared; binding it", **self._fields)
+                self._waiting = False
+            return
+        if self._ensure is None:
+            if not self._waiting:
+                log.info("consumer missing; waiting for it to be declared", **self._fields)
+                self._waiting = True
+            raise ConsumerMissing(f"consumer {self.durable} on {self.stream} is missing")
+        log.warning("consumer missing; recreating it", **self._fields)
+        await self._ensure()
+        if await self._exists() is False:
+            raise ConsumerMissing(f"consumer {self.durable} on {self.stream} is still missing")
+        self.recreated += 1
+        log.warning("consumer recreated", **self._fields)
+        await self._drop()  # a subscription bound to the old consumer gets nothing from the new one
+
+    async def _drop(self) -> None:
+        if self._sub is not None:
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()
+            self._sub = None
+
+    async def _failed(self, stop: asyncio.Event, what: str, exc: BaseException) -> None:
+        self.errors += 1
+        if stop.is_set():
+            return
+        if isinstance(exc, ConsumerMissing) or (isinstance(exc, ServiceUnavailableError) and self._waiting):
+            pass  # already said once (`_heal`)
+        elif isinstance(exc, ServiceUnavailableError):  # no responders: the consumer (or stream) is gone
+            log.info(f"{what}: no consumer answered; looking it up", retry_in_s=self._backoff, **self._fields)
+        else:
+            log.warning(f"{what} failed; retrying", error=repr(exc), retry_in_s=self._backoff, **self._fields)
+        await self._drop()
+        await pause(stop, self._backoff)
+        self._backoff = min(self._backoff * 2, self._max_backoff_s)
+
+    async def fetch(self, stop: asyncio.Event) -> list[Msg]:
+        """The next batch; empty when there is none yet, or after an error (logged, backed off)."""
+        if self._sub is not None and self._reconnects() != self._seen_reconnects:
+            log.info("NATS reconnected: binding the subscription again", **self._fields)
+            await self._drop()
+        if self._sub is None:
+            self._seen_reconnects = self._reconnects()
+            try:
+                await self._heal()
+                self._sub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+            except Exception as exc:
+                await self._failed(stop, "binding the consumer", exc)
+                return []
+            self.subscriptions += 1
+        try:
+            msgs = await self._sub.fetch(self._batch, timeout=self._fetch_timeout_s)
+        except TimeoutError:  # nothing to do: the normal empty case
+            self._backoff = self._first_backoff_s
+            if time.monotonic() >= self._next_check:
+                try:
+                    await self._heal()
+                except Exception as exc:
+                    await self._failed(stop, "recreating the consumer", exc)
+            return []
+        except Exception as exc:  # NATS down or reconnecting, consumer or stream gone: bind again
+            await self._failed(stop, "fetch", exc)
+            return []
+        self._backoff = self._first_backoff_s
+        return msgs
+
+    def prefetched(self) -> list[Msg]:
+        """Messages already fetched for the next batch while `run`'s handler works."""
+        ahead = self._ahead
+        if ahead is not None and ahead.done() and not ahead.cancelled() and ahead.exception() is None:
+            return ahead.result()
+        return []
+
+    async def run(self, stop: asyncio.Event, handle: BatchHandler, *, prefetch: bool = False) -> None:
+        """Hand every fetched batch to `handle` until `stop` is set or `handle` returns False.
+
+        With `prefetch` the next batch is fetched while `handle` works on the
+        current one. Messages fetched but not handled are given back (`nak`) on
+        the way out, so another instance gets them at once instead of after AckWait.
+        """
+        try:
+            while not stop.is_set():
+                if self._ahead is None:
+                    msgs = await self.fetch(stop)
+                else:
+                    msgs = await self._ahead
+                    self._ahead = None
+                if stop.is_set():
+                    await release(msgs)
+                    break
+                if prefetch:
+                    self._ahead = asyncio.create_task(self.fetch(stop))
+                if msgs and not await handle(msgs):
+                    await release(msgs)
+                    break
+        finally:
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None:
+                if not ahead.done():
+                    ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await release(await ahead)
+            await self._drop()
+
+
+async def release(msgs: list[Msg]) -> None:
+    """Give unhandled messages back at once (instead of after AckWait)."""
+    for m in msgs:
+        with contextlib.suppress(Exception):
+            await m.nak()
