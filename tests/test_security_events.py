@@ -434,7 +434,7 @@ async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_t
 
 def test_stream_limits_come_from_the_backend_settings_and_bad_values_are_refused() -> None:
     required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                "NODE_AGENT_SHARED_SECRET": "s" * 32}
+                "NODE_AGENT_SHARED_SECRET": "s" * 32, "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
     limits = load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "1073741824",
                                              "DOAI_CMD_MAX_MSGS": "5000"}).stream_limits()
     assert limits[EVT_STREAM] == StreamLimits(max_bytes=1 << 30, max_msgs=DEFAULT_LIMITS[EVT_STREAM].max_msgs,
@@ -540,7 +540,7 @@ async def test_migration_004_describes_old_dead_letters_and_unfreezes_rows_store
         await conn.execute("INSERT INTO node_inventories VALUES ('node-1', $1, 1)", FUTURE)
         pool = await db.create_pool(database_url, max_size=1)
         try:
-            assert await db.migrate(pool) == [4]
+            assert 4 in await db.migrate(pool)  # (and any later migration)
         finally:
             await pool.close()
         row = await conn.fetchrow("SELECT raw_size, raw_sha256, reason FROM dead_letters")
