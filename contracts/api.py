@@ -266,6 +266,41 @@ class NodeConfig(Struct, kw_only=True):
     timeouts: NodeTimeouts
 
 
+# A NATS user public key (nkey): "U" and 55 base32 characters.
+USER_PUBLIC_KEY_PATTERN = r"^U[A-Z2-7]{55}$"
+
+
+class NodeEnrollRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`POST /v1/node/enroll` (X-Node-Auth): a new node asks for its NATS identity.
+
+    The node made its own user key pair; only the public key travels. The seed never leaves the node.
+    """
+
+    node_id: NodeId
+    public_key: Annotated[str, Meta(pattern=USER_PUBLIC_KEY_PATTERN)]
+
+
+class NodeEnrollment(Struct, kw_only=True):
+    """The answer to an enrollment: the node's user JWT and what it must trust."""
+
+    node_id: str
+    public_key: str
+    # The user JWT for `public_key`, signed by the DOAI account's signing key; with the node's
+    # own seed it makes the node's `.creds` file.
+    user_jwt: str
+    # The backend's command-signing public key: the node refuses commands not signed by it.
+    command_public_key: str
+    enrolled_at: str
+
+
+class NodeRevoked(Struct, kw_only=True):
+    """`POST /v1/nodes/{node_id}/revoke`: the node's NATS identity no longer connects."""
+
+    node_id: str
+    public_key: str
+    revoked_at: str
+
+
 class Health(Struct):
     status: str
 

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from contracts.subjects import CMD_STREAM
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, nats_options, server_ca, trust
 from tests.signing_support import TEST_SIGNING_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,8 @@ class Backend:
 @contextlib.asynccontextmanager
 async def running_backend(database_url: str, nats_url: str, **overrides: Any) -> AsyncIterator[Backend]:
     settings = BackendSettings(database_url, nats_url, [TEST_TOKEN], port=0, node_secret=NODE_SECRET,
-                               relay_poll_s=0.2, command_signing_seed=TEST_SIGNING_SEED)
+                               relay_poll_s=0.2, nats_auth_dir=trust().dir,
+                               nats_ca=server_ca(nats_url), command_signing_seed=TEST_SIGNING_SEED)
     for name, value in overrides.items():
         setattr(settings, name, value)
     stop = asyncio.Event()
@@ -99,7 +100,7 @@ async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
 
 async def stream_counts(nats_url: str) -> dict[str, int]:
     """Messages stored in DOAI_CMD per subject (each broadcast/cancel must be there once)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     try:
         js: JetStreamContext = nc.jetstream()
         info = await js.stream_info(CMD_STREAM, subjects_filter="doai.cmd.>")
@@ -110,7 +111,7 @@ async def stream_counts(nats_url: str) -> dict[str, int]:
 
 async def stream_messages(nats_url: str) -> list[tuple[str, bytes, str | None]]:
     """Every message in DOAI_CMD as (subject, payload, Nats-Msg-Id), in stream order."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     try:
         js = nc.jetstream()
         info = await js.stream_info(CMD_STREAM)

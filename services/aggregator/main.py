@@ -9,6 +9,8 @@ built by `runtime.config.load_settings`).
 | `DOAI_AGG_BATCH` | 500 | messages fetched and folded per transaction |
 | `DOAI_AGG_ACK_WAIT_S` | 30 | JetStream AckWait: an unacked message (crashed aggregator) is redelivered after it |
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
+| `DOAI_NATS_CREDS` | (required) | the aggregator's NATS credentials (`aggregator.creds` of `doai nats-auth init`) |
+| `DOAI_NATS_CA` | unset | CA file that signed nats-server's certificate (with a `tls://` NATS_URL) |
 | `DOAI_AGG_MAX_SKEW_S` | 30 | a node timestamp later than the message's arrival + this is clamped to the arrival |
 """
 
@@ -20,6 +22,7 @@ import asyncpg
 import structlog
 from msgspec import field
 
+from contracts.subjects import EVT_STREAM, role_inbox_prefix
 from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
 from runtime.supervisor import Supervisor
@@ -35,6 +38,10 @@ class AggregatorSettings(Settings, kw_only=True):
     batch_size: int = field(default=500, name="DOAI_AGG_BATCH")
     ack_wait_s: float = field(default=30.0, name="DOAI_AGG_ACK_WAIT_S")
     liveness_window_s: float | None = field(default=None, name="DOAI_LIVENESS_WINDOW_S")
+    # The aggregator's NATS identity (`aggregator.creds` of `doai nats-auth init`) and the CA that
+    # signed nats-server's TLS certificate (with a tls:// NATS_URL).
+    nats_creds: str | None = field(default=None, name="DOAI_NATS_CREDS")
+    nats_ca: str | None = field(default=None, name="DOAI_NATS_CA")
     max_skew_s: float = field(default=DEFAULT_MAX_SKEW_S, name="DOAI_AGG_MAX_SKEW_S")
 
     def __post_init__(self) -> None:
@@ -46,6 +53,9 @@ class AggregatorSettings(Settings, kw_only=True):
             raise ConfigError(f"DOAI_AGG_MAX_SKEW_S must be between 0 and 3600, got {self.max_skew_s}")
         if self.liveness_window_s is not None and not self.liveness_window_s > 0:
             raise ConfigError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {self.liveness_window_s}")
+        if not self.nats_creds:
+            raise ConfigError("set DOAI_NATS_CREDS to the aggregator's NATS credentials file (`aggregator.creds` of "
+                              "`doai nats-auth init`)")
 
 
 async def set_liveness_window(pool: asyncpg.Pool, seconds: float) -> None:
@@ -62,10 +72,12 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
         if settings.liveness_window_s is not None:
             await set_liveness_window(pool, settings.liveness_window_s)
             log.info("liveness window set", seconds=settings.liveness_window_s)
-        nc = await jetstream.connect(settings.nats_url, name="doai-aggregator", stop=stop)
+        nc = await jetstream.connect(settings.nats_url, name="doai-aggregator", stop=stop, creds=settings.nats_creds,
+                                     inbox_prefix=role_inbox_prefix("aggregator"), ca_file=settings.nats_ca)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
+            # Only the backend may declare streams (least privilege): wait for DOAI_EVT.
+            await jetstream.wait_for_stream(js, EVT_STREAM, stop)
             await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             aggregator = Aggregator(pool, js, batch_size=settings.batch_size,

@@ -69,6 +69,13 @@ class BackendSettings(Settings):
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
+    # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
+    # credentials at enrollment, the operator signing key and system user for revocations.
+    nats_auth_dir: Path | None = field(default=None, name="DOAI_NATS_AUTH_DIR")
+    # The backend's own NATS credentials; default: `backend.creds` in DOAI_NATS_AUTH_DIR.
+    nats_creds: Path | None = field(default=None, name="DOAI_NATS_CREDS")
+    # CA file that signed nats-server's TLS certificate (use a tls:// NATS_URL).
+    nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key",
                                                    "command_signing_seed"})
@@ -103,6 +110,10 @@ class BackendSettings(Settings):
             template_fields(self.path_template)
         except ArtifactPathError as exc:
             raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
+        if self.nats_auth_dir is None:
+            raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
+        if self.nats_creds is None:
+            self.nats_creds = self.nats_auth_dir / "backend.creds"
         self._load_signing_seed()
 
     def _load_signing_seed(self) -> None:
