@@ -228,11 +228,17 @@ class WorkflowList(Struct):
 
 
 class DeviceView(Struct, kw_only=True):
+    """`status` is what the node's newest inventory listed; `online` / `liveness` add the liveness rule
+    (listed online within the window, on a node whose heartbeat is within it): `liveness` is
+    online | stale | the listed status. The same values as the `device_liveness` view."""
+
     node_id: str
     serial: str
     status: str
     model: str
     last_seen: str | None
+    online: bool = False
+    liveness: str = "stale"
 
 
 class DeviceList(Struct):
@@ -244,9 +250,10 @@ class NodeView(Struct, kw_only=True):
     slots: int
     running: int
     queued: int
-    vendor_connected: bool
+    vendor_connected: bool  # only while the node is alive (`online`)
     version: str
     last_seen: str | None
+    online: bool = False  # a heartbeat within the liveness window (the `node_liveness` view)
 
 
 class NodeList(Struct):

@@ -10,6 +10,11 @@ built by `runtime.config.load_settings`).
 | `DOAI_AGG_ACK_WAIT_S` | 30 | JetStream AckWait: an unacked message (crashed aggregator) is redelivered after it |
 | `DOAI_LIVENESS_WINDOW_S` | unset: keep the database's (60 s at first) | older reports are stale |
 | `DOAI_AGG_MAX_SKEW_S` | 30 | a node timestamp later than the message's arrival + this is clamped to the arrival |
+| `DOAI_LOST_AFTER_S` | 60 | an open task whose node sent no heartbeat for this long becomes `lost` |
+| `DOAI_HOUSEKEEPING_S` | 5 | how often the housekeeping loop looks for lost tasks and prunes |
+| `DOAI_PROCESSED_EVENTS_KEEP_S` | 8 days | `processed_events` kept; must exceed the event stream's max_age (7 days) |
+| `DOAI_DEAD_LETTERS_KEEP_S` | 2592000 (30 days) | dead letters kept at most this long |
+| `DOAI_DEAD_LETTERS_MAX_ROWS` | 100000 | and at most this many (the newest) |
 """
 
 from __future__ import annotations
@@ -24,9 +29,13 @@ from runtime import db, jetstream
 from runtime.config import ConfigError, Settings
 from runtime.supervisor import Supervisor
 from services.aggregator.consumer import Aggregator
+from services.aggregator.housekeeping import Housekeeping
 from services.aggregator.validate import DEFAULT_MAX_SKEW_S
 
 log = structlog.get_logger(__name__)
+
+EVENT_MAX_AGE_S = float(jetstream.STREAM_MAX_AGE_S)
+PROCESSED_KEEP_S = EVENT_MAX_AGE_S + 86_400.0  # a day longer than the event stream keeps a message
 
 
 class AggregatorSettings(Settings, kw_only=True):
@@ -36,6 +45,11 @@ class AggregatorSettings(Settings, kw_only=True):
     ack_wait_s: float = field(default=30.0, name="DOAI_AGG_ACK_WAIT_S")
     liveness_window_s: float | None = field(default=None, name="DOAI_LIVENESS_WINDOW_S")
     max_skew_s: float = field(default=DEFAULT_MAX_SKEW_S, name="DOAI_AGG_MAX_SKEW_S")
+    lost_after_s: float = field(default=60.0, name="DOAI_LOST_AFTER_S")
+    housekeeping_s: float = field(default=5.0, name="DOAI_HOUSEKEEPING_S")
+    processed_keep_s: float = field(default=PROCESSED_KEEP_S, name="DOAI_PROCESSED_EVENTS_KEEP_S")
+    dead_keep_s: float = field(default=30 * 86_400.0, name="DOAI_DEAD_LETTERS_KEEP_S")
+    dead_max_rows: int = field(default=100_000, name="DOAI_DEAD_LETTERS_MAX_ROWS")
 
     def __post_init__(self) -> None:
         if not 1 <= self.batch_size <= 10_000:
@@ -46,6 +60,18 @@ class AggregatorSettings(Settings, kw_only=True):
             raise ConfigError(f"DOAI_AGG_MAX_SKEW_S must be between 0 and 3600, got {self.max_skew_s}")
         if self.liveness_window_s is not None and not self.liveness_window_s > 0:
             raise ConfigError(f"DOAI_LIVENESS_WINDOW_S must be > 0, got {self.liveness_window_s}")
+        if not 1.0 <= self.lost_after_s <= 86_400.0:
+            raise ConfigError(f"DOAI_LOST_AFTER_S must be between 1 and 86400, got {self.lost_after_s}")
+        if not 0.1 <= self.housekeeping_s <= 3600.0:
+            raise ConfigError(f"DOAI_HOUSEKEEPING_S must be between 0.1 and 3600, got {self.housekeeping_s}")
+        # A message JetStream may still redeliver must still be recognised as folded.
+        if not self.processed_keep_s > EVENT_MAX_AGE_S:
+            raise ConfigError(f"DOAI_PROCESSED_EVENTS_KEEP_S must exceed the event stream's max_age"
+                              f" ({EVENT_MAX_AGE_S:.0f} s), got {self.processed_keep_s}")
+        if not self.dead_keep_s > 0:
+            raise ConfigError(f"DOAI_DEAD_LETTERS_KEEP_S must be > 0, got {self.dead_keep_s}")
+        if self.dead_max_rows < 1:
+            raise ConfigError(f"DOAI_DEAD_LETTERS_MAX_ROWS must be at least 1, got {self.dead_max_rows}")
 
 
 async def set_liveness_window(pool: asyncpg.Pool, seconds: float) -> None:
@@ -71,8 +97,13 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
             aggregator = Aggregator(pool, js, batch_size=settings.batch_size,
                                     max_backoff_s=min(10.0, settings.ack_wait_s / 3), max_skew_s=settings.max_skew_s,
                                     ack_wait_s=settings.ack_wait_s, nc=nc)
+            housekeeping = Housekeeping(pool, lost_after_s=settings.lost_after_s,
+                                        processed_keep_s=settings.processed_keep_s,
+                                        dead_keep_s=settings.dead_keep_s, dead_max_rows=settings.dead_max_rows,
+                                        every_s=settings.housekeeping_s)
             async with Supervisor(stop, "aggregator") as loops:
                 loops.start("fold", lambda: aggregator.run(stop))
+                loops.start("housekeeping", lambda: housekeeping.run(stop))
         finally:
             await jetstream.close(nc)
     finally:

@@ -29,7 +29,7 @@ def router(ctx: Context) -> APIRouter:
                     example=RUN_EXAMPLE))
     async def create_run(request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         body: api.RunCreate = await ctx.body_of(request, api.RunCreate)
-        created = await runs.create_run(pool, body, settings.device_stale_s, idempotency_key,
+        created = await runs.create_run(pool, body, settings.idempotency_ttl_s, idempotency_key,
                                         path_template=settings.path_template)
         relay.wake()
         headers = {"Idempotent-Replayed": "true"} if created.replayed else None
