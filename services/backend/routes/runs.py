@@ -16,7 +16,9 @@ from services.backend.routes.common import Context, CreatedAfter, CreatedBefore,
 
 RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
-                                              description="Same key and body: the same run again")]
+                                              description="Same key and body: the same run again; another body:"
+                                              " 409. A key is remembered for 7 days (DOAI_IDEMPOTENCY_TTL_S),"
+                                              " then forgotten (used again, it makes a new run)")]
 
 
 def router(ctx: Context) -> APIRouter:
