@@ -20,13 +20,13 @@ import pytest
 
 from contracts.events import Event, NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
+from doai.embedded import EmbeddedNats
 from runtime import db
 from runtime.config import ConfigError
 from runtime.jetstream import STREAM_MAX_AGE_S
 from services.aggregator.fold import Batch, Incoming, fold
 from services.aggregator.housekeeping import Housekeeping
 from services.aggregator.main import PROCESSED_KEEP_S, AggregatorSettings
-from doai.embedded import EmbeddedNats
 from services.backend.retention import Retention
 from tests.backend_support import PARAMS, fetchval, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
 
@@ -83,7 +83,7 @@ async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect
     rid = await make_run(pool, "n-lost", ["A", "B", "C"])
     await make_run(pool, "n-live", ["L"])
     old = now - timedelta(seconds=30)
-    first = [beat("n-lost", old), task(rid, "n-lost", "A", 1, "running", old),
+    first: list[Event] = [beat("n-lost", old), task(rid, "n-lost", "A", 1, "running", old),
              task(rid, "n-lost", "B", 1, "running", old)]  # C stays queued
     await fold_events(pool, first)
     await fold_events(pool, [beat("n-live", now)])
@@ -104,7 +104,7 @@ async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect
 
     # The node comes back and reports, in any order: the real outcomes replace lost.
     back = now + timedelta(seconds=1)
-    later = [beat("n-lost", back), task(rid, "n-lost", "A", 2, "interrupted", back),
+    later: list[Event] = [beat("n-lost", back), task(rid, "n-lost", "A", 2, "interrupted", back),
              task(rid, "n-lost", "A", 3, "queued", back, attempt=2), task(rid, "n-lost", "A", 4, "running", back, 2),
              task(rid, "n-lost", "A", 5, "succeeded", back, 2), task(rid, "n-lost", "B", 2, "failed", back),
              task(rid, "n-lost", "C", 1, "running", back), task(rid, "n-lost", "C", 2, "succeeded", back)]
@@ -127,7 +127,8 @@ async def test_a_cancelled_run_on_a_lost_node_ends_cancelled(pool: asyncpg.Pool)
     old = datetime.now(UTC) - timedelta(seconds=30)
     rid = await make_run(pool, "n-gone", ["A", "B", "D"])
     await fold_events(pool, [beat("n-gone", old), task(rid, "n-gone", "A", 1, "running", old),
-                             task(rid, "n-gone", "B", 1, "running", old), task(rid, "n-gone", "B", 2, "succeeded", old)])
+                             task(rid, "n-gone", "B", 1, "running", old),
+                             task(rid, "n-gone", "B", 2, "succeeded", old)])
     await housekeeping(pool).sweep_lost()
     assert await states(pool, rid) == {"A": "lost", "B": "succeeded", "D": "lost"}
     await pool.execute("UPDATE runs SET status = 'cancelled', cancelled_at = now() WHERE run_id = $1", rid)
@@ -162,8 +163,8 @@ async def test_unsent_outbox_rows_are_never_pruned_sent_ones_after_their_age(poo
 
 
 async def test_processed_events_and_dead_letters_are_pruned_by_age_and_count(pool: asyncpg.Pool) -> None:
-    await pool.executemany("INSERT INTO processed_events (event_id, processed_at) VALUES ($1, now() - $2::text::interval)",
-                           [("ev-old", "3 hours"), ("ev-new", "1 minute")])
+    await pool.executemany("INSERT INTO processed_events (event_id, processed_at)"
+                           " VALUES ($1, now() - $2::text::interval)", [("ev-old", "3 hours"), ("ev-new", "1 minute")])
     for i, age in enumerate(["5 days", "3 hours", "5 minutes", "4 minutes", "3 minutes", "2 minutes"]):
         await pool.execute(
             "INSERT INTO dead_letters (subject, stream_seq, raw, raw_size, raw_sha256, error, reason, received_at)"
