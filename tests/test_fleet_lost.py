@@ -20,6 +20,7 @@ from typing import Any
 import asyncpg
 import httpx
 import msgspec
+import pytest
 
 from doai.embedded import EmbeddedNats
 from services.aggregator.main import AggregatorSettings, run_aggregator
@@ -158,16 +159,27 @@ async def test_killed_node_tasks_become_lost_then_real_outcomes_replace_them(
         assert nodes[NODE]["online"] is True and nodes[NODE]["vendor_connected"] is True
 
 
+@pytest.mark.parametrize("when", ["before_lost", "after_lost"])
 async def test_run_cancelled_while_its_node_is_down_ends_cancelled(
-    nats_server: EmbeddedNats, database_url: str, tmp_path: Path
+    nats_server: EmbeddedNats, database_url: str, tmp_path: Path, when: str
 ) -> None:
+    """Cancelled before the grace ends: the housekeeping cancels the open tasks of the silent node.
+    Cancelled once they are `lost`: the cancel itself makes them `cancelled`, in its transaction."""
     async with lab(nats_server, database_url, tmp_path) as lab_:
         run_id = await lab_.start_run()
         lab_.node.kill9()
         seqs = {r["device_serial"]: r["seq"] for r in await lab_.db.fetch(
             "SELECT device_serial, seq FROM run_tasks WHERE run_id = $1", uuid.UUID(run_id))}
+        if when == "after_lost":
+            async def all_lost() -> bool:
+                return await lab_.task_states(run_id) == ["lost"] * DEVICES
+            await poll(all_lost, 20, "every task of the killed node lost")
         cancelled = await lab_.client.post(f"/v1/runs/{run_id}/cancel")
         assert cancelled.status_code in (200, 202), cancelled.text
+        if when == "after_lost":
+            run = await lab_.run(run_id)
+            assert run["status"] == "cancelled" and run["counts"] == {"cancelled": DEVICES}
+            assert all("was lost" in t["error"] for t in run["tasks"])
 
         async def all_cancelled() -> bool:
             run = await lab_.run(run_id)

@@ -188,15 +188,20 @@ def parse_run_id(run_id: str) -> uuid.UUID:
 async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
     """Mark the run cancelled and queue a `RunCancel` for each of its nodes (same outbox as broadcasts).
 
-    Tasks that finished keep their state; tasks no node has reported on yet become `cancelled` here;
-    the nodes report the rest (queued jobs dropped, running ones stopped). Cancelling twice is harmless.
+    Tasks that finished keep their state; tasks no node has reported on yet, and `lost` tasks, become
+    `cancelled` here; the nodes report the rest (queued jobs dropped, running ones stopped); the
+    aggregator's housekeeping cancels those of a node that stays silent past the grace. A completed run
+    is refused (409) unless some of its tasks are `lost`. Cancelling twice is harmless.
     """
     rid = parse_run_id(run_id)
     async with pool.acquire() as conn, conn.transaction():
         run = await conn.fetchrow("SELECT status FROM runs WHERE run_id = $1 FOR UPDATE", rid)
         if run is None:
             raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-        if run["status"] == "completed":
+        # A run whose open tasks are all `lost` reads `completed` but may still be cancelled: its lost
+        # tasks then end `cancelled` (their node cannot answer now).
+        if run["status"] == "completed" and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM run_tasks WHERE run_id = $1 AND state = 'lost')", rid):
             raise ApiError(409, "run_finished", f"run {clip(run_id)} has already completed")
         nodes = [r["node_id"] for r in await conn.fetch(
             "SELECT DISTINCT node_id FROM run_tasks WHERE run_id = $1 ORDER BY node_id", rid)]
