@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
 from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN
@@ -142,9 +143,12 @@ class StepView(Struct, kw_only=True):
 
 
 class TaskView(Struct, kw_only=True):
+    """`state`: a node-reported state, or `lost` (no heartbeat from its node within the grace period;
+    the node's next report replaces it). See docs/architecture.md "States"."""
+
     node_id: str
     device_serial: str
-    state: str
+    state: RecordedTaskState
     attempt: int
     started_at: str | None
     finished_at: str | None

@@ -16,7 +16,9 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 import pytest
+from nats.aio.msg import Msg
 
 from contracts.events import Event, NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
@@ -24,9 +26,11 @@ from doai.embedded import EmbeddedNats
 from runtime import db
 from runtime.config import ConfigError
 from runtime.jetstream import STREAM_MAX_AGE_S
+from services.aggregator.consumer import decode_batch
 from services.aggregator.fold import Batch, Incoming, fold
 from services.aggregator.housekeeping import Housekeeping
 from services.aggregator.main import PROCESSED_KEEP_S, AggregatorSettings
+from services.aggregator.validate import UNDECODABLE
 from services.backend.retention import Retention
 from tests.backend_support import PARAMS, fetchval, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
 
@@ -229,3 +233,19 @@ async def test_an_idempotency_key_expires_after_its_stated_period(database_url: 
         replay = await client.post("/v1/runs", json=run_body(), headers={"Idempotency-Key": "key-fresh"})
         assert replay.status_code == 201 and replay.headers.get("Idempotent-Replayed") == "true"
         assert replay.json()["run_id"] == fresh.json()["run_id"]
+
+
+async def test_a_node_cannot_claim_lost(pool: asyncpg.Pool) -> None:
+    """`lost` is the aggregator's word: an event claiming it is dead-lettered and changes no task."""
+    now = datetime.now(UTC)
+    rid = await make_run(pool, "n-liar", ["A"])
+    await fold_events(pool, [beat("n-liar", now), task(rid, "n-liar", "A", 1, "running", now)])
+    before = await pool.fetch("SELECT * FROM run_tasks ORDER BY run_id, device_serial")
+    raw = msgspec.json.encode(task(rid, "n-liar", "A", 2, "running", now)).replace(b'"running"', b'"lost"')
+    batch = decode_batch([Msg(_client=None, subject="doai.evt.n-liar.task", data=raw)])  # type: ignore[arg-type]
+    assert not batch.items and [d.reason for d in batch.dead] == [UNDECODABLE]
+    async with pool.acquire() as conn, conn.transaction():
+        result = await fold(conn, batch)
+    assert result.applied == 0 and result.dead == 1
+    assert await pool.fetch("SELECT * FROM run_tasks ORDER BY run_id, device_serial") == before
+    assert await pool.fetchval("SELECT reason FROM dead_letters WHERE subject = 'doai.evt.n-liar.task'") == UNDECODABLE
