@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 from collections.abc import AsyncIterator
@@ -249,3 +250,19 @@ async def test_a_node_cannot_claim_lost(pool: asyncpg.Pool) -> None:
     assert result.applied == 0 and result.dead == 1
     assert await pool.fetch("SELECT * FROM run_tasks ORDER BY run_id, device_serial") == before
     assert await pool.fetchval("SELECT reason FROM dead_letters WHERE subject = 'doai.evt.n-liar.task'") == UNDECODABLE
+
+
+async def test_the_backend_runs_its_retention_loop(database_url: str, nats_server: EmbeddedNats) -> None:
+    """Wired under the backend's supervisor: a sent broadcast's row goes once past its (small) age."""
+    async with running_backend(database_url, nats_server.url, outbox_keep_s=0.5, retention_every_s=0.2) as backend, \
+            backend.client() as client:
+        await seed_fleet(database_url, fleet_of(2, 1))
+        await publish_recipe(client)
+        created = await client.post("/v1/runs", json=run_body())
+        assert created.status_code == 201
+        rid = uuid.UUID(created.json()["run_id"])
+        deadline = asyncio.get_running_loop().time() + 30
+        while await fetchval(database_url, "SELECT count(*) FROM outbox WHERE run_id = $1", rid):
+            assert asyncio.get_running_loop().time() < deadline, "sent outbox rows not pruned"
+            await asyncio.sleep(0.1)
+        assert await fetchval(database_url, "SELECT status FROM runs WHERE run_id = $1", rid) == "dispatched"
