@@ -80,7 +80,7 @@ def housekeeping(pool: asyncpg.Pool, **kw: float) -> Housekeeping:
                               "dead_keep_s": 86_400.0, "dead_max_rows": 1000}
     args.update(kw)
     return Housekeeping(pool, lost_after_s=args["lost_after_s"], processed_keep_s=args["processed_keep_s"],
-                        dead_keep_s=args["dead_keep_s"], dead_max_rows=int(args["dead_max_rows"]))
+                        dead_keep_s=args["dead_keep_s"], dead_max_rows=int(args["dead_max_rows"]), batch=1)
 
 
 async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect_it(pool: asyncpg.Pool) -> None:

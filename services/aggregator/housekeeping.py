@@ -66,8 +66,15 @@ WHERE t.run_id = ANY($1::uuid[]) AND n.node_id = t.node_id
 RETURNING t.run_id, t.node_id, t.device_serial
 """
 
-_PRUNE_PROCESSED = "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)"
-_PRUNE_DEAD_AGE = "DELETE FROM dead_letters WHERE received_at < now() - make_interval(secs => $1)"
+# Bounded statements (`$2` rows each), repeated until done: a large backlog is no long transaction.
+_PRUNE_PROCESSED = """
+DELETE FROM processed_events WHERE event_id IN (
+    SELECT event_id FROM processed_events WHERE processed_at < now() - make_interval(secs => $1) LIMIT $2)
+"""
+_PRUNE_DEAD_AGE = """
+DELETE FROM dead_letters WHERE id IN (
+    SELECT id FROM dead_letters WHERE received_at < now() - make_interval(secs => $1) LIMIT $2)
+"""
 _PRUNE_DEAD_COUNT = """
 DELETE FROM dead_letters WHERE id < (
     SELECT id FROM dead_letters ORDER BY id DESC OFFSET $1 - 1 LIMIT 1)
@@ -86,13 +93,14 @@ class SweepResult:
 
 class Housekeeping:
     def __init__(self, pool: asyncpg.Pool, *, lost_after_s: float, processed_keep_s: float, dead_keep_s: float,
-                 dead_max_rows: int, every_s: float = 5.0) -> None:
+                 dead_max_rows: int, every_s: float = 5.0, batch: int = 10_000) -> None:
         self._pool = pool
         self.lost_after_s = lost_after_s
         self.processed_keep_s = processed_keep_s
         self.dead_keep_s = dead_keep_s
         self.dead_max_rows = dead_max_rows
         self.every_s = every_s
+        self.batch = batch
 
     async def sweep_lost(self) -> SweepResult:
         """Mark the open tasks of silent nodes `lost` (or `cancelled` in a cancelled run)."""
@@ -121,11 +129,19 @@ class Housekeeping:
                     await conn.execute(RUN_STATUS, sorted({r["run_id"] for r in rows}), DONE)
         return result
 
+    async def _drain(self, sql: str, keep_s: float) -> int:
+        total = 0
+        while True:
+            n = _count(await self._pool.execute(sql, keep_s, self.batch))
+            total += n
+            if n < self.batch:
+                return total
+
     async def prune(self) -> dict[str, int]:
         """Delete what is past its retention; returns rows deleted per table."""
         out: dict[str, int] = {}
-        out["processed_events"] = _count(await self._pool.execute(_PRUNE_PROCESSED, self.processed_keep_s))
-        dead = _count(await self._pool.execute(_PRUNE_DEAD_AGE, self.dead_keep_s))
+        out["processed_events"] = await self._drain(_PRUNE_PROCESSED, self.processed_keep_s)
+        dead = await self._drain(_PRUNE_DEAD_AGE, self.dead_keep_s)
         dead += _count(await self._pool.execute(_PRUNE_DEAD_COUNT, self.dead_max_rows))
         out["dead_letters"] = dead
         return out
