@@ -266,3 +266,18 @@ async def test_the_backend_runs_its_retention_loop(database_url: str, nats_serve
             assert asyncio.get_running_loop().time() < deadline, "sent outbox rows not pruned"
             await asyncio.sleep(0.1)
         assert await fetchval(database_url, "SELECT status FROM runs WHERE run_id = $1", rid) == "dispatched"
+
+
+async def test_liveness_views_need_a_live_node(pool: asyncpg.Pool) -> None:
+    """A device freshly listed online on a node whose heartbeat is past the window is not online, and a
+    silent node is not `vendor_connected` (the rule REST and run creation share with Grafana)."""
+    now = datetime.now(UTC)
+    await pool.execute("INSERT INTO nodes VALUES ('alive', 4, 1, 0, true, 'v', $1), ('silent', 4, 2, 0, true, 'v', $2)",
+                       now, now - timedelta(seconds=90))
+    await pool.execute("INSERT INTO devices VALUES ('alive', 'A', 'online', '', '', $1),"
+                       " ('silent', 'S', 'online', '', '', $1), ('orphan', 'O', 'online', '', '', $1)", now)
+    devices = {r["serial"]: (r["online"], r["liveness"]) for r in await pool.fetch("SELECT * FROM device_liveness")}
+    assert devices == {"A": (True, "online"), "S": (False, "stale"), "O": (False, "stale")}
+    nodes = {r["node_id"]: (r["online"], r["vendor_connected"], r["busy_slots"], r["devices_online"])
+             for r in await pool.fetch("SELECT * FROM node_liveness")}
+    assert nodes == {"alive": (True, True, 1, 1), "silent": (False, False, 0, 0)}
