@@ -29,7 +29,7 @@ from runtime.config import ConfigError
 from runtime.jetstream import STREAM_MAX_AGE_S
 from services.aggregator.consumer import decode_batch
 from services.aggregator.fold import Batch, Incoming, fold
-from services.aggregator.housekeeping import Housekeeping
+from services.aggregator.housekeeping import Housekeeping, SweepResult
 from services.aggregator.main import PROCESSED_KEEP_S, AggregatorSettings
 from services.aggregator.validate import UNDECODABLE
 from services.backend.retention import Retention
@@ -92,6 +92,9 @@ async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect
              task(rid, "n-lost", "B", 1, "running", old)]  # C stays queued
     await fold_events(pool, first)
     await fold_events(pool, [beat("n-live", now)])
+    # A task reported on within the grace is not lost, whatever the heartbeat says.
+    assert await housekeeping(pool).sweep_lost() == SweepResult()
+    await pool.execute("UPDATE run_tasks SET updated_at = now() - interval '30 seconds'")
 
     swept = await housekeeping(pool).sweep_lost()
     assert swept.lost == 3 and swept.cancelled == 0
@@ -101,7 +104,7 @@ async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect
     assert await pool.fetchval("SELECT status FROM runs WHERE run_id = $1", rid) == "completed"
     # The live node's open task is untouched.
     assert await pool.fetchval("SELECT state FROM run_tasks WHERE node_id = 'n-live'") == "queued"
-    assert await housekeeping(pool).sweep_lost() == type(swept)()  # nothing more to do: idempotent
+    assert await housekeeping(pool).sweep_lost() == SweepResult()  # nothing more to do: idempotent
 
     # The same reports again (a replay with new event ids, same seq): lost stays.
     await fold_events(pool, [task(rid, "n-lost", "A", 1, "running", old), task(rid, "n-lost", "B", 1, "running", old)])
@@ -122,6 +125,7 @@ async def test_lost_never_outranks_a_node_report_and_a_replay_does_not_resurrect
     # Everything replayed, and the node silent again: nothing brings lost back.
     await fold_events(pool, first + later)
     await pool.execute("UPDATE nodes SET last_seen = now() - interval '1 hour' WHERE node_id = 'n-lost'")
+    await pool.execute("UPDATE run_tasks SET updated_at = now() - interval '1 hour'")
     await housekeeping(pool).sweep_lost()
     assert await states(pool, rid) == {"A": "succeeded", "B": "failed", "C": "succeeded"}
     row = await pool.fetchrow("SELECT * FROM run_summary WHERE run_id = $1", rid)
@@ -134,6 +138,7 @@ async def test_a_cancelled_run_on_a_lost_node_ends_cancelled(pool: asyncpg.Pool)
     await fold_events(pool, [beat("n-gone", old), task(rid, "n-gone", "A", 1, "running", old),
                              task(rid, "n-gone", "B", 1, "running", old),
                              task(rid, "n-gone", "B", 2, "succeeded", old)])
+    await pool.execute("UPDATE run_tasks SET updated_at = now() - interval '30 seconds'")
     await housekeeping(pool).sweep_lost()
     assert await states(pool, rid) == {"A": "lost", "B": "succeeded", "D": "lost"}
     await pool.execute("UPDATE runs SET status = 'cancelled', cancelled_at = now() WHERE run_id = $1", rid)

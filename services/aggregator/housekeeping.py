@@ -40,7 +40,8 @@ SELECT DISTINCT t.run_id
 FROM run_tasks t
 JOIN runs r USING (run_id)
 JOIN nodes n ON n.node_id = t.node_id
-WHERE (t.state = ANY($2::text[]) AND n.last_seen < now() - make_interval(secs => $1))
+WHERE (t.state = ANY($2::text[]) AND n.last_seen < now() - make_interval(secs => $1)
+       AND t.updated_at < now() - make_interval(secs => $1))
    OR (t.state = 'lost' AND r.status = 'cancelled')
 ORDER BY t.run_id
 """
@@ -53,7 +54,7 @@ UPDATE run_tasks t SET state = 'lost', lost_at = now(), updated_at = now(),
                || round(extract(epoch FROM now() - n.last_seen)) || ' s'
 FROM nodes n
 WHERE t.run_id = ANY($1::uuid[]) AND n.node_id = t.node_id AND t.state = ANY($3::text[])
-  AND n.last_seen < now() - make_interval(secs => $2)
+  AND n.last_seen < now() - make_interval(secs => $2) AND t.updated_at < now() - make_interval(secs => $2)
 RETURNING t.run_id, t.node_id, t.device_serial
 """
 
