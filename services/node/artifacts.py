@@ -18,10 +18,18 @@ from typing import Protocol
 
 from contracts.artifact_path import ArtifactPathError
 from contracts.artifact_path import render_key as _render_key
+from runtime.paths import PathEscape, contained
 
 
 class ArtifactError(Exception):
     code = "artifact_error"
+
+
+class ArtifactKeyEscape(ArtifactError):
+    """A key that would leave the local store's root (`..`, absolute, a symlink out): never retried."""
+
+    code = "artifact_path"
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -64,9 +72,10 @@ class LocalArtifactStore:
         self.root = root.resolve()
 
     def _put(self, key: str, source: Path) -> StoredArtifact:
-        target = (self.root / key).resolve()
-        if not target.is_relative_to(self.root):
-            raise ArtifactError(f"artifact key escapes the store: {key!r}")
+        try:
+            target = contained(self.root, key)
+        except PathEscape as exc:
+            raise ArtifactKeyEscape(f"artifact key escapes the store: {exc}") from None
         target.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         final_key, final = key, target
