@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
 
+from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
 from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN
@@ -142,9 +143,12 @@ class StepView(Struct, kw_only=True):
 
 
 class TaskView(Struct, kw_only=True):
+    """`state`: a node-reported state, or `lost` (no heartbeat from its node within the grace period;
+    the node's next report replaces it). See docs/architecture.md "States"."""
+
     node_id: str
     device_serial: str
-    state: str
+    state: RecordedTaskState
     attempt: int
     started_at: str | None
     finished_at: str | None
@@ -228,11 +232,17 @@ class WorkflowList(Struct):
 
 
 class DeviceView(Struct, kw_only=True):
+    """`status` is what the node's newest inventory listed; `online` / `liveness` add the liveness rule
+    (listed online within the window, on a node whose heartbeat is within it): `liveness` is
+    online | stale | the listed status. The same values as the `device_liveness` view."""
+
     node_id: str
     serial: str
     status: str
     model: str
     last_seen: str | None
+    online: bool = False
+    liveness: str = "stale"
 
 
 class DeviceList(Struct):
@@ -244,9 +254,10 @@ class NodeView(Struct, kw_only=True):
     slots: int
     running: int
     queued: int
-    vendor_connected: bool
+    vendor_connected: bool  # only while the node is alive (`online`)
     version: str
     last_seen: str | None
+    online: bool = False  # a heartbeat within the liveness window (the `node_liveness` view)
 
 
 class NodeList(Struct):

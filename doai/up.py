@@ -111,7 +111,7 @@ async def wait_for_devices(client: httpx.AsyncClient, expected: list[dict[str, s
         r.raise_for_status()
         ready = {
             (d["node_id"], d["serial"]) for d in r.json()["devices"]
-            if d["status"] == "online" and (since is None or datetime.fromisoformat(d["last_seen"]) >= since)
+            if d["online"] and (since is None or datetime.fromisoformat(d["last_seen"]) >= since)
         } & wanted
         if len(ready) == len(wanted) or time.monotonic() >= deadline:
             return len(ready)

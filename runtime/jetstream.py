@@ -61,6 +61,10 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 
 
+# Both streams drop a message after this age (and the aggregator keeps `processed_events` longer).
+STREAM_MAX_AGE_S = 7 * DAY_S
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     max_bytes: int
@@ -85,7 +89,7 @@ def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[Stream
             subjects=[subjects],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            max_age=7 * DAY_S,
+            max_age=STREAM_MAX_AGE_S,
             max_bytes=limits[name].max_bytes,
             max_msgs=limits[name].max_msgs,
             max_msg_size=limits[name].max_msg_size,

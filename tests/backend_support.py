@@ -67,11 +67,18 @@ async def seed_fleet(database_url: str, fleet: dict[str, list[str]], status: str
     """Write devices as the aggregator would from the nodes' inventories."""
     conn = await asyncpg.connect(database_url)
     try:
+        when = seen or datetime.now(UTC)
         await conn.executemany(
             "INSERT INTO devices (node_id, serial, status, model, last_seen) VALUES ($1, $2, $3, 'SIM', $4)"
             " ON CONFLICT (node_id, serial) DO UPDATE SET status = EXCLUDED.status, last_seen = EXCLUDED.last_seen",
-            [(node, serial, status, seen or datetime.now(UTC)) for node, serials in fleet.items()
-             for serial in serials],
+            [(node, serial, status, when) for node, serials in fleet.items() for serial in serials],
+        )
+        # Their nodes' heartbeats: a device is online only on a live node (the `device_liveness` view).
+        await conn.executemany(
+            "INSERT INTO nodes (node_id, slots, running, queued, vendor_connected, version, last_seen)"
+            " VALUES ($1, 20, 0, 0, true, 'test', $2)"
+            " ON CONFLICT (node_id) DO UPDATE SET last_seen = GREATEST(nodes.last_seen, EXCLUDED.last_seen)",
+            [(node, when) for node in fleet],
         )
     finally:
         await conn.close()

@@ -21,6 +21,7 @@ from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError
 from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
+from services.backend.retention import Retention
 from services.backend.settings import BackendSettings
 
 log = structlog.get_logger(__name__)
@@ -73,6 +74,9 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
         loops.start("relay", lambda: relay.run(stop))
         keeper = StreamKeeper(pool, js, every_s=settings.keeper_every_s, limits=settings.stream_limits())
         loops.start("stream-keeper", lambda: keeper.run(stop))
+        retention = Retention(pool, outbox_keep_s=settings.outbox_keep_s,
+                              idempotency_ttl_s=settings.idempotency_ttl_s, every_s=settings.retention_every_s)
+        loops.start("retention", lambda: retention.run(stop))
         serve_task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
             while not server.started:
