@@ -222,6 +222,25 @@ async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
 TASK_COLUMNS = ("t.run_id, t.node_id, t.device_serial, t.state, t.attempt, t.started_at, t.finished_at,"
                 " t.error, t.failed_step")
 TOP_FAILING_STEPS = 10
+# The summary's statements (bench/bench_run_summary.py times the same ones bare): each an index range scan of
+# the run's rows in run_tasks (primary key prefix run_id).
+SUMMARY_PER_NODE_SQL = ("SELECT node_id, state, count(*) AS n FROM run_tasks WHERE run_id = $1"
+                        " GROUP BY node_id, state ORDER BY node_id, state")
+SUMMARY_FAILING_SQL = (
+    "SELECT failed_step, NULLIF(split_part(error, ':', 1), '') AS code, count(*) AS n, min(error) AS example"
+    " FROM run_tasks WHERE run_id = $1 AND failed_step IS NOT NULL"
+    " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT $2")
+# Durations of tasks that ran to a final state; cancelled tasks are left out of the percentiles.
+SUMMARY_TIMINGS_SQL = (
+    "SELECT min(started_at) AS first_started, max(finished_at) AS last_finished,"
+    " percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p50,"
+    " percentile_cont(0.95) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p95,"
+    " count(*) FILTER (WHERE measured) AS measured"
+    " FROM (SELECT started_at, finished_at,"
+    "        extract(epoch FROM finished_at - started_at) * 1000 AS d,"
+    "        (started_at IS NOT NULL AND finished_at IS NOT NULL"
+    "         AND state IN ('succeeded', 'failed', 'timed_out', 'skipped', 'interrupted', 'lost')) AS measured"
+    "       FROM run_tasks WHERE run_id = $1) t")
 
 
 def outcome_of(status: str, succeeded: int, targets: int) -> str | None:
@@ -246,23 +265,9 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
         run = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", rid)
         if run is None:
             raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-        per_node = await conn.fetch(
-            "SELECT node_id, state, count(*) AS n FROM run_tasks WHERE run_id = $1"
-            " GROUP BY node_id, state ORDER BY node_id, state", rid)
-        failing = await conn.fetch(
-            "SELECT failed_step, NULLIF(split_part(error, ':', 1), '') AS code, count(*) AS n, min(error) AS example"
-            " FROM run_tasks WHERE run_id = $1 AND failed_step IS NOT NULL"
-            " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT $2", rid, TOP_FAILING_STEPS)
-        timing = await conn.fetchrow(
-            "SELECT min(started_at) AS first_started, max(finished_at) AS last_finished,"
-            " percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p50,"
-            " percentile_cont(0.95) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p95,"
-            " count(*) FILTER (WHERE measured) AS measured"
-            " FROM (SELECT started_at, finished_at,"
-            "        extract(epoch FROM finished_at - started_at) * 1000 AS d,"
-            "        (state <> 'cancelled' AND started_at IS NOT NULL AND finished_at IS NOT NULL"
-            "         AND state IN ('succeeded', 'failed', 'timed_out', 'skipped', 'interrupted', 'lost')) AS measured"
-            "       FROM run_tasks WHERE run_id = $1) t", rid)
+        per_node = await conn.fetch(SUMMARY_PER_NODE_SQL, rid)
+        failing = await conn.fetch(SUMMARY_FAILING_SQL, rid, TOP_FAILING_STEPS)
+        timing = await conn.fetchrow(SUMMARY_TIMINGS_SQL, rid)
     counts: dict[str, int] = {}
     nodes: dict[str, dict[str, int]] = {}
     for row in per_node:
