@@ -286,9 +286,18 @@ class WorkflowView(Struct):
     recipe: dict[str, Any]
 
 
+class RecipeWarning(Struct):
+    """Something in a published recipe that is allowed but probably a mistake."""
+
+    path: Annotated[str, Meta(description="JSON path of what the warning is about, e.g. `$.params.unused`")]
+    message: Annotated[str, Meta(description="What is odd about it")]
+
+
 class WorkflowPublished(Struct):
-    workflow_id: str
-    version: int
+    workflow_id: Annotated[str, Meta(description="The workflow")]
+    version: Annotated[int, Meta(description="The version this publish stored")]
+    warnings: Annotated[list[RecipeWarning], Meta(description=(
+        "Accepted, but probably a mistake: e.g. a declared param nothing uses"))] = []
 
 
 class WorkflowSummary(Struct, kw_only=True):

@@ -81,7 +81,7 @@ async def test_workflow_publish_validates_and_versions(start_system: Any) -> Non
         error(await client.post("/v1/workflows", json=RECIPE), 409, "unchanged")
         changed = {**RECIPE, "title": "Device smoke test, v2"}
         r = await client.post("/v1/workflows", json=changed)
-        assert r.status_code == 201 and r.json() == {"workflow_id": "device-smoke", "version": 2}
+        assert r.status_code == 201 and r.json() == {"workflow_id": "device-smoke", "version": 2, "warnings": []}
         latest = (await client.get("/v1/workflows/device-smoke")).json()
         assert latest["version"] == 2 and latest["recipe"]["title"] == "Device smoke test, v2"
         first = (await client.get("/v1/workflows/device-smoke/versions/1")).json()

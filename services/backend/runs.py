@@ -43,6 +43,7 @@ from contracts.recipe import (
     RecipeInvalid,
     Upload,
     check_assert_patterns,
+    check_int_params,
     resolve_step_timeouts,
     validate_params,
 )
@@ -100,7 +101,7 @@ async def _replay(pool: asyncpg.Pool, key: str, digest: str) -> Created | None:
 def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str) -> None:
     """What the nodes would only find out after a device did its work: bad artifact path segments, assert
     patterns the params make invalid. `RecipeInvalid` with each fault at `$.params.<name>`."""
-    faults = check_assert_patterns(recipe, params)
+    faults = check_assert_patterns(recipe, params) + check_int_params(recipe, params)
     if any(isinstance(step, Upload) for step in recipe.steps):
         faults += [Fault(f"$.params.{name}", problem) for name, problem in check_path_params(path_template, params)]
     if faults:

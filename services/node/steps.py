@@ -53,6 +53,13 @@ class StepContext:
     def render(self, text: str) -> str:
         return dsl.render(text, self.values)
 
+    def ints(self, step: dsl.StepBase) -> list[int]:
+        """The step's integer fields in declaration order, `{{param}}` placeholders filled in and checked."""
+        try:
+            return [dsl.resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
+        except ValueError as exc:
+            raise StepError("invalid_param", f"step {step.id!r}: {exc}") from None
+
 
 @dataclass
 class StepResult:
@@ -98,15 +105,18 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
                 await ctx.driver.press_key(ctx.serial, Key(name.lower()))
                 return StepResult()
             return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
-        case dsl.Tap(x=x, y=y):
+        case dsl.Tap():
+            x, y = ctx.ints(step)
             return StepResult(await _shell(ctx, ["input", "tap", str(x), str(y)], timeout_s))
-        case dsl.Swipe(x1=x1, y1=y1, x2=x2, y2=y2, duration_ms=ms):
+        case dsl.Swipe():
+            x1, y1, x2, y2, ms = ctx.ints(step)
             argv = ["input", "swipe", str(x1), str(y1), str(x2), str(y2), str(ms)]
             return StepResult(await _shell(ctx, argv, timeout_s))
         case dsl.InputText(text=text):
             # `input text` takes %s for a space; the whole argument is still quoted.
             return StepResult(await _shell(ctx, ["input", "text", ctx.render(text).replace(" ", "%s")], timeout_s))
-        case dsl.Wait(ms=ms):
+        case dsl.Wait():
+            [ms] = ctx.ints(step)
             await asyncio.sleep(ms / 1000)
             return StepResult()
         case dsl.Screenshot():
