@@ -260,18 +260,26 @@ class RunPage(Struct, kw_only=True):
 
 
 class ArtifactLink(Struct, kw_only=True):
-    node_id: str
-    device_serial: str
-    step_id: str
-    store: str
-    key: str
-    bytes: int
-    sha256: str
-    content_type: str
-    created_at: str
-    url: str | None  # signed URL (Supabase) or file:// URI (local store); None when it cannot be made
-    path: str | None = None  # local store: the file on the backend's machine
-    error: str | None = None  # why there is no url
+    """One stored artifact of a task, with a link an operator (or a browser, or Grafana) can open."""
+
+    node_id: Annotated[str, Meta(description="The node that stored it")]
+    device_serial: Annotated[str, Meta(description="The device it shows")]
+    step_id: Annotated[str, Meta(description="The upload step that stored it, or the step that failed (`failure`)")]
+    store: Annotated[str, Meta(description="`local` (the folder of `doai up`, served by this API) or `supabase`")]
+    key: Annotated[str, Meta(description="Its path in the store, per the artifact path template")]
+    bytes: Annotated[int, Meta(description="Size in bytes")]
+    sha256: Annotated[str, Meta(description="SHA-256 of the content, hex")]
+    content_type: Annotated[str, Meta(description="MIME type, e.g. image/png")]
+    created_at: Annotated[str, Meta(description="When the node stored it (RFC 3339, UTC)")]
+    url: Annotated[str | None, Meta(description=(
+        "An HTTP URL that downloads it without further credentials, valid for DOAI_SIGNED_URL_TTL_S seconds:"
+        " a Supabase Storage signed URL, or for the local store this API's"
+        " /v1/artifacts/local/{key}?expires=&sig= link. Null when no link can be made (see `error`)"))]
+    path: Annotated[str | None, Meta(description="Local store: the file on the backend's machine")] = None
+    error: Annotated[str | None, Meta(description="Why there is no url")] = None
+    kind: Annotated[Literal["screenshot", "failure"], Meta(description=(
+        "`screenshot`: stored by an upload step; `failure`: the screen the node captured when the step failed"
+    ))] = "screenshot"
 
 
 class ArtifactList(Struct, kw_only=True):

@@ -208,7 +208,14 @@ class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
     description: FreeText = ""
     params: Annotated[dict[ParamName, ParamSpec], Meta(max_length=MAX_PARAMS)] = {}
     timeouts: TimeoutDefaults = TimeoutDefaults()
+    # When a step fails, the node captures the device's screen and stores it as a `failure` artifact
+    # (absent: on; left out when encoded, so recipes that do not set it keep their stored form).
+    failure_screenshot: bool | UnsetType = UNSET
     steps: Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS)]
+
+    @property
+    def takes_failure_screenshots(self) -> bool:
+        return self.failure_screenshot is not False
 
     def step(self, step_id: str) -> StepBase | None:
         for s in self.steps:

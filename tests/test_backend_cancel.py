@@ -69,7 +69,13 @@ async def test_cancel_keeps_finished_tasks_and_stops_the_rest(start_system: Any,
         assert len(mine) == 1 and mine[0]["store"] == "local" and mine[0]["error"] is None
         path = Path(mine[0]["path"])
         assert path.is_file() and path.stat().st_size == mine[0]["bytes"]
-        assert path.read_bytes().startswith(b"\x89PNG") and mine[0]["url"] == path.as_uri()
+        assert path.read_bytes().startswith(b"\x89PNG") and mine[0]["kind"] == "screenshot"
+        # The link downloads the file over HTTP, without the token (signed, expiring).
+        assert mine[0]["url"].startswith(f"{system.api_url}/v1/artifacts/local/{mine[0]['key']}?expires=")
+        async with httpx.AsyncClient() as anonymous:
+            got = await anonymous.get(mine[0]["url"])
+        assert got.status_code == 200 and got.content == path.read_bytes(), got.text
+        assert got.headers["content-type"] == "image/png"
 
         # A finished run cannot be cancelled; an unknown one is 404.
         serial = task["task"]["device_serial"]

@@ -57,7 +57,7 @@ from services.backend.errors import ApiError, invalid
 class ArtifactLinks(Protocol):
     """What makes download links for artifact rows (services/backend/artifact_links.py)."""
 
-    async def links(self, rows: Sequence[asyncpg.Record]) -> list[ArtifactLink]: ...
+    async def links(self, rows: Sequence[asyncpg.Record], base_url: str | None = None) -> list[ArtifactLink]: ...
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -348,7 +348,7 @@ async def list_tasks(pool: asyncpg.Pool, run_id: str, *, state: str | None, node
 
 
 async def get_task(pool: asyncpg.Pool, linker: ArtifactLinks, run_id: str, node_id: str,
-                   serial: str) -> TaskDetail:
+                   serial: str, base_url: str | None = None) -> TaskDetail:
     rid = parse_run_id(run_id)
     async with pool.acquire() as conn:
         await _run_exists(conn, rid, run_id)
@@ -367,7 +367,7 @@ async def get_task(pool: asyncpg.Pool, linker: ArtifactLinks, run_id: str, node_
     steps = [StepView(step_id=s["step_id"], index=s["idx"], action=s["action"], state=s["state"],
                       started_at=iso(s["started_at"]), finished_at=iso(s["finished_at"]), output=s["output"],
                       error=s["error"]) for s in step_rows]
-    return TaskDetail(task=task_row(task), steps=steps, artifacts=await linker.links(arts))
+    return TaskDetail(task=task_row(task), steps=steps, artifacts=await linker.links(arts, base_url))
 
 
 async def device_tasks(pool: asyncpg.Pool, node_id: str, serial: str, *, state: str | None,

@@ -58,13 +58,19 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
+    # Signs the local store's download links (HMAC-SHA256); unset: a random key per start (links end at a
+    # restart). Set it when several backends serve one store.
+    artifact_url_key: str | None = field(default=None, name="DOAI_ARTIFACT_URL_KEY")
+    # The API's address as operators reach it, for absolute download links (unset: the address the request
+    # came to, e.g. http://127.0.0.1:8080).
+    public_url: str | None = field(default=None, name="DOAI_PUBLIC_URL")
     # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
     # at creation when a param the template uses is missing or not a plain path segment.
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
 
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key", "artifact_url_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
-from services.node.steps import StepContext, StepError, clip, execute
+from services.node.steps import StepContext, StepError, clip, execute, failure_screenshot
 from services.node.vendor_client import VendorError, VendorTimeout
 
 log = structlog.get_logger(__name__)
@@ -75,11 +75,11 @@ class Executor:
             state=state, output=clip(output), error=error,  # type: ignore[arg-type]
         ))
 
-    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact) -> None:
+    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact, kind: str = "screenshot") -> None:
         self._record(job, None, lambda seq: ArtifactEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=seq, step_id=step_id, store=a.store, key=a.key,
-            uri=a.uri, bytes=a.bytes, sha256=a.sha256,
+            uri=a.uri, bytes=a.bytes, sha256=a.sha256, purpose=kind,  # type: ignore[arg-type]
         ))
 
     async def run(self, job: Job, broadcast: RunBroadcast) -> str:
@@ -150,6 +150,11 @@ class Executor:
             if outcome == "ok":
                 continue
             ctx.states[step.id] = outcome
+            if b.recipe.takes_failure_screenshots:
+                shot = await failure_screenshot(ctx, step.id, b.recipe.timeouts.upload_ms / 1000)
+                if shot is not None:
+                    self._artifact_event(job, step.id, shot, kind="failure")
+                    log.info("Failure screenshot stored", step_id=step.id, key=shot.key)
             if step.on_error == "continue":
                 continue
             for later_index, later in enumerate(b.recipe.steps[index + 1:], start=index + 1):

@@ -203,3 +203,35 @@ def clip(text: str | None) -> str | None:
     if text is None or len(text) <= _OUTPUT_LIMIT:
         return text
     return text[:_OUTPUT_LIMIT] + "…"
+
+
+FAILURE_SHOT_MAX_S = 30.0  # a failure screenshot (capture + store) never holds the slot longer than this
+
+
+async def failure_screenshot(ctx: StepContext, step_id: str, timeout_s: float) -> StoredArtifact | None:
+    """Capture the device's screen after step `step_id` failed and store it; None when it could not be done.
+
+    The key follows the path template with `{timestamp}` as `<epoch>-failure-<step_id>`, e.g.
+    `dQw4w9WgXcQ/node-A1/ABC123/<run>/1739012345-failure-open.png`. Whatever goes wrong here is logged and
+    does not change the task's outcome (the step's own error is what the task reports).
+    """
+    limit = min(timeout_s, FAILURE_SHOT_MAX_S)
+    try:
+        key = render_key(ctx.path_template,
+                         {**ctx.values, "timestamp": f"{int(time.time())}-failure-{step_id}"})
+    except Exception as exc:
+        log.warning("no failure screenshot: the artifact path cannot be made", step_id=step_id, error=str(exc))
+        return None
+    folder = ctx.spool / f"failure-{step_id}"
+    try:
+        async with asyncio.timeout(limit):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=limit)
+            stored = await ctx.store.put(key, path, "image/png")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("failure screenshot could not be taken or stored", step_id=step_id, error=f"{exc!r:.300}")
+        return None
+    path.unlink(missing_ok=True)
+    return stored

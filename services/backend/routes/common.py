@@ -115,6 +115,10 @@ class Context:
         self.node_check(x_node_auth, client=_client(request))
         check_request(request)
 
+    def base_url(self, request: Request) -> str:
+        """The API's address for absolute links: DOAI_PUBLIC_URL, else the address this request came to."""
+        return self.settings.public_url or str(request.base_url)
+
     async def body_of(self, request: Request, kind: Any) -> Any:
         """The body decoded (400 if not JSON), checked for control characters, then converted to `kind`."""
         data = await request.body()

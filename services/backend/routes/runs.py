@@ -88,8 +88,8 @@ def router(ctx: Context) -> APIRouter:
     @r.get("/v1/runs/{run_id}/tasks/{node_id}/{serial}", operation_id="run_task",
            **route((200, api.TaskDetail), 401, 404, 422), summary="One task with its steps and artifacts",
            description="Every step's state, output and error, and the task's artifacts with download links.")
-    async def run_task(run_id: RunIdPath, node_id: NodeIdPath, serial: SerialPath) -> JSONResponse:
-        return JSONResponse(await runs.get_task(pool, ctx.linker, run_id, node_id, serial))
+    async def run_task(request: Request, run_id: RunIdPath, node_id: NodeIdPath, serial: SerialPath) -> JSONResponse:
+        return JSONResponse(await runs.get_task(pool, ctx.linker, run_id, node_id, serial, ctx.base_url(request)))
 
     @r.post("/v1/runs/{run_id}/cancel", operation_id="cancel_run",
             **route((202, api.RunCancelled), 401, 404, 409, 422))
@@ -100,12 +100,13 @@ def router(ctx: Context) -> APIRouter:
 
     @r.get("/v1/runs/{run_id}/artifacts", operation_id="run_artifacts",
            **route((200, api.ArtifactList), 401, 404, 422))
-    async def run_artifacts(run_id: RunIdPath) -> JSONResponse:
+    async def run_artifacts(request: Request, run_id: RunIdPath) -> JSONResponse:
         rid = runs.parse_run_id(run_id)
         if await pool.fetchval("SELECT 1 FROM runs WHERE run_id = $1", rid) is None:
             raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
         rows = await pool.fetch("SELECT * FROM artifacts WHERE run_id = $1"
                                 " ORDER BY node_id, device_serial, created_at, key", rid)
-        return JSONResponse(api.ArtifactList(run_id=str(rid), artifacts=await ctx.linker.links(rows)))
+        links = await ctx.linker.links(rows, ctx.base_url(request))
+        return JSONResponse(api.ArtifactList(run_id=str(rid), artifacts=links))
 
     return r
