@@ -28,6 +28,7 @@ import httpx
 from doai.embedded import EmbeddedNats
 from tests.backend_support import (
     all_tasks,
+    fetchval,
     fleet_of,
     publish_recipe,
     run_body,
@@ -55,8 +56,8 @@ async def record(database_url: str, run_id: str, node: str, serial: str, store: 
         await conn.close()
 
 
-def sign(key: str, expires: int) -> str:
-    return hmac.new(URL_KEY.encode(), f"local\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+def sign(key: str, expires: int, store: str = "local") -> str:
+    return hmac.new(URL_KEY.encode(), f"{store}\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
 async def test_local_store_download_signed_links_and_refusals(
@@ -115,6 +116,13 @@ async def test_local_store_download_signed_links_and_refusals(
             good = {"expires": str(future), "sig": sign(key, future)}
             r = await anonymous.get(f"/v1/artifacts/local/{key}", params=good)
             assert r.status_code == 200 and r.content == PNG
+            # ... as does the link PostgreSQL makes for Grafana's image cells (same key, same HMAC).
+            sql_link = await fetchval(database_url, "SELECT artifact_url('local', $1)", key)
+            assert sql_link.startswith(f"{backend.url}/v1/artifacts/local/{key}?expires=")
+            r = await anonymous.get(sql_link)
+            assert r.status_code == 200 and r.content == PNG
+            r = await anonymous.get(sql_link.replace("/local/", "/supabase/"))  # signed for another store
+            assert r.status_code == 401
 
         # Traversal: unrecorded keys, a recorded key out of the store, a symlink out of it: 404, nothing opened.
         # (`..` written as is would be resolved by the client before sending: these reach the server.)
@@ -161,7 +169,13 @@ async def test_storage_store_links_are_signed_urls_that_download(
             assert got.status_code == 200 and got.content == PNG
             forged = await anonymous.get(link["url"].rsplit("=", 1)[0] + "=t-120-forged")
             assert forged.status_code == 400
-        assert storage.signed_downloads == 1
+            # Grafana's link goes through the backend, which redirects to a fresh signed URL.
+            sql_link = await fetchval(database_url, "SELECT artifact_url('supabase', $1)", key)
+            r = await anonymous.get(sql_link)
+            assert r.status_code == 307 and r.headers["location"].startswith(f"{storage_url}/storage/v1/object/sign/")
+            got = await anonymous.get(sql_link, follow_redirects=True)
+            assert got.status_code == 200 and got.content == PNG
+        assert storage.signed_downloads == 2
 
 
 FAILING: dict[str, Any] = {

@@ -33,7 +33,28 @@ from services.backend.runs import iso
 log = structlog.get_logger(__name__)
 
 
-LOCAL_ROUTE = "/v1/artifacts/local/"
+ARTIFACT_ROUTE = "/v1/artifacts/"
+
+
+async def shared_url_key(pool: asyncpg.Pool, configured: str | None) -> str:
+    """The key that signs download links, kept in `fleet_settings` so every backend (and `artifact_url()` in
+    SQL, for Grafana) signs alike and links outlive a restart: DOAI_ARTIFACT_URL_KEY when set, else the one
+    stored, else a new random one."""
+    if configured:
+        await pool.execute("INSERT INTO fleet_settings (name, value) VALUES ('artifact_url_key', $1)"
+                           " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", configured)
+        return configured
+    await pool.execute("INSERT INTO fleet_settings (name, value) VALUES ('artifact_url_key', $1)"
+                       " ON CONFLICT (name) DO NOTHING", secrets.token_hex(32))
+    key: str = await pool.fetchval("SELECT value FROM fleet_settings WHERE name = 'artifact_url_key'")
+    return key
+
+
+async def publish_link_settings(pool: asyncpg.Pool, public_url: str, ttl_s: int) -> None:
+    """Where `artifact_url()` points links, and for how long they are valid."""
+    await pool.executemany(
+        "INSERT INTO fleet_settings (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = $2",
+        [("api_public_url", public_url.rstrip("/")), ("artifact_url_ttl_s", str(ttl_s))])
 
 
 class ArtifactLinker:
@@ -53,12 +74,12 @@ class ArtifactLinker:
     def root(self) -> Path | None:
         return self._root
 
-    def signature(self, key: str, expires: int) -> str:
-        return hmac.new(self._url_key, f"local\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+    def signature(self, store: str, key: str, expires: int) -> str:
+        return hmac.new(self._url_key, f"{store}\n{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
-    def signature_ok(self, key: str, expires: int, sig: str) -> bool:
-        """A link this backend made for `key`, not yet expired."""
-        return expires >= int(time.time()) and hmac.compare_digest(self.signature(key, expires), sig)
+    def signature_ok(self, store: str, key: str, expires: int, sig: str) -> bool:
+        """A link made for this store and key (here or by `artifact_url()` in SQL), not yet expired."""
+        return expires >= int(time.time()) and hmac.compare_digest(self.signature(store, key, expires), sig)
 
     def contained(self, key: str) -> Path | None:
         """The file of a local key, symlinks resolved, when it lies inside the store's root; else None."""
@@ -67,10 +88,15 @@ class ArtifactLinker:
         path = (self._root / key).resolve()
         return path if path.is_relative_to(self._root) and path != self._root else None
 
-    def local_url(self, key: str, base_url: str) -> str:
+    def link(self, store: str, key: str, base_url: str) -> str:
+        """This API's signed, expiring download link for an artifact."""
         expires = int(time.time()) + self._ttl_s
-        return (f"{base_url.rstrip('/')}{LOCAL_ROUTE}{quote(key, safe='/')}"
-                f"?expires={expires}&sig={self.signature(key, expires)}")
+        return (f"{base_url.rstrip('/')}{ARTIFACT_ROUTE}{store}/{quote(key, safe='/')}"
+                f"?expires={expires}&sig={self.signature(store, key, expires)}")
+
+    async def signed_storage_url(self, key: str) -> tuple[str | None, str | None]:
+        """A fresh Supabase signed URL for one key: (url, error)."""
+        return (await self._signed([key]))[key]
 
     def _local(self, row: asyncpg.Record, base_url: str | None) -> tuple[str | None, str | None, str | None]:
         if self._root is not None:
@@ -79,7 +105,7 @@ class ArtifactLinker:
                 return None, None, "artifact key escapes the local store"
             if base_url is None:
                 return path.as_uri(), str(path), None
-            return self.local_url(row["key"], base_url), str(path), None
+            return self.link("local", row["key"], base_url), str(path), None
         uri = row["uri"]
         parts = urlsplit(uri)
         if parts.scheme == "file":

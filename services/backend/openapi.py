@@ -29,6 +29,7 @@ _ERROR_TEXT = {
     413: "Request body too large",
     422: "The request does not validate; `details` lists every fault with its JSON path",
     500: "Internal error",
+    502: "An upstream service (Supabase Storage) did not answer as it should",
 }
 
 

@@ -58,8 +58,8 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
-    # Signs the local store's download links (HMAC-SHA256); unset: a random key per start (links end at a
-    # restart). Set it when several backends serve one store.
+    # Signs artifact download links (HMAC-SHA256). Unset: the key kept in fleet_settings (made at the first
+    # start), shared by every backend and by `artifact_url()` in SQL (Grafana).
     artifact_url_key: str | None = field(default=None, name="DOAI_ARTIFACT_URL_KEY")
     # The API's address as operators reach it, for absolute download links (unset: the address the request
     # came to, e.g. http://127.0.0.1:8080).

@@ -1,9 +1,12 @@
-"""`/v1/artifacts/local/{key}`: a file of the local artifact store, served by the backend.
+"""`/v1/artifacts/{store}/{key}`: an artifact, downloaded through the backend.
+
+`local`: the file of the local artifact store, served by the backend.
+`supabase`: a redirect (307) to a fresh Supabase Storage signed URL.
 
 Authenticated by the operator's bearer token, or by the `expires` and `sig` of
-a link the backend answered (`GET /v1/runs/{id}/artifacts`, one task's
-artifacts): an HMAC under a key only the backend holds, so the link can be
-opened by a browser or a Grafana image cell that carries no token.
+a signed link (`GET /v1/runs/{id}/artifacts`, one task's artifacts, or
+`artifact_url()` in SQL for Grafana's image cells): an HMAC under the key in
+`fleet_settings`, so a browser or Grafana can open it without a token.
 
 Only keys recorded in the `artifacts` table (store `local`) are served, and only
 when the file, symlinks resolved, lies inside the store's root
@@ -15,10 +18,10 @@ make the API's origin serve HTML).
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request, Security
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 
 from contracts.text import clip
@@ -36,6 +39,7 @@ def router(ctx: Context) -> APIRouter:
 
     async def access(
         request: Request,
+        store: str,
         key: str,
         _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
         expires: Annotated[int | None, Query(ge=0, le=2**62, description="Expiry of a signed link (epoch s)")] = None,
@@ -43,22 +47,29 @@ def router(ctx: Context) -> APIRouter:
     ) -> None:
         """A valid signed link for this key, else the operator's bearer token (401); then the request's shape."""
         if expires is not None and sig is not None and request.headers.get("authorization") is None:
-            if not linker.signature_ok(key, expires, sig):
+            if not linker.signature_ok(store, key, expires, sig):
                 raise ApiError(401, "unauthorized", "the link is invalid or has expired; ask the API for a new one")
         else:
             ctx.operator_check(request.headers.get("authorization"), client=_client(request))
         check_request(request)
 
-    ok: dict[str, Any] = route((200, Any), 401, 404, 422)
-    ok["responses"][200] = {"description": "The file (an image type, or application/octet-stream)",
+    ok: dict[str, Any] = route((200, Any), 401, 404, 422, 502)
+    ok["responses"][200] = {"description": "The file (local store; an image type, or application/octet-stream)",
                             "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+    ok["responses"][307] = {"description": "Supabase store: redirect to a fresh signed URL of Supabase Storage",
+                            "headers": {"Location": {"schema": {"type": "string"}}}}
 
-    @r.get("/v1/artifacts/local/{key:path}", operation_id="local_artifact", dependencies=[Depends(access)],
-           response_class=FileResponse, summary="Download a file of the local artifact store", **ok)
-    async def local_artifact(key: str) -> FileResponse:
-        row = await ctx.pool.fetchrow("SELECT content_type FROM artifacts WHERE store = 'local' AND key = $1", key)
+    @r.get("/v1/artifacts/{store}/{key:path}", operation_id="download_artifact", dependencies=[Depends(access)],
+           response_class=FileResponse, summary="Download an artifact", **ok)
+    async def download_artifact(store: Literal["local", "supabase"], key: str) -> Response:
+        row = await ctx.pool.fetchrow("SELECT content_type FROM artifacts WHERE store = $1 AND key = $2", store, key)
         if row is None:
-            raise ApiError(404, "artifact_not_found", f"no local artifact has the key {clip(key)!r}")
+            raise ApiError(404, "artifact_not_found", f"no {store} artifact has the key {clip(key)!r}")
+        if store == "supabase":
+            url, error = await linker.signed_storage_url(key)
+            if url is None:
+                raise ApiError(502, "storage_unavailable", f"Supabase Storage gave no signed URL: {clip(error or '')}")
+            return RedirectResponse(url, status_code=307, headers={"Cache-Control": "no-store"})
         if linker.root is None:
             raise ApiError(404, "artifact_not_served", "this backend does not serve the local store"
                                                        " (DOAI_ARTIFACT_DIR is not set)")
