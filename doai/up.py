@@ -145,7 +145,7 @@ async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -
     artifacts = (await client.get(f"/v1/runs/{run_id}/artifacts")).json().get("artifacts", [])
     pngs = await asyncio.to_thread(lambda: sorted(artifact_dir.rglob(f"*/{run_id}/*.png")))
     say("")
-    say(f"run {run_id} {run.get('status')} ({run.get('outcome')}) in {elapsed:.1f} s")
+    say(f"run {run_id} {run.get('status')} in {elapsed:.1f} s: outcome {run.get('outcome')}")
     say("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     timings = run.get("timings") or {}
     if timings.get("p50_task_ms") is not None:

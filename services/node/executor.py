@@ -151,7 +151,8 @@ class Executor:
                 continue
             ctx.states[step.id] = outcome
             if b.recipe.takes_failure_screenshots:
-                shot = await failure_screenshot(ctx, step.id, b.recipe.timeouts.upload_ms / 1000)
+                # No longer than the step itself had (a hung device must not hold its slot much longer).
+                shot = await failure_screenshot(ctx, step.id, min(timeout_s, b.recipe.timeouts.upload_ms / 1000))
                 if shot is not None:
                     self._artifact_event(job, step.id, shot, kind="failure")
                     log.info("Failure screenshot stored", step_id=step.id, key=shot.key)

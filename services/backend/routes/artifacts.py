@@ -55,7 +55,8 @@ def router(ctx: Context) -> APIRouter:
 
     ok: dict[str, Any] = route((200, Any), 401, 404, 422, 502)
     ok["responses"][200] = {"description": "The file (local store; an image type, or application/octet-stream)",
-                            "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}}
+                            "content": {kind: {"schema": {"type": "string", "format": "binary"}}
+                                        for kind in (*sorted(IMAGE_TYPES), "application/octet-stream")}}
     ok["responses"][307] = {"description": "Supabase store: redirect to a fresh signed URL of Supabase Storage",
                             "headers": {"Location": {"schema": {"type": "string"}}}}
 
