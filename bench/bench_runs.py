@@ -43,6 +43,7 @@ import nats  # noqa: E402
 from doai.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
 from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
+from runtime.signing import generate_seed  # noqa: E402
 from services.backend.main import run_backend  # noqa: E402
 from services.backend.settings import BackendSettings  # noqa: E402
 
@@ -88,7 +89,8 @@ async def bench(args: argparse.Namespace, home: Path) -> None:
     await asyncio.to_thread(nats_server.start)
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    settings = BackendSettings(database_url, nats_server.url, [TOKEN], port=0, node_secret=SECRET)
+    settings = BackendSettings(database_url, nats_server.url, [TOKEN], port=0, node_secret=SECRET,
+                               command_signing_seed=generate_seed())
     backend = asyncio.create_task(run_backend(settings, stop, on_ready=ready.set_result))
     try:
         url = await asyncio.wait_for(ready, 60)

@@ -42,7 +42,7 @@ from services.node.driver import Key  # noqa: E402
 from services.node.factory import build_driver, build_store  # noqa: E402
 from services.node.journal import Journal  # noqa: E402
 from services.node.settings import NodeSettings  # noqa: E402
-from tests.node_support import broadcast, connect, send, until  # noqa: E402
+from tests.node_support import TEST_PUBLIC_KEY, broadcast, connect, send, until  # noqa: E402
 
 NODE = "node-bench"
 RECIPE = validate_recipe({"dsl": 1, "workflow_id": "bench", "params": {
@@ -97,7 +97,8 @@ def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
 
 async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, slots: int, runs: int) -> None:
     settings = NodeSettings(node_id=NODE, nats_url=server.url, vendor_url=f"ws://127.0.0.1:{port}/", slots=slots,
-                            state_dir=tmp / "state", artifact_dir=tmp / "artifacts", inventory_interval_s=1.0)
+                            state_dir=tmp / "state", artifact_dir=tmp / "artifacts", inventory_interval_s=1.0,
+                            command_public_key=TEST_PUBLIC_KEY)
     journal = Journal(settings.journal_path)
     driver = build_driver(settings)
     agent = NodeAgent(settings, journal, driver, build_store(settings))
@@ -180,6 +181,7 @@ async def rss_bench(tmp: Path, server: EmbeddedNats, port: int) -> None:
     agent = NodeAgent(settings, journal, build_driver(settings), build_store(settings))
     agent.scheduler.set_vendor_available(False)  # keep everything queued
     serials = [f"SIM{i:04d}" for i in range(1, 101)]
+    journal.note_devices(serials)  # as if the driver had listed them (no inventory poll here)
     gc.collect()
     rss0 = psutil.Process().memory_info().rss
     for _ in range(100):

@@ -25,6 +25,14 @@ def is_serial(value: str) -> bool:
     return bool(_SERIAL.match(value))
 
 
+def is_run_id(value: str) -> bool:
+    """A run id is a UUID in canonical form (lower-case, hyphenated): it becomes a path segment on nodes."""
+    try:
+        return str(uuid.UUID(value)) == value
+    except (ValueError, TypeError, AttributeError):
+        return False
+
+
 def new_id() -> str:
     """A fresh random id (event ids, run ids)."""
     return str(uuid.uuid4())

@@ -47,7 +47,8 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 
 def _startup_errors() -> tuple[type[BaseException], ...]:
     """What a part raises when a server cannot be reached: shown as one line, not a traceback."""
-    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+    # ConfigError: a setting only checked at start (the node's command public key, which enrollment may fill).
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ConfigError)
     try:
         import asyncpg  # only the server parts install it
     except ImportError:
@@ -123,6 +124,22 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error("node", exc)
     return _serve("node", lambda stop: run_node(settings, stop))
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    """Create the backend's command-signing seed file (0600) if missing; print its public key."""
+    from runtime.signing import SigningKeyError, load_or_create_seed, public_key_of
+
+    path = Path(args.out)
+    try:
+        seed = load_or_create_seed(path)
+    except (OSError, SigningKeyError) as exc:
+        sys.stderr.write(f"doai keygen: {path}: {exc}\n")
+        return 1
+    sys.stdout.write(f"{public_key_of(seed)}\n")
+    sys.stderr.write(f"seed in {path} (keep it secret; backend: DOAI_COMMAND_SIGNING_KEY_FILE={path});"
+                     " the line above is the public key for nodes (DOAI_COMMAND_PUBLIC_KEY)\n")
+    return 0
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -250,7 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     ag = sub.add_parser("aggregator", help="fold events into PostgreSQL (needs DATABASE_URL, NATS_URL)")
     ag.set_defaults(func=cmd_aggregator)
 
-    node = sub.add_parser("node", help="node agent (needs NATS_URL); every flag has an environment variable")
+    node = sub.add_parser("node", help="node agent (needs NATS_URL and DOAI_COMMAND_PUBLIC_KEY); every flag has an "
+                                       "environment variable")
     node.add_argument("--node-id", help="this node's id (DOAI_NODE_ID)")
     node.add_argument("--vendor-url", help="the vendor program's WebSocket (DOAI_VENDOR_URL, default "
                                            "ws://127.0.0.1:22222/)")
@@ -282,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="seconds a screenshot may take to appear after the vendor answered "
                            "(DOAI_VENDOR_SCREENSHOT_WAIT_S, default 10)")
     node.set_defaults(func=cmd_node)
+
+    kg = sub.add_parser("keygen", help="create the command-signing seed file (0600) and print its public key")
+    kg.add_argument("--out", required=True, help="seed file to create (an existing one is kept and reused)")
+    kg.set_defaults(func=cmd_keygen)
 
     sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")
     sim.add_argument("--devices", type=int, default=10)

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from doai.embedded import free_port
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
+from runtime.signing import load_or_create_seed
 from runtime.stopping import install_stop_handlers
 from runtime.supervisor import LoopFailed, Supervisor
 from services.aggregator.main import AggregatorSettings, run_aggregator
@@ -66,6 +67,13 @@ class UpOptions:
     inventory_interval_s: float = 2.0
     # X-Node-Auth secret for the backend; None: generate one (embedded mode, rule 8).
     node_secret: str | None = None
+    # The backend's command-signing seed; None: the one kept under `home` (made on first start, 0600).
+    command_signing_seed: str | None = field(default=None, repr=False)
+
+
+def command_key_path(home: Path) -> Path:
+    """Where `doai up` keeps the backend's command-signing seed for this DOAI_HOME (0600, made once, reused)."""
+    return home / "keys" / "command-signing.seed"
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -177,6 +185,7 @@ class System:
     parts: Supervisor
     artifact_dir: Path
     started_at: datetime
+    command_public_key: str  # what the nodes verify commands with (the seed stays in the backend)
 
     def client(self, timeout: float = 30.0) -> httpx.AsyncClient:
         return httpx.AsyncClient(base_url=self.api_url, headers={"Authorization": f"Bearer {self.token}"},
@@ -201,7 +210,9 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
     started_at = datetime.now(UTC)
     settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
                                node_secret=opts.node_secret or secrets.token_urlsafe(32),
-                               artifact_dir=str(artifact_dir))
+                               artifact_dir=str(artifact_dir),
+                               command_signing_seed=opts.command_signing_seed
+                               or load_or_create_seed(command_key_path(opts.home)))
     aggregator = AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url)
     parts = Supervisor(stop, "doai up", grace_s=15.0)
     body_error: BaseException | None = None
@@ -220,13 +231,13 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                 node = NodeSettings(
                     node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
                     state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                    inventory_interval_s=opts.inventory_interval_s,
+                    inventory_interval_s=opts.inventory_interval_s, command_public_key=settings.command_public_key,
                 )
                 parts.start(f"node-{i}", functools.partial(run_node, node, stop), restart=False)
             with contextlib.suppress(Stopped):
                 await unless_stopped(asyncio.shield(api_ready), stop)
             system = System(api_ready.result() if api_ready.done() else "", token, sims, stop, parts,
-                            artifact_dir, started_at)
+                            artifact_dir, started_at, settings.command_public_key)
             if not api_ready.done():
                 raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
             try:

@@ -23,6 +23,7 @@ from contracts.subjects import CMD_STREAM
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
 from tests.conftest import TEST_TOKEN
+from tests.signing_support import TEST_SIGNING_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_BYTES = (ROOT / "recipes" / "device-smoke.json").read_bytes()
@@ -43,7 +44,7 @@ class Backend:
 @contextlib.asynccontextmanager
 async def running_backend(database_url: str, nats_url: str, **overrides: Any) -> AsyncIterator[Backend]:
     settings = BackendSettings(database_url, nats_url, [TEST_TOKEN], port=0, node_secret=NODE_SECRET,
-                               relay_poll_s=0.2)
+                               relay_poll_s=0.2, command_signing_seed=TEST_SIGNING_SEED)
     for name, value in overrides.items():
         setattr(settings, name, value)
     stop = asyncio.Event()

@@ -22,6 +22,7 @@ from doai.embedded import EmbeddedNats, EmbeddedPostgres
 from doai.servers import Infra
 from doai.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 from runtime.logging import configure_logging
+from tests.signing_support import TEST_SIGNING_SEED
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,8 @@ async def start_system(
             opts = UpOptions(home=tmp_path / "home", nodes=nodes, devices=devices, slots=slots,
                              sim_latency_ms=options.pop("sim_latency_ms", 2.0),
                              screen_latency_ms=options.pop("screen_latency_ms", 20.0),
-                             inventory_interval_s=options.pop("inventory_interval_s", 0.5), **options)
+                             inventory_interval_s=options.pop("inventory_interval_s", 0.5),
+                             command_signing_seed=TEST_SIGNING_SEED, **options)
             infra = Infra(nats_server.url, database_url, embedded=False)
             system = await stack.enter_async_context(running_system(opts, infra, TEST_TOKEN, port=0))
             async with system.client() as client:

@@ -35,6 +35,8 @@ from contracts.ids import new_id, utcnow
 from contracts.recipe import Recipe, resolve_step_timeouts, validate_recipe
 from contracts.subjects import CMD_STREAM, EVT_STREAM, cmd_subject
 from runtime import jetstream
+from runtime.signing import Signer
+from tests.signing_support import TEST_PUBLIC_KEY, TEST_SIGNER, signed_headers
 
 ROOT = Path(__file__).resolve().parent.parent
 _event_decoder = msgspec.json.Decoder(Event)
@@ -64,9 +66,14 @@ async def connect(url: str) -> tuple[NATS, JetStreamContext]:
     return nc, js
 
 
-async def send(js: JetStreamContext, command: RunBroadcast | RunCancel) -> None:
+async def send(js: JetStreamContext, command: RunBroadcast | RunCancel, *, signer: Signer | None = TEST_SIGNER,
+               subject: str | None = None) -> None:
+    """Publish `command` as the backend's relay does: signed with the session's key (`signer=None`: unsigned)."""
     msg_id = f"{type(command).__name__}-{command.run_id}-{command.node_id}"
-    await js.publish(cmd_subject(command.node_id), msgspec.json.encode(command), headers={"Nats-Msg-Id": msg_id})
+    subject = subject or cmd_subject(command.node_id)
+    payload = msgspec.json.encode(command)
+    headers = {"Nats-Msg-Id": msg_id, **(signed_headers(subject, payload, signer) if signer else {})}
+    await js.publish(subject, payload, headers=headers)
 
 
 async def read_events(js: JetStreamContext, subject: str = "doai.evt.>") -> list[Event]:
@@ -163,7 +170,7 @@ class NodeProcess:
         self.args = [sys.executable, "-m", "doai.cli", "node", "--node-id", node_id, "--vendor-url", vendor_url,
                      "--state-dir", str(state_dir), "--artifact-dir", str(artifact_dir), "--slots", str(slots)]
         self.env = {**os.environ, "NATS_URL": nats_url, "DOAI_LOG_FORMAT": "json", "DOAI_LOG_FILE": str(log_path),
-                    "PYTHONPATH": str(ROOT)}
+                    "PYTHONPATH": str(ROOT), "DOAI_COMMAND_PUBLIC_KEY": TEST_PUBLIC_KEY}
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.stderr_path = log_path.with_suffix(".stderr")
@@ -197,5 +204,5 @@ class NodeProcess:
                     yield json.loads(line)
 
 
-__all__ = ["CMD_STREAM", "NodeProcess", "assert_complete_and_exact", "broadcast", "connect", "fold", "read_events",
-           "recipe", "send", "until"]
+__all__ = ["CMD_STREAM", "TEST_PUBLIC_KEY", "NodeProcess", "assert_complete_and_exact", "broadcast", "connect",
+           "fold", "read_events", "recipe", "send", "until"]

@@ -25,6 +25,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from contracts.local_names import local_path
 from doai.embedded import EmbeddedNats
 from tests.backend_support import (
     all_tasks,
@@ -133,6 +134,15 @@ async def test_local_store_download_signed_links_and_refusals(
         for recorded in ["%2E%2E/outside/secret.png", "vid/link.png"]:
             r = await asyncio.wait_for(client.get(f"/v1/artifacts/local/{recorded}"), 5)
             assert r.status_code == 404 and r.json()["error"]["code"] == "artifact_not_found", (recorded, r.text)
+        # A key whose segment is no Windows file name (a Wi-Fi serial) is stored under its mapped local name
+        # (contracts.local_names), and served from there.
+        wifi = "vid/node-1/192.168.0.5:5555/run/1739012345.png"
+        mapped = root.joinpath(*local_path(wifi).parts)
+        mapped.parent.mkdir(parents=True)
+        mapped.write_bytes(PNG[::-1])
+        await record(database_url, run_id, "node-1", "192.168.0.5:5555", "local", wifi)
+        r = await client.get(f"/v1/artifacts/local/{wifi}")
+        assert r.status_code == 200 and r.content == PNG[::-1], r.text
         # A recorded non-image is a download, never a page of the API's origin.
         r = await client.get("/v1/artifacts/local/vid/page.html")
         assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"

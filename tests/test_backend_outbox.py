@@ -46,6 +46,7 @@ from tests.backend_support import (
     wait_until,
 )
 from tests.conftest import TEST_TOKEN
+from tests.signing_support import TEST_SIGNER, TEST_SIGNING_SEED
 
 
 async def unsent(database_url: str) -> int:
@@ -55,7 +56,7 @@ async def unsent(database_url: str) -> int:
 
 async def start_backend_process(database_url: str, nats_url: str, port: int) -> asyncio.subprocess.Process:
     env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_url, "DOAI_API_TOKEN": TEST_TOKEN,
-           "NODE_AGENT_SHARED_SECRET": NODE_SECRET}
+           "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "doai.cli", "backend", "--port", str(port), cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -148,11 +149,11 @@ async def test_relay_dying_after_the_ack_republishes_and_jetstream_keeps_one(
     nc, js = await _jetstream(nats_server.url)
     try:
         with pytest.raises(ConnectionError):
-            await _DiesBeforeCommit(backend_db, js).relay_once()
+            await _DiesBeforeCommit(backend_db, js, signer=TEST_SIGNER).relay_once()
         # Published and acked, but the rows still say unsent: the next relay sends them again.
         assert await backend_db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 3
         assert sum((await stream_counts(nats_server.url)).values()) == 3
-        relay = OutboxRelay(backend_db, js)
+        relay = OutboxRelay(backend_db, js, signer=TEST_SIGNER)
         assert await relay.relay_once() == 3
         assert await relay.relay_once() == 0
     finally:
@@ -177,7 +178,8 @@ async def test_two_relays_at_once_publish_every_command_once_and_in_order(
 
     pools = [await db.create_pool(database_url) for _ in range(2)]
     conns = [await _jetstream(nats_server.url) for _ in range(2)]
-    relays = [OutboxRelay(pool, js, batch=7, poll_s=0.05) for pool, (_, js) in zip(pools, conns, strict=True)]
+    relays = [OutboxRelay(pool, js, signer=TEST_SIGNER, batch=7, poll_s=0.05)
+              for pool, (_, js) in zip(pools, conns, strict=True)]
     stop = asyncio.Event()
     tasks = [asyncio.create_task(relay.run(stop)) for relay in relays]
     try:

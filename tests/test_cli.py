@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.signing_support import TEST_SIGNING_SEED
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -57,6 +59,11 @@ def test_services_refuse_missing_configuration() -> None:
     (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
                    "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_NODE_SLOTS": "node-1"},
      "DOAI_NODE_SLOTS: 'node-1' is not key=value"),
+    (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32}, "doai backend: set DOAI_COMMAND_SIGNING_KEY"),
+    (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY_FILE": "/nonexistent/k.seed"},
+     "DOAI_COMMAND_SIGNING_KEY_FILE: cannot read /nonexistent/k.seed"),
 ])
 def test_every_part_reports_a_bad_setting_in_one_line_naming_the_variable(
     args: list[str], env: dict[str, str], message: str
@@ -69,10 +76,41 @@ def test_every_part_reports_a_bad_setting_in_one_line_naming_the_variable(
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
 
 
+def test_a_node_without_the_command_public_key_does_not_start(tmp_path: Path) -> None:
+    """No key, no node: it would otherwise have to run unsigned commands. One line, nothing created."""
+    clean = {"NATS_URL": "nats://127.0.0.1:1", "DOAI_COMMAND_PUBLIC_KEY": ""}
+    state = tmp_path / "state"
+    res = doai("node", "--node-id", "node-1", "--state-dir", str(state), env=clean)
+    assert res.returncode == 1 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == ("doai node: no command public key: set DOAI_COMMAND_PUBLIC_KEY to the backend's "
+                                  "command-signing public key (enrollment provides it); without it the node would "
+                                  "run unsigned commands")
+    assert not state.exists()
+    seed = doai("keygen", "--out", str(tmp_path / "k.seed"))
+    res = doai("node", "--node-id", "node-1", "--state-dir", str(state),
+               env={**clean, "DOAI_COMMAND_PUBLIC_KEY": (tmp_path / "k.seed").read_text().strip()})
+    assert res.returncode == 1 and "Traceback" not in res.stderr and seed.returncode == 0
+    assert "DOAI_COMMAND_PUBLIC_KEY is unusable: the command public key is not an nkey public key" in res.stderr
+    assert (tmp_path / "k.seed").read_text().strip() not in res.stderr  # the secret is not echoed
+
+
+def test_keygen_makes_a_private_seed_once_and_prints_its_public_key(tmp_path: Path) -> None:
+    out = tmp_path / "keys" / "command.seed"
+    first = doai("keygen", "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    seed = out.read_text().strip()
+    assert seed.startswith("SN") and seed not in first.stdout + first.stderr
+    public = first.stdout.strip()
+    assert public.startswith("N") and len(public) == 56
+    again = doai("keygen", "--out", str(out))
+    assert again.stdout.strip() == public and out.read_text().strip() == seed  # kept, never rewritten
+
+
 def test_unreachable_database_is_one_line_without_the_password() -> None:
     res = doai("backend", env={"DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/d",
                                "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                               "NODE_AGENT_SHARED_SECRET": "n" * 32})
+                               "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED})
     assert res.returncode == 1
     assert "doai backend: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/d" in res.stderr
     assert "s3cret" not in res.stderr and "Traceback" not in res.stderr

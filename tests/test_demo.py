@@ -31,3 +31,8 @@ def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_pat
         assert (video, run) == ("dQw4w9WgXcQ", run_id) and node in {"node-1", "node-2"}
         assert serial.startswith(f"SIM{node[-1]}X") and name.removesuffix(".png").isdigit()
         assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    # The backend signed every command with the seed `doai up` made for this home: private, never printed.
+    seed_file = home / "keys" / "command-signing.seed"
+    assert seed_file.stat().st_mode & 0o777 == 0o600
+    seed = seed_file.read_text().strip()
+    assert seed.startswith("SN") and seed not in res.stdout + res.stderr

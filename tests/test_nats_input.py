@@ -18,6 +18,7 @@ from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
 from contracts.recipe import decode_recipe
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, cmd_subject, evt_subject
+from tests.signing_support import signed_headers
 from tests.test_e2e import wait_completed
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "device-smoke.json"
@@ -87,8 +88,9 @@ async def test_node_drops_bad_commands_and_keeps_working(
     nc = await nats.connect(nats_server.url)
     try:
         js = nc.jetstream()
-        await js.publish(cmd_subject("node-1"), b"\x00garbage")
-        await js.publish(cmd_subject("node-1"), msgspec.json.encode(misaddressed))
+        # Signed with the backend's key, so they get past the signature check to decoding and addressing.
+        for payload in (b"\x00garbage", msgspec.json.encode(misaddressed)):
+            await js.publish(cmd_subject("node-1"), payload, headers=signed_headers(cmd_subject("node-1"), payload))
     finally:
         await nc.close()
     async with system.client() as client:

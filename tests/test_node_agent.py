@@ -26,6 +26,7 @@ from services.node.journal import Journal
 from services.node.settings import NodeSettings
 from services.simulator import Simulator, SimulatorConfig
 from tests.node_support import (
+    TEST_PUBLIC_KEY,
     assert_complete_and_exact,
     broadcast,
     connect,
@@ -45,7 +46,8 @@ async def agent_running(nats_url: str, sim: Simulator, tmp_path: Path, store: Ar
                         **options: Any) -> AsyncIterator[NodeAgent]:
     settings = NodeSettings(node_id=options.pop("node_id", NODE), nats_url=nats_url, vendor_url=sim.url,
                             state_dir=tmp_path / "state", artifact_dir=tmp_path / "artifacts",
-                            inventory_interval_s=options.pop("inventory_interval_s", 0.3), **options)
+                            inventory_interval_s=options.pop("inventory_interval_s", 0.3),
+                            command_public_key=options.pop("command_public_key", TEST_PUBLIC_KEY), **options)
     journal = Journal(settings.journal_path)
     driver = build_driver(settings)
     agent = NodeAgent(settings, journal, driver, store or build_store(settings))

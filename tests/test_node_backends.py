@@ -55,6 +55,7 @@ async def test_device_smoke_over_adb_into_supabase(start_system: Any, nats_serve
             node_id="node-adb", nats_url=nats_server.url, slots=2, state_dir=tmp_path / "state",
             artifact_dir=tmp_path / "unused", driver="adb", adb_port=adb.port, store="supabase",
             supabase_url=storage_url, supabase_key=KEY, supabase_bucket="shots", inventory_interval_s=0.5,
+            command_public_key=system.command_public_key,
         )
         node = asyncio.create_task(run_node(settings, stop))
         try:

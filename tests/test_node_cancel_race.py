@@ -35,6 +35,7 @@ async def test_cancel_of_a_job_dispatched_this_turn_frees_its_slot_and_device(tm
                                 artifact_dir=tmp_path / "a")
         journal = Journal(settings.journal_path)
         agent = NodeAgent(settings, journal, vendor)
+        await agent.inventory.poll()  # the node knows its devices (a serial never listed would be skipped)
         r = recipe([{"id": "sh", "action": "adb_shell", "command": ["echo", "hi"]}])
         first = broadcast("n1", r, [a, b])
 
@@ -70,6 +71,7 @@ async def test_a_cancel_that_arrives_before_its_broadcast_wins(tmp_path: Path) -
                                 artifact_dir=tmp_path / "a")
         journal = Journal(settings.journal_path)
         agent = NodeAgent(settings, journal, vendor)
+        await agent.inventory.poll()
         late = broadcast("n1", recipe([{"id": "sh", "action": "adb_shell", "command": ["echo", "hi"]}]), [serial])
         agent.on_cancel(RunCancel(run_id=late.run_id, node_id="n1"))
         agent.on_broadcast(late)

@@ -31,6 +31,7 @@ import pytest
 from contracts.events import NodeHeartbeat
 from contracts.subjects import evt_subject
 from doai.embedded import EmbeddedNats, free_port
+from tests.signing_support import TEST_PUBLIC_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
 PIP_TIMEOUT_S = 900
@@ -128,7 +129,8 @@ async def test_the_node_extra_alone_runs_a_node_against_an_existing_nats(
             doai, "node", "--node-id", "node-x", "--vendor-url", f"ws://127.0.0.1:{sim_port}/",
             "--state-dir", str(tmp_path / "state"), "--artifact-dir", str(tmp_path / "artifacts"),
             "--inventory-interval", "0.5",
-            cwd=tmp_path, env=clean_env(NATS_URL=nats_server.url), stdout=asyncio.subprocess.DEVNULL,
+            cwd=tmp_path, env=clean_env(NATS_URL=nats_server.url, DOAI_COMMAND_PUBLIC_KEY=TEST_PUBLIC_KEY),
+            stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL))
         deadline = time.monotonic() + 60
         beat: NodeHeartbeat | None = None

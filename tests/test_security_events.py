@@ -55,6 +55,7 @@ from services.backend.settings import BackendSettings
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, publish, seed_run, snapshot
+from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
 
 N1, N2 = "node-1", "node-2"
@@ -433,7 +434,7 @@ async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_t
 
 def test_stream_limits_come_from_the_backend_settings_and_bad_values_are_refused() -> None:
     required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                "NODE_AGENT_SHARED_SECRET": "s" * 32}
+                "NODE_AGENT_SHARED_SECRET": "s" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED}
     limits = load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "1073741824",
                                              "DOAI_CMD_MAX_MSGS": "5000"}).stream_limits()
     assert limits[EVT_STREAM] == StreamLimits(max_bytes=1 << 30, max_msgs=DEFAULT_LIMITS[EVT_STREAM].max_msgs,

@@ -28,6 +28,8 @@ import asyncpg
 import structlog
 
 from contracts.api import ArtifactLink
+from contracts.local_names import local_path
+from runtime.paths import PathEscape, contained
 from services.backend.runs import iso
 
 log = structlog.get_logger(__name__)
@@ -82,11 +84,14 @@ class ArtifactLinker:
         return expires >= int(time.time()) and hmac.compare_digest(self.signature(store, key, expires), sig)
 
     def contained(self, key: str) -> Path | None:
-        """The file of a local key, symlinks resolved, when it lies inside the store's root; else None."""
+        """The file of a local key, as the node's local store names it on disk (each segment mapped by
+        `contracts.local_names`), symlinks resolved, when it lies inside the store's root; else None."""
         if self._root is None:
             return None
-        path = (self._root / key).resolve()
-        return path if path.is_relative_to(self._root) and path != self._root else None
+        try:
+            return contained(self._root, *local_path(key).parts)
+        except (PathEscape, ValueError):
+            return None
 
     def link(self, store: str, key: str, base_url: str) -> str:
         """This API's signed, expiring download link for an artifact."""

@@ -50,7 +50,9 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
                  on_ready: Callable[[str], None] | None) -> None:
     await jetstream.ensure_streams(js, settings.stream_limits())  # creates, or applies changed limits
     settings.artifact_url_key = await artifact_links.shared_url_key(pool, settings.artifact_url_key)
-    relay = OutboxRelay(pool, js, poll_s=settings.relay_poll_s)
+    signer = settings.command_signer()
+    log.info("commands are signed", command_public_key=signer.public_key)
+    relay = OutboxRelay(pool, js, signer=signer, poll_s=settings.relay_poll_s)
     app = create_app(pool, relay, settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="off")

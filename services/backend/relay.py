@@ -7,6 +7,11 @@ commit) is stored once by JetStream's duplicate window. A row waits while an
 earlier row of the same (run, node) is unsent, so a node never gets a run's
 `RunCancel` before its `RunBroadcast`. A run moves from `pending` to
 `dispatched` when all its broadcasts are sent.
+
+Every command is signed as it is published (`Doai-Sig`, over the subject and
+the exact payload bytes, with the backend's command-signing key): nodes refuse
+anything else. The outbox keeps the unsigned payload; signing is deterministic
+(Ed25519), so a re-published row carries the same signature.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import structlog
 from nats.js import JetStreamContext
 
 from runtime.aio import drain_forever
+from runtime.signing import Signer
 from services.backend.runs import broadcast_msg_id
 
 log = structlog.get_logger(__name__)
@@ -35,10 +41,11 @@ ORDER BY o.id LIMIT $1 FOR UPDATE OF o SKIP LOCKED
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, poll_s: float = 1.0,
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, signer: Signer, poll_s: float = 1.0,
                  batch: int = 100) -> None:
         self._pool = pool
         self._js = js
+        self._signer = signer
         self._poll_s = poll_s
         self._batch = batch
         self._wake = asyncio.Event()
@@ -60,7 +67,8 @@ class OutboxRelay:
                          and r["msg_id"] == broadcast_msg_id(str(r["run_id"]), r["node_id"])}
             sending = [r for r in rows if r["id"] not in withdrawn]
             acks = await asyncio.gather(*(
-                self._js.publish(r["subject"], r["payload"], headers={"Nats-Msg-Id": r["msg_id"]})
+                self._js.publish(r["subject"], r["payload"], headers={
+                    "Nats-Msg-Id": r["msg_id"], **self._signer.command_headers(r["subject"], r["payload"])})
                 for r in sending
             ))
             await self._mark_sent(conn, rows)

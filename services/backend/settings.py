@@ -8,6 +8,7 @@ fields are checked once, when the object is built.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 from msgspec import field
@@ -17,6 +18,7 @@ from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from contracts.subjects import CMD_STREAM, EVT_STREAM
 from runtime.config import ConfigError, Settings
 from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
+from runtime.signing import Signer, SigningKeyError
 
 MIN_NODE_SECRET_BYTES = 32
 
@@ -64,13 +66,18 @@ class BackendSettings(Settings):
     # The API's address as operators reach it, for absolute download links (unset: the address the request
     # came to, e.g. http://127.0.0.1:8080).
     public_url: str | None = field(default=None, name="DOAI_PUBLIC_URL")
+    # The command-signing seed (an nkey seed, 'SN…'), or a file holding it: the relay signs every
+    # RunBroadcast and RunCancel with it; nodes verify with `command_public_key`. A secret: never logged.
+    command_signing_seed: str = field(default="", name="DOAI_COMMAND_SIGNING_KEY")
+    command_signing_key_file: Path | None = field(default=None, name="DOAI_COMMAND_SIGNING_KEY_FILE")
     # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
     # at creation when a param the template uses is missing or not a plain path segment.
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
 
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key", "artifact_url_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key",
+                                                   "command_signing_seed", "artifact_url_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:
@@ -102,6 +109,33 @@ class BackendSettings(Settings):
             template_fields(self.path_template)
         except ArtifactPathError as exc:
             raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
+        self._load_signing_seed()
+
+    def _load_signing_seed(self) -> None:
+        """The backend does not start without a usable command-signing key: it would send unsigned commands."""
+        path = self.command_signing_key_file
+        if path is not None and self.command_signing_seed:
+            raise ConfigError("set DOAI_COMMAND_SIGNING_KEY or DOAI_COMMAND_SIGNING_KEY_FILE, not both")
+        if path is not None:
+            try:
+                self.command_signing_seed = Path(path).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"DOAI_COMMAND_SIGNING_KEY_FILE: cannot read {path}: {exc.strerror}") from None
+        if not self.command_signing_seed.strip():
+            raise ConfigError("set DOAI_COMMAND_SIGNING_KEY (an nkey seed; `doai keygen --out FILE` makes one) or "
+                              "DOAI_COMMAND_SIGNING_KEY_FILE: the backend signs every command it sends to nodes")
+        self.command_signer()
+
+    def command_signer(self) -> Signer:
+        try:
+            return Signer(self.command_signing_seed)
+        except SigningKeyError as exc:
+            raise ConfigError(f"DOAI_COMMAND_SIGNING_KEY is unusable: {exc}") from None
+
+    @property
+    def command_public_key(self) -> str:
+        """The public key nodes verify commands with (safe to show and to hand to nodes at enrollment)."""
+        return self.command_signer().public_key
 
     def stream_limits(self) -> dict[str, StreamLimits]:
         return {

@@ -36,6 +36,7 @@ class NodeAgent:
         self.scheduler = Scheduler(settings.slots)
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
+        self.commands: CommandConsumer | None = None
         self.loops: Supervisor | None = None  # the outbox, inventory and command loops while running
         self._stopping = False
         self.executor = Executor(
@@ -99,11 +100,22 @@ class NodeAgent:
         self.dispatch()
 
     def on_broadcast(self, broadcast: RunBroadcast) -> None:
+        """Journal an admitted broadcast (`admission.check_broadcast` passed) and queue its jobs.
+
+        A device this node's driver never listed is not this node's: its job ends `skipped`
+        (`unknown_device`) at once and nothing about it reaches the driver.
+        """
         jobs = self.journal.add_broadcast(broadcast)
         with bound_contextvars(run_id=broadcast.run_id, node_id=self.settings.node_id):
             log.info("Run received", devices=len(broadcast.devices), new_jobs=len(jobs),
                      workflow_id=broadcast.workflow_id, workflow_version=broadcast.workflow_version)
         for job in jobs:
+            if not self.journal.is_known_device(job.serial):
+                with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
+                    log.warning("Task skipped: device unknown to this node")
+                    self.executor.task_event(
+                        job, "skipped", error="unknown_device: this node's driver never listed this serial")
+                continue
             self.scheduler.submit(job)
         self.dispatch()
 
@@ -157,6 +169,7 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        verifier = s.command_verifier()  # no key, no start: never run unsigned commands
         nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop)
         try:
             js = nc.jetstream()
@@ -164,8 +177,8 @@ class NodeAgent:
             await jetstream.ensure_node_consumer(js, s.node_id)
             self.outbox = Outbox(self.journal, js)
             self.recover()
-            commands = CommandConsumer(js, s.node_id, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel,
-                                       nc=nc)
+            commands = self.commands = CommandConsumer(
+                js, s.node_id, verifier=verifier, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel, nc=nc)
             outbox = self.outbox
             async with Supervisor(stop, f"node {s.node_id}") as loops:
                 loops.start("outbox", lambda: outbox.run(stop))
@@ -189,6 +202,7 @@ class NodeAgent:
 
 async def run_node(settings: NodeSettings, stop: asyncio.Event) -> None:
     """A node agent until `stop`; its driver and store come from `factory` (chosen by config)."""
+    settings.command_verifier()  # refuse to start without the backend's public key, before touching anything
     journal = Journal(settings.journal_path)
     driver = build_driver(settings)
     try:

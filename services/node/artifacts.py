@@ -18,10 +18,19 @@ from typing import Protocol
 
 from contracts.artifact_path import ArtifactPathError
 from contracts.artifact_path import render_key as _render_key
+from contracts.local_names import local_path
+from runtime.paths import PathEscape, contained
 
 
 class ArtifactError(Exception):
     code = "artifact_error"
+
+
+class ArtifactKeyEscape(ArtifactError):
+    """A key that would leave the local store's root (`..`, absolute, a symlink out): never retried."""
+
+    code = "artifact_path"
+    retryable = False
 
 
 @dataclass(frozen=True)
@@ -63,16 +72,22 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
+    def _path_of(self, key: str) -> Path:
+        """Where `key` lives on this disk: each segment as a name every filesystem accepts (contracts.local_names)."""
+        try:
+            return contained(self.root, *local_path(key).parts)
+        except (PathEscape, ValueError) as exc:
+            raise ArtifactKeyEscape(f"artifact key escapes the store: {exc}") from None
+
     def _put(self, key: str, source: Path) -> StoredArtifact:
-        target = (self.root / key).resolve()
-        if not target.is_relative_to(self.root):
-            raise ArtifactError(f"artifact key escapes the store: {key!r}")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        final_key, final = key, self._path_of(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stem, dot, suffix = key.rpartition("/")[2].rpartition(".")
         n = 1
-        final_key, final = key, target
         while final.exists():  # two screenshots in one second: keep both
-            final = target.with_name(f"{target.stem}-{n}{target.suffix}")
-            final_key = str(final.relative_to(self.root))
+            name = f"{stem}-{n}.{suffix}" if dot else f"{suffix}-{n}"
+            final_key = f"{key.rpartition('/')[0]}/{name}" if "/" in key else name
+            final = self._path_of(final_key)
             n += 1
         tmp = final.with_name(final.name + ".part")
         shutil.copyfile(source, tmp)

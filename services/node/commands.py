@@ -1,13 +1,24 @@
 """The node's durable pull consumer on `doai.cmd.<node_id>`.
 
-A `RunBroadcast` is acked only after every device job of it is in the
-journal. A message that is not a valid command for this node is logged with
-a clear reason and terminated (it would fail the same way every time).
+Every message is checked before anything else happens, in this order, and a
+message failing a check is logged once with the reason and terminated (it
+would fail the same way every time; JetStream does not redeliver it):
+
+1. its `Doai-Sig` header must verify, with the backend's command public key,
+   over the subject and the exact payload bytes (`runtime.signing`): unsigned,
+   wrongly signed, altered or re-addressed commands stop here, undecoded;
+2. it must decode as a `RunBroadcast` or `RunCancel` addressed to this node;
+3. it must pass `admission` (UUID run id, recipe re-validated, params,
+   timeouts, device list).
+
+Only then is a `RunBroadcast` written to the journal; it is acked after every
+device job of it is there.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Callable
 
 import msgspec
@@ -17,8 +28,10 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts.commands import Command, RunBroadcast, RunCancel
-from contracts.subjects import CMD_STREAM, node_durable
+from contracts.subjects import CMD_STREAM, cmd_subject, node_durable
 from runtime.pull_consumer import EnsureConsumer, PullConsumer
+from runtime.signing import BadSignature, Verifier
+from services.node.admission import Refused, check_broadcast, check_cancel, shown
 
 log = structlog.get_logger(__name__)
 
@@ -26,15 +39,18 @@ _decoder = msgspec.json.Decoder(Command)
 
 
 class CommandConsumer:
-    def __init__(self, js: JetStreamContext, node_id: str, *,
+    def __init__(self, js: JetStreamContext, node_id: str, *, verifier: Verifier,
                  on_broadcast: Callable[[RunBroadcast], None],
                  on_cancel: Callable[[RunCancel], None],
                  nc: NATS | None = None, fetch_timeout_s: float = 1.0,
                  ensure_consumer: EnsureConsumer | None = None) -> None:
         self._js = js
         self._node_id = node_id
+        self._verifier = verifier
+        self._subject = cmd_subject(node_id)
         self._on_broadcast = on_broadcast
         self._on_cancel = on_cancel
+        self.refused: Counter[str] = Counter()  # commands terminated, by reason code
         # The backend declares node consumers (services/backend/keeper.py); a node that may not
         # passes no `ensure_consumer` and waits for it.
         self.consumer = PullConsumer(js, CMD_STREAM, node_durable(node_id), nc=nc, ensure=ensure_consumer,
@@ -46,17 +62,39 @@ class CommandConsumer:
         """How many times the pull subscription was (re)bound."""
         return self.consumer.subscriptions
 
+    async def _refuse(self, msg: Msg, code: str, event: str, **fields: object) -> None:
+        self.refused[code] += 1
+        log.error(event, node_id=self._node_id, subject=msg.subject[:200], reason=code, **fields)
+        await msg.term()
+
     async def handle(self, msg: Msg) -> None:
+        try:
+            self._verifier.verify_command(msg.subject, msg.data, msg.headers)
+        except BadSignature as exc:
+            await self._refuse(msg, exc.code, "command refused: signature", error=str(exc), bytes=len(msg.data))
+            return
+        if msg.subject != self._subject:  # signed, but for another node's subject
+            await self._refuse(msg, "wrong_subject", "command refused: subject", expected=self._subject)
+            return
         try:
             command = _decoder.decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
-            log.error("malformed command dropped", subject=msg.subject, error=str(err),
-                      preview=msg.data[:200].decode(errors="replace"))
-            await msg.term()
+            await self._refuse(msg, "malformed", "malformed command dropped", error=str(err),
+                               preview=msg.data[:200].decode(errors="replace"))
             return
         if command.node_id != self._node_id:
-            log.error("command for another node dropped", subject=msg.subject, addressed_to=command.node_id)
-            await msg.term()
+            await self._refuse(msg, "wrong_node", "command for another node dropped",
+                               addressed_to=shown(command.node_id))
+            return
+        try:
+            if isinstance(command, RunBroadcast):
+                check_broadcast(command, self._node_id)
+            else:
+                check_cancel(command, self._node_id)
+        except Refused as exc:
+            run = {"run_id": command.run_id} if exc.code != "bad_run_id" else {"run_id_given": shown(command.run_id)}
+            await self._refuse(msg, exc.code, "command refused: invalid", command=type(command).__name__,
+                               error=str(exc), **run)
             return
         if isinstance(command, RunBroadcast):
             self._on_broadcast(command)  # writes the journal; raises if it cannot

@@ -48,6 +48,7 @@ class Inventory:
         was_available = self.vendor_available
         self.vendor_available = bool(devices)
         if devices:
+            self.journal.note_devices(d.serial for d in devices)
             if not was_available and self.polls:
                 log.info("vendor program available again", devices=len(devices))
             self.scheduler.set_online(d.serial for d in devices if d.status == "online")

@@ -9,6 +9,7 @@ was started and what still has to be published.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempt  INTEGER NOT NULL,
     seq      INTEGER NOT NULL,
     PRIMARY KEY (run_id, serial)
+);
+-- Every serial this node's driver has listed: a broadcast's device must be one of them.
+CREATE TABLE IF NOT EXISTS known_devices (
+    serial   TEXT PRIMARY KEY
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -74,9 +79,23 @@ class Journal:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._broadcasts: dict[str, RunBroadcast] = {}
+        self._known: set[str] = {row[0] for row in self._db.execute("SELECT serial FROM known_devices")}
 
     def close(self) -> None:
         self._db.close()
+
+    # -- devices ------------------------------------------------------------------
+
+    def note_devices(self, serials: Iterable[str]) -> None:
+        """Remember serials the driver listed (kept across restarts, so a vendor outage at start-up
+        does not make this node's own devices unknown)."""
+        new = set(serials) - self._known
+        if new:
+            self._db.executemany("INSERT OR IGNORE INTO known_devices (serial) VALUES (?)", [(s,) for s in new])
+            self._known |= new
+
+    def is_known_device(self, serial: str) -> bool:
+        return serial in self._known
 
     # -- broadcasts and jobs -------------------------------------------------
 

@@ -15,6 +15,7 @@ from msgspec import field
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.ids import is_node_id
 from runtime.config import ConfigError, Settings, env_names
+from runtime.signing import SigningKeyError, Verifier
 
 __all__ = ["DEFAULT_PATH_TEMPLATE", "NodeSettings"]
 
@@ -58,6 +59,9 @@ class NodeSettings(Settings, kw_only=True):
     supabase_url: str = field(default="", name="SUPABASE_URL")
     supabase_key: str = field(default="", name="SUPABASE_SERVICE_KEY")  # a secret: never logged or shown
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
+    # The backend's command-signing public key (an nkey starting with 'N'): commands that do not verify
+    # with it are refused. Required to start (enrollment fills it); see `command_verifier`.
+    command_public_key: str = field(default="", name="DOAI_COMMAND_PUBLIC_KEY")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
@@ -91,6 +95,8 @@ class NodeSettings(Settings, kw_only=True):
         for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s"):
             if not getattr(self, attr) > 0:
                 raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
+        if self.command_public_key:
+            self.command_verifier()  # a key that is set must be usable; an empty one is refused at start
 
     @property
     def journal_path(self) -> Path:
@@ -99,3 +105,20 @@ class NodeSettings(Settings, kw_only=True):
     @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool" / self.node_id
+
+    def command_verifier(self) -> Verifier:
+        """The verifier of the backend's command signatures, or `ConfigError` when none is usable.
+
+        A node without the key would have to run unsigned commands: it does not start instead
+        (`run_node` and `NodeAgent.run` call this first). Enrollment may fill the key after the
+        settings are loaded, so an empty key is refused here, at start, not when loading.
+        """
+        if not self.command_public_key.strip():
+            raise ConfigError(
+                "no command public key: set DOAI_COMMAND_PUBLIC_KEY to the backend's command-signing public key"
+                " (enrollment provides it); without it the node would run unsigned commands"
+            )
+        try:
+            return Verifier(self.command_public_key)
+        except SigningKeyError as exc:
+            raise ConfigError(f"DOAI_COMMAND_PUBLIC_KEY is unusable: {exc}") from None

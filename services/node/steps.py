@@ -19,6 +19,7 @@ import structlog
 from contracts import recipe as dsl
 from contracts.patterns import PatternError
 from contracts.patterns import search as pattern_search
+from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver, Key
 
@@ -77,6 +78,22 @@ def _package(name: str) -> str:
     return name
 
 
+def _inside(root: Path, *parts: str) -> Path:
+    try:
+        return contained(root, *parts)
+    except PathEscape as exc:
+        raise StepError(exc.code, str(exc)) from None
+
+
+def _saved_inside(folder: Path, path: Path) -> Path:
+    """The file a driver saved, checked to lie under `folder` (a program may add dated subfolders)."""
+    try:
+        relative = path.resolve().relative_to(folder)
+    except ValueError:
+        raise StepError("path_escape", f"the driver saved the screenshot outside {folder}: {path}") from None
+    return _inside(folder, *relative.parts)
+
+
 def shell_line(argv: list[str]) -> str:
     return " ".join(shlex.quote(a) for a in argv)
 
@@ -120,9 +137,10 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
             await asyncio.sleep(ms / 1000)
             return StepResult()
         case dsl.Screenshot():
-            folder = ctx.spool / step.id
+            folder = _inside(ctx.spool, step.id)
             folder.mkdir(parents=True, exist_ok=True)
             path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=timeout_s)
+            path = _saved_inside(folder, path)
             ctx.screenshots[step.id] = path
             return StepResult(str(path))
         case dsl.Upload(source=source):
