@@ -1,12 +1,13 @@
-"""`/v1/devices`, `/v1/nodes`: the fleet as the nodes last reported it (operator token)."""
+"""`/v1/devices`, `/v1/nodes`: the fleet as the nodes last reported it; revoking a node (operator token)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Path, Query
 
 from contracts import api
+from contracts.ids import NODE_ID_PATTERN
 from services.backend import runs
 from services.backend.errors import JSONResponse
 from services.backend.openapi import route
@@ -38,5 +39,10 @@ def router(ctx: Context) -> APIRouter:
     ) -> JSONResponse:
         return JSONResponse(await runs.device_tasks(ctx.pool, node_id, serial, state=state, cursor=cursor,
                                                     limit=limit))
+    @r.post("/v1/nodes/{node_id}/revoke", operation_id="revoke_node",
+            **route((200, api.NodeRevoked), 401, 404, 422, 503))
+    async def revoke_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
+        """The node's NATS identity stops working at once (no nats-server restart); it may enroll again."""
+        return JSONResponse(await ctx.enrollments().revoke(node_id))
 
     return r
