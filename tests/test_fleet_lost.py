@@ -25,7 +25,7 @@ import pytest
 from doai.embedded import EmbeddedNats
 from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.simulator import Simulator, SimulatorConfig
-from tests.backend_support import running_backend
+from tests.backend_support import all_tasks, running_backend
 from tests.conftest import creds_file
 from tests.node_support import NodeProcess, provision_node, recipe
 
@@ -60,6 +60,7 @@ class Lab:
         r = await self.client.get(f"/v1/runs/{run_id}")
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
+        body["tasks"] = await all_tasks(self.client, run_id)  # the summary has none: read them from their pages
         return body
 
     async def task_states(self, run_id: str) -> list[str]:
