@@ -73,3 +73,19 @@ async def test_node_id_with_a_trailing_line_feed_is_refused_at_enrollment(
             assert any(d["path"] == "$.node_id" for d in r.json()["error"]["details"]), r.text[:300]
     assert await count(database_url, "SELECT count(*) FROM node_identities") == 0
     assert await cmd_consumers(nats_server) == before
+
+
+def test_settings_repr_keeps_database_and_nats_passwords_out(tmp_path: Path) -> None:
+    """Leak: `repr(BackendSettings)` masked the secret fields but showed DATABASE_URL whole, password
+    included (and a `nats://user:password@` URL the same)."""
+    from runtime.signing import generate_seed
+    from services.backend.settings import BackendSettings
+
+    settings = BackendSettings("postgresql://doai:pg-Pa55word@db.example:5432/doai",
+                               "nats://someone:nats-Pa55word@127.0.0.1:4222", api_tokens=["t" * 32],
+                               node_secret="n" * 40, command_signing_seed=generate_seed(),
+                               nats_auth_dir=tmp_path)
+    shown = repr(settings)
+    assert "pg-Pa55word" not in shown and "nats-Pa55word" not in shown, shown
+    assert "postgresql://doai:***@db.example:5432/doai" in shown  # the rest stays readable
+    assert settings.database_url.endswith("pg-Pa55word@db.example:5432/doai")  # the value itself is intact
