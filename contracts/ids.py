@@ -18,11 +18,11 @@ _SERIAL = re.compile(SERIAL_PATTERN)
 
 
 def is_node_id(value: str) -> bool:
-    return bool(_NODE_ID.match(value))
+    return bool(_NODE_ID.fullmatch(value))  # `match` with `$` would allow a trailing "\n"
 
 
 def is_serial(value: str) -> bool:
-    return bool(_SERIAL.match(value))
+    return bool(_SERIAL.fullmatch(value))
 
 
 def is_run_id(value: str) -> bool:

@@ -21,12 +21,27 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
 
 class ConfigError(ValueError):
     """A configuration a part refuses to start with; the message names the variable and what is wrong."""
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of a URL in it (`postgresql://u:pw@h/db`, `nats://u:pw@h`) as `***`."""
+    if "://" not in text:
+        return text
+    try:
+        parts = urlsplit(text)
+        password = parts.password
+    except ValueError:
+        return text
+    if not password:
+        return text
+    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{password}@", ":***@")))
 
 
 class Settings(msgspec.Struct, kw_only=True):
@@ -41,7 +56,11 @@ class Settings(msgspec.Struct, kw_only=True):
         shown = []
         for field in msgspec.structs.fields(self):
             value = getattr(self, field.name)
-            shown.append(f"{field.name}={'***' if field.name in self.SECRETS and value else repr(value)}")
+            if field.name in self.SECRETS and value:
+                text = "***"
+            else:  # a DSN or server URL keeps its password out too (DATABASE_URL is not a secret field)
+                text = repr(redact_url(value)) if isinstance(value, str) else repr(value)
+            shown.append(f"{field.name}={text}")
         return f"{type(self).__name__}({', '.join(shown)})"
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from importlib.resources import files
 from importlib.resources.abc import Traversable
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import structlog
+
+from runtime.config import redact_url
 
 log = structlog.get_logger(__name__)
 
@@ -22,11 +23,7 @@ _LOCK_KEY = 0x646F6169  # "doai"
 
 def redact(dsn: str) -> str:
     """The DSN without its password, for messages."""
-    parts = urlsplit(dsn)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return dsn
+    return redact_url(dsn)
 
 
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:

@@ -31,12 +31,18 @@ import structlog
 from nats.js import JetStreamContext
 
 from contracts import api
+from contracts.ids import is_node_id
 from runtime import jetstream
 from runtime.nats_auth import NatsTrust, is_user_public_key, push_account_jwt, revocation_time
 from services.backend.errors import ApiError
 from services.backend.runs import iso
 
 log = structlog.get_logger(__name__)
+
+
+def _already_enrolled(node_id: str) -> ApiError:
+    return ApiError(409, "node_enrolled", f"node {node_id} is already enrolled with another key; an operator "
+                    "must revoke it first (POST /v1/nodes/{node_id}/revoke)")
 
 
 class Enrollment:
@@ -52,6 +58,9 @@ class Enrollment:
     async def enroll(self, request: api.NodeEnrollRequest) -> tuple[api.NodeEnrollment, bool]:
         """Record the node's key and sign its user JWT; (answer, whether it was new)."""
         node_id, key = request.node_id, request.public_key
+        if not is_node_id(node_id):  # the pattern's `$` lets a trailing line feed through; is_node_id does not
+            raise ApiError(422, "invalid", "request body is invalid",
+                           [{"path": "$.node_id", "message": "not a node id (letters, digits, '_' and '-')"}])
         if not is_user_public_key(key):  # the pattern matched; the nkey checksum must hold too
             raise ApiError(422, "invalid", "request body is invalid",
                            [{"path": "$.public_key", "message": "not a NATS user public key (bad checksum)"}])
@@ -61,19 +70,18 @@ class Enrollment:
             row = await conn.fetchrow("SELECT * FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)
             if row is not None and row["revoked_at"] is None and row["public_key"] != key:
                 log.warning("enrollment refused: node already enrolled with another key", node_id=node_id)
-                raise ApiError(409, "node_enrolled",
-                               f"node {node_id} is already enrolled with another key; an operator must revoke "
-                               "it first (POST /v1/nodes/{node_id}/revoke)")
+                raise _already_enrolled(node_id)
             if await conn.fetchval("SELECT node_id FROM node_identities WHERE public_key = $1 AND node_id <> $2",
                                    key, node_id):
                 raise ApiError(409, "key_in_use", "this public key belongs to another node")
             created = row is None or row["revoked_at"] is not None
-            enrolled_at = await conn.fetchval(
-                "INSERT INTO node_identities (node_id, public_key) VALUES ($1, $2)"
-                " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
-                " enrolled_at = CASE WHEN node_identities.revoked_at IS NULL THEN node_identities.enrolled_at"
-                " ELSE now() END, revoked_at = NULL"
-                " RETURNING enrolled_at", node_id, key)
+            try:
+                enrolled_at = await self._record(conn, node_id, key)
+            except asyncpg.UniqueViolationError:  # the same key enrolled concurrently for another node id
+                raise ApiError(409, "key_in_use", "this public key belongs to another node") from None
+            if enrolled_at is None:
+                log.warning("enrollment refused: node enrolled concurrently with another key", node_id=node_id)
+                raise _already_enrolled(node_id)
             user_jwt = self._trust.user_jwt(key, "node", node_id)
             # Nodes cannot create consumers: the backend declares the node's durable one now. If NATS
             # cannot be reached the transaction rolls back: nothing is recorded, the node retries (503).
@@ -86,6 +94,20 @@ class Enrollment:
         return api.NodeEnrollment(node_id=node_id, public_key=key, user_jwt=user_jwt,
                                   command_public_key=self._command_public_key,
                                   enrolled_at=iso(enrolled_at) or ""), created
+
+    @staticmethod
+    async def _record(conn: asyncpg.Connection, node_id: str, key: str) -> Any:
+        """Insert or re-enroll the node's row; None when another key holds it (not revoked)."""
+        return await conn.fetchval(
+            "INSERT INTO node_identities (node_id, public_key) VALUES ($1, $2)"
+            " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
+            " enrolled_at = CASE WHEN node_identities.revoked_at IS NULL THEN node_identities.enrolled_at"
+            " ELSE now() END, revoked_at = NULL"
+            # Two first enrollments of one id can both find no row in `enroll`; the one that inserts
+            # second must not replace the first's key (its JWT is already out and would stay valid
+            # but unrecorded, so unrevocable): it updates only a revoked row or its own key.
+            " WHERE node_identities.revoked_at IS NOT NULL OR node_identities.public_key = EXCLUDED.public_key"
+            " RETURNING enrolled_at", node_id, key)
 
     async def revoke(self, node_id: str) -> api.NodeRevoked:
         """Revoke the node's key on nats-server now; the row stays so the node id can enroll again."""
