@@ -402,6 +402,12 @@ class NodeRevoked(Struct, kw_only=True):
     revoked_at: str
 
 
+class NodeReadmitted(Struct, kw_only=True):
+    """`POST /v1/nodes/{node_id}/readmit`: a revoked node id may enroll again, with a new key pair."""
+
+    node_id: str
+
+
 class Health(Struct):
     status: str
 

@@ -151,13 +151,22 @@ async def test_enroll_run_a_task_then_revoke_without_restarting_nats(
     # The same server process throughout: no restart, no reload.
     assert nats_server.proc is not None and nats_server.proc.pid == server_pid and nats_server.proc.poll() is None
 
-    # After revocation the id may enroll again, with a new key only.
+    # A revoked id stays out, even with a new key pair and the shared secret (a stolen PC has both),
+    # until an operator re-admits it; then it enrolls with a new key only.
+    fresh_key = public_key_of(new_user_seed())
     async with httpx.AsyncClient(base_url=system.api_url, headers={"X-Node-Auth": SECRET}) as node_api:
         reused = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": key})
         assert reused.status_code == 409 and reused.json()["error"]["code"] == "key_revoked"
-        fresh_seed = new_user_seed()
-        fresh = await node_api.post("/v1/node/enroll",
-                                    json={"node_id": "node-new", "public_key": public_key_of(fresh_seed)})
+        stolen = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": fresh_key})
+        assert stolen.status_code == 409 and stolen.json()["error"]["code"] == "node_revoked"
+        assert await count(database_url, "SELECT public_key FROM node_identities WHERE node_id = 'node-new'") == key
+        async with system.client() as client:
+            assert (await client.post("/v1/nodes/node-new/readmit")).status_code == 200
+            assert (await client.post("/v1/nodes/node-new/readmit")).status_code == 404  # nothing left to re-admit
+        assert (await node_api.post("/v1/nodes/node-new/readmit")).status_code == 401  # operators only
+        reused = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": key})
+        assert reused.status_code == 409 and reused.json()["error"]["code"] == "key_revoked"
+        fresh = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": fresh_key})
         assert fresh.status_code == 201, fresh.text
     assert await count(database_url, "SELECT count(*) FROM nats_revocations") == 1
 

@@ -68,13 +68,19 @@ class Enrollment:
             if await conn.fetchval("SELECT 1 FROM nats_revocations WHERE public_key = $1", key):
                 raise ApiError(409, "key_revoked", "this public key was revoked: make a new key pair")
             row = await conn.fetchrow("SELECT * FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)
-            if row is not None and row["revoked_at"] is None and row["public_key"] != key:
+            if row is not None and row["revoked_at"] is not None:
+                # A revoked node stays out: whoever holds its PC also holds the shared secret, so
+                # re-enrolling must take an operator's decision (POST /v1/nodes/{id}/readmit).
+                log.warning("enrollment refused: node revoked", node_id=node_id)
+                raise ApiError(409, "node_revoked", f"node {node_id} was revoked: an operator must re-admit it"
+                               f" (POST /v1/nodes/{node_id}/readmit) before it can enroll again")
+            if row is not None and row["public_key"] != key:
                 log.warning("enrollment refused: node already enrolled with another key", node_id=node_id)
                 raise _already_enrolled(node_id)
             if await conn.fetchval("SELECT node_id FROM node_identities WHERE public_key = $1 AND node_id <> $2",
                                    key, node_id):
                 raise ApiError(409, "key_in_use", "this public key belongs to another node")
-            created = row is None or row["revoked_at"] is not None
+            created = row is None
             try:
                 enrolled_at = await self._record(conn, node_id, key)
             except asyncpg.UniqueViolationError:  # the same key enrolled concurrently for another node id
@@ -109,8 +115,20 @@ class Enrollment:
             " WHERE node_identities.revoked_at IS NOT NULL OR node_identities.public_key = EXCLUDED.public_key"
             " RETURNING enrolled_at", node_id, key)
 
+    async def readmit(self, node_id: str) -> api.NodeReadmitted:
+        """Let a revoked node id enroll again (with a new key pair: its revoked key stays revoked)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT revoked_at FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)
+            if row is None:
+                raise ApiError(404, "node_not_enrolled", f"node {node_id[:80]} is not enrolled")
+            if row["revoked_at"] is None:
+                raise ApiError(409, "node_not_revoked", f"node {node_id} is enrolled and not revoked")
+            await conn.execute("DELETE FROM node_identities WHERE node_id = $1", node_id)
+        log.warning("revoked node re-admitted: it may enroll again", node_id=node_id)
+        return api.NodeReadmitted(node_id=node_id)
+
     async def revoke(self, node_id: str) -> api.NodeRevoked:
-        """Revoke the node's key on nats-server now; the row stays so the node id can enroll again."""
+        """Revoke the node's key on nats-server now; the node id stays out until an operator re-admits it."""
         when = revocation_time()
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow("SELECT * FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)

@@ -42,7 +42,17 @@ def router(ctx: Context) -> APIRouter:
     @r.post("/v1/nodes/{node_id}/revoke", operation_id="revoke_node",
             **route((200, api.NodeRevoked), 401, 404, 422, 503))
     async def revoke_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
-        """The node's NATS identity stops working at once (no nats-server restart); it may enroll again."""
+        """The node's NATS identity stops working at once (no nats-server restart).
+
+        The node id cannot enroll again until an operator re-admits it (`POST /v1/nodes/{node_id}/readmit`):
+        whoever holds a stolen node PC also holds the shared secret.
+        """
         return JSONResponse(await ctx.enrollments().revoke(node_id))
+
+    @r.post("/v1/nodes/{node_id}/readmit", operation_id="readmit_node",
+            **route((200, api.NodeReadmitted), 401, 404, 409, 422))
+    async def readmit_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
+        """Let a revoked node id enroll again, with a new key pair (its revoked key stays revoked)."""
+        return JSONResponse(await ctx.enrollments().readmit(node_id))
 
     return r
