@@ -252,6 +252,12 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return runs_cli.main(args)
 
 
+def cmd_tap(args: argparse.Namespace) -> int:
+    from doai import tap
+
+    return tap.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -354,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     pub.set_defaults(func=cmd_recipes_publish)
 
     cli_args.add_runs_parser(sub).set_defaults(func=cmd_runs)
+    cli_args.add_tap_parser(sub).set_defaults(func=cmd_tap)
     return p
 
 

@@ -58,3 +58,17 @@ def add_runs_parser(sub: Any) -> argparse.ArgumentParser:
     rt.add_argument("--idempotency-key", metavar="K")
     rt.add_argument("--watch", action="store_true", help="then watch the new run")
     return runs  # type: ignore[no-any-return]
+
+
+def add_tap_parser(sub: Any) -> argparse.ArgumentParser:
+    """`doai tap ...`: follow events live from NATS."""
+    tap = sub.add_parser("tap", help="follow events live from NATS (read-only tap identity)")
+    tap.add_argument("--run", metavar="ID", help="only this run's task, step and artifact events")
+    tap.add_argument("--node", metavar="ID", help="only this node's events")
+    tap.add_argument("--device", metavar="SERIAL", help="only this device's events")
+    tap.add_argument("--kind", metavar="K,K", help="task, step, artifact, device, node (comma-separated)")
+    tap.add_argument("--json", action="store_true", help="one JSON object per line: subject and event")
+    tap.add_argument("--nats-url", help="default: NATS_URL, else nats://127.0.0.1:4222")
+    tap.add_argument("--creds", help="tap credentials (default: DOAI_NATS_CREDS, else DOAI_HOME/nats-auth/tap.creds)")
+    tap.add_argument("--max", type=int, default=0, metavar="N", help="stop after N events")
+    return tap  # type: ignore[no-any-return]
