@@ -18,7 +18,7 @@ from typing import Any, cast
 import msgspec
 
 from contracts.events import ArtifactEvent, DeviceInventoryEvent, Event, NodeHeartbeat, StepEvent, TaskEvent
-from contracts.subjects import EVENT_KINDS, EventKind, evt_filters
+from contracts.subjects import EVENT_KINDS, EventKind, evt_filters, role_inbox_prefix
 from runtime.stopping import install_stop_handlers
 
 _decoder = msgspec.json.Decoder(Event)
@@ -30,8 +30,7 @@ def creds_path(explicit: str | None) -> Path | None:
         return Path(explicit)
     if env := os.environ.get("DOAI_NATS_CREDS"):
         return Path(env)
-    home = Path(os.environ.get("DOAI_HOME") or Path.home() / ".doai")
-    default = home / "nats-auth" / "tap.creds"
+    default = Path(os.environ.get("DOAI_HOME", "var")) / "nats-auth" / "tap.creds"  # where `doai up` makes it
     return default if default.exists() else None
 
 
@@ -77,7 +76,8 @@ async def tap(args: argparse.Namespace, stop: asyncio.Event) -> int:
         sys.stderr.write("doai tap: --run selects task, step and artifact events only\n")
         return 2
     url = args.nats_url or os.environ.get("NATS_URL") or "nats://127.0.0.1:4222"
-    options: dict[str, Any] = {"allow_reconnect": True, "max_reconnect_attempts": -1, "connect_timeout": 5}
+    options: dict[str, Any] = {"allow_reconnect": True, "max_reconnect_attempts": -1, "connect_timeout": 5,
+                               "inbox_prefix": role_inbox_prefix("tap")}
     creds = creds_path(args.creds)
     if creds is not None:
         options["user_credentials"] = str(creds)

@@ -13,9 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from doai.embedded import EmbeddedNats
 from doai.up import System
 from tests.backend_support import fetchval, wait_until
+from tests.conftest import AuthNats
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,10 +39,12 @@ class Tap:
         return [json.loads(line) for line in out.decode().splitlines()]
 
 
-async def start_tap(nats_url: str, *args: str) -> Tap:
+async def start_tap(nats: AuthNats, *args: str) -> Tap:
+    """`doai tap` with the read-only tap identity."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DOAI_", "NATS_"))}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "doai.cli", "tap", "--nats-url", nats_url, "--json", *args, cwd=ROOT, env=env,
+        sys.executable, "-m", "doai.cli", "tap", "--nats-url", nats.url, "--creds", str(nats.creds("tap")), "--json",
+        *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     assert proc.stderr is not None
     first = await asyncio.wait_for(proc.stderr.readline(), timeout=30)  # subscribed: events from now on
@@ -51,7 +53,7 @@ async def start_tap(nats_url: str, *args: str) -> Tap:
 
 
 async def test_tap_on_one_run_prints_exactly_its_events_while_another_is_in_flight(
-    start_system: Callable[..., Awaitable[System]], nats_server: EmbeddedNats, database_url: str,
+    start_system: Callable[..., Awaitable[System]], nats_server: AuthNats, database_url: str,
 ) -> None:
     system = await start_system(nodes=2, devices=2)
     async with system.client() as client:
@@ -60,11 +62,11 @@ async def test_tap_on_one_run_prints_exactly_its_events_while_another_is_in_flig
         run_a = (await client.post("/v1/runs", json=body)).json()["run_id"]
         run_b = (await client.post("/v1/runs", json=body)).json()["run_id"]
     # Both runs are in flight (their devices wait 2.5 s) when the taps subscribe.
-    by_run = await start_tap(nats_server.url, "--run", run_a)
-    by_node = await start_tap(nats_server.url, "--node", "node-1", "--kind", "task")
+    by_run = await start_tap(nats_server, "--run", run_a)
+    by_node = await start_tap(nats_server, "--node", "node-1", "--kind", "task")
     serial = sorted(system.sims[1].devices)[0]
-    by_device = await start_tap(nats_server.url, "--device", serial, "--kind", "task,step")
-    everything = await start_tap(nats_server.url)
+    by_device = await start_tap(nats_server, "--device", serial, "--kind", "task,step")
+    everything = await start_tap(nats_server)
     for run in (run_a, run_b):
         await wait_until(lambda run=run: fetchval(database_url, "SELECT status = 'completed' FROM runs"
                                                   " WHERE run_id = $1", uuid.UUID(run)), 60, f"run {run} completed")

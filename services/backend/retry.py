@@ -18,6 +18,7 @@ from contracts.recipe import default_step_timeout
 from contracts.text import clip
 from services.backend import runs, workflows
 from services.backend.errors import ApiError
+from services.backend.settings import IDEMPOTENCY_TTL_S
 
 FINISHED = ("completed", "cancelled")
 
@@ -27,7 +28,7 @@ def retry_digest(run_id: str, body: RunRetry) -> str:
     return hashlib.sha256(msgspec.json.encode(doc, order="sorted")).hexdigest()
 
 
-async def retry_run(pool: asyncpg.Pool, run_id: str, body: RunRetry, stale_s: float = 60.0,
+async def retry_run(pool: asyncpg.Pool, run_id: str, body: RunRetry, idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
                     idempotency_key: str | None = None, path_template: str | None = None) -> runs.Created:
     """409 `run_not_finished` while the run is still going; 422 `no_targets` when no device is in `states`."""
     rid = runs.parse_run_id(run_id)
@@ -56,5 +57,5 @@ async def retry_run(pool: asyncpg.Pool, run_id: str, body: RunRetry, stale_s: fl
         targets=Targets(devices=[DeviceRef(r["node_id"], r["device_serial"]) for r in rows]),
     )
     extra = {} if path_template is None else {"path_template": path_template}
-    return await runs.create_run(pool, create, stale_s, idempotency_key, parent_run_id=str(rid),
+    return await runs.create_run(pool, create, idempotency_ttl_s, idempotency_key, parent_run_id=str(rid),
                                  digest=retry_digest(str(rid), body), **extra)

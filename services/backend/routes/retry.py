@@ -21,7 +21,7 @@ def router(ctx: Context) -> APIRouter:
                     example={"states": ["failed", "timed_out"]}))
     async def retry_run(run_id: RunIdPath, request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         body: api.RunRetry = await ctx.body_of(request, api.RunRetry)
-        created = await retry.retry_run(ctx.pool, run_id, body, ctx.settings.device_stale_s, idempotency_key,
+        created = await retry.retry_run(ctx.pool, run_id, body, ctx.settings.idempotency_ttl_s, idempotency_key,
                                         path_template=ctx.settings.path_template)
         ctx.relay.wake()
         headers = {"Idempotent-Replayed": "true"} if created.replayed else None
