@@ -328,8 +328,13 @@ async def up(opts: UpOptions) -> int:
                 recipes = await publish_recipes(client)
                 await asyncio.to_thread(save_console_state, opts.home, token, httpx.URL(system.api_url).port or port)
                 say(f"doai is up: API {system.api_url}  (token: {token})")
-                pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
-                say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+                say(f"  NATS {infra.nats_url}")
+                if infra.embedded and "host=/" in infra.database_url:
+                    # The embedded PostgreSQL listens on a Unix socket only: psql takes this URI; Grafana needs
+                    # a TCP address (use an external PostgreSQL through DATABASE_URL for it).
+                    say(f"  PostgreSQL (Unix socket, no TCP port): psql '{infra.database_url}'")
+                else:
+                    say("  PostgreSQL from DATABASE_URL")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
