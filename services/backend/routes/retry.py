@@ -18,7 +18,7 @@ def router(ctx: Context) -> APIRouter:
     @r.post("/v1/runs/{run_id}/retry", operation_id="retry_run",
             **route((201, api.RunCreated), 400, 401, 404, 409, 413, 422, body=api.RunRetry,
                     body_text="Task states whose devices the new run targets (default failed, timed_out, lost)",
-                    example={"states": ["failed", "timed_out"]}))
+                    example={"states": ["failed", "timed_out", "cancelled"]}))
     async def retry_run(run_id: RunIdPath, request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         body: api.RunRetry = await ctx.body_of(request, api.RunRetry)
         created = await retry.retry_run(ctx.pool, run_id, body, ctx.settings.idempotency_ttl_s, idempotency_key,
