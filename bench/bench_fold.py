@@ -111,7 +111,7 @@ async def publish_all(server: EmbeddedNats, events: list[Event]) -> float:
     started = time.perf_counter()
     for i in range(0, len(events), 512):
         await asyncio.gather(*(
-            js.publish(evt_subject(e.node_id, event_kind(e)), msgspec.json.encode(e),
+            js.publish(evt_subject(e.node_id, event_kind(e), getattr(e, "run_id", None)), msgspec.json.encode(e),
                        headers={"Nats-Msg-Id": e.event_id}) for e in events[i:i + 512]))
     elapsed = time.perf_counter() - started
     info = await js.stream_info(EVT_STREAM)

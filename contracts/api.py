@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
@@ -117,6 +117,18 @@ class RunCreated(Struct, kw_only=True):
     rejected: list[Rejection] = []
 
 
+RetryState = Literal["failed", "timed_out", "lost", "cancelled", "skipped", "interrupted"]
+DEFAULT_RETRY_STATES: tuple[RetryState, ...] = ("failed", "timed_out", "lost")
+
+
+class RunRetry(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Retry a finished run: a new run over exactly the devices of that run in `states`, with its workflow
+    version, params and step timeouts, and `parent_run_id` set to it."""
+
+    states: Annotated[list[RetryState], Meta(min_length=1, max_length=6)] = field(
+        default_factory=lambda: list(DEFAULT_RETRY_STATES))
+
+
 class RunCancelled(Struct, kw_only=True):
     run_id: str
     status: str
@@ -208,6 +220,9 @@ class RunView(Struct, kw_only=True):
     failing_steps: Annotated[list[FailingStep], Meta(description=(
         "The steps most tasks failed at, with their error codes, most frequent first (at most 10)"))] = []
     timings: RunTimings | None = None
+    parent_run_id: Annotated[str | None, Meta(description=(
+        "The run this one retries (`POST /v1/runs/{run_id}/retry`); null for a run created directly"))] = None
+    retry_run_ids: Annotated[list[str], Meta(description="Runs made by retrying this one, oldest first")] = []
 
 
 class TaskRow(Struct, kw_only=True):

@@ -1,4 +1,4 @@
-"""Events a node publishes on `doai.evt.<node_id>.<kind>`.
+"""Events a node publishes on `doai.evt.<node_id>.<kind>` (task, step, artifact: `...<kind>.<run_id>`).
 
 Every event carries a unique `event_id` (sent as `Nats-Msg-Id`, so JetStream
 drops re-published duplicates), the node's observation time `ts` and its

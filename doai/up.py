@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import secrets
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -30,6 +31,7 @@ from doai.embedded import free_port
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
+from runtime.nats_creds import write_secret
 from runtime.signing import load_or_create_seed
 from runtime.stopping import install_stop_handlers
 from runtime.supervisor import LoopFailed, Supervisor
@@ -69,6 +71,27 @@ class UpOptions:
     node_secret: str | None = None
     # The backend's command-signing seed; None: the one kept under `home` (made on first start, 0600).
     command_signing_seed: str | None = field(default=None, repr=False)
+    # Where the JSON log goes (the console shows only what `say` prints unless -v); None: not a file.
+    log_file: Path | None = None
+    # The API port was given (--port): else the one of the last start of this home, else 8000.
+    port_given: bool = True
+
+
+def console_state_path(home: Path) -> Path:
+    """The API token and port of this DOAI_HOME, kept across restarts (0600)."""
+    return home / "keys" / "console.json"
+
+
+def load_console_state(home: Path) -> dict[str, Any]:
+    try:
+        state: dict[str, Any] = json.loads(console_state_path(home).read_text(encoding="utf-8"))
+        return state
+    except (OSError, ValueError):
+        return {}
+
+
+def save_console_state(home: Path, token: str, port: int) -> None:
+    write_secret(console_state_path(home), json.dumps({"token": token, "api_port": port}))
 
 
 def command_key_path(home: Path) -> Path:
@@ -78,6 +101,8 @@ def command_key_path(home: Path) -> Path:
 
 def _port_free(host: str, port: int) -> bool:
     with socket.socket() as s:
+        if sys.platform != "win32":  # as the server binds: a port in TIME_WAIT after our last stop is free
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -118,6 +143,34 @@ async def wait_for_devices(client: httpx.AsyncClient, expected: list[dict[str, s
         await asyncio.sleep(0.1)
 
 
+FINAL_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
+
+
+@contextlib.contextmanager
+def demo_progress(total: int) -> Iterator[Callable[[str, dict[str, int], str], None]]:
+    """A live progress bar on a terminal (rich, from the `cli` extra); one line per change otherwise."""
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        rich_ok = False
+    else:
+        rich_ok = True
+    if not rich_ok or not sys.stdout.isatty():
+        yield lambda _status, _counts, line: say(line)
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.fields[states]}"), console=Console(), transient=False) as bar:
+        task = bar.add_task("device-smoke", total=total, states="")
+
+        def show(status: str, counts: dict[str, int], _line: str) -> None:
+            done = sum(n for s, n in counts.items() if s in FINAL_STATES)
+            states = " ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+            bar.update(task, completed=done, description=status, states=states)
+
+        yield show
+
+
 async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -> bool:
     artifact_dir = system.artifact_dir
     targets = fleet_devices(system.sims)
@@ -139,15 +192,17 @@ async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -
     last = None
     run: dict[str, Any] = {}
     deadline = started + opts.demo_timeout_s
-    while time.monotonic() < deadline:
-        run = (await client.get(f"/v1/runs/{run_id}")).json()
-        line = f"  {run['status']:<10} " + " ".join(f"{k}={v}" for k, v in sorted(run["counts"].items()))
-        if line != last:
-            say(line)
-            last = line
-        if run["status"] in ("completed", "cancelled"):
-            break
-        await asyncio.sleep(0.25)
+    with demo_progress(expected) as show:
+        while time.monotonic() < deadline:
+            run = (await client.get(f"/v1/runs/{run_id}")).json()
+            counts_now: dict[str, int] = run["counts"]
+            line = f"  {run['status']:<10} " + " ".join(f"{k}={v}" for k, v in sorted(counts_now.items()))
+            if line != last:
+                show(run["status"], counts_now, line)
+                last = line
+            if run["status"] in ("completed", "cancelled"):
+                break
+            await asyncio.sleep(0.25)
     elapsed = time.monotonic() - started
     counts = run.get("counts", {})
     artifacts = (await client.get(f"/v1/runs/{run_id}/artifacts")).json().get("artifacts", [])
@@ -266,22 +321,34 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
 async def up(opts: UpOptions) -> int:
     stop = asyncio.Event()
     install_stop_handlers(stop)
-    token = opts.token or secrets.token_urlsafe(32)
-    port = opts.port
+    saved = load_console_state(opts.home)  # the same token and port as the last start of this home
+    token = opts.token or saved.get("token") or secrets.token_urlsafe(32)
+    port = opts.port if opts.port_given else int(saved.get("api_port") or opts.port)
     if port and not _port_free(opts.host, port):
-        port = free_port(opts.host)
-        log.warning("API port busy; using another", wanted=opts.port, port=port)
+        wanted, port = port, free_port(opts.host)
+        log.warning("API port busy; using another", wanted=wanted, port=port)
+        say(f"API port {wanted} is busy: using {port}")
     async with infrastructure(opts.home) as infra:
         try:
             async with running_system(opts, infra, token, port, stop) as system, system.client() as client:
                 recipes = await publish_recipes(client)
+                await asyncio.to_thread(save_console_state, opts.home, token, httpx.URL(system.api_url).port or port)
                 say(f"doai is up: API {system.api_url}  (token: {token})")
-                pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
-                say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+                say(f"  NATS {infra.nats_url}")
+                if infra.embedded and "host=/" in infra.database_url:
+                    # The embedded PostgreSQL listens on a Unix socket only: psql takes this URI; Grafana needs
+                    # a TCP address (use an external PostgreSQL through DATABASE_URL for it).
+                    say(f"  PostgreSQL (Unix socket, no TCP port): psql '{infra.database_url}'")
+                else:
+                    say("  PostgreSQL from DATABASE_URL")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
+                if opts.log_file is not None:
+                    say(f"  logs (JSON lines): {opts.log_file}   token and API port kept in "
+                        f"{console_state_path(opts.home)}")
+                say(f"  operator CLI: DOAI_API_URL={system.api_url} DOAI_API_TOKEN=... doai runs ls")
                 if opts.demo:
                     ok = await run_demo(client, opts, system)
                     return 0 if ok else 1

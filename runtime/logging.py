@@ -38,7 +38,9 @@ def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 
 
 
-def configure_logging(level: str | None = None, fmt: str | None = None, log_file: str | None = None) -> None:
+def configure_logging(level: str | None = None, fmt: str | None = None, log_file: str | None = None,
+                      console: bool = True) -> None:
+    """`console=False`: log lines go only to `log_file` (the quiet console of `doai up`)."""
     level_name = (level or os.environ.get("DOAI_LOG_LEVEL", "info")).upper()
     fmt = fmt or os.environ.get("DOAI_LOG_FORMAT", "console")
     log_file = log_file or os.environ.get("DOAI_LOG_FILE")
@@ -59,6 +61,8 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
         if log_file:
             line = file_renderer(logger, name, dict(event))
             _file_sink(log_file).write((line.decode() if isinstance(line, bytes) else line) + "\n")
+        if not console:
+            raise structlog.DropEvent
         if fmt != "json":
             event = _context_prefix(logger, name, event)
         rendered: str = console_renderer(logger, name, event)
@@ -73,7 +77,11 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
         cache_logger_on_first_use=False,
     )
     # Libraries that log through the standard library (uvicorn, nats) go to stderr plainly.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    if console or not log_file:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=_file_sink(log_file), format="%(name)s: %(message)s",
+                            force=True)
 
 
 _sinks: dict[str, TextIO] = {}

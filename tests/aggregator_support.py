@@ -224,7 +224,7 @@ async def check_truth(url: str, rec: FleetRecording, processed_events: int | Non
 
 
 def subject_of(e: Event) -> str:
-    return evt_subject(e.node_id, kind_of(e))
+    return evt_subject(e.node_id, kind_of(e), getattr(e, "run_id", None))
 
 
 async def publish(js: JetStreamContext, events: list[Event], *, msg_id: bool = True, window: int = 256) -> None:

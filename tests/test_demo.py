@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -12,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN"}}
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN", "DOAI_LOG_FILE"}}
     home = tmp_path / "home"
     res = subprocess.run(
         [sys.executable, "-m", "doai.cli", "up", "--demo", "--home", str(home), "--port", "0",
@@ -24,6 +26,15 @@ def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_pat
     assert match, res.stdout
     run_id = match.group(1)
     assert "tasks: succeeded 6" in res.stdout
+    # A quiet console: what an operator needs on the terminal, every log line in a JSON file under the home.
+    assert len(res.stdout.splitlines()) + len(res.stderr.splitlines()) < 40, res.stdout + res.stderr[-3000:]
+    log_lines = [json.loads(line) for line in (home / "logs" / "doai.jsonl").read_text().splitlines()]
+    assert sum(1 for e in log_lines if e.get("run_id") == run_id) >= 6 * 10, "every device's steps are logged"
+    # The token and the API port are kept (0600) for the next start of this home.
+    state_file = home / "keys" / "console.json"
+    assert state_file.stat().st_mode & 0o777 == 0o600
+    state = json.loads(state_file.read_text())
+    assert state["token"] in res.stdout and f":{state['api_port']}" in res.stdout
     pngs = sorted((home / "artifacts").rglob("*.png"))
     assert len(pngs) == 6
     for png in pngs:
@@ -36,3 +47,19 @@ def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_pat
     assert seed_file.stat().st_mode & 0o777 == 0o600
     seed = seed_file.read_text().strip()
     assert seed.startswith("SN") and seed not in res.stdout + res.stderr
+
+
+def test_doai_up_keeps_token_and_api_port_across_restarts_of_the_same_home(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN", "DOAI_LOG_FILE"}}
+    home = tmp_path / "home"
+    seen = []
+    for _ in range(2):
+        res = subprocess.run(
+            [sys.executable, "-m", "doai.cli", "up", "--demo", "--home", str(home), "--nodes", "1", "--devices", "1",
+             "--timeout", "120"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+        assert res.returncode == 0, res.stdout + res.stderr[-3000:]
+        found = re.search(r"doai is up: API (\S+)\s+\(token: (\S+)\)", res.stdout)
+        assert found, res.stdout
+        seen.append(found.groups())
+    assert seen[0] == seen[1], "the same API address and token at the second start"

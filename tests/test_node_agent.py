@@ -74,7 +74,7 @@ def sim_config(devices: int, **kw: Any) -> SimulatorConfig:
 
 async def wait_terminal(js: Any, run_id: str, devices: list[str], timeout_s: float = 60.0) -> Any:
     async def done() -> Any:
-        f = fold(await read_events(js, "doai.evt.*.task"))
+        f = fold(await read_events(js, "doai.evt.*.task.*"))
         ended = [d for d in devices if (run_id, d) in f.final and f.final[(run_id, d)].state in
                  {"succeeded", "failed", "timed_out", "cancelled", "skipped"}]
         return len(ended) == len(devices)
@@ -321,6 +321,6 @@ async def test_100_devices_20_slots_keeps_the_lock_and_the_slots_and_fills_them(
 async def _task_events(nats_server: EmbeddedNats) -> list[TaskEvent]:
     nc, js = await connect(nats_server.url)
     try:
-        return [e for e in await read_events(js, "doai.evt.*.task") if isinstance(e, TaskEvent)]
+        return [e for e in await read_events(js, "doai.evt.*.task.*") if isinstance(e, TaskEvent)]
     finally:
         await nc.close()

@@ -55,14 +55,14 @@ async def test_kill_9_mid_run_then_restart_every_task_ends_exactly_once(
             await send(js, b)
 
             async def mid_run() -> bool:
-                f = fold(await read_events(js, "doai.evt.*.task"))
+                f = fold(await read_events(js, "doai.evt.*.task.*"))
                 succeeded = [k for k, e in f.final.items() if e.state == "succeeded"]
                 running = [k for k, e in f.final.items() if e.state == "running"]
                 return len(succeeded) >= 4 and len(running) >= 2
 
             await until(mid_run, 60, "a run in the middle: some succeeded, some running", interval_s=0.05)
             node.kill9()
-            before = fold(await read_events(js, "doai.evt.*.task"))
+            before = fold(await read_events(js, "doai.evt.*.task.*"))
             cut = sorted(d for (_, d), e in before.final.items() if e.state == "running")
             assert cut, "the kill should have caught tasks running"
 

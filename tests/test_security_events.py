@@ -144,6 +144,10 @@ async def test_an_event_claiming_another_node_than_its_subject_is_refused(scene:
         # Extra tokens, or no kind at all.
         ("doai.evt.node-1.task.extra", scene.task(N1, "S2", 5, "failed", error="forged")),
         ("doai.evt.node-1", scene.task(N1, "S2", 5, "failed", error="forged")),
+        # The right node and kind on another run's subject (a tap filtering by run would miss it).
+        (f"doai.evt.node-1.task.{uuid.uuid4()}", scene.task(N1, "S2", 5, "failed", error="forged")),
+        # A heartbeat with a run token (node events belong to no run).
+        (f"doai.evt.node-1.node.{scene.run_id}", beat(N1, datetime.now(UTC), slots=1)),
     ]
     for subject, event in forged:
         await scene.js.publish(subject, msgspec.json.encode(event))
@@ -154,6 +158,7 @@ async def test_an_event_claiming_another_node_than_its_subject_is_refused(scene:
         (subject, event.event_id, "subject_mismatch") for subject, event in forged]
     assert "claims node_id 'node-2'" in dead[0]["error"]
     assert "is a 'task' event" in dead[3]["error"]
+    assert "but the event claims run_id" in dead[6]["error"]
     assert without_dead_letters(await snapshot(scene.url)) == without_dead_letters(before)
     assert scene.agg.dead == len(forged)
 

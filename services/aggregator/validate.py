@@ -1,6 +1,8 @@
 """What the aggregator checks on every message before the fold (the wire side of the trust boundary).
 
-* The subject must be exactly `doai.evt.<node_id>.<kind>`, with the event's own
+* The subject must be exactly `doai.evt.<node_id>.<kind>` (task, step and artifact
+  events: `doai.evt.<node_id>.<kind>.<run_id>` with the event's run; the 4-token form
+  of journals written before that layout is accepted), with the event's own
   `node_id` and kind: under NATS permissions a node may publish only on
   `doai.evt.<its id>.>`, so the subject is the authenticated sender and an event
   claiming another node is refused (`subject_mismatch`).
@@ -26,10 +28,11 @@ from typing import Final
 import msgspec
 
 from contracts.events import Event, event_kind
+from contracts.subjects import RUN_EVENT_KINDS
 
 # Reasons stored in `dead_letters.reason` (and logged).
 UNDECODABLE: Final = "undecodable"  # not JSON, or not a valid event
-SUBJECT_MISMATCH: Final = "subject_mismatch"  # subject is not doai.evt.<event.node_id>.<event kind>
+SUBJECT_MISMATCH: Final = "subject_mismatch"  # not doai.evt.<event.node_id>.<event kind>[.<event.run_id>]
 UNKNOWN_RUN: Final = "unknown_run"  # the run does not exist
 UNKNOWN_TASK: Final = "unknown_task"  # the run exists, but the backend created no such task on that node
 REFUSED_BY_DATABASE: Final = "refused_by_database"  # PostgreSQL refused the event's values
@@ -45,12 +48,17 @@ def subject_problem(subject: str, event: Event) -> str | None:
     """Why `subject` may not carry `event`, or None when it may."""
     tokens = subject.split(".")
     kind = event_kind(event)
-    if len(tokens) != 4 or tokens[0] != "doai" or tokens[1] != "evt":
-        return f"subject {clip(subject, 120)!r} is not doai.evt.<node_id>.<kind>"
+    # A run's events end with the run id; a journal written before that layout holds 4-token subjects.
+    sizes = (4, 5) if kind in RUN_EVENT_KINDS else (4,)
+    if len(tokens) not in sizes or tokens[0] != "doai" or tokens[1] != "evt":
+        return f"subject {clip(subject, 120)!r} is not doai.evt.<node_id>.<kind>[.<run_id>]"
     if tokens[2] != event.node_id:
         return f"published as node {clip(tokens[2], 80)!r} but the event claims node_id {event.node_id!r}"
     if tokens[3] != kind:
         return f"published as kind {clip(tokens[3], 40)!r} but the event is a {kind!r} event"
+    run_id = getattr(event, "run_id", None)
+    if len(tokens) == 5 and tokens[4] != run_id:
+        return f"published for run {clip(tokens[4], 80)!r} but the event claims run_id {run_id!r}"
     return None
 
 

@@ -25,7 +25,7 @@ from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError, JSONResponse, error_response, install_error_handlers
 from services.backend.openapi import add_links, components, tidy_parameters
 from services.backend.relay import OutboxRelay
-from services.backend.routes import artifacts, fleet, health, node, runs, workflows
+from services.backend.routes import artifacts, fleet, health, node, retry, runs, workflows
 from services.backend.routes.common import Context
 from services.backend.settings import BackendSettings
 
@@ -80,7 +80,7 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
                               '`{"error": {"code", "message", "details"}}`.')
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for resource in (health, workflows, runs, fleet, node, artifacts):
+    for resource in (health, workflows, runs, retry, fleet, node, artifacts):
         app.include_router(resource.router(ctx))
 
     def openapi() -> dict[str, Any]:

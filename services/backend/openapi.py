@@ -15,8 +15,8 @@ from contracts import api
 from contracts.recipe import Recipe
 
 COMPONENTS: tuple[type[Any], ...] = (
-    api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.TaskPage, api.TaskDetail,
-    api.ArtifactList,
+    api.RunCreate, api.RunRetry, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.TaskPage,
+    api.TaskDetail, api.ArtifactList,
     api.WorkflowView, api.WorkflowPublished, api.WorkflowList, api.DeviceList, api.NodeList, api.NodeConfig,
     api.NodeEnrollRequest, api.NodeEnrollment, api.NodeRevoked, api.Health, api.ErrorResponse, Recipe,
 )

@@ -111,14 +111,16 @@ def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str)
 
 async def create_run(
     pool: asyncpg.Pool, body: RunCreate, idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
-    idempotency_key: str | None = None, path_template: str = DEFAULT_PATH_TEMPLATE,
+    idempotency_key: str | None = None, path_template: str = DEFAULT_PATH_TEMPLATE, *,
+    parent_run_id: str | None = None, digest: str | None = None,
 ) -> Created:
     """Validate, resolve targets and store a run with its broadcasts.
 
     An `Idempotency-Key` is remembered for `idempotency_ttl_s` (7 days by default): within it the same
     key replays the first response (or is refused with another body); after it the key is new again.
+    A retry (`services.backend.retry`) passes the run it retries and the digest of its own request.
     """
-    digest = request_digest(body)
+    digest = digest or request_digest(body)
     if idempotency_key is not None and (
             done := await _replay(pool, idempotency_key, digest, idempotency_ttl_s)) is not None:
         return done
@@ -157,9 +159,10 @@ async def create_run(
                                resolution.rejected)
             await conn.execute(
                 "INSERT INTO runs (run_id, workflow_id, workflow_version, params, step_timeouts_ms,"
-                " status, created_at) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6)",
+                " status, created_at, parent_run_id) VALUES ($1, $2, $3, $4::jsonb, $5::jsonb, 'pending', $6, $7)",
                 run_id, stored.workflow_id, stored.version,
                 msgspec.json.encode(params).decode(), msgspec.json.encode(timeouts).decode(), now,
+                None if parent_run_id is None else uuid.UUID(parent_run_id),
             )
             nodes = sorted(resolution.by_node)
             await conn.copy_records_to_table(
@@ -311,7 +314,15 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
         timings=RunTimings(
             first_started_at=iso(timing["first_started"]), last_finished_at=iso(timing["last_finished"]),
             p50_task_ms=_ms(timing["p50"]), p95_task_ms=_ms(timing["p95"]), measured_tasks=timing["measured"]),
+        parent_run_id=None if run["parent_run_id"] is None else str(run["parent_run_id"]),
+        retry_run_ids=await retry_run_ids(pool, rid),
     )
+
+
+async def retry_run_ids(pool: asyncpg.Pool, rid: uuid.UUID) -> list[str]:
+    """The runs made by retrying this one, oldest first."""
+    return [str(r["run_id"]) for r in await pool.fetch(
+        "SELECT run_id FROM runs WHERE parent_run_id = $1 ORDER BY created_at, run_id", rid)]
 
 
 def task_row(t: asyncpg.Record, history: bool = False) -> TaskRow:

@@ -181,7 +181,8 @@ class Journal:
         kind = type(event).__struct_config__.tag
         self._db.execute(
             "INSERT INTO outbox (subject, event_id, payload) VALUES (?, ?, ?)",
-            (evt_subject(event.node_id, kind), event.event_id, _encoder.encode(event)),  # type: ignore[arg-type]
+            (evt_subject(event.node_id, kind, getattr(event, "run_id", None)),  # type: ignore[arg-type]
+             event.event_id, _encoder.encode(event)),
         )
 
     def add_event(self, event: Event) -> None:

@@ -5,6 +5,7 @@
 | `health.py` | `/healthz` |
 | `workflows.py` | `/v1/workflows...` |
 | `runs.py` | `/v1/runs...` |
+| `retry.py` | `/v1/runs/{run_id}/retry` |
 | `fleet.py` | `/v1/devices`, `/v1/nodes` |
 | `node.py` | `/v1/node/...` (X-Node-Auth only) |
 | `artifacts.py` | `/v1/artifacts/{store}/{key}` (bearer token or a signed link) |
