@@ -68,8 +68,13 @@ class NodeAgent:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Fill every free slot now (called whenever work arrives or a slot frees)."""
-        if self._stopping:
+        """Fill every free slot now (called whenever work arrives or a slot frees).
+
+        Nothing starts while the command consumer is behind (at start and after a reconnect, until
+        every waiting command was handled): a cancel that arrived meanwhile must win. Its catch-up
+        calls this again when done.
+        """
+        if self._stopping or (self.commands is not None and self.commands.behind):
             return
         for job in self.scheduler.start_all():
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.run_id}-{job.serial}")
@@ -176,17 +181,19 @@ class NodeAgent:
             await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
             await jetstream.ensure_node_consumer(js, s.node_id)
             self.outbox = Outbox(self.journal, js)
-            self.recover()
+            # From here no job starts until the commands waiting for this node were read (cancel before restart).
             commands = self.commands = CommandConsumer(
-                js, s.node_id, verifier=verifier, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel, nc=nc)
+                js, s.node_id, verifier=verifier, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel, nc=nc,
+                on_caught_up=self.dispatch, catch_up_s=s.command_catch_up_s)
+            self.recover()
             outbox = self.outbox
             async with Supervisor(stop, f"node {s.node_id}") as loops:
+                self.loops = loops
                 loops.start("outbox", lambda: outbox.run(stop))
                 loops.start("inventory", lambda: self.inventory.run(stop, s.inventory_interval_s))
                 await self.inventory.poll()  # know the devices before taking work
-                self.dispatch()
+                await commands.catch_up(stop)  # a cancel that arrived while the node was down wins; then dispatch
                 loops.start("commands", lambda: commands.run(stop))
-                self.loops = loops
                 log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
                 await stop.wait()
                 self._stopping = True  # no new job starts while the running ones are cancelled

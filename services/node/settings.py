@@ -45,6 +45,9 @@ class NodeSettings(Settings, kw_only=True):
     inventory_timeout_s: float = field(default=10.0, name="DOAI_INVENTORY_TIMEOUT_S")
     # Queued jobs of a device that stays offline this long (while they wait) end `skipped`.
     offline_grace_s: float = field(default=300.0, name="DOAI_OFFLINE_GRACE_S")
+    # At start and after a reconnect, how long the node may spend reading the commands waiting for it
+    # (so a cancel sent while it was down wins) before it starts jobs anyway.
+    command_catch_up_s: float = field(default=30.0, name="DOAI_COMMAND_CATCH_UP_S")
     # A job found `running` after a crash is re-queued (attempt + 1) while attempt < max_attempts, else failed.
     max_attempts: int = field(default=2, name="DOAI_MAX_ATTEMPTS")
     # Vendor reconnect backoff: a request that cannot connect retries from base doubling to max, within its timeout.
@@ -92,7 +95,7 @@ class NodeSettings(Settings, kw_only=True):
         if self.offline_grace_s < 0:
             raise ConfigError(
                 f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")
-        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s"):
+        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s", "command_catch_up_s"):
             if not getattr(self, attr) > 0:
                 raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
         if self.command_public_key:
