@@ -33,7 +33,9 @@ class NodeAgent:
         self.settings = settings
         self.journal = journal
         self.driver = driver
-        self.scheduler = Scheduler(settings.slots)
+        # A draining device (an abandoned request may still run on it) gets no new job until the drain ends.
+        self.scheduler = Scheduler(settings.slots, is_draining=driver.drains.is_draining)
+        driver.drains.on_drained = lambda serial: self.dispatch()
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.commands: CommandConsumer | None = None

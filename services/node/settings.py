@@ -39,6 +39,9 @@ class NodeSettings(Settings, kw_only=True):
     # How long a screenshot may take to appear (and finish being written) after the program answered.
     vendor_screenshot_wait_s: float = field(default=10.0, name="DOAI_VENDOR_SCREENSHOT_WAIT_S")
     vendor_request_timeout_s: float = field(default=120.0, name="DOAI_VENDOR_REQUEST_TIMEOUT_S")
+    # After a request is abandoned (step timeout or cancel) the device is `draining` (no new job starts on it)
+    # until the old request answers or this grace passes.
+    drain_grace_s: float = field(default=60.0, name="DOAI_DRAIN_GRACE_S")
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = field(default=5.0, name="DOAI_INVENTORY_INTERVAL_S")
     # How long one `list` poll may take (connect retries included) before it counts as "unavailable".
@@ -95,7 +98,8 @@ class NodeSettings(Settings, kw_only=True):
         if self.offline_grace_s < 0:
             raise ConfigError(
                 f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")
-        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s", "command_catch_up_s"):
+        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s", "command_catch_up_s",
+                     "drain_grace_s"):
             if not getattr(self, attr) > 0:
                 raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
         if self.command_public_key:
