@@ -37,6 +37,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.auth_support import embedded_nats, options  # noqa: E402
 from contracts.events import (  # noqa: E402
     ArtifactEvent,
     DeviceInfo,
@@ -103,8 +104,8 @@ def run_events(run_id: str, devices: int, per_node: int = 100) -> tuple[list[Eve
     return events, pairs
 
 
-async def publish_all(nats_url: str, events: list[Event]) -> float:
-    nc = await nats.connect(nats_url)
+async def publish_all(server: EmbeddedNats, events: list[Event]) -> float:
+    nc = await nats.connect(server.url, **options(server))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     started = time.perf_counter()
@@ -119,8 +120,8 @@ async def publish_all(nats_url: str, events: list[Event]) -> float:
     return elapsed
 
 
-async def raw_consume(nats_url: str, n: int, durable: str) -> float:
-    nc = await nats.connect(nats_url)
+async def raw_consume(server: EmbeddedNats, n: int, durable: str) -> float:
+    nc = await nats.connect(server.url, **options(server))
     js = nc.jetstream()
     await js.add_consumer(EVT_STREAM, ConsumerConfig(
         durable_name=durable, deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.EXPLICIT, ack_wait=30,
@@ -227,14 +228,18 @@ async def raw_upsert(url: str, events: list[Event]) -> float:
     return len(events) / elapsed
 
 
-async def aggregator_fold(nats_url: str, url: str, n: int) -> float:
-    nc = await nats.connect(nats_url)
-    js = nc.jetstream()
+async def aggregator_fold(server: EmbeddedNats, url: str, n: int) -> float:
+    admin = await nats.connect(server.url, **options(server))
+    ajs = admin.jetstream()
     try:
-        await js.delete_consumer(EVT_STREAM, AGGREGATOR_DURABLE)
+        await ajs.delete_consumer(EVT_STREAM, AGGREGATOR_DURABLE)
     except Exception:  # noqa: S110 - not there yet
         pass
-    await jetstream.ensure_aggregator_consumer(js)
+    await jetstream.ensure_aggregator_consumer(ajs)
+    await admin.close()
+    # The aggregator folds with its own least-privilege identity, as in production.
+    nc = await nats.connect(server.url, **options(server, "aggregator"))
+    js = nc.jetstream()
     pool = await db.create_pool(url, max_size=4)
     agg = Aggregator(pool, js, batch_size=BATCH)
     stop = asyncio.Event()
@@ -256,11 +261,11 @@ async def aggregator_fold(nats_url: str, url: str, n: int) -> float:
     return n / elapsed
 
 
-async def one_round(nats_url: str, pg_uri: str, events: list[Event], run_id: str, pairs: list[tuple[str, str]],
+async def one_round(server: EmbeddedNats, pg_uri: str, events: list[Event], run_id: str, pairs: list[tuple[str, str]],
                     tag: str) -> dict[str, float]:
-    consume = await raw_consume(nats_url, len(events), f"bench-raw-{tag}")
+    consume = await raw_consume(server, len(events), f"bench-raw-{tag}")
     upsert = await raw_upsert(await fresh_db(pg_uri, run_id, pairs), events)
-    folded = await aggregator_fold(nats_url, await fresh_db(pg_uri, run_id, pairs), len(events))
+    folded = await aggregator_fold(server, await fresh_db(pg_uri, run_id, pairs), len(events))
     return {"raw consume": consume, "raw upsert": upsert, "aggregator": folded}
 
 
@@ -282,7 +287,7 @@ def main() -> int:
     out = sys.stdout.write
     with tempfile.TemporaryDirectory(prefix="doai-bench-fold-") as tmp:
         Path(tmp).chmod(0o755)
-        nats_server = EmbeddedNats(Path(tmp) / "nats")
+        nats_server = embedded_nats(Path(tmp) / "nats")
         nats_server.start()
         pg = EmbeddedPostgres(Path(tmp) / "pg")
         pg_uri = pg.start()
@@ -290,14 +295,14 @@ def main() -> int:
             run_id = str(uuid.uuid4())
             events, pairs = run_events(run_id, args.devices)
             size = sum(len(msgspec.json.encode(e)) for e in events) / len(events)
-            pub_s = asyncio.run(publish_all(nats_server.url, events))
+            pub_s = asyncio.run(publish_all(nats_server, events))
             out(f"{len(events)} events for {args.devices} devices ({size:.0f} B average), published in {pub_s:.1f} s\n")
             loops = ["asyncio", "uvloop"] if args.loop == "both" else [args.loop]
             for loop in loops:
                 rounds = []
                 for r in range(args.repeat):
                     def round_main(r: int = r, loop: str = loop) -> Coroutine[Any, Any, dict[str, float]]:
-                        return one_round(nats_server.url, pg_uri, events, run_id, pairs, f"{loop}-{r}")
+                        return one_round(nats_server, pg_uri, events, run_id, pairs, f"{loop}-{r}")
 
                     rounds.append(run_loop(loop, round_main))
                     figures = ", ".join(f"{k} {v:,.0f}/s" for k, v in rounds[-1].items())

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 import msgspec  # noqa: E402
 import nats  # noqa: E402
 
+from bench.auth_support import embedded_nats, options  # noqa: E402
 from contracts.events import TaskEvent  # noqa: E402
 from contracts.ids import new_id, utcnow  # noqa: E402
-from doai.embedded import EmbeddedNats  # noqa: E402
 from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.journal import Journal  # noqa: E402
@@ -103,10 +103,10 @@ async def raw_async(js: nats.js.JetStreamContext, n: int) -> float:
 async def main(n: int, repeat: int) -> None:
     configure_logging(level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedNats(Path(tmp) / "nats")
+        server = embedded_nats(Path(tmp) / "nats")
         server.start()
         try:
-            nc = await nats.connect(server.url)
+            nc = await nats.connect(server.url, **options(server))
             js = nc.jetstream()
             await jetstream.ensure_streams(js)
             size = len(msgspec.json.encode(make_event(1)))

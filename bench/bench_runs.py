@@ -40,7 +40,8 @@ import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 import nats  # noqa: E402
 
-from doai.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from bench.auth_support import embedded_nats, options  # noqa: E402
+from doai.embedded import EmbeddedPostgres  # noqa: E402
 from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from runtime.signing import generate_seed  # noqa: E402
@@ -84,12 +85,13 @@ async def timed(n: int, concurrency: int, call: Callable[[int], Awaitable[None]]
 
 async def bench(args: argparse.Namespace, home: Path) -> None:
     pg = EmbeddedPostgres(home / "pg")
-    nats_server = EmbeddedNats(home / "nats")
+    nats_server = embedded_nats(home / "nats")
     database_url = await asyncio.to_thread(pg.start)
     await asyncio.to_thread(nats_server.start)
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     settings = BackendSettings(database_url, nats_server.url, [TOKEN], port=0, node_secret=SECRET,
+                               nats_auth_dir=nats_server.trust.dir,
                                command_signing_seed=generate_seed())
     backend = asyncio.create_task(run_backend(settings, stop, on_ready=ready.set_result))
     try:
@@ -151,7 +153,7 @@ async def bench(args: argparse.Namespace, home: Path) -> None:
         await conn.close()
 
         # Raw reference 2: bare JetStream publishes of the same payloads with Nats-Msg-Id.
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, **options(nats_server))
         js = nc.jetstream()
         await jetstream.ensure_streams(js)
         payload = sample[0]["payload"]

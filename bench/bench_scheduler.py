@@ -32,17 +32,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import nats  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.auth_support import creds, embedded_nats, options  # noqa: E402
 from contracts.recipe import validate_recipe  # noqa: E402
 from doai.embedded import EmbeddedNats, free_port  # noqa: E402
+from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.agent import NodeAgent  # noqa: E402
 from services.node.driver import Key  # noqa: E402
 from services.node.factory import build_driver, build_store  # noqa: E402
 from services.node.journal import Journal  # noqa: E402
 from services.node.settings import NodeSettings  # noqa: E402
-from tests.node_support import TEST_PUBLIC_KEY, broadcast, connect, send, until  # noqa: E402
+from tests.node_support import TEST_PUBLIC_KEY, broadcast, send, until  # noqa: E402
 
 NODE = "node-bench"
 RECIPE = validate_recipe({"dsl": 1, "workflow_id": "bench", "params": {
@@ -80,7 +83,7 @@ def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
     configure_logging(level="warning")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
-        server = EmbeddedNats(tmp / "nats")
+        server = embedded_nats(tmp / "nats")
         server.start()
         port = free_port()
         sim = subprocess.Popen([sys.executable, "-m", "doai.cli", "sim", "--devices", str(devices), "--port",
@@ -96,9 +99,13 @@ def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
 
 
 async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, slots: int, runs: int) -> None:
+    nc = await nats.connect(server.url, **options(server))  # unrestricted: declares what the backend would
+    js = nc.jetstream()
+    await jetstream.ensure_streams(js)
+    await jetstream.ensure_node_consumer(js, NODE)
     settings = NodeSettings(node_id=NODE, nats_url=server.url, vendor_url=f"ws://127.0.0.1:{port}/", slots=slots,
-                            state_dir=tmp / "state", artifact_dir=tmp / "artifacts", inventory_interval_s=1.0,
-                            command_public_key=TEST_PUBLIC_KEY)
+                            creds_file=creds(server, "node", NODE), command_public_key=TEST_PUBLIC_KEY,
+                            state_dir=tmp / "state", artifact_dir=tmp / "artifacts", inventory_interval_s=1.0)
     journal = Journal(settings.journal_path)
     driver = build_driver(settings)
     agent = NodeAgent(settings, journal, driver, build_store(settings))
@@ -117,7 +124,6 @@ async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, sl
     runner = asyncio.create_task(agent.run(stop))
     await until(lambda: agent.inventory.vendor_available, 60, "the simulator listed")
     floor_one = statistics.median([await one_workflow_alone(agent, "SIM0001") for _ in range(5)])
-    nc, js = await connect(server.url)
     serials = [f"SIM{i:04d}" for i in range(1, devices + 1)]
     total = devices * runs
     proc = psutil.Process()

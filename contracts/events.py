@@ -23,6 +23,12 @@ TaskState = Literal[
 TERMINAL_TASK_STATES: frozenset[str] = frozenset(
     {"succeeded", "failed", "timed_out", "cancelled", "skipped"}
 )
+# What a task row can read (REST, views): a node's states, and `lost`, which the aggregator writes
+# when the task's node sends no heartbeat within the grace period. A node never sends `lost` (an
+# event claiming it does not decode and is dead-lettered); its next report on the task replaces it.
+RecordedTaskState = Literal[
+    "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped", "interrupted", "lost"
+]
 StepState = Literal["started", "ok", "failed", "timed_out", "skipped"]
 
 

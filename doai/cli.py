@@ -74,8 +74,10 @@ def _missing_extra(exc: ModuleNotFoundError) -> str | None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from doai.embedded import EmbeddedError
     from doai.servers import doai_home
     from doai.up import UpOptions, up
+    from runtime.nats_auth import TrustError
 
     opts = UpOptions(
         home=Path(args.home).resolve() if args.home else doai_home(), nodes=args.nodes,
@@ -83,7 +85,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
         node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None,
     )
-    return asyncio.run(up(opts))
+    try:
+        return asyncio.run(up(opts))
+    except (EmbeddedError, TrustError) as exc:  # a server that cannot start, trust material missing
+        sys.stderr.write(f"doai up: {exc}\n")
+        return 1
 
 
 def cmd_backend(args: argparse.Namespace) -> int:
@@ -120,6 +126,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             inventory_interval_s=args.inventory_interval, offline_grace_s=args.offline_grace,
             max_attempts=args.max_attempts, vendor_pool_size=args.vendor_connections,
             vendor_ping_interval_s=args.vendor_ping_interval, vendor_screenshot_wait_s=args.screenshot_wait,
+            creds_file=args.creds, api_url=args.api_url,
         )
     except ConfigError as exc:
         return _config_error("node", exc)
@@ -139,6 +146,44 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     sys.stdout.write(f"{public_key_of(seed)}\n")
     sys.stderr.write(f"seed in {path} (keep it secret; backend: DOAI_COMMAND_SIGNING_KEY_FILE={path});"
                      " the line above is the public key for nodes (DOAI_COMMAND_PUBLIC_KEY)\n")
+    return 0
+
+
+def cmd_nats_auth_init(args: argparse.Namespace) -> int:
+    from runtime.nats_auth import NatsTrust, TrustError
+    from runtime.nats_creds import write_secret
+
+    trust = NatsTrust(Path(args.dir))
+    try:
+        trust.create()
+    except TrustError as exc:
+        sys.stderr.write(f"doai nats-auth init: {exc}\n")
+        return 1
+    write_secret(trust.dir / "nats-auth.conf", trust.server_config(args.resolver_dir))
+    sys.stdout.write(
+        f"NATS trust material written to {trust.dir} (files 0600).\n"
+        f"  nats-server: include {trust.dir / 'nats-auth.conf'} (resolver folder {args.resolver_dir})\n"
+        f"  backend: DOAI_NATS_AUTH_DIR={trust.dir}\n"
+        f"  aggregator: DOAI_NATS_CREDS={trust.creds_path('aggregator')}\n"
+        f"  operators' read-only tap: {trust.creds_path('tap')}\n"
+        f"  keep operator.nk and account.nk offline: nothing running needs them\n")
+    return 0
+
+
+def cmd_nats_auth_creds(args: argparse.Namespace) -> int:
+    from runtime.nats_auth import NatsTrust, TrustError
+    from runtime.nats_creds import write_secret
+
+    if (args.role == "node") != bool(args.node_id):
+        sys.stderr.write("doai nats-auth creds: --node-id goes with --role node, and only with it\n")
+        return 1
+    try:
+        text = NatsTrust(Path(args.dir)).new_user_creds(args.role, args.node_id)
+    except (TrustError, ValueError) as exc:
+        sys.stderr.write(f"doai nats-auth creds: {exc}\n")
+        return 1
+    write_secret(Path(args.out), text)
+    sys.stdout.write(f"{args.role} credentials written to {args.out} (0600)\n")
     return 0
 
 
@@ -299,11 +344,28 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--screenshot-wait", type=float,
                       help="seconds a screenshot may take to appear after the vendor answered "
                            "(DOAI_VENDOR_SCREENSHOT_WAIT_S, default 10)")
+    node.add_argument("--api-url", help="the backend, to enroll at on the first start (DOAI_API_URL; the secret "
+                                        "comes from NODE_AGENT_SHARED_SECRET)")
+    node.add_argument("--creds", help="a pre-provisioned NATS credentials file (DOAI_NATS_CREDS); no enrollment")
     node.set_defaults(func=cmd_node)
 
     kg = sub.add_parser("keygen", help="create the command-signing seed file (0600) and print its public key")
     kg.add_argument("--out", required=True, help="seed file to create (an existing one is kept and reused)")
     kg.set_defaults(func=cmd_keygen)
+    na = sub.add_parser("nats-auth", help="NATS trust material: operator, accounts, role credentials")
+    nsub = na.add_subparsers(dest="nats_auth_command", required=True)
+    init = nsub.add_parser("init", help="make a new operator, accounts and the central roles' credentials in DIR")
+    init.add_argument("--dir", required=True, help="the trust folder to create (0700; files 0600)")
+    init.add_argument("--resolver-dir", default="/data/jwt",
+                      help="where nats-server keeps account JWTs, written into DIR/nats-auth.conf "
+                           "(default /data/jwt, compose's NATS volume)")
+    init.set_defaults(func=cmd_nats_auth_init)
+    creds = nsub.add_parser("creds", help="mint a credentials file for a role from DIR (e.g. a pre-provisioned node)")
+    creds.add_argument("--dir", required=True, help="the trust folder (needs account-signing.nk)")
+    creds.add_argument("--role", required=True, choices=["backend", "aggregator", "tap", "node", "admin"])
+    creds.add_argument("--node-id", help="with --role node: the node's id")
+    creds.add_argument("--out", required=True, help="the .creds file to write (0600)")
+    creds.set_defaults(func=cmd_nats_auth_creds)
 
     sim = sub.add_parser("sim", help="vendor-protocol simulator with N devices")
     sim.add_argument("--devices", type=int, default=10)

@@ -8,6 +8,7 @@ PostgreSQL from `pgserver`, which as root runs the server as an OS user
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 import structlog
 
 from doai.resources import nats_config
+from runtime.nats_auth import NatsTrust
 
 log = structlog.get_logger(__name__)
 
@@ -49,24 +51,43 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """A `nats-server -js` child process on a loopback port with its own store folder."""
+    """A `nats-server -js` child process on a loopback port with its own store folder.
 
-    def __init__(self, store_dir: Path, port: int | None = None) -> None:
+    Always with decentralized auth from `trust` (no anonymous client is accepted);
+    with TLS when `tls_cert` and `tls_key` are given (then the URL is `tls://`).
+    """
+
+    def __init__(self, store_dir: Path, trust: NatsTrust, port: int | None = None,
+                 tls_cert: Path | None = None, tls_key: Path | None = None) -> None:
         self.store_dir = store_dir
+        self.trust = trust
         self.port = port or free_port()
+        self.tls_cert = tls_cert
+        self.tls_key = tls_key
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        scheme = "tls" if self.tls_cert is not None else "nats"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def config(self) -> str:
+        """The packaged settings, the auth block (operator, full resolver) and the TLS block."""
+        parts = [nats_config(), self.trust.server_config(str(self.store_dir / "jwt"))]
+        if self.tls_cert is not None and self.tls_key is not None:
+            parts.append("tls {\n"
+                         f"  cert_file: {json.dumps(str(self.tls_cert))}\n"
+                         f"  key_file: {json.dumps(str(self.tls_key))}\n"
+                         "  timeout: 5\n}\n")
+        return "\n".join(parts)
 
     def start(self, timeout_s: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.store_dir / "nats-server.log"
-        # A copy of the packaged config beside the store: nats-server needs a file, and the
-        # package may not be a plain folder.
+        # The packaged config plus the auth (and TLS) blocks, beside the store: nats-server needs
+        # a file, and the package may not be a plain folder.
         conf_path = self.store_dir / "nats-server.conf"
-        conf_path.write_text(nats_config(), encoding="utf-8")
+        conf_path.write_text(self.config(), encoding="utf-8")
         args = [
             nats_server_binary(),
             "-js",

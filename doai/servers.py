@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from doai.embedded import EmbeddedNats, EmbeddedPostgres
+from runtime.nats_auth import NatsTrust, TrustError
 
 
 @dataclass(frozen=True)
@@ -17,6 +18,10 @@ class Infra:
     nats_url: str
     database_url: str
     embedded: bool
+    # The NATS trust folder (`runtime.nats_auth`): the backend's issuer keys and the central roles' creds.
+    nats_auth_dir: Path
+    # CA file that signed nats-server's TLS certificate (None: plain nats://).
+    nats_ca: Path | None = None
 
 
 def doai_home() -> Path:
@@ -26,11 +31,22 @@ def doai_home() -> Path:
 
 @asynccontextmanager
 async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
-    """Yield server addresses; start embedded servers for whatever the environment lacks."""
+    """Yield server addresses; start embedded servers for whatever the environment lacks.
+
+    NATS trust material: `DOAI_NATS_AUTH_DIR` with an external `NATS_URL` (made by
+    `doai nats-auth init`); for the embedded server it is made once under
+    `DOAI_HOME/nats-auth` and reused on every start.
+    """
     home = home or doai_home()
     nats_url = os.environ.get("NATS_URL")
     database_url = os.environ.get("DATABASE_URL")
-    nats = None if nats_url else EmbeddedNats(home / "nats")
+    configured_auth = os.environ.get("DOAI_NATS_AUTH_DIR")
+    if nats_url and not configured_auth:
+        raise TrustError("NATS_URL is set: also set DOAI_NATS_AUTH_DIR to its trust folder "
+                         "(`doai nats-auth init --dir DIR`)")
+    auth_dir = Path(configured_auth) if configured_auth else home / "nats-auth"
+    nats_ca = Path(os.environ["DOAI_NATS_CA"]) if os.environ.get("DOAI_NATS_CA") else None
+    nats = None if nats_url else EmbeddedNats(home / "nats", await asyncio.to_thread(NatsTrust.ensure, auth_dir))
     pg = None if database_url else EmbeddedPostgres(home / "pg")
     try:
         if nats is not None:
@@ -39,7 +55,8 @@ async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
         if pg is not None:
             database_url = await asyncio.to_thread(pg.start)
         assert nats_url is not None and database_url is not None
-        yield Infra(nats_url, database_url, embedded=nats is not None or pg is not None)
+        yield Infra(nats_url, database_url, embedded=nats is not None or pg is not None,
+                    nats_auth_dir=auth_dir, nats_ca=nats_ca)
     finally:
         if nats is not None:
             await asyncio.to_thread(nats.stop)

@@ -111,7 +111,7 @@ async def wait_for_devices(client: httpx.AsyncClient, expected: list[dict[str, s
         r.raise_for_status()
         ready = {
             (d["node_id"], d["serial"]) for d in r.json()["devices"]
-            if d["status"] == "online" and (since is None or datetime.fromisoformat(d["last_seen"]) >= since)
+            if d["online"] and (since is None or datetime.fromisoformat(d["last_seen"]) >= since)
         } & wanted
         if len(ready) == len(wanted) or time.monotonic() >= deadline:
             return len(ready)
@@ -202,18 +202,28 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
     api_ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
     artifact_dir = opts.home / "artifacts"
     started_at = datetime.now(UTC)
+    node_secret = opts.node_secret or secrets.token_urlsafe(32)
     settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
-                               node_secret=opts.node_secret or secrets.token_urlsafe(32),
-                               artifact_dir=str(artifact_dir),
+                               node_secret=node_secret, artifact_dir=str(artifact_dir),
+                               nats_auth_dir=infra.nats_auth_dir, nats_ca=infra.nats_ca,
                                command_signing_seed=opts.command_signing_seed
                                or load_or_create_seed(command_key_path(opts.home)))
-    aggregator = AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url)
+    aggregator = AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url,
+                                    nats_creds=str(infra.nats_auth_dir / "aggregator.creds"),
+                                    nats_ca=str(infra.nats_ca) if infra.nats_ca else None)
     parts = Supervisor(stop, "doai up", grace_s=15.0)
     body_error: BaseException | None = None
     try:
         async with parts:
             parts.start("backend", lambda: run_backend(settings, stop, on_ready=api_ready.set_result), restart=False)
             parts.start("aggregator", lambda: run_aggregator(aggregator, stop), restart=False)
+            with contextlib.suppress(Stopped):
+                await unless_stopped(asyncio.shield(api_ready), stop)
+            api_url = api_ready.result() if api_ready.done() else ""
+            system = System(api_url, token, sims, stop, parts, artifact_dir, started_at,
+                            settings.command_public_key)
+            if not api_ready.done():
+                raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
             for i in range(1, opts.nodes + 1):
                 sim = Simulator(SimulatorConfig(
                     devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
@@ -222,18 +232,15 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                 ))
                 await sim.start()
                 sims.append(sim)
+                # Each node enrolls at the API with the shared secret on its first start (its own NATS
+                # identity, kept under home/node) and reuses those credentials afterwards.
                 node = NodeSettings(
                     node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
                     state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                    inventory_interval_s=opts.inventory_interval_s, command_public_key=settings.command_public_key,
+                    inventory_interval_s=opts.inventory_interval_s, api_url=api_url, node_secret=node_secret,
+                    nats_ca=infra.nats_ca,
                 )
                 parts.start(f"node-{i}", functools.partial(run_node, node, stop), restart=False)
-            with contextlib.suppress(Stopped):
-                await unless_stopped(asyncio.shield(api_ready), stop)
-            system = System(api_ready.result() if api_ready.done() else "", token, sims, stop, parts,
-                            artifact_dir, started_at, settings.command_public_key)
-            if not api_ready.done():
-                raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
             try:
                 yield system
             except BaseException as exc:  # stop the parts gracefully first, then let it go on
@@ -265,6 +272,8 @@ async def up(opts: UpOptions) -> int:
                 say(f"doai is up: API {system.api_url}  (token: {token})")
                 pg = f"embedded under {opts.home / 'pg'}" if infra.embedded else "from DATABASE_URL"
                 say(f"  NATS {infra.nats_url}   PostgreSQL {pg}")
+                say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
+                    f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
                 if opts.demo:

@@ -18,7 +18,9 @@ docs/architecture.md "Streams"); other parts only create a missing stream.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -59,6 +61,10 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 
 
+# Both streams drop a message after this age (and the aggregator keeps `processed_events` longer).
+STREAM_MAX_AGE_S = 7 * DAY_S
+
+
 @dataclass(frozen=True)
 class StreamLimits:
     max_bytes: int
@@ -83,7 +89,7 @@ def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[Stream
             subjects=[subjects],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            max_age=7 * DAY_S,
+            max_age=STREAM_MAX_AGE_S,
             max_bytes=limits[name].max_bytes,
             max_msgs=limits[name].max_msgs,
             max_msg_size=limits[name].max_msg_size,
@@ -94,15 +100,34 @@ def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[Stream
     ]
 
 
-async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NATS:
+def tls_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext | None:
+    """The TLS context for `url`: verify the server against `ca_file` (or the system's CAs for tls://)."""
+    if ca_file:
+        return ssl.create_default_context(cafile=str(ca_file))
+    if url.startswith("tls://"):
+        return ssl.create_default_context()
+    return None
+
+
+async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
+                  creds: str | Path | None = None, inbox_prefix: str | None = None,
+                  ca_file: str | Path | None = None) -> NATS:
     """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default).
 
+    `creds`: the identity's `.creds` file (user JWT + nkey seed); `inbox_prefix`: the
+    prefix the identity may receive replies on (its permissions allow nothing else);
+    `ca_file`: verify the server's TLS certificate against this CA (use a `tls://` URL).
+
     While the server cannot be reached, each failed attempt is logged and retried
-    every second; `stop` abandons the wait (raises `Stopped`).
+    every second; `stop` abandons the wait (raises `Stopped`). Refused credentials
+    are logged as such (they will not start working by retrying, unless an operator acts).
     """
 
     async def on_error(exc: Exception) -> None:
-        if isinstance(exc, OSError | TimeoutError):
+        if "authorization violation" in str(exc).lower() or "authentication" in str(exc).lower():
+            log.error("NATS refused this identity's credentials (revoked, or issued by another operator?)",
+                      url=url, identity=name, creds=str(creds) if creds else None)
+        elif isinstance(exc, OSError | TimeoutError):
             log.warning("cannot reach NATS; retrying", url=url, error=str(exc) or type(exc).__name__)
         else:
             log.warning("nats error", error=str(exc))
@@ -113,9 +138,18 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None) -> NAT
     async def on_reconnected() -> None:
         log.info("nats reconnected", url=url)
 
+    options: dict[str, Any] = {}
+    if creds:
+        options["user_credentials"] = str(creds)
+    if inbox_prefix:
+        options["inbox_prefix"] = inbox_prefix
+    tls = tls_context(url, ca_file)
+    if tls is not None:
+        options["tls"] = tls
     nc: NATS = await unless_stopped(nats.connect(
         url,
         name=name,
+        **options,
         max_reconnect_attempts=-1,
         reconnect_time_wait=1,
         connect_timeout=5,
@@ -137,7 +171,10 @@ async def close(nc: NATS) -> None:
             await nc.flush(timeout=2)
         except Exception as exc:
             log.warning("nats flush at close failed", error=repr(exc))
-    await nc.close()
+    try:
+        await nc.close()
+    except OSError as exc:  # the connection dropped while closing (a server restart): closed all the same
+        log.info("nats connection lost while closing", error=repr(exc))
 
 
 async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] | None = None, *,
@@ -169,6 +206,21 @@ async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] |
             if update:
                 await js.update_stream(config)
     return created
+
+
+async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event | None = None,
+                          interval_s: float = 0.5) -> None:
+    """Wait until `stream` exists. Only the backend declares streams; other parts wait for it."""
+    logged = False
+    while True:
+        try:
+            await js.stream_info(stream)
+            return
+        except NotFoundError:
+            if not logged:
+                log.info("waiting for the backend to declare the stream", stream=stream)
+                logged = True
+        await unless_stopped(asyncio.sleep(interval_s), stop)
 
 
 async def _ensure_consumer(js: JetStreamContext, stream: str, config: ConsumerConfig) -> None:

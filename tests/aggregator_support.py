@@ -38,6 +38,7 @@ from contracts.events import event_kind as kind_of
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, evt_subject
 from runtime import db, jetstream
 from services.aggregator.consumer import Aggregator
+from tests.conftest import nats_options
 
 STEPS = [("model", "adb_shell"), ("android", "adb_shell"), ("battery", "adb_shell"), ("home", "keyevent"),
          ("open", "open_url"), ("shot", "screenshot"), ("upload", "upload"), ("report", "report")]
@@ -267,7 +268,7 @@ class RunningAggregator:
 async def aggregator_over(nats_url: str, database_url: str, payloads: list[bytes],
                           subject: str = "doai.evt.n1.task") -> AsyncIterator[RunningAggregator]:
     """Publish raw `payloads` (all in the stream before it starts: one batch), then run one aggregator."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     pool: asyncpg.Pool | None = None
     stop = asyncio.Event()
     worker: asyncio.Task[None] | None = None

@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from contracts.subjects import CMD_STREAM
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, nats_options, server_ca, trust
 from tests.signing_support import TEST_SIGNING_SEED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +44,8 @@ class Backend:
 @contextlib.asynccontextmanager
 async def running_backend(database_url: str, nats_url: str, **overrides: Any) -> AsyncIterator[Backend]:
     settings = BackendSettings(database_url, nats_url, [TEST_TOKEN], port=0, node_secret=NODE_SECRET,
-                               relay_poll_s=0.2, command_signing_seed=TEST_SIGNING_SEED)
+                               relay_poll_s=0.2, nats_auth_dir=trust().dir,
+                               nats_ca=server_ca(nats_url), command_signing_seed=TEST_SIGNING_SEED)
     for name, value in overrides.items():
         setattr(settings, name, value)
     stop = asyncio.Event()
@@ -66,11 +67,18 @@ async def seed_fleet(database_url: str, fleet: dict[str, list[str]], status: str
     """Write devices as the aggregator would from the nodes' inventories."""
     conn = await asyncpg.connect(database_url)
     try:
+        when = seen or datetime.now(UTC)
         await conn.executemany(
             "INSERT INTO devices (node_id, serial, status, model, last_seen) VALUES ($1, $2, $3, 'SIM', $4)"
             " ON CONFLICT (node_id, serial) DO UPDATE SET status = EXCLUDED.status, last_seen = EXCLUDED.last_seen",
-            [(node, serial, status, seen or datetime.now(UTC)) for node, serials in fleet.items()
-             for serial in serials],
+            [(node, serial, status, when) for node, serials in fleet.items() for serial in serials],
+        )
+        # Their nodes' heartbeats: a device is online only on a live node (the `device_liveness` view).
+        await conn.executemany(
+            "INSERT INTO nodes (node_id, slots, running, queued, vendor_connected, version, last_seen)"
+            " VALUES ($1, 20, 0, 0, true, 'test', $2)"
+            " ON CONFLICT (node_id) DO UPDATE SET last_seen = GREATEST(nodes.last_seen, EXCLUDED.last_seen)",
+            [(node, when) for node in fleet],
         )
     finally:
         await conn.close()
@@ -99,7 +107,7 @@ async def fetchval(database_url: str, sql: str, *args: Any) -> Any:
 
 async def stream_counts(nats_url: str) -> dict[str, int]:
     """Messages stored in DOAI_CMD per subject (each broadcast/cancel must be there once)."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     try:
         js: JetStreamContext = nc.jetstream()
         info = await js.stream_info(CMD_STREAM, subjects_filter="doai.cmd.>")
@@ -110,7 +118,7 @@ async def stream_counts(nats_url: str) -> dict[str, int]:
 
 async def stream_messages(nats_url: str) -> list[tuple[str, bytes, str | None]]:
     """Every message in DOAI_CMD as (subject, payload, Nats-Msg-Id), in stream order."""
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     try:
         js = nc.jetstream()
         info = await js.stream_info(CMD_STREAM)

@@ -8,6 +8,7 @@ empty store, so tests never see each other's streams.
 from __future__ import annotations
 
 import os
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -16,12 +17,16 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from doai.embedded import EmbeddedNats, EmbeddedPostgres
 from doai.servers import Infra
 from doai.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 from runtime.logging import configure_logging
+from runtime.nats_auth import NatsTrust, inbox_prefix
+from runtime.nats_creds import write_secret
 from tests.signing_support import TEST_SIGNING_SEED
 
 
@@ -75,12 +80,78 @@ async def database_url(pg_server: str) -> AsyncIterator[str]:
         yield url
 
 
+# -- NATS: every server has decentralized auth; every client connects as some identity ----------
+
+_TRUST: list[NatsTrust] = []
+_SERVERS: dict[str, AuthNats] = {}
+
+
+def trust() -> NatsTrust:
+    """The session's NATS trust material (one operator for every test server)."""
+    assert _TRUST, "the nats_trust fixture has not run (use the nats_server fixture)"
+    return _TRUST[0]
+
+
+def creds_file(role: str = "admin", node_id: str | None = None) -> Path:
+    """A credentials file of the session's trust material for this identity (made once, 0600)."""
+    t = trust()
+    path = t.dir / "test-creds" / (f"node-{node_id}.creds" if role == "node" else f"{role}.creds")
+    if not path.exists():
+        write_secret(path, t.new_user_creds(role, node_id))
+    return path
+
+
+def nats_options(url: str, role: str = "admin", node_id: str | None = None) -> dict[str, Any]:
+    """`nats.connect` keyword arguments for an identity on the test server at `url`.
+
+    `admin` (unrestricted, tests only) is what test helpers use to set up and inspect
+    streams; the parts under test connect as their real roles.
+    """
+    options: dict[str, Any] = {"user_credentials": str(creds_file(role, node_id)),
+                               "inbox_prefix": inbox_prefix(role, node_id)}
+    server = _SERVERS.get(url)
+    if server is not None and server.ca_file is not None:
+        options["tls"] = ssl.create_default_context(cafile=str(server.ca_file))
+    return options
+
+
+def server_ca(url: str) -> Path | None:
+    """The CA file of the test server at `url` when it runs TLS."""
+    server = _SERVERS.get(url)
+    return server.ca_file if server is not None else None
+
+
+class AuthNats(EmbeddedNats):
+    """The test's nats-server, with helpers to connect as any identity of the session's trust material."""
+
+    ca_file: Path | None = None
+
+    def creds(self, role: str = "admin", node_id: str | None = None) -> Path:
+        return creds_file(role, node_id)
+
+    def options(self, role: str = "admin", node_id: str | None = None) -> dict[str, Any]:
+        return nats_options(self.url, role, node_id)
+
+    async def connect(self, role: str = "admin", node_id: str | None = None, **extra: Any) -> NATS:
+        nc: NATS = await nats.connect(self.url, **{**self.options(role, node_id), **extra})
+        return nc
+
+
+@pytest.fixture(scope="session")
+def nats_trust(tmp_path_factory: pytest.TempPathFactory) -> NatsTrust:
+    t = NatsTrust.ensure(tmp_path_factory.mktemp("nats-auth") / "trust")
+    _TRUST[:] = [t]
+    return t
+
+
 @pytest.fixture
-def nats_server(tmp_path: Path, log_file: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats")
+def nats_server(tmp_path: Path, log_file: Path, nats_trust: NatsTrust) -> Iterator[AuthNats]:
+    server = AuthNats(tmp_path / "nats", nats_trust)
     server.start()
+    _SERVERS[server.url] = server
     yield server
     server.stop()
+    _SERVERS.pop(server.url, None)
 
 
 TEST_TOKEN = "test-operator-token-0123456789abcdef"
@@ -88,7 +159,7 @@ TEST_TOKEN = "test-operator-token-0123456789abcdef"
 
 @pytest.fixture
 async def start_system(
-    nats_server: EmbeddedNats, database_url: str, tmp_path: Path
+    nats_server: AuthNats, database_url: str, tmp_path: Path
 ) -> AsyncIterator[Callable[..., Awaitable[System]]]:
     """Start the whole system in-process (backend, aggregator, nodes with simulators) on demand."""
     async with AsyncExitStack() as stack:
@@ -99,7 +170,8 @@ async def start_system(
                              screen_latency_ms=options.pop("screen_latency_ms", 20.0),
                              inventory_interval_s=options.pop("inventory_interval_s", 0.5),
                              command_signing_seed=TEST_SIGNING_SEED, **options)
-            infra = Infra(nats_server.url, database_url, embedded=False)
+            infra = Infra(nats_server.url, database_url, embedded=False, nats_auth_dir=nats_server.trust.dir,
+                          nats_ca=nats_server.ca_file)
             system = await stack.enter_async_context(running_system(opts, infra, TEST_TOKEN, port=0))
             async with system.client() as client:
                 await publish_recipes(client)

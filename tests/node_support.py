@@ -36,6 +36,7 @@ from contracts.recipe import Recipe, resolve_step_timeouts, validate_recipe
 from contracts.subjects import CMD_STREAM, EVT_STREAM, cmd_subject
 from runtime import jetstream
 from runtime.signing import Signer
+from tests.conftest import creds_file, nats_options
 from tests.signing_support import TEST_PUBLIC_KEY, TEST_SIGNER, signed_headers
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,10 +61,21 @@ def broadcast(node_id: str, r: Recipe, devices: list[str], *, run_id: str | None
 
 
 async def connect(url: str) -> tuple[NATS, JetStreamContext]:
-    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    """An unrestricted test connection (the `admin` identity) with the streams declared."""
+    nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **nats_options(url))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     return nc, js
+
+
+async def provision_node(url: str, node_id: str) -> Path:
+    """What the backend does for a node (streams, its durable consumer); return the node's creds file."""
+    nc, js = await connect(url)
+    try:
+        await jetstream.ensure_node_consumer(js, node_id)
+    finally:
+        await nc.close()
+    return creds_file("node", node_id)
 
 
 async def send(js: JetStreamContext, command: RunBroadcast | RunCancel, *, signer: Signer | None = TEST_SIGNER,
@@ -167,8 +179,10 @@ class NodeProcess:
 
     def __init__(self, *, node_id: str, nats_url: str, vendor_url: str, state_dir: Path, artifact_dir: Path,
                  log_path: Path, slots: int = 20) -> None:
+        """A node with its own pre-provisioned identity (`--creds`); call `provision_node` first."""
         self.args = [sys.executable, "-m", "doai.cli", "node", "--node-id", node_id, "--vendor-url", vendor_url,
-                     "--state-dir", str(state_dir), "--artifact-dir", str(artifact_dir), "--slots", str(slots)]
+                     "--state-dir", str(state_dir), "--artifact-dir", str(artifact_dir), "--slots", str(slots),
+                     "--creds", str(creds_file("node", node_id))]
         self.env = {**os.environ, "NATS_URL": nats_url, "DOAI_LOG_FORMAT": "json", "DOAI_LOG_FILE": str(log_path),
                     "PYTHONPATH": str(ROOT), "DOAI_COMMAND_PUBLIC_KEY": TEST_PUBLIC_KEY}
         self.log_path = log_path
@@ -205,4 +219,4 @@ class NodeProcess:
 
 
 __all__ = ["CMD_STREAM", "TEST_PUBLIC_KEY", "NodeProcess", "assert_complete_and_exact", "broadcast", "connect",
-           "fold", "read_events", "recipe", "send", "until"]
+           "fold", "provision_node", "read_events", "recipe", "send", "until"]

@@ -26,13 +26,14 @@ from tests.aggregator_support import (
     publish,
     seed_run,
 )
+from tests.conftest import creds_file, nats_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_aggregator(nats_url: str, database_url: str, log_path: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, "NATS_URL": nats_url, "DATABASE_URL": database_url, "DOAI_AGG_BATCH": "5",
-           "DOAI_AGG_ACK_WAIT_S": "3",
+           "DOAI_AGG_ACK_WAIT_S": "3", "DOAI_NATS_CREDS": str(creds_file("aggregator")),
            "DOAI_LOG_FORMAT": "json"}
     with log_path.open("ab") as out:
         return subprocess.Popen([sys.executable, "-m", "doai.cli", "aggregator"], cwd=ROOT, env=env,
@@ -45,7 +46,7 @@ async def test_aggregator_killed_ten_times_mid_batch_loses_and_corrupts_nothing(
     rec = FleetRecording(str(uuid.uuid4()), nodes=3, devices=60, seed=3)
     await migrate(database_url)
     conn = await asyncpg.connect(database_url)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     await jetstream.ensure_aggregator_consumer(js)

@@ -18,6 +18,7 @@ from doai.embedded import EmbeddedNats
 from runtime import db, jetstream
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import T0, FleetRecording, check_truth, consumer_settled, migrate, poll, publish, seed_run
+from tests.conftest import creds_file, nats_options
 
 
 async def test_a_nats_restart_under_a_running_aggregator_loses_and_duplicates_nothing(
@@ -33,8 +34,9 @@ async def test_a_nats_restart_under_a_running_aggregator_loses_and_duplicates_no
     finally:
         await conn.close()
     stop = asyncio.Event()
-    agg_nc = await jetstream.connect(nats_server.url, name="doai-aggregator", stop=stop)
-    pub_nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
+    agg_nc = await jetstream.connect(nats_server.url, name="doai-aggregator", stop=stop, creds=creds_file("admin"))
+    pub_nc = await nats.connect(nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2,
+                                 **nats_options(nats_server.url))
     pool = await db.create_pool(database_url, max_size=3)
     worker: asyncio.Task[None] | None = None
     try:

@@ -26,6 +26,7 @@ from doai.embedded import EmbeddedNats, ensure_runtime_dir
 from runtime import db, jetstream
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import FleetRecording, check_truth, consumer_settled, poll, publish, seed_run
+from tests.conftest import nats_options
 
 OUTAGE_S = 30.0
 
@@ -76,7 +77,7 @@ async def test_postgres_down_for_30_s_loses_no_event(nats_server: EmbeddedNats, 
     await db.migrate(pool)
     async with pool.acquire() as conn:
         await seed_run(conn, rec.run_id, rec.pairs())
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     await jetstream.ensure_aggregator_consumer(js)

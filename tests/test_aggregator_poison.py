@@ -78,7 +78,8 @@ async def test_poison_messages_are_dead_lettered_and_the_consumer_continues(
         nul.event_id, orphan.event_id}
 
 
-SERVERS = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "NATS_URL": "nats://127.0.0.1:4222"}
+SERVERS = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "NATS_URL": "nats://127.0.0.1:4222",
+           "DOAI_NATS_CREDS": "/etc/doai/aggregator.creds"}
 
 
 @pytest.mark.parametrize("env, message", [
@@ -87,6 +88,7 @@ SERVERS = {"DATABASE_URL": "postgresql://x@127.0.0.1/x", "NATS_URL": "nats://127
     ({"DOAI_AGG_ACK_WAIT_S": "0.1"}, "DOAI_AGG_ACK_WAIT_S must be between 1 and 3600"),
     ({"DOAI_LIVENESS_WINDOW_S": "-5"}, "DOAI_LIVENESS_WINDOW_S must be > 0"),
     ({"DOAI_LIVENESS_WINDOW_S": "soon"}, "DOAI_LIVENESS_WINDOW_S: expected a number"),
+    ({"DOAI_NATS_CREDS": ""}, "set DOAI_NATS_CREDS"),
     ({"DOAI_AGG_MAX_SKEW_S": "-1"}, "DOAI_AGG_MAX_SKEW_S must be between 0 and 3600"),
     ({"DOAI_AGG_MAX_SKEW_S": "soon"}, "DOAI_AGG_MAX_SKEW_S: expected a number"),
 ])

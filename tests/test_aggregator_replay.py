@@ -23,7 +23,7 @@ from tests.aggregator_support import (
     seed_run,
     snapshot,
 )
-from tests.conftest import fresh_database
+from tests.conftest import fresh_database, nats_options
 
 
 async def fold_through_stream(nats_url: str, database_url: str, rec: FleetRecording, events: list,
@@ -34,7 +34,7 @@ async def fold_through_stream(nats_url: str, database_url: str, rec: FleetRecord
         await seed_run(conn, rec.run_id, rec.pairs())
     finally:
         await conn.close()
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **nats_options(nats_url))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     await jetstream.ensure_aggregator_consumer(js)
@@ -42,7 +42,7 @@ async def fold_through_stream(nats_url: str, database_url: str, rec: FleetRecord
     stop = asyncio.Event()
     workers, tasks, closers = [], [], []
     for _ in range(aggregators):
-        wnc = await nats.connect(nats_url)
+        wnc = await nats.connect(nats_url, **nats_options(nats_url, "aggregator"))
         pool = await db.create_pool(database_url, max_size=2)
         agg = Aggregator(pool, wnc.jetstream(), batch_size=batch_size, fetch_timeout_s=0.2)
         workers.append(agg)
@@ -78,7 +78,7 @@ async def test_replay_shuffled_with_duplicates_by_three_aggregators_gives_identi
     rng = random.Random(5)
     noisy = rec.events + rng.sample(rec.events, k=len(rec.events) // 5)
     rng.shuffle(noisy)
-    replay_server = EmbeddedNats(tmp_path / "replay-nats")  # type: ignore[operator]
+    replay_server = EmbeddedNats(tmp_path / "replay-nats", nats_server.trust)
     replay_server.start()
     try:
         async with fresh_database(pg_server) as replay_url:

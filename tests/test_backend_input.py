@@ -380,7 +380,7 @@ async def test_openapi_tells_the_truth_about_methods_targets_integers_and_links(
 def test_backend_refuses_an_artifact_path_template_it_cannot_check(template: str, message: str) -> None:
     env = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "DOAI_API_TOKEN": "t",
            "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_ARTIFACT_PATH_TEMPLATE": template,
-           "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED}
+           "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED, "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
     with pytest.raises(ConfigError, match=f"DOAI_ARTIFACT_PATH_TEMPLATE: .*{message}"):
         load_settings(BackendSettings, env)
     env["DOAI_ARTIFACT_PATH_TEMPLATE"] = "{site}/{node_id}/{run_id}.png"

@@ -28,6 +28,7 @@ from contracts.commands import Command, RunBroadcast
 from contracts.recipe import decode_recipe
 from doai.embedded import EmbeddedNats, free_port
 from runtime import db, jetstream
+from runtime.nats_auth import inbox_prefix
 from services.backend import runs, workflows
 from services.backend.relay import OutboxRelay
 from tests.backend_support import (
@@ -45,7 +46,7 @@ from tests.backend_support import (
     stream_messages,
     wait_until,
 )
-from tests.conftest import TEST_TOKEN
+from tests.conftest import TEST_TOKEN, creds_file, trust
 from tests.signing_support import TEST_SIGNER, TEST_SIGNING_SEED
 
 
@@ -56,7 +57,8 @@ async def unsent(database_url: str) -> int:
 
 async def start_backend_process(database_url: str, nats_url: str, port: int) -> asyncio.subprocess.Process:
     env = {**os.environ, "DATABASE_URL": database_url, "NATS_URL": nats_url, "DOAI_API_TOKEN": TEST_TOKEN,
-           "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED}
+           "NODE_AGENT_SHARED_SECRET": NODE_SECRET, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED,
+           "DOAI_NATS_AUTH_DIR": str(trust().dir)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "doai.cli", "backend", "--port", str(port), cwd=ROOT, env=env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -135,7 +137,8 @@ async def backend_db(database_url: str, nats_server: EmbeddedNats) -> AsyncItera
 
 
 async def _jetstream(url: str) -> tuple[nats.NATS, nats.js.JetStreamContext]:
-    nc = await jetstream.connect(url, name="test-relay")
+    nc = await jetstream.connect(url, name="test-relay", creds=creds_file("backend"),
+                                 inbox_prefix=inbox_prefix("backend"))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     return nc, js

@@ -60,9 +60,13 @@ def test_services_refuse_missing_configuration() -> None:
                    "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_NODE_SLOTS": "node-1"},
      "DOAI_NODE_SLOTS: 'node-1' is not key=value"),
     (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
-                   "NODE_AGENT_SHARED_SECRET": "n" * 32}, "doai backend: set DOAI_COMMAND_SIGNING_KEY"),
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_NATS_AUTH_DIR": "/x"},
+     "doai backend: set DOAI_COMMAND_SIGNING_KEY"),
     (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
-                   "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY_FILE": "/nonexistent/k.seed"},
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32}, "doai backend: set DOAI_NATS_AUTH_DIR"),
+    (["backend"], {"DATABASE_URL": "postgresql://u@127.0.0.1:1/d", "NATS_URL": "nats://x:1", "DOAI_API_TOKEN": "t",
+                   "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY_FILE": "/nonexistent/k.seed",
+                   "DOAI_NATS_AUTH_DIR": "/x"},
      "DOAI_COMMAND_SIGNING_KEY_FILE: cannot read /nonexistent/k.seed"),
 ])
 def test_every_part_reports_a_bad_setting_in_one_line_naming_the_variable(
@@ -110,7 +114,8 @@ def test_keygen_makes_a_private_seed_once_and_prints_its_public_key(tmp_path: Pa
 def test_unreachable_database_is_one_line_without_the_password() -> None:
     res = doai("backend", env={"DATABASE_URL": "postgresql://u:s3cret@127.0.0.1:1/d",
                                "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                               "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED})
+                               "NODE_AGENT_SHARED_SECRET": "n" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED,
+                               "DOAI_NATS_AUTH_DIR": "/nonexistent"})
     assert res.returncode == 1
     assert "doai backend: cannot reach PostgreSQL at postgresql://u:***@127.0.0.1:1/d" in res.stderr
     assert "s3cret" not in res.stderr and "Traceback" not in res.stderr

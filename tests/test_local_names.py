@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath, PureWindowsPath
+from pathlib import Path, PurePath, PureWindowsPath
 from urllib.parse import unquote
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.node.local_names import local_path, local_segment
+from contracts.local_names import local_path, local_segment
+from services.node.artifacts import LocalArtifactStore
 
 WINDOWS_FORBIDDEN = set('<>:"/\\|?*')
 
@@ -55,3 +56,18 @@ def test_every_segment_maps_to_an_accepted_name_and_back(segment: str) -> None:
 def test_different_segments_never_collide(a: str, b: str) -> None:
     if a != b:
         assert local_segment(a) != local_segment(b)
+
+
+async def test_the_local_store_keeps_the_conventional_key_and_writes_a_windows_safe_path(tmp_path: Path) -> None:
+    store = LocalArtifactStore(tmp_path / "store")
+    source = tmp_path / "shot.png"
+    source.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    key = "vid/node-A1/192.168.0.5:5555/0b6c1c9e-0000-4000-8000-000000000000/1739012345.png"
+    first = await store.put(key, source, "image/png")
+    second = await store.put(key, source, "image/png")  # the same second: both kept
+    assert first.key == key
+    assert second.key == key.replace("1739012345.png", "1739012345-1.png")
+    on_disk = sorted(p.relative_to(store.root).as_posix() for p in store.root.rglob("*.png"))
+    assert on_disk == [f"vid/node-A1/192.168.0.5%3A5555/0b6c1c9e-0000-4000-8000-000000000000/{name}"
+                       for name in ("1739012345-1.png", "1739012345.png")]
+    assert all(":" not in part for path in on_disk for part in path.split("/"))

@@ -18,6 +18,7 @@ from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
 from contracts.recipe import decode_recipe
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, cmd_subject, evt_subject
+from tests.conftest import nats_options
 from tests.signing_support import signed_headers
 from tests.test_e2e import wait_completed
 
@@ -48,7 +49,7 @@ async def test_aggregator_dead_letters_bad_events_and_keeps_folding(
         b'{"kind": "teleport", "event_id": "e", "ts": "2026-01-01T00:00:00Z", "node_id": "n"}',
         msgspec.json.encode(orphan),
     ]
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         js = nc.jetstream()
         for payload in bad:
@@ -85,7 +86,7 @@ async def test_node_drops_bad_commands_and_keeps_working(
         run_id=new_id(), node_id="node-2", workflow_id="device-smoke", workflow_version=1, recipe=recipe,
         params=PARAMS, step_timeouts_ms={}, devices=["SIM1X0001"], created_at=datetime.now(UTC),
     )
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         js = nc.jetstream()
         # Signed with the backend's key, so they get past the signature check to decoding and addressing.

@@ -31,6 +31,7 @@ from tests.node_support import (
     broadcast,
     connect,
     fold,
+    provision_node,
     read_events,
     recipe,
     send,
@@ -44,7 +45,9 @@ NODE = "node-T1"
 @contextlib.asynccontextmanager
 async def agent_running(nats_url: str, sim: Simulator, tmp_path: Path, store: ArtifactStore | None = None,
                         **options: Any) -> AsyncIterator[NodeAgent]:
-    settings = NodeSettings(node_id=options.pop("node_id", NODE), nats_url=nats_url, vendor_url=sim.url,
+    node_id = options.pop("node_id", NODE)
+    creds = await provision_node(nats_url, node_id)  # the node's own identity, as a backend would set it up
+    settings = NodeSettings(node_id=node_id, nats_url=nats_url, vendor_url=sim.url, creds_file=creds,
                             state_dir=tmp_path / "state", artifact_dir=tmp_path / "artifacts",
                             inventory_interval_s=options.pop("inventory_interval_s", 0.3),
                             command_public_key=options.pop("command_public_key", TEST_PUBLIC_KEY), **options)

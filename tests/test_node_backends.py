@@ -23,6 +23,7 @@ from services.node.settings import NodeSettings
 from services.node.supabase_store import SupabaseArtifactStore
 from services.node.vendor_client import VendorClient
 from tests.adb_support import FakeAdbServer, FakePhone
+from tests.conftest import creds_file
 from tests.supabase_support import FakeStorage, serving
 from tests.test_e2e import wait_completed
 
@@ -53,6 +54,7 @@ async def test_device_smoke_over_adb_into_supabase(start_system: Any, nats_serve
     async with FakeAdbServer(phones) as adb, serving(storage) as storage_url:
         settings = NodeSettings(
             node_id="node-adb", nats_url=nats_server.url, slots=2, state_dir=tmp_path / "state",
+            creds_file=creds_file("node", "node-adb"),  # pre-provisioned: the relay declares its consumer
             artifact_dir=tmp_path / "unused", driver="adb", adb_port=adb.port, store="supabase",
             supabase_url=storage_url, supabase_key=KEY, supabase_bucket="shots", inventory_interval_s=0.5,
             command_public_key=system.command_public_key,

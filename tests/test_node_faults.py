@@ -22,6 +22,7 @@ from tests.node_support import (
     broadcast,
     connect,
     fold,
+    provision_node,
     read_events,
     recipe,
     send,
@@ -47,6 +48,7 @@ async def test_kill_9_mid_run_then_restart_every_task_ends_exactly_once(
         node = NodeProcess(node_id=NODE, nats_url=nats_server.url, vendor_url=sim.url, state_dir=tmp_path / "state",
                            artifact_dir=tmp_path / "artifacts", log_path=tmp_path / "node.jsonl", slots=4)
         nc, js = await connect(nats_server.url)
+        await provision_node(nats_server.url, NODE)
         try:
             node.start()
             b = broadcast(NODE, recipe(STEPS), sorted(sim.devices))

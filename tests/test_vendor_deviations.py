@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from contracts.events import ArtifactEvent, DeviceInventoryEvent
+from contracts.local_names import local_path
 from contracts.vendor import Variant
 from doai.embedded import EmbeddedNats
 from services.node.vendor_client import VendorClient
@@ -69,7 +70,7 @@ async def run_once(nats_server: EmbeddedNats, tmp_path: Path, deviations: frozen
         artifacts = [e for e in events if isinstance(e, ArtifactEvent)]
         assert sorted(a.device_serial for a in artifacts) == sorted(devices)
         for a in artifacts:
-            stored = tmp_path / "artifacts" / a.key
+            stored = tmp_path / "artifacts" / local_path(a.key)  # Wi-Fi serials: ":" is %3A on disk
             assert stored.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and stored.stat().st_size == a.bytes
         listed = [e for e in events if isinstance(e, DeviceInventoryEvent) and e.vendor_available]
         assert listed and sorted(d.serial for d in listed[-1].devices) == sorted(devices)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -58,7 +57,6 @@ log = structlog.get_logger(__name__)
 
 _decoder = msgspec.json.Decoder(Event)
 
-PRUNE_AFTER_S = 8 * 86_400.0  # longer than the event stream keeps messages (7 days)
 _LOGGED_DEAD_PER_BATCH = 10  # dead letters logged one by one per batch; the rest in one summary line
 
 
@@ -114,7 +112,6 @@ def is_data_error(exc: BaseException) -> bool:
 class Aggregator:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, batch_size: int = 500,
                  fetch_timeout_s: float = 1.0, first_backoff_s: float = 0.25, max_backoff_s: float = 10.0,
-                 prune_every_s: float = 3600.0, prune_after_s: float = PRUNE_AFTER_S,
                  max_skew_s: float = DEFAULT_MAX_SKEW_S, ack_wait_s: float = 30.0, nc: NATS | None = None,
                  check_every_s: float = 5.0) -> None:
         self._pool = pool
@@ -122,8 +119,6 @@ class Aggregator:
         self._batch_size = batch_size
         self._first_backoff_s = first_backoff_s
         self._max_backoff_s = max_backoff_s
-        self._prune_every_s = prune_every_s
-        self._prune_after_s = prune_after_s
         self._max_skew = timedelta(seconds=max_skew_s)
         self._ack_wait_s = ack_wait_s
         # The aggregator may (re)create its own consumer, and only that (not the stream: the backend's).
@@ -197,12 +192,6 @@ class Aggregator:
                 return None
             backoff = min(backoff * 2, self._max_backoff_s)
 
-    async def prune(self) -> int:
-        status = await self._pool.execute(
-            "DELETE FROM processed_events WHERE processed_at < now() - make_interval(secs => $1)",
-            self._prune_after_s)
-        return int(status.split()[-1])
-
     # -- NATS ---------------------------------------------------------------
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event,
@@ -241,20 +230,9 @@ class Aggregator:
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info("aggregator consuming", stream=EVT_STREAM, durable=AGGREGATOR_DURABLE, batch_size=self._batch_size)
-        next_prune = time.monotonic() + self._prune_every_s
 
         async def handle(msgs: list[Msg]) -> bool:
-            nonlocal next_prune
-            if not await self.handle(msgs, stop, self.consumer.prefetched):
-                return False
-            if time.monotonic() >= next_prune:
-                next_prune = time.monotonic() + self._prune_every_s
-                try:
-                    pruned = await self.prune()
-                    log.info("processed events pruned", rows=pruned)
-                except Exception as exc:
-                    log.warning("pruning processed events failed", error=repr(exc))
-            return True
+            return await self.handle(msgs, stop, self.consumer.prefetched)
 
         # The next batch is fetched while the current one is folded.
         await self.consumer.run(stop, handle, prefetch=True)

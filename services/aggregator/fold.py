@@ -53,6 +53,9 @@ from services.aggregator.validate import (
 )
 
 TERMINAL = sorted(TERMINAL_TASK_STATES)
+# `lost` (written by `housekeeping.py`, never by a node event) is done for the run's status but
+# not terminal for the ranking: it keeps the task's seq, so any later node report replaces it.
+DONE = sorted(TERMINAL_TASK_STATES | {"lost"})
 TERMINAL_STEP = ["failed", "ok", "skipped", "timed_out"]
 _TERMINAL_STEP = frozenset(TERMINAL_STEP)
 
@@ -122,6 +125,7 @@ ON CONFLICT (run_id, node_id, device_serial) DO UPDATE SET
     error       = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.error ELSE t.error END,
     failed_step = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.failed_step ELSE t.failed_step END,
     seq         = CASE WHEN {_TASK_NEWER} THEN EXCLUDED.seq ELSE t.seq END,
+    lost_at     = CASE WHEN {_TASK_NEWER} THEN NULL ELSE t.lost_at END,
     started_at  = GREATEST(t.started_at, EXCLUDED.started_at),
     finished_at = GREATEST(t.finished_at, EXCLUDED.finished_at),
     updated_at  = now()
@@ -206,17 +210,18 @@ SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[], $4::bigint[], $5::te
 ON CONFLICT DO NOTHING
 """
 
-# A run's status follows its tasks: `completed` when every task is terminal
-# (finished at the last task's node-observed end), else `running` once any
-# task has moved. `pending` / `dispatched` are the backend's, as is `cancelled`, which stays.
-_RUN_STATUS = """
+# A run's status follows its tasks: `completed` when every task is terminal or
+# `lost` (finished at the last task's node-observed end, or when it was found
+# lost), else `running` once any task has moved. `pending` / `dispatched` are
+# the backend's, as is `cancelled`, which stays. $2 is `DONE`.
+RUN_STATUS = """
 UPDATE runs r SET
     status = CASE WHEN c.open = 0 THEN 'completed' ELSE 'running' END,
     finished_at = CASE WHEN c.open = 0 THEN c.last_finish END
 FROM (
     SELECT run_id, count(*) FILTER (WHERE NOT (state = ANY($2::text[]))) AS open,
            count(*) FILTER (WHERE state <> 'queued') AS touched,
-           max(finished_at) AS last_finish
+           max(CASE WHEN state = 'lost' THEN lost_at ELSE finished_at END) AS last_finish
     FROM run_tasks WHERE run_id = ANY($1::uuid[]) GROUP BY run_id
 ) c
 WHERE r.run_id = c.run_id AND r.status <> 'cancelled' AND c.touched > 0
@@ -414,5 +419,5 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
         result.dead = len(batch.dead)
     touched = sorted({run_ids[e.run_id] for e in tasks})
     if touched:
-        await conn.execute(_RUN_STATUS, touched, TERMINAL)
+        await conn.execute(RUN_STATUS, touched, DONE)
     return result

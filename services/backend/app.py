@@ -21,6 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.backend.artifact_links import ArtifactLinker
 from services.backend.auth import AuthFailureLog, NodeSecretCheck, TokenCheck
+from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError, JSONResponse, error_response, install_error_handlers
 from services.backend.openapi import add_links, components, tidy_parameters
 from services.backend.relay import OutboxRelay
@@ -59,7 +60,9 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings) -> FastAPI:
+def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings,
+               enrollment: Enrollment | None = None) -> FastAPI:
+    """The app; `enrollment` (node identities on NATS) is what `run_backend` gives, else 503 on those routes."""
     ctx = Context(
         pool=pool, relay=relay, settings=settings,
         linker=ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
@@ -69,6 +72,7 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
                                   AuthFailureLog("operator authentication failed", settings.auth_log_interval_s)),
         node_check=NodeSecretCheck(settings.node_secret,
                                    AuthFailureLog("node authentication failed", settings.auth_log_interval_s)),
+        enrollment=enrollment,
     )
     app = FastAPI(title="doai", version="1", default_response_class=JSONResponse,
                   description="Workflows on fleets of Android devices. Errors: "

@@ -33,6 +33,7 @@ _KNOWN_NODES = """
 SELECT node_id FROM nodes
 UNION SELECT DISTINCT node_id FROM devices
 UNION SELECT DISTINCT node_id FROM outbox WHERE sent_at IS NULL
+UNION SELECT node_id FROM node_identities WHERE revoked_at IS NULL
 """
 
 

@@ -11,12 +11,17 @@ import structlog
 import uvicorn
 from nats.js import JetStreamContext
 
+from contracts.subjects import role_inbox_prefix
 from runtime import db, jetstream
 from runtime.aio import Stopped, unless_stopped
+from runtime.nats_auth import NatsTrust
 from runtime.supervisor import Supervisor
 from services.backend.app import create_app
+from services.backend.enrollment import Enrollment
+from services.backend.errors import ApiError
 from services.backend.keeper import StreamKeeper
 from services.backend.relay import OutboxRelay
+from services.backend.retention import Retention
 from services.backend.settings import BackendSettings
 
 log = structlog.get_logger(__name__)
@@ -36,7 +41,8 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
     pool = await db.create_pool(settings.database_url)
     try:
         await db.migrate(pool)
-        nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop)
+        nc = await jetstream.connect(settings.nats_url, name="doai-backend", stop=stop, creds=settings.nats_creds,
+                                     inbox_prefix=role_inbox_prefix("backend"), ca_file=settings.nats_ca)
         try:
             await _serve(settings, pool, nc.jetstream(), stop, on_ready)
         finally:
@@ -51,7 +57,16 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     signer = settings.command_signer()
     log.info("commands are signed", command_public_key=signer.public_key)
     relay = OutboxRelay(pool, js, signer=signer, poll_s=settings.relay_poll_s)
-    app = create_app(pool, relay, settings)
+    assert settings.nats_auth_dir is not None  # checked when the settings were built
+    enrollment = Enrollment(pool, js, NatsTrust(settings.nats_auth_dir), nats_url=settings.nats_url,
+                            ca_file=str(settings.nats_ca) if settings.nats_ca else None,
+                            command_public_key=settings.command_public_key)
+    try:  # a server that lost its resolver folder gets every revocation back
+        revoked = await enrollment.push()
+        log.info("NATS account pushed", revoked_keys=revoked)
+    except ApiError as exc:
+        log.error("could not push the NATS account JWT (revocations) at start", error=exc.message)
+    app = create_app(pool, relay, settings, enrollment)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             access_log=False, lifespan="off")
     server = _Server(config)
@@ -59,6 +74,9 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
         loops.start("relay", lambda: relay.run(stop))
         keeper = StreamKeeper(pool, js, every_s=settings.keeper_every_s, limits=settings.stream_limits())
         loops.start("stream-keeper", lambda: keeper.run(stop))
+        retention = Retention(pool, outbox_keep_s=settings.outbox_keep_s,
+                              idempotency_ttl_s=settings.idempotency_ttl_s, every_s=settings.retention_every_s)
+        loops.start("retention", lambda: retention.run(stop))
         serve_task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
             while not server.started:

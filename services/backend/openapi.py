@@ -17,7 +17,7 @@ from contracts.recipe import Recipe
 COMPONENTS: tuple[type[Any], ...] = (
     api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.ArtifactList,
     api.WorkflowView, api.WorkflowPublished, api.WorkflowList, api.DeviceList, api.NodeList, api.NodeConfig,
-    api.Health, api.ErrorResponse, Recipe,
+    api.NodeEnrollRequest, api.NodeEnrollment, api.NodeRevoked, api.Health, api.ErrorResponse, Recipe,
 )
 
 _ERROR_TEXT = {
@@ -28,12 +28,16 @@ _ERROR_TEXT = {
     413: "Request body too large",
     422: "The request does not validate; `details` lists every fault with its JSON path",
     500: "Internal error",
+    503: "A server doai depends on (NATS) is unavailable; retry later",
 }
 
 
 def ref(kind: type[Any]) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
+
+# A node's enrollment: its id and the public key of the NATS user key pair it made (the seed stays on the node).
+ENROLL_EXAMPLE = {"node_id": "node-A1", "public_key": "UD6JOQGGXUS6SAVE7POJWYLLF7ORP3O63DZDCG7E4ZSWRILK75GL4ZYZ"}
 
 RUN_EXAMPLE = {
     "workflow_id": "device-smoke",

@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 from nats.js import JetStreamContext
 
+from runtime import jetstream
 from runtime.aio import drain_forever
 from runtime.signing import Signer
 from services.backend.runs import broadcast_msg_id
@@ -50,6 +51,8 @@ class OutboxRelay:
         self._batch = batch
         self._wake = asyncio.Event()
         self.published = 0  # rows this relay published and marked sent
+        # Nodes whose durable consumer this relay has declared (nodes cannot create their own).
+        self._consumers: set[str] = set()
 
     def wake(self) -> None:
         """Called after a run is committed, so its broadcasts leave at once."""
@@ -66,6 +69,10 @@ class OutboxRelay:
             withdrawn = {r["id"] for r in rows if r["run_status"] == "cancelled"
                          and r["msg_id"] == broadcast_msg_id(str(r["run_id"]), r["node_id"])}
             sending = [r for r in rows if r["id"] not in withdrawn]
+            for node_id in sorted({r["node_id"] for r in sending} - self._consumers):
+                # A pre-provisioned node never enrolled here: its consumer must exist before it can fetch.
+                await jetstream.ensure_node_consumer(self._js, node_id)
+                self._consumers.add(node_id)
             acks = await asyncio.gather(*(
                 self._js.publish(r["subject"], r["payload"], headers={
                     "Nats-Msg-Id": r["msg_id"], **self._signer.command_headers(r["subject"], r["payload"])})

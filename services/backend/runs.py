@@ -44,6 +44,7 @@ from contracts.text import clip
 from services.backend import targets as targeting
 from services.backend import workflows
 from services.backend.errors import ApiError, invalid
+from services.backend.settings import IDEMPOTENCY_TTL_S
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -73,9 +74,9 @@ class Created:
     replayed: bool  # an earlier request with the same Idempotency-Key made this run
 
 
-async def _replay(pool: asyncpg.Pool, key: str, digest: str) -> Created | None:
+async def _replay(pool: asyncpg.Pool, key: str, digest: str, ttl_s: float) -> Created | None:
     row = await pool.fetchrow("SELECT request_digest, response::text AS response FROM idempotency_keys"
-                              " WHERE key = $1", key)
+                              " WHERE key = $1 AND created_at >= now() - make_interval(secs => $2)", key, ttl_s)
     if row is None:
         return None
     if row["request_digest"] != digest:
@@ -95,12 +96,17 @@ def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str)
 
 
 async def create_run(
-    pool: asyncpg.Pool, body: RunCreate, stale_s: float = 60.0, idempotency_key: str | None = None,
-    path_template: str = DEFAULT_PATH_TEMPLATE,
+    pool: asyncpg.Pool, body: RunCreate, idempotency_ttl_s: float = IDEMPOTENCY_TTL_S,
+    idempotency_key: str | None = None, path_template: str = DEFAULT_PATH_TEMPLATE,
 ) -> Created:
-    """Validate, resolve targets and store a run with its broadcasts."""
+    """Validate, resolve targets and store a run with its broadcasts.
+
+    An `Idempotency-Key` is remembered for `idempotency_ttl_s` (7 days by default): within it the same
+    key replays the first response (or is refused with another body); after it the key is new again.
+    """
     digest = request_digest(body)
-    if idempotency_key is not None and (done := await _replay(pool, idempotency_key, digest)) is not None:
+    if idempotency_key is not None and (
+            done := await _replay(pool, idempotency_key, digest, idempotency_ttl_s)) is not None:
         return done
     chosen = body.targets.chosen()
     if len(chosen) != 1:
@@ -121,13 +127,17 @@ async def create_run(
     try:
         async with pool.acquire() as conn, conn.transaction():
             if idempotency_key is not None:
+                # An expired key (not pruned yet) is forgotten first.
+                await conn.execute("DELETE FROM idempotency_keys WHERE key = $1"
+                                   " AND created_at < now() - make_interval(secs => $2)",
+                                   idempotency_key, idempotency_ttl_s)
                 # Taken first: a concurrent request with the same key waits here, then replays.
                 claimed = await conn.fetchval(
                     "INSERT INTO idempotency_keys (key, request_digest, run_id) VALUES ($1, $2, $3)"
                     " ON CONFLICT (key) DO NOTHING RETURNING key", idempotency_key, digest, run_id)
                 if claimed is None:
                     raise _KeyTaken
-            resolution = await targeting.resolve(conn, body.targets, stale_s)
+            resolution = await targeting.resolve(conn, body.targets)
             if resolution.count == 0:
                 raise ApiError(422, "no_targets", "the targets resolve to no online device",
                                resolution.rejected)
@@ -162,7 +172,7 @@ async def create_run(
                                    idempotency_key, msgspec.json.encode(response).decode())
     except _KeyTaken:
         assert idempotency_key is not None
-        done = await _replay(pool, idempotency_key, digest)
+        done = await _replay(pool, idempotency_key, digest, idempotency_ttl_s)
         assert done is not None
         return done
     return Created(response, replayed=False)
@@ -178,15 +188,20 @@ def parse_run_id(run_id: str) -> uuid.UUID:
 async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
     """Mark the run cancelled and queue a `RunCancel` for each of its nodes (same outbox as broadcasts).
 
-    Tasks that finished keep their state; tasks no node has reported on yet become `cancelled` here;
-    the nodes report the rest (queued jobs dropped, running ones stopped). Cancelling twice is harmless.
+    Tasks that finished keep their state; tasks no node has reported on yet, and `lost` tasks, become
+    `cancelled` here; the nodes report the rest (queued jobs dropped, running ones stopped); the
+    aggregator's housekeeping cancels those of a node that stays silent past the grace. A completed run
+    is refused (409) unless some of its tasks are `lost`. Cancelling twice is harmless.
     """
     rid = parse_run_id(run_id)
     async with pool.acquire() as conn, conn.transaction():
         run = await conn.fetchrow("SELECT status FROM runs WHERE run_id = $1 FOR UPDATE", rid)
         if run is None:
             raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-        if run["status"] == "completed":
+        # A run whose open tasks are all `lost` reads `completed` but may still be cancelled: its lost
+        # tasks then end `cancelled` (their node cannot answer now).
+        if run["status"] == "completed" and not await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM run_tasks WHERE run_id = $1 AND state = 'lost')", rid):
             raise ApiError(409, "run_finished", f"run {clip(run_id)} has already completed")
         nodes = [r["node_id"] for r in await conn.fetch(
             "SELECT DISTINCT node_id FROM run_tasks WHERE run_id = $1 ORDER BY node_id", rid)]
@@ -197,6 +212,11 @@ async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
             await conn.execute(
                 "UPDATE run_tasks SET state = 'cancelled', error = 'run cancelled', updated_at = now()"
                 " WHERE run_id = $1 AND state = 'queued' AND seq = 0", rid)
+            # A lost task's node cannot answer the cancel now: the run's cancel decides. Should the node
+            # return and report a finished outcome for it, that report (a higher seq) replaces this.
+            await conn.execute(
+                "UPDATE run_tasks SET state = 'cancelled', error = 'run cancelled while node ' || node_id"
+                " || ' was lost', lost_at = NULL, updated_at = now() WHERE run_id = $1 AND state = 'lost'", rid)
         await conn.executemany(
             "INSERT INTO outbox (run_id, node_id, subject, msg_id, payload) VALUES ($1, $2, $3, $4, $5)"
             " ON CONFLICT (msg_id) DO NOTHING",
@@ -314,14 +334,16 @@ async def list_runs(
 
 
 async def list_devices(pool: asyncpg.Pool) -> list[DeviceView]:
-    rows = await pool.fetch("SELECT * FROM devices ORDER BY node_id, serial")
+    """The fleet's devices with the liveness Grafana shows (the `device_liveness` view)."""
+    rows = await pool.fetch("SELECT * FROM device_liveness ORDER BY node_id, serial")
     return [DeviceView(node_id=r["node_id"], serial=r["serial"], status=r["status"], model=r["model"],
-                       last_seen=iso(r["last_seen"])) for r in rows]
+                       last_seen=iso(r["last_seen"]), online=r["online"], liveness=r["liveness"]) for r in rows]
 
 
 async def list_nodes(pool: asyncpg.Pool) -> list[NodeView]:
-    rows = await pool.fetch("SELECT * FROM nodes ORDER BY node_id")
+    """The nodes with the liveness Grafana shows (the `node_liveness` view): `vendor_connected` only while alive."""
+    rows = await pool.fetch("SELECT * FROM node_liveness ORDER BY node_id")
     return [NodeView(node_id=r["node_id"], slots=r["slots"], running=r["running"], queued=r["queued"],
-                     vendor_connected=r["vendor_connected"], version=r["version"], last_seen=iso(r["last_seen"]))
-            for r in rows]
+                     vendor_connected=r["vendor_connected"], version=r["version"], last_seen=iso(r["last_seen"]),
+                     online=r["online"]) for r in rows]
 

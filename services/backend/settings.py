@@ -21,6 +21,7 @@ from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from runtime.signing import Signer, SigningKeyError
 
 MIN_NODE_SECRET_BYTES = 32
+IDEMPOTENCY_TTL_S = 7 * 86_400.0  # how long an Idempotency-Key is remembered (DOAI_IDEMPOTENCY_TTL_S)
 
 
 class BackendSettings(Settings):
@@ -46,8 +47,11 @@ class BackendSettings(Settings):
     evt_max_bytes: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_bytes, name="DOAI_EVT_MAX_BYTES")
     evt_max_msgs: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msgs, name="DOAI_EVT_MAX_MSGS")
     evt_max_msg_size: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msg_size, name="DOAI_EVT_MAX_MSG_SIZE")
-    # Devices whose last inventory is older than this are not targeted.
-    device_stale_s: float = field(default=60.0, name="DOAI_DEVICE_STALE_S")
+    # Retention (services/backend/retention.py): an Idempotency-Key is remembered this long; a sent
+    # outbox row is kept this long after its JetStream ack (an unsent row is never pruned).
+    idempotency_ttl_s: float = field(default=IDEMPOTENCY_TTL_S, name="DOAI_IDEMPOTENCY_TTL_S")
+    outbox_keep_s: float = field(default=86_400.0, name="DOAI_OUTBOX_KEEP_S")
+    retention_every_s: float = field(default=60.0, name="DOAI_RETENTION_S")
     # What `GET /v1/node/config` answers: slots per node (default and overrides) and step timeouts.
     default_node_slots: int = field(default=20, name="DOAI_DEFAULT_SLOTS")
     node_slots: dict[str, int] = field(default_factory=dict, name="DOAI_NODE_SLOTS")  # node-1=10,node-2=30
@@ -69,6 +73,13 @@ class BackendSettings(Settings):
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
+    # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
+    # credentials at enrollment, the operator signing key and system user for revocations.
+    nats_auth_dir: Path | None = field(default=None, name="DOAI_NATS_AUTH_DIR")
+    # The backend's own NATS credentials; default: `backend.creds` in DOAI_NATS_AUTH_DIR.
+    nats_creds: Path | None = field(default=None, name="DOAI_NATS_CREDS")
+    # CA file that signed nats-server's TLS certificate (use a tls:// NATS_URL).
+    nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key",
                                                    "command_signing_seed"})
@@ -78,6 +89,12 @@ class BackendSettings(Settings):
         self.api_tokens = [t.strip() for t in self.api_tokens if t.strip()]
         if not self.api_tokens:
             raise ConfigError("set DOAI_API_TOKEN (one or more comma-separated tokens)")
+        if not 1.0 <= self.idempotency_ttl_s <= 365 * 86_400.0:
+            raise ConfigError(f"DOAI_IDEMPOTENCY_TTL_S must be between 1 and 31536000, got {self.idempotency_ttl_s}")
+        if not self.outbox_keep_s > 0:
+            raise ConfigError(f"DOAI_OUTBOX_KEEP_S must be > 0, got {self.outbox_keep_s}")
+        if not 0.1 <= self.retention_every_s <= 86_400.0:
+            raise ConfigError(f"DOAI_RETENTION_S must be between 0.1 and 86400, got {self.retention_every_s}")
         if not 0.1 <= self.keeper_every_s <= 3600:
             raise ConfigError(f"DOAI_NATS_KEEPER_S must be between 0.1 and 3600, got {self.keeper_every_s}")
         for prefix in ("cmd", "evt"):
@@ -103,6 +120,10 @@ class BackendSettings(Settings):
             template_fields(self.path_template)
         except ArtifactPathError as exc:
             raise ConfigError(f"DOAI_ARTIFACT_PATH_TEMPLATE: {exc}") from None
+        if self.nats_auth_dir is None:
+            raise ConfigError("set DOAI_NATS_AUTH_DIR to the NATS trust folder (made by `doai nats-auth init`)")
+        if self.nats_creds is None:
+            self.nats_creds = self.nats_auth_dir / "backend.creds"
         self._load_signing_seed()
 
     def _load_signing_seed(self) -> None:

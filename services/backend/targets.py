@@ -20,23 +20,21 @@ class Resolution:
         return sum(len(s) for s in self.by_node.values())
 
 
-async def resolve(conn: asyncpg.Connection, targets: Targets, stale_s: float) -> Resolution:
-    """Explicit devices must be listed online; `nodes` / `all_online` take the devices seen
-    online within the last `stale_s` seconds (an inventory older than that is not trusted)."""
+async def resolve(conn: asyncpg.Connection, targets: Targets) -> Resolution:
+    """Only devices the `device_liveness` view calls `online` are targeted: listed online by their
+    node's inventory within the liveness window, on a node whose heartbeat is within it too (the
+    rule `GET /v1/devices`, `GET /v1/nodes` and Grafana use)."""
     by_node: dict[str, list[str]] = defaultdict(list)
     rejected: list[dict[str, str]] = []
     if isinstance(targets.devices, list):
         known = {
             (r["node_id"], r["serial"]): r["status"]
             for r in await conn.fetch(
-                "SELECT d.node_id, d.serial,"
-                " CASE WHEN d.last_seen < now() - make_interval(secs => $3) THEN 'stale' ELSE d.status END"
-                " AS status FROM devices d"
+                "SELECT d.node_id, d.serial, d.liveness AS status FROM device_liveness d"
                 " JOIN unnest($1::text[], $2::text[]) AS t(node_id, serial)"
                 " ON d.node_id = t.node_id AND d.serial = t.serial",
                 [d.node_id for d in targets.devices],
                 [d.serial for d in targets.devices],
-                stale_s,
             )
         }
         seen: set[tuple[str, str]] = set()
@@ -56,11 +54,9 @@ async def resolve(conn: asyncpg.Connection, targets: Targets, stale_s: float) ->
     else:
         nodes = targets.nodes if isinstance(targets.nodes, list) else None
         rows = await conn.fetch(
-            "SELECT node_id, serial FROM devices WHERE status = 'online'"
-            " AND last_seen >= now() - make_interval(secs => $2)"
+            "SELECT node_id, serial FROM device_liveness WHERE online"
             " AND ($1::text[] IS NULL OR node_id = ANY($1)) ORDER BY node_id, serial",
             nodes,
-            stale_s,
         )
         for r in rows:
             by_node[r["node_id"]].append(r["serial"])

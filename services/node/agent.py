@@ -11,11 +11,13 @@ from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES
+from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
 from runtime.supervisor import Supervisor
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
 from services.node.driver import DeviceDriver
+from services.node.enroll import NodeIdentity, node_identity
 from services.node.executor import Executor
 from services.node.factory import build_driver, build_store
 from services.node.inventory import Inventory
@@ -39,6 +41,7 @@ class NodeAgent:
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.commands: CommandConsumer | None = None
+        self.identity: NodeIdentity | None = None
         self.loops: Supervisor | None = None  # the outbox, inventory and command loops while running
         self._stopping = False
         self.executor = Executor(
@@ -176,12 +179,18 @@ class NodeAgent:
 
     async def run(self, stop: asyncio.Event) -> None:
         s = self.settings
+        s.check_command_key_source()
+        identity = await node_identity(s, stop)
+        self.identity = identity
+        if not s.command_public_key:  # enrollment hands the node the backend's command-signing key
+            s.command_public_key = identity.command_public_key
         verifier = s.command_verifier()  # no key, no start: never run unsigned commands
-        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop)
+        nc = await jetstream.connect(s.nats_url, name=f"doai-node-{s.node_id}", stop=stop, creds=identity.creds,
+                                     inbox_prefix=node_inbox_prefix(s.node_id), ca_file=s.nats_ca)
         try:
             js = nc.jetstream()
-            await jetstream.ensure_streams(js, update=False)  # the backend owns their limits
-            await jetstream.ensure_node_consumer(js, s.node_id)
+            # Streams and this node's consumer are declared by the backend (the node may not): the
+            # command consumer binds to it and retries until it exists.
             self.outbox = Outbox(self.journal, js)
             # From here no job starts until the commands waiting for this node were read (cancel before restart).
             commands = self.commands = CommandConsumer(
@@ -211,7 +220,7 @@ class NodeAgent:
 
 async def run_node(settings: NodeSettings, stop: asyncio.Event) -> None:
     """A node agent until `stop`; its driver and store come from `factory` (chosen by config)."""
-    settings.command_verifier()  # refuse to start without the backend's public key, before touching anything
+    settings.check_command_key_source()
     journal = Journal(settings.journal_path)
     driver = build_driver(settings)
     try:

@@ -18,6 +18,7 @@ from typing import Protocol
 
 from contracts.artifact_path import ArtifactPathError
 from contracts.artifact_path import render_key as _render_key
+from contracts.local_names import local_path
 from runtime.paths import PathEscape, contained
 
 
@@ -71,17 +72,22 @@ class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
 
-    def _put(self, key: str, source: Path) -> StoredArtifact:
+    def _path_of(self, key: str) -> Path:
+        """Where `key` lives on this disk: each segment as a name every filesystem accepts (contracts.local_names)."""
         try:
-            target = contained(self.root, key)
-        except PathEscape as exc:
+            return contained(self.root, *local_path(key).parts)
+        except (PathEscape, ValueError) as exc:
             raise ArtifactKeyEscape(f"artifact key escapes the store: {exc}") from None
-        target.parent.mkdir(parents=True, exist_ok=True)
+
+    def _put(self, key: str, source: Path) -> StoredArtifact:
+        final_key, final = key, self._path_of(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        stem, dot, suffix = key.rpartition("/")[2].rpartition(".")
         n = 1
-        final_key, final = key, target
         while final.exists():  # two screenshots in one second: keep both
-            final = target.with_name(f"{target.stem}-{n}{target.suffix}")
-            final_key = str(final.relative_to(self.root))
+            name = f"{stem}-{n}.{suffix}" if dot else f"{suffix}-{n}"
+            final_key = f"{key.rpartition('/')[0]}/{name}" if "/" in key else name
+            final = self._path_of(final_key)
             n += 1
         tmp = final.with_name(final.name + ".part")
         shutil.copyfile(source, tmp)

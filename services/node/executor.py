@@ -19,6 +19,7 @@ from structlog.contextvars import bound_contextvars
 from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
+from contracts.local_names import local_segment
 from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
 from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
@@ -87,7 +88,7 @@ class Executor:
         """Run the workflow on the job's device; return the task's final state."""
         with bound_contextvars(run_id=job.run_id, node_id=self.node_id, device_serial=job.serial):
             try:
-                spool = contained(self.spool_dir, job.run_id, job.serial)
+                spool = contained(self.spool_dir, job.run_id, local_segment(job.serial))
             except PathEscape as exc:  # admission refuses such ids; a symlink planted in the spool gets here
                 log.error("Task failed: spool folder outside the spool", error=str(exc))
                 self.task_event(job, "failed", error=f"{exc.code}: {exc}")

@@ -68,8 +68,16 @@ class NodeSettings(Settings, kw_only=True):
     # The backend's command-signing public key (an nkey starting with 'N'): commands that do not verify
     # with it are refused. Required to start (enrollment fills it); see `command_verifier`.
     command_public_key: str = field(default="", name="DOAI_COMMAND_PUBLIC_KEY")
+    # NATS identity. A new node enrolls once at the backend (`api_url`, with the shared secret as
+    # X-Node-Auth) and keeps `<state_dir>/<node_id>.creds`; a pre-provisioned node is given
+    # `creds_file` instead (`--creds`) and never enrolls.
+    api_url: str = field(default="", name="DOAI_API_URL")
+    node_secret: str = field(default="", name="NODE_AGENT_SHARED_SECRET")  # a secret: never logged or shown
+    creds_file: Path | None = field(default=None, name="DOAI_NATS_CREDS")
+    # CA file that signed nats-server's TLS certificate (use a tls:// NATS_URL).
+    nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
 
-    SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key"})
+    SECRETS: ClassVar[frozenset[str]] = frozenset({"supabase_key", "node_secret"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:
@@ -110,8 +118,27 @@ class NodeSettings(Settings, kw_only=True):
         return self.state_dir / f"{self.node_id}.journal.sqlite"
 
     @property
+    def enrolled_creds_path(self) -> Path:
+        """Where an enrolled node keeps its NATS credentials (0600)."""
+        return self.state_dir / f"{self.node_id}.creds"
+
+    @property
+    def enrollment_path(self) -> Path:
+        """The enrollment answer without the JWT (the backend's command public key, when, as whom)."""
+        return self.state_dir / f"{self.node_id}.enrollment.json"
+
+    @property
     def spool_dir(self) -> Path:
         return self.state_dir / "spool" / self.node_id
+
+    def check_command_key_source(self) -> None:
+        """Refuse to start, before touching anything, when no command key is given and none can come.
+
+        Enrollment (an API URL, or an earlier enrollment's record) hands the node the
+        backend's key; without either, the node could only run unsigned commands.
+        """
+        if not self.command_public_key and not (self.api_url or self.enrollment_path.is_file()):
+            self.command_verifier()  # raises the ConfigError that says what to set
 
     def command_verifier(self) -> Verifier:
         """The verifier of the backend's command signatures, or `ConfigError` when none is usable.

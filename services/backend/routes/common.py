@@ -26,6 +26,7 @@ from contracts.ids import WORKFLOW_ID_PATTERN
 from contracts.text import clip, control_faults, has_control, whole_numbers
 from services.backend.artifact_links import ArtifactLinker
 from services.backend.auth import NodeSecretCheck, TokenCheck
+from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError, check_json_depth, decode_error
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
@@ -98,6 +99,13 @@ class Context:
     linker: ArtifactLinker
     operator_check: TokenCheck
     node_check: NodeSecretCheck
+    # Node identities on NATS (enrollment, revocation); None: those routes answer 503.
+    enrollment: Enrollment | None = None
+
+    def enrollments(self) -> Enrollment:
+        if self.enrollment is None:
+            raise ApiError(503, "enrollment_unavailable", "node enrollment is not configured on this backend")
+        return self.enrollment
 
     async def operator(self, request: Request,
                        _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]) -> None:

@@ -1,10 +1,13 @@
-"""`/v1/devices`, `/v1/nodes`: the fleet as the nodes last reported it (operator token)."""
+"""`/v1/devices`, `/v1/nodes`: the fleet as the nodes last reported it; revoking a node (operator token)."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
 
 from contracts import api
+from contracts.ids import NODE_ID_PATTERN
 from services.backend import runs
 from services.backend.errors import JSONResponse
 from services.backend.openapi import route
@@ -21,5 +24,11 @@ def router(ctx: Context) -> APIRouter:
     @r.get("/v1/nodes", operation_id="list_nodes", **route((200, api.NodeList), 401))
     async def get_nodes() -> JSONResponse:
         return JSONResponse(api.NodeList(await runs.list_nodes(ctx.pool)))
+
+    @r.post("/v1/nodes/{node_id}/revoke", operation_id="revoke_node",
+            **route((200, api.NodeRevoked), 401, 404, 422, 503))
+    async def revoke_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:
+        """The node's NATS identity stops working at once (no nats-server restart); it may enroll again."""
+        return JSONResponse(await ctx.enrollments().revoke(node_id))
 
     return r

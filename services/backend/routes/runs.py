@@ -16,7 +16,9 @@ from services.backend.routes.common import Context, CreatedAfter, CreatedBefore,
 
 RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
-                                              description="Same key and body: the same run again")]
+                                              description="Same key and body: the same run again; another body:"
+                                              " 409. A key is remembered for 7 days (DOAI_IDEMPOTENCY_TTL_S),"
+                                              " then forgotten (used again, it makes a new run)")]
 
 
 def router(ctx: Context) -> APIRouter:
@@ -29,7 +31,7 @@ def router(ctx: Context) -> APIRouter:
                     example=RUN_EXAMPLE))
     async def create_run(request: Request, idempotency_key: IdempotencyKey = None) -> JSONResponse:
         body: api.RunCreate = await ctx.body_of(request, api.RunCreate)
-        created = await runs.create_run(pool, body, settings.device_stale_s, idempotency_key,
+        created = await runs.create_run(pool, body, settings.idempotency_ttl_s, idempotency_key,
                                         path_template=settings.path_template)
         relay.wake()
         headers = {"Idempotent-Replayed": "true"} if created.replayed else None

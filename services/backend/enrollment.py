@@ -1,0 +1,136 @@
+"""Node enrollment and revocation: each node gets its own NATS identity, and losing one is survivable.
+
+* Enrollment (`POST /v1/node/enroll`, X-Node-Auth): a new node sends its id and
+  the public key of a user key pair it made itself. The backend records the
+  pair, signs a user JWT with the DOAI account's signing key (permissions: only
+  that node's consumer and event subjects), declares the node's durable
+  consumer (nodes cannot) and answers with the JWT and the command-signing
+  public key. nats-server needs no change to accept the new user.
+* A node id enrolls once. The same id with the same key is answered again (a
+  lost answer can be retried); with another key it is refused (409) until an
+  operator revokes the node: the shared secret lets you add nodes, not take
+  over existing ones.
+* Revocation (`POST /v1/nodes/{node_id}/revoke`, operator): the key is added to
+  the DOAI account JWT's revocations, the JWT is re-signed with the operator
+  signing key and pushed to nats-server's `full` resolver through the system
+  account (`$SYS.REQ.CLAIMS.UPDATE`). The server drops the node's connections
+  and refuses new ones at once, without a restart or reload. The account JWT
+  with every revocation is also pushed at each backend start, so a server that
+  lost its resolver folder gets the revocations back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+from typing import Any
+
+import asyncpg
+import nats
+import structlog
+from nats.js import JetStreamContext
+
+from contracts import api
+from runtime import jetstream
+from runtime.nats_auth import NatsTrust, is_user_public_key, push_account_jwt, revocation_time
+from services.backend.errors import ApiError
+from services.backend.runs import iso
+
+log = structlog.get_logger(__name__)
+
+
+class Enrollment:
+    def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, trust: NatsTrust, *, nats_url: str,
+                 ca_file: str | None, command_public_key: str) -> None:
+        self._pool = pool
+        self._js = js
+        self._trust = trust
+        self._nats_url = nats_url
+        self._ca_file = ca_file
+        self._command_public_key = command_public_key
+
+    async def enroll(self, request: api.NodeEnrollRequest) -> tuple[api.NodeEnrollment, bool]:
+        """Record the node's key and sign its user JWT; (answer, whether it was new)."""
+        node_id, key = request.node_id, request.public_key
+        if not is_user_public_key(key):  # the pattern matched; the nkey checksum must hold too
+            raise ApiError(422, "invalid", "request body is invalid",
+                           [{"path": "$.public_key", "message": "not a NATS user public key (bad checksum)"}])
+        async with self._pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval("SELECT 1 FROM nats_revocations WHERE public_key = $1", key):
+                raise ApiError(409, "key_revoked", "this public key was revoked: make a new key pair")
+            row = await conn.fetchrow("SELECT * FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)
+            if row is not None and row["revoked_at"] is None and row["public_key"] != key:
+                log.warning("enrollment refused: node already enrolled with another key", node_id=node_id)
+                raise ApiError(409, "node_enrolled",
+                               f"node {node_id} is already enrolled with another key; an operator must revoke "
+                               "it first (POST /v1/nodes/{node_id}/revoke)")
+            if await conn.fetchval("SELECT node_id FROM node_identities WHERE public_key = $1 AND node_id <> $2",
+                                   key, node_id):
+                raise ApiError(409, "key_in_use", "this public key belongs to another node")
+            created = row is None or row["revoked_at"] is not None
+            enrolled_at = await conn.fetchval(
+                "INSERT INTO node_identities (node_id, public_key) VALUES ($1, $2)"
+                " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
+                " enrolled_at = CASE WHEN node_identities.revoked_at IS NULL THEN node_identities.enrolled_at"
+                " ELSE now() END, revoked_at = NULL"
+                " RETURNING enrolled_at", node_id, key)
+            user_jwt = self._trust.user_jwt(key, "node", node_id)
+            # Nodes cannot create consumers: the backend declares the node's durable one now. If NATS
+            # cannot be reached the transaction rolls back: nothing is recorded, the node retries (503).
+            try:
+                await jetstream.ensure_node_consumer(self._js, node_id)
+            except Exception as exc:
+                raise ApiError(503, "nats_unavailable", f"cannot declare the node's consumer: {exc!r}") from None
+        log.info("node enrolled" if created else "node enrollment answered again", node_id=node_id,
+                 public_key=key)
+        return api.NodeEnrollment(node_id=node_id, public_key=key, user_jwt=user_jwt,
+                                  command_public_key=self._command_public_key,
+                                  enrolled_at=iso(enrolled_at) or ""), created
+
+    async def revoke(self, node_id: str) -> api.NodeRevoked:
+        """Revoke the node's key on nats-server now; the row stays so the node id can enroll again."""
+        when = revocation_time()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow("SELECT * FROM node_identities WHERE node_id = $1 FOR UPDATE", node_id)
+            if row is None:
+                raise ApiError(404, "node_not_enrolled", f"node {node_id[:80]} is not enrolled")
+            key = row["public_key"]
+            revoked_at = row["revoked_at"] or when
+            await conn.execute("UPDATE node_identities SET revoked_at = $2 WHERE node_id = $1", node_id, revoked_at)
+            await conn.execute("INSERT INTO nats_revocations (public_key, node_id, revoked_at) VALUES ($1, $2, $3)"
+                               " ON CONFLICT (public_key) DO NOTHING", key, node_id, revoked_at)
+            # Pushed before the commit: if nats-server cannot be told, nothing is recorded (503, retry).
+            await self.push(conn)
+        log.warning("node revoked", node_id=node_id, public_key=key)
+        return api.NodeRevoked(node_id=node_id, public_key=key, revoked_at=iso(revoked_at) or "")
+
+    async def push(self, conn: asyncpg.Connection | asyncpg.Pool | None = None) -> int:
+        """Push the DOAI account JWT with every revoked key to nats-server; return how many keys."""
+        source = conn or self._pool
+        rows = await source.fetch("SELECT public_key, revoked_at FROM nats_revocations")
+        revocations = {r["public_key"]: r["revoked_at"].astimezone(UTC) for r in rows}
+        token = self._trust.account_jwt(revocations)
+        options: dict[str, Any] = {}
+        tls = jetstream.tls_context(self._nats_url, self._ca_file)
+        if tls is not None:
+            options["tls"] = tls
+        async def quiet(exc: Exception) -> None:  # the failure is raised below, once
+            pass
+
+        try:
+            # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
+            nc = await asyncio.wait_for(nats.connect(
+                self._nats_url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
+                max_reconnect_attempts=0, error_cb=quiet,
+                user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
+        except Exception as exc:
+            raise ApiError(503, "nats_unavailable",
+                           f"cannot reach nats-server to update the account: {exc!r}") from None
+        try:
+            await push_account_jwt(nc, token)
+        except Exception as exc:
+            raise ApiError(503, "nats_unavailable", f"nats-server did not take the account update: {exc}") \
+                from None
+        finally:
+            await jetstream.close(nc)
+        return len(revocations)
