@@ -146,6 +146,10 @@ class PullConsumer:
             return None
         return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
 
+    async def exists(self) -> bool | None:
+        """Whether the consumer exists; None when JetStream cannot say right now."""
+        return await self._exists()
+
     def reconnects(self) -> int:
         """How many times the connection under this consumer has reconnected."""
         return self._reconnects()

@@ -22,6 +22,7 @@ from tests.node_support import (
     broadcast,
     connect,
     fold,
+    provision_node,
     read_events,
     recipe,
     send,
@@ -50,6 +51,7 @@ async def test_cancel_sent_while_the_node_is_down_wins_over_its_recovered_jobs(
         devices = sorted(sim.devices)
         node = NodeProcess(node_id=NODE, nats_url=nats_server.url, vendor_url=sim.url, state_dir=tmp_path / "state",
                            artifact_dir=tmp_path / "artifacts", log_path=tmp_path / "node.jsonl", slots=2)
+        await provision_node(nats_server.url, NODE)
         nc, js = await connect(nats_server.url)
         try:
             node.start()

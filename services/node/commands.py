@@ -142,9 +142,15 @@ class CommandConsumer:
                 handled += len(msgs)
                 await self._handle_batch(msgs)
                 continue
-            if await self.consumer.pending() == 0:
+            pending = await self.consumer.pending()
+            if pending == 0:
                 caught_up = True
                 log.info("commands caught up", node_id=self._node_id, handled=handled)
+                break
+            if pending is None and await self.consumer.exists() is False:
+                # Not declared yet (a new node): nothing waits for it; the backend declares it and the loop binds.
+                caught_up = True
+                log.info("commands caught up: consumer not declared yet", node_id=self._node_id)
                 break
             if time.monotonic() >= deadline:
                 log.warning("commands not caught up in time; going on", node_id=self._node_id, handled=handled,
