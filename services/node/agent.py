@@ -52,7 +52,7 @@ class NodeAgent:
         self.inventory = Inventory(
             node_id=settings.node_id, driver=driver, scheduler=self.scheduler, journal=journal,
             on_event=self._wake_outbox, on_change=self._inventory_changed,
-            list_timeout_s=settings.inventory_timeout_s,
+            list_timeout_s=settings.inventory_timeout_s, snapshot_s=settings.inventory_snapshot_s,
         )
 
     def _wake_outbox(self) -> None:

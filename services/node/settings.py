@@ -44,6 +44,9 @@ class NodeSettings(Settings, kw_only=True):
     drain_grace_s: float = field(default=60.0, name="DOAI_DRAIN_GRACE_S")
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = field(default=5.0, name="DOAI_INVENTORY_INTERVAL_S")
+    # The device list is sent when it changes, and unchanged at most this often (a full snapshot); keep it
+    # below the aggregator's DOAI_LIVENESS_WINDOW_S (60 s), which reads device liveness from the last listing.
+    inventory_snapshot_s: float = field(default=30.0, name="DOAI_INVENTORY_SNAPSHOT_S")
     # How long one `list` poll may take (connect retries included) before it counts as "unavailable".
     inventory_timeout_s: float = field(default=10.0, name="DOAI_INVENTORY_TIMEOUT_S")
     # Queued jobs of a device that stays offline this long (while they wait) end `skipped`.
@@ -107,7 +110,7 @@ class NodeSettings(Settings, kw_only=True):
             raise ConfigError(
                 f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")
         for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s", "command_catch_up_s",
-                     "drain_grace_s"):
+                     "drain_grace_s", "inventory_snapshot_s"):
             if not getattr(self, attr) > 0:
                 raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
         if self.command_public_key:
