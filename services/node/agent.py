@@ -13,6 +13,7 @@ from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES
 from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
+from runtime.aio import pause
 from runtime.supervisor import Supervisor
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
@@ -175,6 +176,17 @@ class NodeAgent:
         if self.scheduler.queued:
             log.info("journal recovered", node_id=self.settings.node_id, queued=self.scheduler.queued)
 
+    async def prune_journal(self, stop: asyncio.Event) -> None:
+        """Every `journal_prune_interval_s`, drop finished runs past their age (`Journal.prune`)."""
+        s = self.settings
+        while True:
+            pruned = self.journal.prune(s.journal_max_age_s, s.journal_seen_max_age_s)
+            if pruned.broadcasts or pruned.seen:
+                log.info("journal pruned", node_id=s.node_id, broadcasts=pruned.broadcasts, jobs=pruned.jobs,
+                         seen_forgotten=pruned.seen)
+            if await pause(stop, s.journal_prune_interval_s):
+                return
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -202,6 +214,7 @@ class NodeAgent:
                 self.loops = loops
                 loops.start("outbox", lambda: outbox.run(stop))
                 loops.start("inventory", lambda: self.inventory.run(stop, s.inventory_interval_s))
+                loops.start("journal", lambda: self.prune_journal(stop))
                 await self.inventory.poll()  # know the devices before taking work
                 await commands.catch_up(stop)  # a cancel that arrived while the node was down wins; then dispatch
                 loops.start("commands", lambda: commands.run(stop))
