@@ -123,52 +123,125 @@ class RunCancelled(Struct, kw_only=True):
     nodes: int  # nodes a RunCancel was (or will be) sent to
 
 
-class ArtifactView(Struct):
-    step_id: str
-    store: str
-    key: str
-    uri: str
-    bytes: int
-
-
 class StepView(Struct, kw_only=True):
-    step_id: str
-    index: int
-    action: str
-    state: str
-    started_at: str | None
-    finished_at: str | None
-    output: str | None
-    error: str | None
+    """One recipe step of one device's task, as the node last reported it."""
+
+    step_id: Annotated[str, Meta(description="The recipe step id")]
+    index: Annotated[int, Meta(description="Position of the step in the recipe (0-based)")]
+    action: Annotated[str, Meta(description="The step's action (open_url, tap, screenshot, ...)")]
+    state: Annotated[str, Meta(description="started, ok, failed, timed_out or skipped")]
+    started_at: Annotated[str | None, Meta(description="When the step (its last try) started")]
+    finished_at: Annotated[str | None, Meta(description="When the step finished")]
+    output: Annotated[str | None, Meta(description="What the step returned (clipped), e.g. a shell command's output")]
+    error: Annotated[str | None, Meta(description="`code: message` when the step did not succeed")]
 
 
-class TaskView(Struct, kw_only=True):
-    """`state`: a node-reported state, or `lost` (no heartbeat from its node within the grace period;
-    the node's next report replaces it). See docs/architecture.md "States"."""
+RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
+RunOutcome = Literal["succeeded", "failed", "cancelled"]
+StateCounts = Annotated[dict[str, int], Meta(description=(
+    "Number of tasks per task state (queued, running, succeeded, failed, timed_out, cancelled, skipped,"
+    " interrupted, lost); states with no task are left out"))]
 
-    node_id: str
-    device_serial: str
-    state: RecordedTaskState
-    attempt: int
-    started_at: str | None
-    finished_at: str | None
-    error: str | None
-    artifacts: list[ArtifactView]
-    failed_step: str | None = None
-    steps: list[StepView] = []
+
+class NodeCounts(Struct, kw_only=True):
+    """The run's tasks on one node, counted per state."""
+
+    node_id: Annotated[str, Meta(description="The node")]
+    tasks: Annotated[int, Meta(description="Tasks of the run on this node")]
+    counts: StateCounts
+
+
+class FailingStep(Struct, kw_only=True):
+    """A step at which tasks of the run stopped, with the error code they stopped on."""
+
+    step_id: Annotated[str, Meta(description="The recipe step the tasks failed at (`failed_step`)")]
+    error_code: Annotated[str | None, Meta(description=(
+        "The code of the task's error: the text before the first `:` (e.g. `step_timeout`, `assert_failed`,"
+        " `device_offline`); null when the task has no error text"))]
+    tasks: Annotated[int, Meta(description="How many tasks stopped at this step with this code")]
+    example: Annotated[str | None, Meta(description="The error text of one of these tasks")] = None
+
+
+class RunTimings(Struct, kw_only=True):
+    """When the run's tasks ran, and how long one took."""
+
+    first_started_at: Annotated[str | None, Meta(description="Earliest task start (RFC 3339, UTC); null before any")]
+    last_finished_at: Annotated[str | None, Meta(description="Latest task finish (RFC 3339, UTC); null before any")]
+    p50_task_ms: Annotated[int | None, Meta(description=(
+        "Median task duration in milliseconds, over tasks that started and finished, cancelled tasks excluded;"
+        " null when there is none"))]
+    p95_task_ms: Annotated[int | None, Meta(description="95th percentile of the same durations (ms)")]
+    measured_tasks: Annotated[int, Meta(description="How many task durations the percentiles are computed over")]
 
 
 class RunView(Struct, kw_only=True):
-    run_id: str
-    workflow_id: str
-    workflow_version: int
-    status: str
-    created_at: str
-    counts: dict[str, int]
-    tasks: list[TaskView]
-    dispatched_at: str | None = None
-    finished_at: str | None = None
-    params: dict[str, str] = {}
+    """A run's summary: lifecycle, outcome, counts, where it failed and how long it took.
+
+    The tasks themselves are paged at `GET /v1/runs/{run_id}/tasks`; one task with its steps,
+    outputs and artifacts at `GET /v1/runs/{run_id}/tasks/{node_id}/{serial}`.
+    """
+
+    run_id: Annotated[str, Meta(description="The run id (UUID)")]
+    workflow_id: Annotated[str, Meta(description="The workflow the run runs")]
+    workflow_version: Annotated[int, Meta(description="The published version of the workflow the run runs")]
+    status: Annotated[RunStatus, Meta(description=(
+        "Lifecycle: pending (stored, not yet broadcast) → dispatched (broadcast to every node) → running (a"
+        " task started) → completed (every task reached a final state), or cancelled (by an operator)"))]
+    outcome: Annotated[RunOutcome | None, Meta(description=(
+        "Null while the run is not finished. `succeeded`: completed and every targeted device succeeded;"
+        " `failed`: completed and at least one device did not succeed (failed, timed_out, skipped,"
+        " interrupted, lost ...); `cancelled`: the run was cancelled. A script tests this field instead of"
+        " counting states"))]
+    created_at: Annotated[str, Meta(description="When the run was created (RFC 3339, UTC)")]
+    dispatched_at: Annotated[str | None, Meta(description="When every node's broadcast was published")] = None
+    finished_at: Annotated[str | None, Meta(description="When the run completed or was cancelled")] = None
+    params: Annotated[dict[str, Any], Meta(description="The params the run was created with")] = {}
+    step_timeouts_ms: Annotated[dict[str, int], Meta(description=(
+        "Per-step timeouts in milliseconds the run was created with (the overrides, within the workflow's bounds)"
+    ))] = {}
+    targets: Annotated[int, Meta(description="Devices the run targets (one task each)")] = 0
+    succeeded: Annotated[int, Meta(description="Tasks that succeeded")] = 0
+    not_succeeded: Annotated[int, Meta(description=(
+        "Tasks in a final state other than succeeded (failed, timed_out, cancelled, skipped, lost)"))] = 0
+    counts: StateCounts = {}
+    nodes: Annotated[list[NodeCounts], Meta(description="Counts per node, ordered by node id")] = []
+    failing_steps: Annotated[list[FailingStep], Meta(description=(
+        "The steps most tasks failed at, with their error codes, most frequent first (at most 10)"))] = []
+    timings: RunTimings | None = None
+
+
+class TaskRow(Struct, kw_only=True):
+    """One device's task in a run, without its steps."""
+
+    run_id: Annotated[str, Meta(description="The run")]
+    node_id: Annotated[str, Meta(description="The node that runs the device")]
+    device_serial: Annotated[str, Meta(description="The device")]
+    state: Annotated[RecordedTaskState, Meta(description=(
+        "queued, running, succeeded, failed, timed_out, cancelled, skipped, interrupted or lost (no heartbeat"
+        " from its node within the grace period; the node's next report replaces it)"))]
+    attempt: Annotated[int, Meta(description="Attempt number the node reported (0 before the node reported)")]
+    started_at: Annotated[str | None, Meta(description="When the task started on the device")]
+    finished_at: Annotated[str | None, Meta(description="When the task reached its final state")]
+    duration_ms: Annotated[int | None, Meta(description="finished_at − started_at in milliseconds")]
+    error: Annotated[str | None, Meta(description="`code: message` of what stopped the task")]
+    failed_step: Annotated[str | None, Meta(description="The step the task stopped at")]
+    workflow_id: Annotated[str | None, Meta(description="The run's workflow (device history only)")] = None
+    workflow_version: Annotated[int | None, Meta(description="The run's workflow version (device history only)")] = None
+
+
+class TaskPage(Struct, kw_only=True):
+    """A page of tasks in a stable order; pass `next_cursor` as `cursor` for the next page (null: last page)."""
+
+    tasks: list[TaskRow]
+    next_cursor: str | None
+
+
+class TaskDetail(Struct, kw_only=True):
+    """One device's task with every step (state, output, error) and its artifacts with download links."""
+
+    task: TaskRow
+    steps: list[StepView]
+    artifacts: list[ArtifactLink]
 
 
 class RunSummary(Struct, kw_only=True):
@@ -189,18 +262,26 @@ class RunPage(Struct, kw_only=True):
 
 
 class ArtifactLink(Struct, kw_only=True):
-    node_id: str
-    device_serial: str
-    step_id: str
-    store: str
-    key: str
-    bytes: int
-    sha256: str
-    content_type: str
-    created_at: str
-    url: str | None  # signed URL (Supabase) or file:// URI (local store); None when it cannot be made
-    path: str | None = None  # local store: the file on the backend's machine
-    error: str | None = None  # why there is no url
+    """One stored artifact of a task, with a link an operator (or a browser, or Grafana) can open."""
+
+    node_id: Annotated[str, Meta(description="The node that stored it")]
+    device_serial: Annotated[str, Meta(description="The device it shows")]
+    step_id: Annotated[str, Meta(description="The upload step that stored it, or the step that failed (`failure`)")]
+    store: Annotated[str, Meta(description="`local` (the folder of `doai up`, served by this API) or `supabase`")]
+    key: Annotated[str, Meta(description="Its path in the store, per the artifact path template")]
+    bytes: Annotated[int, Meta(description="Size in bytes")]
+    sha256: Annotated[str, Meta(description="SHA-256 of the content, hex")]
+    content_type: Annotated[str, Meta(description="MIME type, e.g. image/png")]
+    created_at: Annotated[str, Meta(description="When the node stored it (RFC 3339, UTC)")]
+    url: Annotated[str | None, Meta(description=(
+        "An HTTP URL that downloads it without further credentials, valid for DOAI_SIGNED_URL_TTL_S seconds:"
+        " a Supabase Storage signed URL, or for the local store this API's"
+        " /v1/artifacts/local/{key}?expires=&sig= link. Null when no link can be made (see `error`)"))]
+    path: Annotated[str | None, Meta(description="Local store: the file on the backend's machine")] = None
+    error: Annotated[str | None, Meta(description="Why there is no url")] = None
+    kind: Annotated[Literal["screenshot", "failure"], Meta(description=(
+        "`screenshot`: stored by an upload step; `failure`: the screen the node captured when the step failed"
+    ))] = "screenshot"
 
 
 class ArtifactList(Struct, kw_only=True):
@@ -215,9 +296,18 @@ class WorkflowView(Struct):
     recipe: dict[str, Any]
 
 
+class RecipeWarning(Struct):
+    """Something in a published recipe that is allowed but probably a mistake."""
+
+    path: Annotated[str, Meta(description="JSON path of what the warning is about, e.g. `$.params.unused`")]
+    message: Annotated[str, Meta(description="What is odd about it")]
+
+
 class WorkflowPublished(Struct):
-    workflow_id: str
-    version: int
+    workflow_id: Annotated[str, Meta(description="The workflow")]
+    version: Annotated[int, Meta(description="The version this publish stored")]
+    warnings: Annotated[list[RecipeWarning], Meta(description=(
+        "Accepted, but probably a mistake: e.g. a declared param nothing uses"))] = []
 
 
 class WorkflowSummary(Struct, kw_only=True):

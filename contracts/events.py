@@ -82,6 +82,9 @@ class ArtifactEvent(EventBase, tag="artifact"):
     bytes: int
     sha256: str
     content_type: str = "image/png"
+    # `screenshot`: stored by an upload step; `failure`: the screen captured when a step failed
+    # (the `kind` column of `artifacts`; `kind` itself is the event's tag).
+    purpose: Literal["screenshot", "failure"] = "screenshot"
 
 
 class DeviceInfo(Struct, kw_only=True):

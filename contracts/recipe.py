@@ -18,8 +18,9 @@ import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import UNSET, Meta, Struct, UnsetType
 
+from contracts.artifact_path import ArtifactPathError, param_fields
 from contracts.ids import WORKFLOW_ID_PATTERN
 from contracts.patterns import MAX_PATTERN_CHARS, PatternError, compile_pattern
 from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN, FreeText, PlainText, explain, has_control
@@ -51,6 +52,16 @@ Pattern = Annotated[str, Meta(max_length=MAX_PATTERN_CHARS, pattern=PLAIN_PATTER
 MIN_INT: Final = -(2**63)
 MAX_INT: Final = 2**63 - 1
 ParamInt = Annotated[int, Meta(ge=MIN_INT, le=MAX_INT)]
+# An integer field may instead hold one `{{name}}` placeholder of an `integer` param, filled in per run.
+INT_PLACEHOLDER_PATTERN: Final = r"^\{\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\}$"
+IntParamRef = Annotated[str, Meta(pattern=INT_PLACEHOLDER_PATTERN, max_length=80, description=(
+    "A `{{name}}` placeholder of an integer param, filled in per run"))]
+# The integer fields of steps that may hold a placeholder, with the bounds the value must fall within.
+INT_FIELD_BOUNDS: Final[dict[str, tuple[int, int]]] = {
+    "x": (0, MAX_INT), "y": (0, MAX_INT), "x1": (0, MAX_INT), "y1": (0, MAX_INT), "x2": (0, MAX_INT),
+    "y2": (0, MAX_INT), "duration_ms": (1, 60_000), "ms": (0, MAX_TIMEOUT_MS),
+}
+Coord = Annotated[int, Meta(ge=0)] | IntParamRef
 
 
 class ParamSpec(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -110,16 +121,16 @@ class KeyEvent(StepBase, tag="keyevent"):
 
 
 class Tap(StepBase, tag="tap"):
-    x: Annotated[int, Meta(ge=0)]
-    y: Annotated[int, Meta(ge=0)]
+    x: Coord
+    y: Coord
 
 
 class Swipe(StepBase, tag="swipe"):
-    x1: Annotated[int, Meta(ge=0)]
-    y1: Annotated[int, Meta(ge=0)]
-    x2: Annotated[int, Meta(ge=0)]
-    y2: Annotated[int, Meta(ge=0)]
-    duration_ms: Annotated[int, Meta(ge=1, le=60_000)] = 300
+    x1: Coord
+    y1: Coord
+    x2: Coord
+    y2: Coord
+    duration_ms: Annotated[int, Meta(ge=1, le=60_000)] | IntParamRef = 300
 
 
 class InputText(StepBase, tag="input_text"):
@@ -127,7 +138,7 @@ class InputText(StepBase, tag="input_text"):
 
 
 class Wait(StepBase, tag="wait"):
-    ms: Annotated[int, Meta(ge=0, le=MAX_TIMEOUT_MS)]
+    ms: Annotated[int, Meta(ge=0, le=MAX_TIMEOUT_MS)] | IntParamRef
 
 
 class Screenshot(StepBase, tag="screenshot"):
@@ -148,7 +159,7 @@ class Assert(StepBase, tag="assert"):
 
 
 class Report(StepBase, tag="report"):
-    """Finish the device's workflow: a summary of the steps is sent with the task event."""
+    """Finish the device's workflow: a summary of the steps is sent with the task event. The last step."""
 
 
 Step = (
@@ -181,16 +192,30 @@ class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
     bounds (`min_timeout_ms`/`max_timeout_ms`, else the recipe's); a param `default` has the
     param's type and matches its `pattern`; patterns are RE2 (linear time: no backreferences, no
     lookaround). Titles and descriptions may contain tab, line feed and carriage return; no other
-    string may contain a control character.
+    string may contain a control character. `timeouts.step_ms` and `upload_ms` lie within
+    `[min_ms, max_ms]`, and a step's default timeout within its own bounds; `report`, if present, is
+    the last step; an integer field holding `{{name}}` names an `integer` param whose default fits the
+    field; when the recipe uploads, every param the artifact path template needs is declared and
+    required or defaulted. A declared param nothing uses is a warning, not a fault. `$schema` (a URI
+    of `recipes/schema.json` for editors) is allowed and ignored.
     """
 
+    schema: Annotated[str, Meta(max_length=2048, pattern=PLAIN_PATTERN)] | UnsetType = msgspec.field(
+        default=UNSET, name="$schema")
     dsl: Literal[1]
     workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
     title: FreeText = ""
     description: FreeText = ""
     params: Annotated[dict[ParamName, ParamSpec], Meta(max_length=MAX_PARAMS)] = {}
     timeouts: TimeoutDefaults = TimeoutDefaults()
+    # When a step fails, the node captures the device's screen and stores it as a `failure` artifact
+    # (absent: on; left out when encoded, so recipes that do not set it keep their stored form).
+    failure_screenshot: bool | UnsetType = UNSET
     steps: Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS)]
+
+    @property
+    def takes_failure_screenshots(self) -> bool:
+        return self.failure_screenshot is not False
 
     def step(self, step_id: str) -> StepBase | None:
         for s in self.steps:
@@ -235,6 +260,10 @@ def _fault_from(err: msgspec.ValidationError, prefix: str) -> Fault:
     return Fault(path, text)
 
 
+# The title of a stand-in step (no real title can hold a NUL): the report-is-last rule skips them.
+_STAND_IN: Final = "\x00stand-in"
+
+
 def _stand_in(raw: Any, i: int) -> Screenshot | Report:
     """A neutral step in place of one that did not convert, so the semantic checks can still run.
 
@@ -243,7 +272,7 @@ def _stand_in(raw: Any, i: int) -> Screenshot | Report:
     raw_id = raw.get("id") if isinstance(raw, dict) else None
     step_id = raw_id if isinstance(raw_id, str) and _STEP_ID.match(raw_id) else f"<invalid step {i}>"
     is_shot = isinstance(raw, dict) and raw.get("action") == "screenshot"
-    return Screenshot(id=step_id) if is_shot else Report(id=step_id)
+    return Screenshot(id=step_id, title=_STAND_IN) if is_shot else Report(id=step_id, title=_STAND_IN)
 
 
 def _convert_each(doc: dict[str, Any], faults: list[Fault]) -> tuple[list[Step], dict[str, ParamSpec]]:
@@ -329,6 +358,13 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
     t = recipe.timeouts
     if t.min_ms > t.max_ms:
         faults.append(Fault("$.timeouts", "min_ms is greater than max_ms"))
+    else:
+        for name in ("step_ms", "upload_ms"):
+            value = getattr(t, name)
+            if not t.min_ms <= value <= t.max_ms:
+                faults.append(Fault(f"$.timeouts.{name}", f"{value} ms is outside the recipe's bounds"
+                                                          f" [min_ms {t.min_ms}, max_ms {t.max_ms}]"))
+    last = len(recipe.steps) - 1
     for name, spec in recipe.params.items():
         pattern_ok = True
         if spec.pattern is not None:
@@ -352,6 +388,17 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
             faults.append(Fault(base, f"timeout bounds are empty: min {lo} ms > max {hi} ms"))
         elif step.timeout_ms is not None and not lo <= step.timeout_ms <= hi:
             faults.append(Fault(f"{base}.timeout_ms", f"must be within [{lo}, {hi}] ms"))
+        elif step.timeout_ms is None and (step.min_timeout_ms is not None or step.max_timeout_ms is not None):
+            ms = default_step_timeout(recipe, step)
+            if not lo <= ms <= hi and lo <= hi and t.min_ms <= t.max_ms:
+                kind = "upload_ms" if isinstance(step, Upload) else "step_ms"
+                faults.append(Fault(f"{base}.timeout_ms", f"the step's default timeout (timeouts.{kind}, {ms} ms)"
+                                                          f" is outside its bounds [{lo}, {hi}] ms: set timeout_ms"))
+        if isinstance(step, Report) and i < last and step.title != _STAND_IN:
+            faults.append(Fault(base, f"report must be the last step; {last - i} step(s) follow it"))
+        for field, value in int_fields(step):
+            if isinstance(value, str):
+                faults.extend(_int_placeholder_faults(recipe, f"{base}.{field}", field, value))
         for field in step.__struct_fields__:
             value = getattr(step, field)
             texts = value if isinstance(value, list) else [value]
@@ -380,8 +427,87 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
     return faults
 
 
-def validate_recipe(doc: Any) -> Recipe:
-    """Turn a decoded JSON document into a `Recipe`, or raise `RecipeInvalid` with every fault."""
+def int_fields(step: StepBase) -> list[tuple[str, int | str]]:
+    """The step's integer fields that may hold a param placeholder, with their values."""
+    return [(f, getattr(step, f)) for f in step.__struct_fields__ if f in INT_FIELD_BOUNDS]
+
+
+def placeholder_name(ref: str) -> str:
+    m = PLACEHOLDER.fullmatch(ref.strip())
+    return m.group(1) if m else ref
+
+
+def int_value_fault(field: str, value: Any) -> str | None:
+    """Why `value` cannot fill the integer field `field`, or None."""
+    lo, hi = INT_FIELD_BOUNDS[field]
+    try:
+        number = int(value) if not isinstance(value, bool) else None
+    except (TypeError, ValueError):
+        number = None
+    if number is None:
+        return f"{field} must be an integer"
+    if not lo <= number <= hi:
+        return f"{field} must be within [{lo}, {hi}], got {number}"
+    return None
+
+
+def _int_placeholder_faults(recipe: Recipe, where: str, field: str, ref: str) -> list[Fault]:
+    name = placeholder_name(ref)
+    spec = recipe.params.get(name)
+    if spec is None:
+        return []  # reported by the placeholder check of every string field
+    if spec.type != "integer":
+        return [Fault(where, f"placeholder {{{{{name}}}}} must name an integer param (it is a {spec.type})")]
+    if spec.default is not None and (problem := int_value_fault(field, spec.default)) is not None:
+        return [Fault(f"$.params.{name}.default", f"fills {where}: {problem}")]
+    return []
+
+
+def used_params(recipe: Recipe, path_template: str | None = None) -> set[str]:
+    """Params a step's placeholder names, or (when the recipe uploads) the artifact path needs."""
+    used: set[str] = set()
+    for step in recipe.steps:
+        for field in step.__struct_fields__:
+            value = getattr(step, field)
+            for text in value if isinstance(value, list) else [value]:
+                if isinstance(text, str):
+                    used.update(PLACEHOLDER.findall(text))
+    if path_template is not None and any(isinstance(s, Upload) for s in recipe.steps):
+        try:
+            used.update(param_fields(path_template))
+        except ArtifactPathError:
+            pass
+    return used
+
+
+def path_template_faults(recipe: Recipe, path_template: str) -> list[Fault]:
+    """A recipe that uploads must declare every param the artifact path template needs, required or defaulted
+    (else every device would run all its steps and then fail at the upload)."""
+    if not any(isinstance(s, Upload) for s in recipe.steps):
+        return []
+    faults = []
+    for name in dict.fromkeys(param_fields(path_template)):
+        spec = recipe.params.get(name)
+        if spec is None:
+            faults.append(Fault(f"$.params.{name}", f"the artifact path template {path_template!r} needs param"
+                                                    f" {name!r} and the recipe uploads a screenshot: declare it"))
+        elif not spec.required and spec.default is None:
+            faults.append(Fault(f"$.params.{name}.required", "the artifact path template needs this param:"
+                                                             " make it required or give it a default"))
+    return faults
+
+
+def unused_param_warnings(recipe: Recipe, path_template: str | None = None) -> list[Fault]:
+    used = used_params(recipe, path_template)
+    return [Fault(f"$.params.{name}", "declared but not used by any step (nor by the artifact path)")
+            for name in recipe.params if name not in used]
+
+
+def validate_recipe(doc: Any, path_template: str | None = None) -> Recipe:
+    """Turn a decoded JSON document into a `Recipe`, or raise `RecipeInvalid` with every fault.
+
+    With `path_template` (the backend's artifact path template), a recipe that uploads must also declare
+    the params the template needs."""
     if not isinstance(doc, dict):
         raise RecipeInvalid([Fault("$", "a recipe must be a JSON object")])
     faults: list[Fault] = []
@@ -397,18 +523,20 @@ def validate_recipe(doc: Any) -> Recipe:
     except msgspec.ValidationError as err:  # a whole-list rule, e.g. too many steps
         raise RecipeInvalid([_fault_from(err, "$")]) from None
     faults = _semantic_faults(recipe)
+    if path_template is not None:
+        faults += path_template_faults(recipe, path_template)
     if faults:
         raise RecipeInvalid(faults)
     return recipe
 
 
-def decode_recipe(data: bytes | str) -> Recipe:
+def decode_recipe(data: bytes | str, path_template: str | None = None) -> Recipe:
     """Parse and validate recipe JSON text."""
     try:
         doc = msgspec.json.decode(data)
     except msgspec.DecodeError as err:
         raise RecipeInvalid([Fault("$", f"not valid JSON: {err}")]) from None
-    return validate_recipe(doc)
+    return validate_recipe(doc, path_template)
 
 
 def step_timeout_bounds(recipe: Recipe, step: StepBase) -> tuple[int, int]:
@@ -502,6 +630,30 @@ def validate_params(recipe: Recipe, params: dict[str, Any]) -> dict[str, str]:
 # What the built-in placeholders stand for when a run's assert patterns are checked before any node has them.
 _BUILTIN_STAND_INS: Final = {"run_id": "00000000-0000-0000-0000-000000000000", "node_id": "node",
                              "device_serial": "serial"}
+
+
+def check_int_params(recipe: Recipe, params: dict[str, str]) -> list[Fault]:
+    """Faults for integer params whose value does not fit an integer field it fills (`$.params.<name>`)."""
+    faults: list[Fault] = []
+    for i, step in enumerate(recipe.steps):
+        for field, ref in int_fields(step):
+            if isinstance(ref, str) and (name := placeholder_name(ref)) in params:
+                if (problem := int_value_fault(field, params[name])) is not None:
+                    faults.append(Fault(f"$.params.{name}", f"fills $.steps[{i}].{field}: {problem}"))
+    return faults
+
+
+def resolve_int(ref: int | str, field: str, values: dict[str, str]) -> int:
+    """An integer field's value for one device: the number, or its placeholder filled in and checked.
+
+    `ValueError` when the value does not fit the field (the backend refuses such a run already)."""
+    if isinstance(ref, int):
+        return ref
+    text = render(ref, values)
+    problem = int_value_fault(field, text)
+    if problem is not None:
+        raise ValueError(problem)
+    return int(text)
 
 
 def check_assert_patterns(recipe: Recipe, params: dict[str, str]) -> list[Fault]:

@@ -150,18 +150,24 @@ async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -
         await asyncio.sleep(0.25)
     elapsed = time.monotonic() - started
     counts = run.get("counts", {})
-    run_dir = [a["uri"] for t in run.get("tasks", []) for a in t["artifacts"]]
+    artifacts = (await client.get(f"/v1/runs/{run_id}/artifacts")).json().get("artifacts", [])
     pngs = await asyncio.to_thread(lambda: sorted(artifact_dir.rglob(f"*/{run_id}/*.png")))
     say("")
-    say(f"run {run_id} {run.get('status')} in {elapsed:.1f} s")
+    say(f"run {run_id} {run.get('status')} in {elapsed:.1f} s: outcome {run.get('outcome')}")
     say("  tasks: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    say(f"  screenshots: {len(pngs)} PNG files under {artifact_dir} ({len(run_dir)} artifacts recorded)")
+    timings = run.get("timings") or {}
+    if timings.get("p50_task_ms") is not None:
+        say(f"  task duration: p50 {timings['p50_task_ms']} ms, p95 {timings['p95_task_ms']} ms")
+    say(f"  screenshots: {len(pngs)} PNG files under {artifact_dir} ({len(artifacts)} artifacts recorded)")
     if pngs:
         say(f"  e.g. {pngs[0].relative_to(artifact_dir)}")
-    failed = [t for t in run.get("tasks", []) if t["state"] != "succeeded"]
-    for t in failed[:10]:
-        say(f"  {t['node_id']}/{t['device_serial']}: {t['state']} {t['error']}")
-    return run.get("status") == "completed" and not failed and counts.get("succeeded") == expected
+    for step in run.get("failing_steps", []):
+        say(f"  failing step {step['step_id']}: {step['error_code']} on {step['tasks']} devices")
+    if run.get("outcome") == "failed":
+        page = (await client.get(f"/v1/runs/{run_id}/tasks", params={"limit": 10, "state": "failed"})).json()
+        for t in page.get("tasks", []):
+            say(f"  {t['node_id']}/{t['device_serial']}: {t['state']} {t['error']}")
+    return run.get("outcome") == "succeeded" and counts.get("succeeded") == expected
 
 
 class ComponentFailed(RuntimeError):

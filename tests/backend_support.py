@@ -142,3 +142,25 @@ async def wait_until(predicate: Any, timeout_s: float = 30.0, what: str = "condi
             return value
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+async def all_tasks(client: httpx.AsyncClient, run_id: str, page: int = 50, **filters: str) -> list[dict[str, Any]]:
+    """Every task of a run from `GET /v1/runs/{id}/tasks`, following `next_cursor`."""
+    tasks: list[dict[str, Any]] = []
+    cursor: str | None = None
+    while True:
+        params: dict[str, Any] = {"limit": page, **filters, **({"cursor": cursor} if cursor else {})}
+        r = await client.get(f"/v1/runs/{run_id}/tasks", params=params)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        tasks += body["tasks"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return tasks
+
+
+async def task_detail(client: httpx.AsyncClient, run_id: str, node_id: str, serial: str) -> dict[str, Any]:
+    r = await client.get(f"/v1/runs/{run_id}/tasks/{node_id}/{serial}")
+    assert r.status_code == 200, r.text
+    detail: dict[str, Any] = r.json()
+    return detail

@@ -3,7 +3,8 @@
 No Supabase project can run on this machine, so the boundary is faked here:
 upload (`POST /storage/v1/object/{bucket}/{key}`, multipart), download
 (`GET /storage/v1/object/{bucket}/{key}`) and signed URLs
-(`POST /storage/v1/object/sign/{bucket}/{key}`), with the service key checked
+(`POST /storage/v1/object/sign/{bucket}/{key}`, opened with
+`GET /storage/v1/object/sign/{bucket}/{key}?token=`), with the service key checked
 and failures injectable. The client under test is the real `supabase` package.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from email.parser import BytesParser
@@ -29,6 +32,8 @@ class FakeStorage:
     objects: dict[str, tuple[bytes, str]] = field(default_factory=dict)  # "bucket/key" -> (data, type)
     fail_uploads: int = 0
     uploads: int = 0
+    signed: dict[str, tuple[str, float]] = field(default_factory=dict)  # token -> ("bucket/key", expires at)
+    signed_downloads: int = 0
 
     def _authorised(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.key}"
@@ -70,11 +75,45 @@ class FakeStorage:
         if path not in self.objects:
             return self._error(404, "not_found", "Object not found")
         body = await request.json()
-        return JSONResponse({"signedURL": f"/object/sign/{path}?token=t-{body['expiresIn']}"})
+        token = f"t-{body['expiresIn']}-{secrets.token_hex(8)}"
+        self.signed[token] = (path, time.time() + int(body["expiresIn"]))
+        return JSONResponse({"signedURL": f"/object/sign/{path}?token={token}"})
+
+    async def sign_many(self, request: Request) -> Response:
+        """`create_signed_urls`: one answer per path, with an error for a missing object."""
+        if not self._authorised(request):
+            return self._error(403, "Unauthorized", "invalid signature")
+        bucket = request.path_params["bucket"]
+        body = await request.json()
+        answers = []
+        for key in body["paths"]:
+            path = f"{bucket}/{key}"
+            if path not in self.objects:
+                answers.append({"path": key, "signedURL": None, "error": "Either the object does not exist or"
+                                                                         " you do not have access to it"})
+                continue
+            token = f"t-{body['expiresIn']}-{secrets.token_hex(8)}"
+            self.signed[token] = (path, time.time() + int(body["expiresIn"]))
+            answers.append({"path": key, "signedURL": f"/object/sign/{path}?token={token}", "error": None})
+        return JSONResponse(answers)
+
+    async def signed_download(self, request: Request) -> Response:
+        """What a signed URL opens: no service key, only a token this storage issued for that object."""
+        path = f"{request.path_params['bucket']}/{request.path_params['key']}"
+        grant = self.signed.get(request.query_params.get("token", ""))
+        if grant is None or grant[0] != path or grant[1] < time.time():
+            return self._error(400, "InvalidJWT", "invalid or expired token")
+        found = self.objects.get(path)
+        if found is None:
+            return self._error(404, "not_found", "Object not found")
+        self.signed_downloads += 1
+        return Response(found[0], media_type=found[1])
 
     def app(self) -> Starlette:
         return Starlette(routes=[
+            Route("/storage/v1/object/sign/{bucket}", self.sign_many, methods=["POST"]),
             Route("/storage/v1/object/sign/{bucket}/{key:path}", self.sign, methods=["POST"]),
+            Route("/storage/v1/object/sign/{bucket}/{key:path}", self.signed_download, methods=["GET"]),
             Route("/storage/v1/object/{bucket}/{key:path}", self.upload, methods=["POST"]),
             Route("/storage/v1/object/{bucket}/{key:path}", self.download, methods=["GET"]),
         ])

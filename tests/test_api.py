@@ -81,7 +81,7 @@ async def test_workflow_publish_validates_and_versions(start_system: Any) -> Non
         error(await client.post("/v1/workflows", json=RECIPE), 409, "unchanged")
         changed = {**RECIPE, "title": "Device smoke test, v2"}
         r = await client.post("/v1/workflows", json=changed)
-        assert r.status_code == 201 and r.json() == {"workflow_id": "device-smoke", "version": 2}
+        assert r.status_code == 201 and r.json() == {"workflow_id": "device-smoke", "version": 2, "warnings": []}
         latest = (await client.get("/v1/workflows/device-smoke")).json()
         assert latest["version"] == 2 and latest["recipe"]["title"] == "Device smoke test, v2"
         first = (await client.get("/v1/workflows/device-smoke/versions/1")).json()
@@ -140,6 +140,6 @@ async def test_explicit_devices_report_the_ones_left_out(start_system: Any, data
         assert r.status_code == 201, r.text
         assert r.json()["targets"] == 1
         assert r.json()["rejected"] == [{"node_id": "node-1", "serial": "GHOST", "reason": "unknown device"}]
-        run = (await client.get(f"/v1/runs/{r.json()['run_id']}")).json()
-        assert [t["device_serial"] for t in run["tasks"]] == [serials[0]]
+        tasks = (await client.get(f"/v1/runs/{r.json()['run_id']}/tasks")).json()["tasks"]
+        assert [t["device_serial"] for t in tasks] == [serials[0]]
     assert await run_count(database_url) == 1

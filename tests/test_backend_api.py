@@ -186,6 +186,8 @@ async def test_every_error_has_one_shape_and_is_documented(database_url: str, na
                 codes = op["responses"]
                 assert "500" in codes, (method, path)
                 for code, resp in codes.items():
+                    if path == "/v1/artifacts/{store}/{key}" and code in ("200", "307"):
+                        continue  # the file itself, or a redirect to it
                     schema = resp["content"]["application/json"]["schema"]
                     if code.startswith(("4", "5")):
                         assert schema == {"$ref": error_ref}, (method, path, code)

@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from tests.backend_support import PARAMS, stream_messages
+from tests.backend_support import PARAMS, all_tasks, stream_messages, task_detail
 
 TERMINAL = {"succeeded", "failed", "timed_out", "cancelled", "skipped"}
 
@@ -37,8 +37,8 @@ async def test_cancel_keeps_finished_tasks_and_stops_the_rest(start_system: Any,
                                                 "targets": {"all_online": True}})
         assert r.status_code == 201, r.text
         run_id = r.json()["run_id"]
-        before = await poll_run(client, run_id, lambda run: run["counts"].get("succeeded", 0) >= 1)
-        finished = {t["device_serial"]: t for t in before["tasks"] if t["state"] == "succeeded"}
+        await poll_run(client, run_id, lambda run: run["counts"].get("succeeded", 0) >= 1)
+        finished = {t["device_serial"]: t for t in await all_tasks(client, run_id) if t["state"] == "succeeded"}
 
         r = await client.post(f"/v1/runs/{run_id}/cancel")
         assert r.status_code == 202, r.text
@@ -46,10 +46,10 @@ async def test_cancel_keeps_finished_tasks_and_stops_the_rest(start_system: Any,
         again = await client.post(f"/v1/runs/{run_id}/cancel")  # harmless, sends nothing new
         assert again.status_code == 202 and again.json()["status"] == "cancelled"
 
-        run = await poll_run(client, run_id, lambda run: all(t["state"] in TERMINAL for t in run["tasks"]))
+        run = await poll_run(client, run_id, lambda run: set(run["counts"]) <= TERMINAL)
         # The nodes' last events are folded and the run is still the backend's `cancelled`.
-        assert run["status"] == "cancelled" and run["finished_at"]
-        for t in run["tasks"]:
+        assert run["status"] == "cancelled" and run["finished_at"] and run["outcome"] == "cancelled"
+        for t in await all_tasks(client, run_id, page=1):
             if t["device_serial"] in finished:
                 assert t == finished[t["device_serial"]]  # kept as it was
             else:
@@ -57,20 +57,28 @@ async def test_cancel_keeps_finished_tasks_and_stops_the_rest(start_system: Any,
         assert run["counts"].get("cancelled", 0) >= 1
 
         # The finished task: its steps in order, its screenshot as a local file.
-        task = next(iter(finished.values()))
+        task = await task_detail(client, run_id, "node-1", next(iter(finished)))
+        assert task["task"] == finished[task["task"]["device_serial"]]
         assert [s["index"] for s in task["steps"]] == list(range(len(task["steps"])))
         assert {s["state"] for s in task["steps"]} == {"ok"} and len(task["steps"]) == 10
         assert all(s["started_at"] <= s["finished_at"] for s in task["steps"])
         arts = (await client.get(f"/v1/runs/{run_id}/artifacts")).json()
         assert arts["run_id"] == run_id
-        mine = [a for a in arts["artifacts"] if a["device_serial"] == task["device_serial"]]
+        mine = [a for a in arts["artifacts"] if a["device_serial"] == task["task"]["device_serial"]]
+        assert mine == task["artifacts"]
         assert len(mine) == 1 and mine[0]["store"] == "local" and mine[0]["error"] is None
         path = Path(mine[0]["path"])
         assert path.is_file() and path.stat().st_size == mine[0]["bytes"]
-        assert path.read_bytes().startswith(b"\x89PNG") and mine[0]["url"] == path.as_uri()
+        assert path.read_bytes().startswith(b"\x89PNG") and mine[0]["kind"] == "screenshot"
+        # The link downloads the file over HTTP, without the token (signed, expiring).
+        assert mine[0]["url"].startswith(f"{system.api_url}/v1/artifacts/local/{mine[0]['key']}?expires=")
+        async with httpx.AsyncClient() as anonymous:
+            got = await anonymous.get(mine[0]["url"])
+        assert got.status_code == 200 and got.content == path.read_bytes(), got.text
+        assert got.headers["content-type"] == "image/png"
 
         # A finished run cannot be cancelled; an unknown one is 404.
-        serial = task["device_serial"]
+        serial = task["task"]["device_serial"]
         r = await client.post("/v1/runs", json={"workflow_id": "device-smoke", "params": PARAMS,
                                                 "targets": {"devices": [{"node_id": "node-1", "serial": serial}]}})
         done = await poll_run(client, r.json()["run_id"], lambda run: run["status"] == "completed")

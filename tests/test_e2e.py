@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import httpx
 
+from tests.backend_support import all_tasks
 from tests.conftest import TEST_TOKEN
 
 SLOTS = 3
@@ -31,6 +32,9 @@ async def wait_completed(client: httpx.AsyncClient, run_id: str, timeout_s: floa
     while True:
         run: dict[str, Any] = (await client.get(f"/v1/runs/{run_id}")).json()
         if run["status"] in ("completed", "cancelled"):
+            # The summary does not carry tasks: the test reads them from their own endpoints.
+            run["task_rows"] = await all_tasks(client, run_id, page=7)
+            run["artifacts"] = (await client.get(f"/v1/runs/{run_id}/artifacts")).json()["artifacts"]
             return run
         assert time.monotonic() < deadline, f"run {run_id} still {run['status']}: {run['counts']}"
         await asyncio.sleep(0.1)
@@ -70,12 +74,19 @@ async def test_two_runs_on_two_nodes_complete_within_device_lock_and_slots(
         assert run["status"] == "completed"
         assert run["workflow_id"] == "device-smoke" and run["workflow_version"] == 1
         assert run["counts"] == {"succeeded": NODES * DEVICES}
-        assert len(run["tasks"]) == NODES * DEVICES
-        for task in run["tasks"]:
+        assert run["outcome"] == "succeeded" and run["targets"] == run["succeeded"] == NODES * DEVICES
+        assert run["failing_steps"] == [] and run["timings"]["measured_tasks"] == NODES * DEVICES
+        tasks = run["task_rows"]
+        assert len(tasks) == NODES * DEVICES
+        keys = [(t["node_id"], t["device_serial"]) for t in tasks]
+        assert keys == sorted(keys)  # the pages follow each other in one stable order
+        arts = run["artifacts"]
+        for task in tasks:
             assert task["state"] == "succeeded" and task["attempt"] == 1 and task["error"] is None
             assert task["started_at"].endswith("Z") and task["finished_at"].endswith("Z")
             assert task["started_at"] < task["finished_at"]
-            [artifact] = task["artifacts"]
+            [artifact] = [a for a in arts if (a["node_id"], a["device_serial"]) == (task["node_id"],
+                                                                                    task["device_serial"])]
             key_parts = artifact["key"].split("/")
             assert key_parts[:4] == ["vid_E2E-01", task["node_id"], task["device_serial"], run["run_id"]]
             assert key_parts[4].removesuffix(".png").isdigit()

@@ -25,8 +25,9 @@ import pytest
 from doai.embedded import EmbeddedNats
 from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.simulator import Simulator, SimulatorConfig
-from tests.backend_support import running_backend
-from tests.node_support import NodeProcess, recipe
+from tests.backend_support import all_tasks, running_backend
+from tests.conftest import creds_file
+from tests.node_support import NodeProcess, provision_node, recipe
 
 NODE = "node-L"
 DEVICES = 4
@@ -59,6 +60,7 @@ class Lab:
         r = await self.client.get(f"/v1/runs/{run_id}")
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
+        body["tasks"] = await all_tasks(self.client, run_id)  # the summary has none: read them from their pages
         return body
 
     async def task_states(self, run_id: str) -> list[str]:
@@ -80,10 +82,12 @@ class Lab:
 async def lab(nats_server: EmbeddedNats, database_url: str, tmp_path: Path) -> AsyncIterator[Lab]:
     stop = asyncio.Event()
     settings = AggregatorSettings(database_url=database_url, nats_url=nats_server.url, liveness_window_s=GRACE_S,
-                                  lost_after_s=GRACE_S, housekeeping_s=0.2)
+                                  lost_after_s=GRACE_S, housekeeping_s=0.2, nats_creds=str(creds_file("aggregator")),
+                                  nats_ca=str(nats_server.ca_file) if nats_server.ca_file else None)
     async with Simulator(SimulatorConfig(devices=DEVICES, seed=11, default_latency_ms=2.0)) as sim, \
             running_backend(database_url, nats_server.url) as backend, backend.client() as client:
         aggregator = asyncio.create_task(run_aggregator(settings, stop), name="test-aggregator")
+        await provision_node(nats_server.url, NODE)  # its identity and consumer, as the backend would
         node = NodeProcess(node_id=NODE, nats_url=nats_server.url, vendor_url=sim.url, state_dir=tmp_path / "state",
                            artifact_dir=tmp_path / "artifacts", log_path=tmp_path / "node.jsonl", slots=DEVICES)
         node.env["DOAI_INVENTORY_INTERVAL_S"] = "0.5"

@@ -191,12 +191,13 @@ async def test_processed_events_and_dead_letters_are_pruned_by_age_and_count(poo
 def test_processed_events_outlive_the_event_stream() -> None:
     """A message JetStream can still redeliver must still be recognised: the setting refuses less."""
     assert PROCESSED_KEEP_S > STREAM_MAX_AGE_S
-    base = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://127.0.0.1:1"}
-    settings = AggregatorSettings(database_url=base["DATABASE_URL"], nats_url=base["NATS_URL"])
+    base = {"DATABASE_URL": "postgresql://x", "NATS_URL": "nats://127.0.0.1:1", "DOAI_NATS_CREDS": "/x/agg.creds"}
+    settings = AggregatorSettings(database_url=base["DATABASE_URL"], nats_url=base["NATS_URL"],
+                                  nats_creds=base["DOAI_NATS_CREDS"])
     assert settings.processed_keep_s == PROCESSED_KEEP_S
     with pytest.raises(ConfigError, match="DOAI_PROCESSED_EVENTS_KEEP_S"):
         AggregatorSettings(database_url=base["DATABASE_URL"], nats_url=base["NATS_URL"],
-                           processed_keep_s=STREAM_MAX_AGE_S)
+                           nats_creds=base["DOAI_NATS_CREDS"], processed_keep_s=STREAM_MAX_AGE_S)
 
 
 async def test_an_idempotency_key_expires_after_its_stated_period(database_url: str, nats_server: EmbeddedNats) -> None:

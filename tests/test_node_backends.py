@@ -78,10 +78,9 @@ async def test_device_smoke_over_adb_into_supabase(start_system: Any, nats_serve
             await node
     assert run["counts"] == {"succeeded": 2}, run
     run_id = run["run_id"]
-    for task in run["tasks"]:
-        [artifact] = task["artifacts"]
+    for artifact in run["artifacts"]:
         assert artifact["store"] == "supabase"
-        assert artifact["key"].startswith(f"adbVideo01/node-adb/{task['device_serial']}/{run_id}/")
+        assert artifact["key"].startswith(f"adbVideo01/node-adb/{artifact['device_serial']}/{run_id}/")
         data, content_type = storage.objects[f"shots/{artifact['key']}"]
         assert data.startswith(b"\x89PNG") and content_type == "image/png" and len(data) == artifact["bytes"]
     for phone in phones:

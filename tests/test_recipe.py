@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from contracts.recipe import (
@@ -22,10 +23,14 @@ from contracts.recipe import (
     OpenUrl,
     Recipe,
     RecipeInvalid,
+    Tap,
+    check_int_params,
     decode_recipe,
     recipe_json_schema,
     render,
+    resolve_int,
     resolve_step_timeouts,
+    unused_param_warnings,
     validate_params,
     validate_recipe,
 )
@@ -186,7 +191,8 @@ def test_every_top_level_fault_is_reported() -> None:
     # Semantic faults of the steps are reported along with the top-level ones.
     doc = base_doc(workflow_id="Not An Id", timeouts={"min_ms": 5})
     doc["steps"].append({"id": "shot", "action": "screenshot"})
-    assert paths_of(doc) == {"$.workflow_id", "$.timeouts.min_ms", "$.steps[4].id"}
+    # (and the report is no longer last)
+    assert paths_of(doc) == {"$.workflow_id", "$.timeouts.min_ms", "$.steps[4].id", "$.steps[3]"}
 
 
 def test_missing_top_level_fields_are_all_reported() -> None:
@@ -229,7 +235,7 @@ def test_missing_required_fields() -> None:
 
 
 def test_too_many_steps() -> None:
-    steps = [{"id": f"s{i}", "action": "report"} for i in range(201)]
+    steps = [{"id": f"s{i}", "action": "wait", "ms": 0} for i in range(201)]
     assert paths_of(base_doc(steps=steps)) == {"$.steps"}
     validate_recipe(base_doc(steps=steps[:200]))
 
@@ -546,3 +552,103 @@ def test_render_leaves_quoting_to_the_executor() -> None:
     open_step = recipe.steps[1]
     assert isinstance(open_step, OpenUrl)
     assert render(open_step.url, values) == "https://e.com/?q=$(reboot)"
+
+
+# -- checks at publish that would otherwise only fail on the devices (issue 11 item 8) ----------------
+
+
+def test_param_default_must_match_its_own_pattern() -> None:
+    doc = base_doc(params={"youtubeVideoId": {"pattern": "^[a-z]{3}$", "default": "ABCD"}})
+    [fault] = faults_of(doc)
+    assert fault.path == "$.params.youtubeVideoId.default" and "does not match pattern" in fault.message
+    validate_recipe(base_doc(params={"youtubeVideoId": {"pattern": "^[a-z]{3}$", "default": "abc"}}))
+
+
+def test_recipe_that_uploads_must_declare_the_params_the_artifact_path_needs() -> None:
+    template = "{youtubeVideoId}/{site}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
+    doc = base_doc(params={"site": {"required": False}})
+    with pytest.raises(RecipeInvalid) as info:
+        validate_recipe(doc, template)
+    assert {(f.path, "artifact path" in f.message) for f in info.value.faults} == {
+        ("$.params.youtubeVideoId", True), ("$.params.site.required", True)}
+    validate_recipe(doc)  # without a template (e.g. `doai recipes check`): not checked
+    # Declared and required (or defaulted): fine; a recipe that never uploads needs none of them.
+    validate_recipe(base_doc(params={"youtubeVideoId": {}, "site": {"required": False, "default": "x"}}), template)
+    no_upload = base_doc(params={}, steps=[{"id": "r", "action": "report"}])
+    validate_recipe(no_upload, template)
+
+
+def test_step_ms_above_max_ms_and_default_timeouts_outside_a_steps_bounds() -> None:
+    doc = base_doc(timeouts={"step_ms": 700_000, "upload_ms": 500, "min_ms": 1_000, "max_ms": 600_000})
+    assert paths_of(doc) == {"$.timeouts.step_ms", "$.timeouts.upload_ms"}
+    # A step that narrows its bounds so the recipe's default timeout no longer fits must set its own.
+    doc = base_doc()
+    doc["steps"][0] = {"id": "model", "action": "adb_shell", "command": ["id"], "max_timeout_ms": 10_000}
+    doc["steps"][2] = {"id": "upload", "action": "upload", "min_timeout_ms": 40_000}
+    faults = faults_of(doc)
+    assert {f.path for f in faults} == {"$.steps[0].timeout_ms", "$.steps[2].timeout_ms"}
+    assert all("default timeout" in f.message for f in faults)
+    doc["steps"][0]["timeout_ms"] = 5_000
+    doc["steps"][2]["timeout_ms"] = 45_000
+    validate_recipe(doc)
+
+
+def test_report_must_be_the_last_step() -> None:
+    doc = base_doc()
+    doc["steps"].insert(1, {"id": "early", "action": "report"})
+    [fault] = faults_of(doc)
+    assert fault.path == "$.steps[1]" and "report must be the last step; 3 step(s)" in fault.message
+    validate_recipe(base_doc(steps=[{"id": "model", "action": "adb_shell", "command": ["id"]}]))  # no report: fine
+
+
+def test_schema_key_is_allowed_and_kept() -> None:
+    recipe = validate_recipe(base_doc(**{"$schema": "../recipes/schema.json"}))
+    assert recipe.schema == "../recipes/schema.json"
+    assert json.loads(msgspec.json.encode(recipe))["$schema"] == "../recipes/schema.json"
+    assert "$schema" not in json.loads(msgspec.json.encode(validate_recipe(base_doc())))
+    assert paths_of(base_doc(**{"$schema": 5})) == {"$.$schema"}
+    assert "$schema" in recipe_json_schema()["$defs"]["Recipe"]["properties"]
+
+
+def test_integer_fields_take_a_placeholder_of_an_integer_param() -> None:
+    params = {"youtubeVideoId": {}, "x": {"type": "integer", "default": 10}, "pause": {"type": "integer"},
+              "label": {"type": "string"}, "far": {"type": "integer", "default": 120_000}}
+    steps = [
+        {"id": "tap", "action": "tap", "x": "{{x}}", "y": 5},
+        {"id": "pause", "action": "wait", "ms": "{{ pause }}"},
+        {"id": "swipe", "action": "swipe", "x1": 0, "y1": 0, "x2": "{{x}}", "y2": 1, "duration_ms": "{{far}}"},
+        {"id": "bad", "action": "tap", "x": "{{label}}", "y": "{{ghost}}"},
+        {"id": "text", "action": "tap", "x": "ten", "y": 1},
+        {"id": "shot", "action": "screenshot"}, {"id": "upload", "action": "upload"},
+        {"id": "r", "action": "report"},
+    ]
+    faults = faults_of(base_doc(params=params, steps=steps))
+    assert {f.path: f.message for f in faults}.keys() == {
+        "$.params.far.default",  # 120000 does not fit duration_ms (at most 60000)
+        "$.steps[3].x",  # a string param
+        "$.steps[3].y",  # no such param
+        "$.steps[4].x",  # neither an integer nor a placeholder
+    }
+    ok = validate_recipe(base_doc(params={**params, "far": {"type": "integer", "default": 600}},
+                                  steps=[s for s in steps if s["id"] not in ("bad", "text")]))
+    tap = ok.steps[0]
+    assert isinstance(tap, Tap) and tap.x == "{{x}}" and tap.y == 5
+    # At run creation: the value must fit the field it fills.
+    assert check_int_params(ok, {"x": "3", "pause": "100", "far": "600"}) == []
+    assert [f.path for f in check_int_params(ok, {"x": "-1", "pause": "99999999", "far": "600"})] == [
+        "$.params.x", "$.params.pause", "$.params.x"]
+    assert resolve_int("{{x}}", "x", {"x": "7"}) == 7 and resolve_int(4, "x", {}) == 4
+    with pytest.raises(ValueError):
+        resolve_int("{{x}}", "x", {"x": "-7"})
+
+
+def test_unused_params_are_warnings() -> None:
+    template = "{youtubeVideoId}/{node_id}/{device_serial}/{run_id}/{timestamp}.png"
+    doc = base_doc(params={"youtubeVideoId": {}, "spare": {"required": False}, "url": {}})
+    doc["steps"].insert(0, {"id": "open", "action": "open_url", "url": "{{url}}"})
+    recipe = validate_recipe(doc, template)
+    assert [(w.path, "not used" in w.message) for w in unused_param_warnings(recipe, template)] == [
+        ("$.params.spare", True)]
+    # youtubeVideoId is used by the artifact path only because the recipe uploads.
+    no_upload = validate_recipe(base_doc(params={"youtubeVideoId": {}}, steps=[{"id": "r", "action": "report"}]))
+    assert [w.path for w in unused_param_warnings(no_upload, template)] == ["$.params.youtubeVideoId"]

@@ -560,3 +560,24 @@ async def test_upload_does_not_retry_an_error_marked_not_retryable(
     with pytest.raises(StepError, match="bucket does not exist"):
         await execute(step({"id": "upload", "action": "upload"}), ctx, TIMEOUT_S)
     assert once.tries == 1
+
+
+async def test_integer_fields_take_integer_params(
+    sim: Simulator, vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
+) -> None:
+    """`{{param}}` in tap/swipe/wait integer fields is filled in per device; a value that does not fit the field
+    fails the step before anything reaches the phone."""
+    ctx = make_ctx(vendor, store, tmp_path, params={"x": "11", "y": "22", "dur": "260", "pause": "5"})
+    await execute(step({"id": "tap", "action": "tap", "x": "{{x}}", "y": "{{ y }}"}), ctx, TIMEOUT_S)
+    swipe = {"id": "swipe", "action": "swipe", "x1": "{{x}}", "y1": 2, "x2": 3, "y2": "{{y}}", "duration_ms": "{{dur}}"}
+    await execute(step(swipe), ctx, TIMEOUT_S)
+    started = time.monotonic()
+    await execute(step({"id": "pause", "action": "wait", "ms": "{{pause}}"}), ctx, TIMEOUT_S)
+    assert time.monotonic() - started < 1.0
+    dev = sim.devices[SERIAL]
+    assert dev.shell_history == ["input tap 11 22", "input swipe 11 2 3 22 260"]
+    bad = make_ctx(vendor, store, tmp_path, params={"x": "-5", "y": "1"})
+    with pytest.raises(StepError) as info:
+        await execute(step({"id": "tap", "action": "tap", "x": "{{x}}", "y": "{{y}}"}), bad, TIMEOUT_S)
+    assert info.value.code == "invalid_param" and "x must be within" in str(info.value)
+    assert dev.shell_history == ["input tap 11 22", "input swipe 11 2 3 22 260"]  # nothing more reached it

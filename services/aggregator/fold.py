@@ -152,15 +152,17 @@ ON CONFLICT (run_id, node_id, device_serial, step_id) DO UPDATE SET
 
 _UPSERT_ARTIFACTS = """
 INSERT INTO artifacts AS a (run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256,
-                            content_type, created_at, seq)
+                            content_type, created_at, seq, kind)
 SELECT u.* FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-                       $8::bigint[], $9::text[], $10::text[], $11::timestamptz[], $12::bigint[])
-     AS u(run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256, content_type, created_at, seq)
+                       $8::bigint[], $9::text[], $10::text[], $11::timestamptz[], $12::bigint[], $13::text[])
+     AS u(run_id, node_id, device_serial, step_id, store, key, uri, bytes, sha256, content_type, created_at, seq,
+          kind)
 ORDER BY u.store, u.key
 ON CONFLICT (store, key) DO UPDATE SET
     run_id = EXCLUDED.run_id, node_id = EXCLUDED.node_id, device_serial = EXCLUDED.device_serial,
     step_id = EXCLUDED.step_id, uri = EXCLUDED.uri, bytes = EXCLUDED.bytes, sha256 = EXCLUDED.sha256,
-    content_type = EXCLUDED.content_type, created_at = EXCLUDED.created_at, seq = EXCLUDED.seq
+    content_type = EXCLUDED.content_type, created_at = EXCLUDED.created_at, seq = EXCLUDED.seq,
+    kind = EXCLUDED.kind
 WHERE (EXCLUDED.seq, EXCLUDED.created_at) > (a.seq, a.created_at)
 """
 
@@ -302,7 +304,7 @@ def _reduce_artifacts(events: list[ArtifactEvent], run_ids: dict[str, uuid.UUID]
             best[key] = e
     return [
         (run_ids[e.run_id], e.node_id, e.device_serial, e.step_id, e.store, e.key, e.uri, e.bytes, e.sha256,
-         e.content_type, e.ts, e.seq)
+         e.content_type, e.ts, e.seq, e.purpose)
         for e in best.values()
     ]
 
@@ -390,7 +392,7 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
     if steps:
         await conn.execute(_UPSERT_STEPS, *_columns(_reduce_steps(steps, run_ids), 12), TERMINAL_STEP)
     if artifacts:
-        await conn.execute(_UPSERT_ARTIFACTS, *_columns(_reduce_artifacts(artifacts, run_ids), 12))
+        await conn.execute(_UPSERT_ARTIFACTS, *_columns(_reduce_artifacts(artifacts, run_ids), 13))
     listings = [e for item in foldable
                 if isinstance(e := item.event, DeviceInventoryEvent) and e.event_id in fresh
                 and e.vendor_available and e.devices]

@@ -25,7 +25,7 @@ from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError, JSONResponse, error_response, install_error_handlers
 from services.backend.openapi import add_links, components, tidy_parameters
 from services.backend.relay import OutboxRelay
-from services.backend.routes import fleet, health, node, runs, workflows
+from services.backend.routes import artifacts, fleet, health, node, runs, workflows
 from services.backend.routes.common import Context
 from services.backend.settings import BackendSettings
 
@@ -67,7 +67,8 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
         pool=pool, relay=relay, settings=settings,
         linker=ArtifactLinker(artifact_dir=settings.artifact_dir, supabase_url=settings.supabase_url,
                               supabase_key=settings.supabase_key, bucket=settings.supabase_bucket,
-                              ttl_s=settings.signed_url_ttl_s),
+                              ttl_s=settings.signed_url_ttl_s,
+                              url_key=settings.artifact_url_key.encode() if settings.artifact_url_key else None),
         operator_check=TokenCheck(settings.api_tokens,
                                   AuthFailureLog("operator authentication failed", settings.auth_log_interval_s)),
         node_check=NodeSecretCheck(settings.node_secret,
@@ -79,7 +80,7 @@ def create_app(pool: asyncpg.Pool, relay: OutboxRelay, settings: BackendSettings
                               '`{"error": {"code", "message", "details"}}`.')
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    for resource in (health, workflows, runs, fleet, node):
+    for resource in (health, workflows, runs, fleet, node, artifacts):
         app.include_router(resource.router(ctx))
 
     def openapi() -> dict[str, Any]:

@@ -16,6 +16,7 @@ from runtime import db, jetstream
 from runtime.aio import Stopped, unless_stopped
 from runtime.nats_auth import NatsTrust
 from runtime.supervisor import Supervisor
+from services.backend import artifact_links
 from services.backend.app import create_app
 from services.backend.enrollment import Enrollment
 from services.backend.errors import ApiError
@@ -54,6 +55,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
                  on_ready: Callable[[str], None] | None) -> None:
     await jetstream.ensure_streams(js, settings.stream_limits())  # creates, or applies changed limits
+    settings.artifact_url_key = await artifact_links.shared_url_key(pool, settings.artifact_url_key)
     signer = settings.command_signer()
     log.info("commands are signed", command_public_key=signer.public_key)
     relay = OutboxRelay(pool, js, signer=signer, poll_s=settings.relay_poll_s)
@@ -86,6 +88,7 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
             port = server.servers[0].sockets[0].getsockname()[1]
             url = f"http://{settings.host}:{port}"
             log.info("backend listening", url=url)
+            await artifact_links.publish_link_settings(pool, settings.public_url or url, settings.signed_url_ttl_s)
             if on_ready is not None:
                 on_ready(url)
             await unless_stopped(asyncio.shield(serve_task), stop)

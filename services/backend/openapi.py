@@ -15,7 +15,8 @@ from contracts import api
 from contracts.recipe import Recipe
 
 COMPONENTS: tuple[type[Any], ...] = (
-    api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.ArtifactList,
+    api.RunCreate, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.TaskPage, api.TaskDetail,
+    api.ArtifactList,
     api.WorkflowView, api.WorkflowPublished, api.WorkflowList, api.DeviceList, api.NodeList, api.NodeConfig,
     api.NodeEnrollRequest, api.NodeEnrollment, api.NodeRevoked, api.Health, api.ErrorResponse, Recipe,
 )
@@ -28,6 +29,7 @@ _ERROR_TEXT = {
     413: "Request body too large",
     422: "The request does not validate; `details` lists every fault with its JSON path",
     500: "Internal error",
+    502: "An upstream service (Supabase Storage) did not answer as it should",
     503: "A server doai depends on (NATS) is unavailable; retry later",
 }
 
@@ -66,7 +68,9 @@ def _link(operation_id: str, description: str, **parameters: str) -> dict[str, A
 # OpenAPI links: how a client (or a stateful fuzzer) follows what it created to where it can read or act on it.
 LINKS: dict[tuple[str, str, str], dict[str, Any]] = {
     ("/v1/runs", "post", "201"): {
-        "GetRun": _link("get_run", "The run: status, counts, tasks", run_id="$response.body#/run_id"),
+        "GetRun": _link("get_run", "The run's summary: status, outcome, counts, failing steps, timings",
+                        run_id="$response.body#/run_id"),
+        "RunTasks": _link("run_tasks", "The run's tasks, paged", run_id="$response.body#/run_id"),
         "CancelRun": _link("cancel_run", "Cancel the run", run_id="$response.body#/run_id"),
         "RunArtifacts": _link("run_artifacts", "The run's artifacts", run_id="$response.body#/run_id"),
     },

@@ -7,15 +7,19 @@ import binascii
 import hashlib
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Protocol
 
 import asyncpg
 import msgspec
 
 from contracts.api import (
-    ArtifactView,
+    ArtifactLink,
     DeviceView,
+    FailingStep,
+    NodeCounts,
     NodeView,
     Rejection,
     RunCancelled,
@@ -23,9 +27,12 @@ from contracts.api import (
     RunCreated,
     RunPage,
     RunSummary,
+    RunTimings,
     RunView,
     StepView,
-    TaskView,
+    TaskDetail,
+    TaskPage,
+    TaskRow,
 )
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.artifact_path import check_params as check_path_params
@@ -36,6 +43,7 @@ from contracts.recipe import (
     RecipeInvalid,
     Upload,
     check_assert_patterns,
+    check_int_params,
     resolve_step_timeouts,
     validate_params,
 )
@@ -45,6 +53,12 @@ from services.backend import targets as targeting
 from services.backend import workflows
 from services.backend.errors import ApiError, invalid
 from services.backend.settings import IDEMPOTENCY_TTL_S
+
+
+class ArtifactLinks(Protocol):
+    """What makes download links for artifact rows (services/backend/artifact_links.py)."""
+
+    async def links(self, rows: Sequence[asyncpg.Record], base_url: str | None = None) -> list[ArtifactLink]: ...
 
 
 def iso(ts: datetime | None) -> str | None:
@@ -88,7 +102,7 @@ async def _replay(pool: asyncpg.Pool, key: str, digest: str, ttl_s: float) -> Cr
 def check_run_params(recipe: Recipe, params: dict[str, str], path_template: str) -> None:
     """What the nodes would only find out after a device did its work: bad artifact path segments, assert
     patterns the params make invalid. `RecipeInvalid` with each fault at `$.params.<name>`."""
-    faults = check_assert_patterns(recipe, params)
+    faults = check_assert_patterns(recipe, params) + check_int_params(recipe, params)
     if any(isinstance(step, Upload) for step in recipe.steps):
         faults += [Fault(f"$.params.{name}", problem) for name, problem in check_path_params(path_template, params)]
     if faults:
@@ -226,51 +240,181 @@ async def cancel_run(pool: asyncpg.Pool, run_id: str) -> RunCancelled:
     return RunCancelled(run_id=str(rid), status="cancelled", nodes=len(nodes))
 
 
+TASK_COLUMNS = ("t.run_id, t.node_id, t.device_serial, t.state, t.attempt, t.started_at, t.finished_at,"
+                " t.error, t.failed_step")
+TOP_FAILING_STEPS = 10
+# The summary's statements (bench/bench_run_summary.py times the same ones bare): each an index range scan of
+# the run's rows in run_tasks (primary key prefix run_id).
+SUMMARY_PER_NODE_SQL = ("SELECT node_id, state, count(*) AS n FROM run_tasks WHERE run_id = $1"
+                        " GROUP BY node_id, state ORDER BY node_id, state")
+SUMMARY_FAILING_SQL = (
+    "SELECT failed_step, NULLIF(split_part(error, ':', 1), '') AS code, count(*) AS n, min(error) AS example"
+    " FROM run_tasks WHERE run_id = $1 AND failed_step IS NOT NULL"
+    " GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2 LIMIT $2")
+# Durations of tasks that ran to a final state; cancelled tasks are left out of the percentiles.
+SUMMARY_TIMINGS_SQL = (
+    "SELECT min(started_at) AS first_started, max(finished_at) AS last_finished,"
+    " percentile_cont(0.5) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p50,"
+    " percentile_cont(0.95) WITHIN GROUP (ORDER BY d) FILTER (WHERE measured) AS p95,"
+    " count(*) FILTER (WHERE measured) AS measured"
+    " FROM (SELECT started_at, finished_at,"
+    "        extract(epoch FROM finished_at - started_at) * 1000 AS d,"
+    "        (started_at IS NOT NULL AND finished_at IS NOT NULL"
+    "         AND state IN ('succeeded', 'failed', 'timed_out', 'skipped', 'interrupted', 'lost')) AS measured"
+    "       FROM run_tasks WHERE run_id = $1) t")
+
+
+def outcome_of(status: str, succeeded: int, targets: int) -> str | None:
+    """`succeeded` when a completed run's every targeted device succeeded, `failed` when one did not,
+    `cancelled` for a cancelled run, None while the run is not finished."""
+    if status == "cancelled":
+        return "cancelled"
+    if status != "completed":
+        return None
+    return "succeeded" if succeeded == targets else "failed"
+
+
+def _ms(value: float | None) -> int | None:
+    return None if value is None else round(value)
+
+
 async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
+    """The run's summary, computed in PostgreSQL over `run_tasks` (one index range scan per query): counts per
+    state and node, the top failing steps, timings. Nothing per task leaves the database."""
     rid = parse_run_id(run_id)
     async with pool.acquire() as conn:
         run = await conn.fetchrow("SELECT * FROM runs WHERE run_id = $1", rid)
         if run is None:
             raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-        tasks = await conn.fetch(
-            "SELECT * FROM run_tasks WHERE run_id = $1 ORDER BY node_id, device_serial", rid
-        )
-        arts = await conn.fetch(
-            "SELECT * FROM artifacts WHERE run_id = $1 ORDER BY created_at, key", rid
-        )
-        step_rows = await conn.fetch(
-            "SELECT * FROM step_results WHERE run_id = $1 ORDER BY node_id, device_serial, idx", rid
-        )
-    by_task: dict[tuple[str, str], list[ArtifactView]] = defaultdict(list)
-    for a in arts:
-        by_task[(a["node_id"], a["device_serial"])].append(
-            ArtifactView(a["step_id"], a["store"], a["key"], a["uri"], a["bytes"])
-        )
-    steps: dict[tuple[str, str], list[StepView]] = defaultdict(list)
-    for s in step_rows:
-        steps[(s["node_id"], s["device_serial"])].append(StepView(
-            step_id=s["step_id"], index=s["idx"], action=s["action"], state=s["state"],
-            started_at=iso(s["started_at"]), finished_at=iso(s["finished_at"]), output=s["output"],
-            error=s["error"],
-        ))
+        per_node = await conn.fetch(SUMMARY_PER_NODE_SQL, rid)
+        failing = await conn.fetch(SUMMARY_FAILING_SQL, rid, TOP_FAILING_STEPS)
+        timing = await conn.fetchrow(SUMMARY_TIMINGS_SQL, rid)
     counts: dict[str, int] = {}
-    views = []
-    for t in tasks:
-        key = (t["node_id"], t["device_serial"])
-        counts[t["state"]] = counts.get(t["state"], 0) + 1
-        views.append(TaskView(
-            node_id=t["node_id"], device_serial=t["device_serial"], state=t["state"],
-            attempt=t["attempt"], started_at=iso(t["started_at"]), finished_at=iso(t["finished_at"]),
-            error=t["error"], failed_step=t["failed_step"], artifacts=by_task.get(key, []),
-            steps=steps.get(key, []),
-        ))
+    nodes: dict[str, dict[str, int]] = {}
+    for row in per_node:
+        counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
+        nodes.setdefault(row["node_id"], {})[row["state"]] = row["n"]
+    targets = sum(counts.values())
+    succeeded = counts.get("succeeded", 0)
+    final_not_ok = sum(n for state, n in counts.items() if state not in ("queued", "running", "succeeded"))
     return RunView(
         run_id=str(run["run_id"]), workflow_id=run["workflow_id"],
         workflow_version=run["workflow_version"], status=run["status"],
-        created_at=iso(run["created_at"]) or "", counts=counts, tasks=views,
-        dispatched_at=iso(run["dispatched_at"]), finished_at=iso(run["finished_at"]),
-        params=msgspec.json.decode(run["params"]),
+        outcome=outcome_of(run["status"], succeeded, targets),  # type: ignore[arg-type]
+        created_at=iso(run["created_at"]) or "", dispatched_at=iso(run["dispatched_at"]),
+        finished_at=iso(run["finished_at"]), params=msgspec.json.decode(run["params"]),
+        step_timeouts_ms=msgspec.json.decode(run["step_timeouts_ms"]),
+        targets=targets, succeeded=succeeded, not_succeeded=final_not_ok, counts=counts,
+        nodes=[NodeCounts(node_id=n, tasks=sum(c.values()), counts=c) for n, c in nodes.items()],
+        failing_steps=[FailingStep(step_id=f["failed_step"], error_code=f["code"], tasks=f["n"],
+                                   example=clip(f["example"]) if f["example"] else None) for f in failing],
+        timings=RunTimings(
+            first_started_at=iso(timing["first_started"]), last_finished_at=iso(timing["last_finished"]),
+            p50_task_ms=_ms(timing["p50"]), p95_task_ms=_ms(timing["p95"]), measured_tasks=timing["measured"]),
     )
+
+
+def task_row(t: asyncpg.Record, history: bool = False) -> TaskRow:
+    started, finished = t["started_at"], t["finished_at"]
+    duration = (round((finished - started).total_seconds() * 1000)
+                if started is not None and finished is not None else None)
+    return TaskRow(
+        run_id=str(t["run_id"]), node_id=t["node_id"], device_serial=t["device_serial"], state=t["state"],
+        attempt=t["attempt"], started_at=iso(started), finished_at=iso(finished), duration_ms=duration,
+        error=t["error"], failed_step=t["failed_step"],
+        workflow_id=t["workflow_id"] if history else None,
+        workflow_version=t["workflow_version"] if history else None,
+    )
+
+
+def _encode(parts: list[str]) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(parts)).decode().rstrip("=")
+
+
+def _decode(cursor: str, size: int) -> list[str]:
+    try:
+        parts = msgspec.json.decode(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)), type=list[str])
+        if len(parts) != size:
+            raise ValueError("size")
+        return parts
+    except (ValueError, binascii.Error, msgspec.DecodeError, UnicodeDecodeError):
+        raise ApiError(422, "invalid", "cursor is not one this API returned",
+                       [{"path": "$.query.cursor", "message": "pass next_cursor from the previous page"}]) from None
+
+
+async def _run_exists(conn: asyncpg.Connection, rid: uuid.UUID, run_id: str) -> None:
+    if await conn.fetchval("SELECT 1 FROM runs WHERE run_id = $1", rid) is None:
+        raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
+
+
+async def list_tasks(pool: asyncpg.Pool, run_id: str, *, state: str | None, node_id: str | None,
+                     serial: str | None, cursor: str | None, limit: int) -> TaskPage:
+    """A run's tasks ordered by (node_id, device_serial), keyset-paged on the primary key."""
+    rid = parse_run_id(run_id)
+    after = _decode(cursor, 2) if cursor else None
+    async with pool.acquire() as conn:
+        await _run_exists(conn, rid, run_id)
+        rows = await conn.fetch(
+            f"SELECT {TASK_COLUMNS} FROM run_tasks t WHERE t.run_id = $1"
+            " AND ($2::text IS NULL OR t.state = $2) AND ($3::text IS NULL OR t.node_id = $3)"
+            " AND ($4::text IS NULL OR t.device_serial = $4)"
+            " AND ($5::text IS NULL OR (t.node_id, t.device_serial) > ($5, $6::text))"
+            " ORDER BY t.node_id, t.device_serial LIMIT $7",
+            rid, state, node_id, serial, after[0] if after else None, after[1] if after else None, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = _encode([rows[-1]["node_id"], rows[-1]["device_serial"]]) if more and rows else None
+    return TaskPage(tasks=[task_row(t) for t in rows], next_cursor=next_cursor)
+
+
+async def get_task(pool: asyncpg.Pool, linker: ArtifactLinks, run_id: str, node_id: str,
+                   serial: str, base_url: str | None = None) -> TaskDetail:
+    rid = parse_run_id(run_id)
+    async with pool.acquire() as conn:
+        await _run_exists(conn, rid, run_id)
+        task = await conn.fetchrow(
+            f"SELECT {TASK_COLUMNS} FROM run_tasks t WHERE t.run_id = $1 AND t.node_id = $2"
+            " AND t.device_serial = $3", rid, node_id, serial)
+        if task is None:
+            raise ApiError(404, "task_not_found",
+                           f"run {clip(run_id)} has no task for device {clip(node_id)}/{clip(serial)}")
+        step_rows = await conn.fetch(
+            "SELECT * FROM step_results WHERE run_id = $1 AND node_id = $2 AND device_serial = $3 ORDER BY idx",
+            rid, node_id, serial)
+        arts = await conn.fetch(
+            "SELECT * FROM artifacts WHERE run_id = $1 AND node_id = $2 AND device_serial = $3"
+            " ORDER BY created_at, key", rid, node_id, serial)
+    steps = [StepView(step_id=s["step_id"], index=s["idx"], action=s["action"], state=s["state"],
+                      started_at=iso(s["started_at"]), finished_at=iso(s["finished_at"]), output=s["output"],
+                      error=s["error"]) for s in step_rows]
+    return TaskDetail(task=task_row(task), steps=steps, artifacts=await linker.links(arts, base_url))
+
+
+async def device_tasks(pool: asyncpg.Pool, node_id: str, serial: str, *, state: str | None,
+                       cursor: str | None, limit: int) -> TaskPage:
+    """One device's tasks across runs, newest run first, keyset-paged on (run created_at, run_id)."""
+    after = _decode(cursor, 2) if cursor else None
+    after_ts: datetime | None = None
+    after_id: uuid.UUID | None = None
+    if after is not None:
+        try:
+            after_ts, after_id = datetime.fromisoformat(after[0]), uuid.UUID(after[1])
+            if after_ts.tzinfo is None:
+                raise ValueError("naive")
+        except ValueError:
+            _decode("!", 2)  # the same 422 as any other foreign cursor
+    rows = await pool.fetch(
+        f"SELECT {TASK_COLUMNS}, r.workflow_id, r.workflow_version, r.created_at AS run_created"
+        " FROM run_tasks t JOIN runs r USING (run_id)"
+        " WHERE t.node_id = $1 AND t.device_serial = $2 AND ($3::text IS NULL OR t.state = $3)"
+        " AND ($4::timestamptz IS NULL OR (r.created_at, r.run_id) < ($4, $5::uuid))"
+        " ORDER BY r.created_at DESC, r.run_id DESC LIMIT $6",
+        node_id, serial, state, after_ts, after_id, limit + 1)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = (_encode([rows[-1]["run_created"].astimezone(UTC).isoformat(), str(rows[-1]["run_id"])])
+                   if more and rows else None)
+    return TaskPage(tasks=[task_row(t, history=True) for t in rows], next_cursor=next_cursor)
 
 
 # -- listing -----------------------------------------------------------------------

@@ -64,6 +64,12 @@ class BackendSettings(Settings):
     supabase_key: str | None = field(default=None, name="SUPABASE_SERVICE_KEY")
     supabase_bucket: str = field(default="artifacts", name="DOAI_SUPABASE_BUCKET")
     signed_url_ttl_s: int = field(default=3600, name="DOAI_SIGNED_URL_TTL_S")
+    # Signs artifact download links (HMAC-SHA256). Unset: the key kept in fleet_settings (made at the first
+    # start), shared by every backend and by `artifact_url()` in SQL (Grafana).
+    artifact_url_key: str | None = field(default=None, name="DOAI_ARTIFACT_URL_KEY")
+    # The API's address as operators reach it, for absolute download links (unset: the address the request
+    # came to, e.g. http://127.0.0.1:8080).
+    public_url: str | None = field(default=None, name="DOAI_PUBLIC_URL")
     # The command-signing seed (an nkey seed, 'SN…'), or a file holding it: the relay signs every
     # RunBroadcast and RunCancel with it; nodes verify with `command_public_key`. A secret: never logged.
     command_signing_seed: str = field(default="", name="DOAI_COMMAND_SIGNING_KEY")
@@ -82,7 +88,7 @@ class BackendSettings(Settings):
     nats_ca: Path | None = field(default=None, name="DOAI_NATS_CA")
 
     SECRETS: ClassVar[frozenset[str]] = frozenset({"api_tokens", "node_secret", "supabase_key",
-                                                   "command_signing_seed"})
+                                                   "command_signing_seed", "artifact_url_key"})
     ALIASES: ClassVar[dict[str, tuple[str, ...]]] = {"supabase_key": ("SUPABASE_KEY",)}
 
     def __post_init__(self) -> None:

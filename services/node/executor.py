@@ -25,7 +25,7 @@ from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
-from services.node.steps import StepContext, StepError, clip, execute
+from services.node.steps import StepContext, StepError, clip, execute, failure_screenshot
 from services.node.vendor_client import VendorError, VendorTimeout
 
 log = structlog.get_logger(__name__)
@@ -77,11 +77,11 @@ class Executor:
             state=state, output=clip(output), error=error,  # type: ignore[arg-type]
         ))
 
-    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact) -> None:
+    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact, kind: str = "screenshot") -> None:
         self._record(job, None, lambda seq: ArtifactEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=seq, step_id=step_id, store=a.store, key=a.key,
-            uri=a.uri, bytes=a.bytes, sha256=a.sha256,
+            uri=a.uri, bytes=a.bytes, sha256=a.sha256, purpose=kind,  # type: ignore[arg-type]
         ))
 
     async def run(self, job: Job, broadcast: RunBroadcast) -> str:
@@ -157,6 +157,12 @@ class Executor:
             if outcome == "ok":
                 continue
             ctx.states[step.id] = outcome
+            if b.recipe.takes_failure_screenshots:
+                # No longer than the step itself had (a hung device must not hold its slot much longer).
+                shot = await failure_screenshot(ctx, step.id, min(timeout_s, b.recipe.timeouts.upload_ms / 1000))
+                if shot is not None:
+                    self._artifact_event(job, step.id, shot, kind="failure")
+                    log.info("Failure screenshot stored", step_id=step.id, key=shot.key)
             if step.on_error == "continue":
                 continue
             for later_index, later in enumerate(b.recipe.steps[index + 1:], start=index + 1):

@@ -54,6 +54,13 @@ class StepContext:
     def render(self, text: str) -> str:
         return dsl.render(text, self.values)
 
+    def ints(self, step: dsl.StepBase) -> list[int]:
+        """The step's integer fields in declaration order, `{{param}}` placeholders filled in and checked."""
+        try:
+            return [dsl.resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
+        except ValueError as exc:
+            raise StepError("invalid_param", f"step {step.id!r}: {exc}") from None
+
 
 @dataclass
 class StepResult:
@@ -115,15 +122,18 @@ async def execute(step: dsl.StepBase, ctx: StepContext, timeout_s: float) -> Ste
                 await ctx.driver.press_key(ctx.serial, Key(name.lower()))
                 return StepResult()
             return StepResult(await _shell(ctx, ["input", "keyevent", name], timeout_s))
-        case dsl.Tap(x=x, y=y):
+        case dsl.Tap():
+            x, y = ctx.ints(step)
             return StepResult(await _shell(ctx, ["input", "tap", str(x), str(y)], timeout_s))
-        case dsl.Swipe(x1=x1, y1=y1, x2=x2, y2=y2, duration_ms=ms):
+        case dsl.Swipe():
+            x1, y1, x2, y2, ms = ctx.ints(step)
             argv = ["input", "swipe", str(x1), str(y1), str(x2), str(y2), str(ms)]
             return StepResult(await _shell(ctx, argv, timeout_s))
         case dsl.InputText(text=text):
             # `input text` takes %s for a space; the whole argument is still quoted.
             return StepResult(await _shell(ctx, ["input", "text", ctx.render(text).replace(" ", "%s")], timeout_s))
-        case dsl.Wait(ms=ms):
+        case dsl.Wait():
+            [ms] = ctx.ints(step)
             await asyncio.sleep(ms / 1000)
             return StepResult()
         case dsl.Screenshot():
@@ -211,3 +221,35 @@ def clip(text: str | None) -> str | None:
     if text is None or len(text) <= _OUTPUT_LIMIT:
         return text
     return text[:_OUTPUT_LIMIT] + "…"
+
+
+FAILURE_SHOT_MAX_S = 30.0  # a failure screenshot (capture + store) never holds the slot longer than this
+
+
+async def failure_screenshot(ctx: StepContext, step_id: str, timeout_s: float) -> StoredArtifact | None:
+    """Capture the device's screen after step `step_id` failed and store it; None when it could not be done.
+
+    The key follows the path template with `{timestamp}` as `<epoch>-failure-<step_id>`, e.g.
+    `dQw4w9WgXcQ/node-A1/ABC123/<run>/1739012345-failure-open.png`. Whatever goes wrong here is logged and
+    does not change the task's outcome (the step's own error is what the task reports).
+    """
+    limit = min(timeout_s, FAILURE_SHOT_MAX_S)
+    try:
+        key = render_key(ctx.path_template,
+                         {**ctx.values, "timestamp": f"{int(time.time())}-failure-{step_id}"})
+    except Exception as exc:
+        log.warning("no failure screenshot: the artifact path cannot be made", step_id=step_id, error=str(exc))
+        return None
+    folder = ctx.spool / f"failure-{step_id}"
+    try:
+        async with asyncio.timeout(limit):
+            folder.mkdir(parents=True, exist_ok=True)
+            path = await ctx.driver.screenshot(ctx.serial, folder, timeout_s=limit)
+            stored = await ctx.store.put(key, path, "image/png")
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("failure screenshot could not be taken or stored", step_id=step_id, error=f"{exc!r:.300}")
+        return None
+    path.unlink(missing_ok=True)
+    return stored

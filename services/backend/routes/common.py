@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import asyncpg
 import msgspec
@@ -22,7 +22,7 @@ from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from contracts import api
-from contracts.ids import WORKFLOW_ID_PATTERN
+from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 from contracts.text import clip, control_faults, has_control, whole_numbers
 from services.backend.artifact_links import ArtifactLinker
 from services.backend.auth import NodeSecretCheck, TokenCheck
@@ -31,6 +31,11 @@ from services.backend.errors import ApiError, check_json_depth, decode_error
 from services.backend.relay import OutboxRelay
 from services.backend.settings import BackendSettings
 
+NodeIdPath = Annotated[str, Path(pattern=NODE_ID_PATTERN, description="A node id")]
+SerialPath = Annotated[str, Path(pattern=SERIAL_PATTERN, description="A device serial on that node")]
+TaskStateQuery = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped",
+                         "interrupted", "lost"]
+Limit = Annotated[int, Query(ge=1, le=api.MAX_PAGE_SIZE, description="Page size")]
 WorkflowIdPath = Annotated[str, Path(pattern=WORKFLOW_ID_PATTERN)]
 RunIdPath = Annotated[str, Path(pattern=api.RUN_ID_PATTERN, description="A run id (UUID) as POST /v1/runs returned it")]
 # RFC 3339 date-time with a time offset (`Z` or `±hh:mm`): no bare numbers, no dates without a zone.
@@ -117,6 +122,10 @@ class Context:
         """Dependency of node routes: `X-Node-Auth` only (401), then the request's shape (422)."""
         self.node_check(x_node_auth, client=_client(request))
         check_request(request)
+
+    def base_url(self, request: Request) -> str:
+        """The API's address for absolute links: DOAI_PUBLIC_URL, else the address this request came to."""
+        return self.settings.public_url or str(request.base_url)
 
     async def body_of(self, request: Request, kind: Any) -> Any:
         """The body decoded (400 if not JSON), checked for control characters, then converted to `kind`."""

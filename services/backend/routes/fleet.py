@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 
 from contracts import api
 from contracts.ids import NODE_ID_PATTERN
 from services.backend import runs
 from services.backend.errors import JSONResponse
 from services.backend.openapi import route
-from services.backend.routes.common import Context
+from services.backend.routes.common import Context, Cursor, Limit, NodeIdPath, SerialPath, TaskStateQuery
 
 
 def router(ctx: Context) -> APIRouter:
@@ -25,6 +25,20 @@ def router(ctx: Context) -> APIRouter:
     async def get_nodes() -> JSONResponse:
         return JSONResponse(api.NodeList(await runs.list_nodes(ctx.pool)))
 
+    @r.get("/v1/devices/{node_id}/{serial}/tasks", operation_id="device_tasks",
+           **route((200, api.TaskPage), 401, 422), summary="A device's history",
+           description=("The device's tasks across runs, newest run first (with each run's workflow),"
+                        " keyset-paged: pass `next_cursor` as `cursor`. A device with no task answers an"
+                        " empty page."))
+    async def device_tasks(
+        node_id: NodeIdPath,
+        serial: SerialPath,
+        state: Annotated[TaskStateQuery | None, Query(description="Only tasks in this state")] = None,
+        cursor: Cursor = None,
+        limit: Limit = api.DEFAULT_PAGE_SIZE,
+    ) -> JSONResponse:
+        return JSONResponse(await runs.device_tasks(ctx.pool, node_id, serial, state=state, cursor=cursor,
+                                                    limit=limit))
     @r.post("/v1/nodes/{node_id}/revoke", operation_id="revoke_node",
             **route((200, api.NodeRevoked), 401, 404, 422, 503))
     async def revoke_node(node_id: Annotated[str, Path(pattern=NODE_ID_PATTERN)]) -> JSONResponse:

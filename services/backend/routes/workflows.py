@@ -8,7 +8,7 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Request
 
 from contracts import api
-from contracts.recipe import Recipe, RecipeInvalid, validate_recipe
+from contracts.recipe import Recipe, RecipeInvalid, unused_param_warnings, validate_recipe
 from contracts.text import clip
 from services.backend import runs, workflows
 from services.backend.errors import ApiError, JSONResponse, invalid
@@ -27,14 +27,16 @@ def router(ctx: Context) -> APIRouter:
     async def publish_workflow(request: Request) -> JSONResponse:
         doc = await ctx.body_of(request, Any)
         try:
-            recipe = validate_recipe(doc)
+            recipe = validate_recipe(doc, ctx.settings.path_template)
         except RecipeInvalid as err:
             raise invalid("recipe is invalid", err.faults, code="invalid_recipe") from None
         stored, created = await workflows.publish(pool, recipe)
         if not created:
             raise ApiError(409, "unchanged",
                            f"recipe equals the latest version {stored.version} of {stored.workflow_id}")
-        return JSONResponse(api.WorkflowPublished(stored.workflow_id, stored.version), status_code=201)
+        warnings = [api.RecipeWarning(w.path, w.message)
+                    for w in unused_param_warnings(recipe, ctx.settings.path_template)]
+        return JSONResponse(api.WorkflowPublished(stored.workflow_id, stored.version, warnings), status_code=201)
 
     @r.get("/v1/workflows", operation_id="list_workflows", **route((200, api.WorkflowList), 401))
     async def list_workflows() -> JSONResponse:
