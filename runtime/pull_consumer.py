@@ -113,6 +113,10 @@ class PullConsumer:
         log.warning("consumer recreated", **self._fields)
         await self._drop()  # a subscription bound to the old consumer gets nothing from the new one
 
+    async def close(self) -> None:
+        """Unsubscribe (for callers that loop over `fetch` themselves instead of `run`)."""
+        await self._drop()
+
     async def _drop(self) -> None:
         if self._sub is not None:
             with contextlib.suppress(Exception):
@@ -132,6 +136,23 @@ class PullConsumer:
         await self._drop()
         await pause(stop, self._backoff)
         self._backoff = min(self._backoff * 2, self._max_backoff_s)
+
+    async def pending(self) -> int | None:
+        """Messages not yet acked by anyone (waiting, or delivered and unacked); None when JetStream cannot say."""
+        try:
+            info = await self._js.consumer_info(self.stream, self.durable, timeout=self._info_timeout_s)
+        except Exception as exc:
+            log.debug("consumer lookup failed", error=repr(exc), **self._fields)
+            return None
+        return int(info.num_pending or 0) + int(info.num_ack_pending or 0)
+
+    async def exists(self) -> bool | None:
+        """Whether the consumer exists; None when JetStream cannot say right now."""
+        return await self._exists()
+
+    def reconnects(self) -> int:
+        """How many times the connection under this consumer has reconnected."""
+        return self._reconnects()
 
     async def fetch(self, stop: asyncio.Event) -> list[Msg]:
         """The next batch; empty when there is none yet, or after an error (logged, backed off)."""

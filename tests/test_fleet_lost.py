@@ -91,6 +91,7 @@ async def lab(nats_server: EmbeddedNats, database_url: str, tmp_path: Path) -> A
         node = NodeProcess(node_id=NODE, nats_url=nats_server.url, vendor_url=sim.url, state_dir=tmp_path / "state",
                            artifact_dir=tmp_path / "artifacts", log_path=tmp_path / "node.jsonl", slots=DEVICES)
         node.env["DOAI_INVENTORY_INTERVAL_S"] = "0.5"
+        node.env["DOAI_INVENTORY_SNAPSHOT_S"] = "1"  # below the 3 s liveness window (device liveness reads listings)
         conn = await asyncpg.connect(database_url)
         try:
             r = await client.post("/v1/workflows", content=msgspec.json.encode(recipe(STEPS, workflow_id="lost-test")))

@@ -57,7 +57,8 @@ async def agent_running(nats_url: str, sim: Simulator, tmp_path: Path, store: Ar
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name="agent")
     try:
-        await until(lambda: agent.outbox is not None and agent.inventory.polls > 0 or task.done(), 30, "agent ready")
+        await until(lambda: (agent.outbox is not None and agent.inventory.polls > 0 and agent.commands is not None
+                             and not agent.commands.behind) or task.done(), 30, "agent ready (commands caught up)")
         assert not task.done(), task.exception()
         yield agent
     finally:

@@ -32,6 +32,7 @@ from runtime.signing import BadSignature, Signer, Verifier, generate_seed
 from services.node.agent import NodeAgent
 from services.node.journal import Journal
 from services.node.settings import NodeSettings
+from services.node.vendor_client import VendorClient
 from services.simulator import Simulator
 from tests.backend_support import publish_recipe, running_backend, seed_fleet
 from tests.node_support import broadcast, connect, recipe, send, until
@@ -316,7 +317,7 @@ async def test_a_node_without_the_backends_public_key_refuses_to_start(nats_serv
     settings = NodeSettings(node_id=NODE, nats_url=nats_server.url, state_dir=tmp_path / "s",
                             artifact_dir=tmp_path / "a")
     journal = Journal(tmp_path / "j.sqlite")
-    agent = NodeAgent(settings, journal, driver=None)  # type: ignore[arg-type]  # never reached
+    agent = NodeAgent(settings, journal, driver=VendorClient("ws://127.0.0.1:1/"))  # never connected
     with pytest.raises(ConfigError, match="no command public key"):
         await agent.run(asyncio.Event())
     assert agent.commands is None

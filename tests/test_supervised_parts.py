@@ -33,7 +33,7 @@ async def kill_and_wait_for_restart(loops: Supervisor, name: str) -> None:
                 f"the {name} loop restarted")
 
 
-@pytest.mark.parametrize("loop", ["outbox", "inventory", "commands"])
+@pytest.mark.parametrize("loop", ["outbox", "inventory", "commands", "journal"])
 async def test_the_node_recovers_when_a_background_loop_dies(
     nats_server: EmbeddedNats, tmp_path: Path, loop: str
 ) -> None:

@@ -143,13 +143,18 @@ async def test_hang_times_out_then_recovers_on_a_new_connection(
     assert await client.shell("SIM0001", "echo warm") == "warm\n"
     opened = client.connections_opened
     sim.hang_device("SIM0001", True)
+    client.drains.grace_s = 0.5
     started = time.monotonic()
     with pytest.raises(VendorTimeout) as info:
         await client.shell("SIM0001", "echo never", timeout_s=0.2)
     elapsed = time.monotonic() - started
     assert 0.2 <= elapsed < 1.5 and info.value.code == "vendor_timeout"
     assert not client.connected
+    # The device drains: the hung connection stays open for the grace period (the phone may still be
+    # executing the command), then it is closed.
+    assert client.drains.is_draining("SIM0001") and sim.open_connections == 1
     await until(lambda: sim.open_connections == 0)  # the hung connection was closed
+    assert not client.drains.is_draining("SIM0001") and client.drains.outcomes["grace_passed"] == 1
 
     sim.hang_device("SIM0001", False)
     assert await client.shell("SIM0001", "echo back") == "back\n"

@@ -35,7 +35,7 @@ from adbutils.errors import AdbError, AdbTimeout
 from contracts.events import DeviceInfo
 from contracts.ids import is_serial
 from contracts.vendor import DeviceMode, check_serial, is_wifi_serial
-from services.node.driver import Key
+from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key
 from services.node.vendor_client import (
     VendorFailure,
     VendorProtocolError,
@@ -53,7 +53,8 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 
 class AdbDriver:
     def __init__(self, host: str = "127.0.0.1", port: int = 5037, *, max_concurrency: int = 20,
-                 request_timeout_s: float = 30.0, start_server: bool = False) -> None:
+                 request_timeout_s: float = 30.0, start_server: bool = False,
+                 drain_grace_s: float = DEFAULT_DRAIN_GRACE_S) -> None:
         self.host = host
         self.port = port
         self.url = f"adb://{host}:{port}"
@@ -63,21 +64,35 @@ class AdbDriver:
         self._start_server = start_server
         self._connected = False
         self._shots = 0
+        # A device whose adb call was abandoned (timeout, cancel) stays busy while its worker thread still runs.
+        self.drains = Drains(drain_grace_s)
 
     @property
     def connected(self) -> bool:
         return self._connected
 
     async def close(self) -> None:
-        """Nothing is held open between calls."""
+        """Nothing is held open between calls (drains are given up)."""
+        await self.drains.close()
 
-    async def _call(self, what: str, fn: Callable[[], T], timeout_s: float | None) -> T:
+    async def _call(self, what: str, fn: Callable[[], T], timeout_s: float | None, serial: str | None = None) -> T:
         limit = timeout_s or self._timeout
+        if serial is not None and self.drains.is_draining(serial):
+            try:
+                limit -= await self.drains.wait(serial, limit)
+            except DeviceBusy as exc:
+                raise VendorTimeout(f"adb {what}: {exc}") from None
         if not self._start_server:
             await self._check_server()
         async with self._limit:
+            worker = asyncio.ensure_future(asyncio.to_thread(fn))
             try:
-                result = await asyncio.wait_for(asyncio.to_thread(fn), limit)
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(worker), limit)
+                except BaseException:
+                    if not worker.done() and serial is not None:
+                        self.drains.start(serial, worker, lambda: None)  # the thread still works on the phone
+                    raise
             except (TimeoutError, AdbTimeout):
                 raise VendorTimeout(f"adb {what}: no answer within {limit:g} s") from None
             except AdbError as exc:
@@ -119,7 +134,8 @@ class AdbDriver:
         check_serial(serial)
         device = self._client.device(serial)
         limit = timeout_s or self._timeout
-        output: str = await self._call("shell", lambda: device.shell(command, timeout=limit), timeout_s)
+        output: str = await self._call("shell", lambda: device.shell(command, timeout=limit), timeout_s,
+                                         serial)
         return output
 
     async def screenshot(self, serial: str, save_dir: Path, *, timeout_s: float | None = None) -> Path:
@@ -127,7 +143,7 @@ class AdbDriver:
         device = self._client.device(serial)
         limit = timeout_s or self._timeout
         data: bytes = await self._call(
-            "screencap", lambda: device.shell("screencap -p", timeout=limit, encoding=None), timeout_s)
+            "screencap", lambda: device.shell("screencap -p", timeout=limit, encoding=None), timeout_s, serial)
         if not data.startswith(_PNG):
             raise VendorProtocolError(f"adb screencap on {serial} returned {len(data)} bytes that are not a PNG")
         self._shots += 1

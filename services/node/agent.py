@@ -13,6 +13,7 @@ from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES
 from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
+from runtime.aio import pause
 from runtime.supervisor import Supervisor
 from services.node.artifacts import ArtifactStore, LocalArtifactStore
 from services.node.commands import CommandConsumer
@@ -35,7 +36,9 @@ class NodeAgent:
         self.settings = settings
         self.journal = journal
         self.driver = driver
-        self.scheduler = Scheduler(settings.slots)
+        # A draining device (an abandoned request may still run on it) gets no new job until the drain ends.
+        self.scheduler = Scheduler(settings.slots, is_draining=driver.drains.is_draining)
+        driver.drains.on_drained = lambda serial: self.dispatch()
         self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.commands: CommandConsumer | None = None
@@ -50,7 +53,7 @@ class NodeAgent:
         self.inventory = Inventory(
             node_id=settings.node_id, driver=driver, scheduler=self.scheduler, journal=journal,
             on_event=self._wake_outbox, on_change=self._inventory_changed,
-            list_timeout_s=settings.inventory_timeout_s,
+            list_timeout_s=settings.inventory_timeout_s, snapshot_s=settings.inventory_snapshot_s,
         )
 
     def _wake_outbox(self) -> None:
@@ -71,8 +74,13 @@ class NodeAgent:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Fill every free slot now (called whenever work arrives or a slot frees)."""
-        if self._stopping:
+        """Fill every free slot now (called whenever work arrives or a slot frees).
+
+        Nothing starts while the command consumer is behind (at start and after a reconnect, until
+        every waiting command was handled): a cancel that arrived meanwhile must win. Its catch-up
+        calls this again when done.
+        """
+        if self._stopping or (self.commands is not None and self.commands.behind):
             return
         for job in self.scheduler.start_all():
             task = asyncio.create_task(self._run_job(job), name=f"job-{job.run_id}-{job.serial}")
@@ -168,6 +176,17 @@ class NodeAgent:
         if self.scheduler.queued:
             log.info("journal recovered", node_id=self.settings.node_id, queued=self.scheduler.queued)
 
+    async def prune_journal(self, stop: asyncio.Event) -> None:
+        """Every `journal_prune_interval_s`, drop finished runs past their age (`Journal.prune`)."""
+        s = self.settings
+        while True:
+            pruned = self.journal.prune(s.journal_max_age_s, s.journal_seen_max_age_s)
+            if pruned.broadcasts or pruned.seen:
+                log.info("journal pruned", node_id=s.node_id, broadcasts=pruned.broadcasts, jobs=pruned.jobs,
+                         seen_forgotten=pruned.seen)
+            if await pause(stop, s.journal_prune_interval_s):
+                return
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -185,17 +204,20 @@ class NodeAgent:
             # Streams and this node's consumer are declared by the backend (the node may not): the
             # command consumer binds to it and retries until it exists.
             self.outbox = Outbox(self.journal, js)
-            self.recover()
+            # From here no job starts until the commands waiting for this node were read (cancel before restart).
             commands = self.commands = CommandConsumer(
-                js, s.node_id, verifier=verifier, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel, nc=nc)
+                js, s.node_id, verifier=verifier, on_broadcast=self.on_broadcast, on_cancel=self.on_cancel, nc=nc,
+                on_caught_up=self.dispatch, catch_up_s=s.command_catch_up_s)
+            self.recover()
             outbox = self.outbox
             async with Supervisor(stop, f"node {s.node_id}") as loops:
+                self.loops = loops
                 loops.start("outbox", lambda: outbox.run(stop))
                 loops.start("inventory", lambda: self.inventory.run(stop, s.inventory_interval_s))
+                loops.start("journal", lambda: self.prune_journal(stop))
                 await self.inventory.poll()  # know the devices before taking work
-                self.dispatch()
+                await commands.catch_up(stop)  # a cancel that arrived while the node was down wins; then dispatch
                 loops.start("commands", lambda: commands.run(stop))
-                self.loops = loops
                 log.info("node agent ready", node_id=s.node_id, slots=s.slots, vendor=s.vendor_url)
                 await stop.wait()
                 self._stopping = True  # no new job starts while the running ones are cancelled

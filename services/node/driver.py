@@ -10,11 +10,21 @@ the same way.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Protocol
 
+import structlog
+
 from contracts.events import DeviceInfo
+from services.node.errors import NodeError
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_DRAIN_GRACE_S = 60.0
 
 
 class Key(enum.StrEnum):
@@ -25,8 +35,86 @@ class Key(enum.StrEnum):
     RECENTS = "recents"
 
 
+class DeviceBusy(NodeError):
+    """A request waited for the device's abandoned request to end and its own time ran out."""
+
+    code = "device_draining"
+
+
+class Drains:
+    """Devices still busy with an abandoned request (a step that timed out or was cancelled).
+
+    When a request to a device is abandoned, the vendor program (or an adb
+    worker thread) may still be executing it on the phone. The device is then
+    *draining* until that request answers or `grace_s` passes: the scheduler
+    does not start the device's next job (`is_draining`), and a request to it
+    (a retry of the same step, say) first waits for the drain (`wait`).
+    `on_drained(serial)` is called when a drain ends, so queued work can start.
+    """
+
+    def __init__(self, grace_s: float = DEFAULT_DRAIN_GRACE_S) -> None:
+        self.grace_s = grace_s
+        self.on_drained: Callable[[str], None] | None = None
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.started = 0
+        self.outcomes: dict[str, int] = {"answered": 0, "grace_passed": 0, "ended": 0}
+
+    def is_draining(self, serial: str) -> bool:
+        return serial in self._tasks
+
+    def start(self, serial: str, pending: Awaitable[object], cleanup: Callable[[], None]) -> None:
+        """Track `pending` (the abandoned request's answer) for `serial`; `cleanup` runs when the drain ends."""
+        self.started += 1
+        log.warning("device draining: an abandoned request may still run on it", device_serial=serial,
+                    grace_s=self.grace_s)
+        self._tasks[serial] = asyncio.get_running_loop().create_task(
+            self._run(serial, pending, cleanup), name=f"drain-{serial}")
+
+    async def _run(self, serial: str, pending: Awaitable[object], cleanup: Callable[[], None]) -> None:
+        started = time.monotonic()
+        outcome = "ended"
+        try:
+            async with asyncio.timeout(self.grace_s):
+                await pending
+            outcome = "answered"
+        except TimeoutError:
+            outcome = "grace_passed"
+        except asyncio.CancelledError:
+            outcome = "ended"
+            raise
+        except Exception:
+            outcome = "ended"  # the connection or worker ended without an answer: the request is over
+        finally:
+            cleanup()
+            if self._tasks.get(serial) is asyncio.current_task():
+                del self._tasks[serial]
+            self.outcomes[outcome] += 1
+            log.info("device drained", device_serial=serial, outcome=outcome,
+                     drained_s=round(time.monotonic() - started, 3))
+            if self.on_drained is not None:
+                self.on_drained(serial)
+
+    async def wait(self, serial: str, timeout_s: float) -> float:
+        """Wait until `serial` is not draining; return the time spent, or raise `DeviceBusy` after `timeout_s`."""
+        task = self._tasks.get(serial)
+        if task is None:
+            return 0.0
+        started = time.monotonic()
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            raise DeviceBusy(f"device {serial} still busy with an abandoned request after {timeout_s:g} s")
+        return time.monotonic() - started
+
+    async def close(self) -> None:
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class DeviceDriver(Protocol):
     url: str
+    drains: Drains
 
     @property
     def connected(self) -> bool: ...

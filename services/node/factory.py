@@ -20,7 +20,8 @@ def build_driver(settings: NodeSettings) -> DeviceDriver:
         from services.node.adb_driver import AdbDriver  # the `adb` extra: not every node PC installs it
 
         return AdbDriver(settings.adb_host, settings.adb_port, max_concurrency=settings.slots,
-                         request_timeout_s=settings.vendor_request_timeout_s)
+                         request_timeout_s=settings.vendor_request_timeout_s,
+                         drain_grace_s=settings.drain_grace_s)
     return VendorClient(
         settings.vendor_url,
         pool_size=settings.vendor_pool_size or settings.slots,
@@ -30,6 +31,7 @@ def build_driver(settings: NodeSettings) -> DeviceDriver:
         ping_interval_s=settings.vendor_ping_interval_s,
         screenshot_wait_s=settings.vendor_screenshot_wait_s,
         connect_retry=True,
+        drain_grace_s=settings.drain_grace_s,
     )
 
 

@@ -2,11 +2,21 @@
 
 An empty `list` is "vendor unavailable" (the program restarts), not "every
 device left": the scheduler keeps its last view and the event says so.
+
+What goes to the fleet (issue 10 item 5): the vendor is polled every
+`inventory_interval_s`, and a small `NodeHeartbeat` is sent each time, but the
+device list (`DeviceInventoryEvent`, about 120 bytes per device) only when it
+changed (a device came, went or changed status/model/name/mode, or the vendor
+became (un)available) and otherwise as a full snapshot every `snapshot_s`, so
+a new aggregator converges and the devices' `last_seen` stays fresh. Keep
+`snapshot_s` below the aggregator's liveness window (`DOAI_LIVENESS_WINDOW_S`,
+60 s), which still reads a device's liveness from its last listing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 import structlog
@@ -26,7 +36,8 @@ VERSION = "0.1.0"
 
 class Inventory:
     def __init__(self, *, node_id: str, driver: DeviceDriver, scheduler: Scheduler, journal: Journal,
-                 on_event: Callable[[], None], on_change: Callable[[], None], list_timeout_s: float = 10.0) -> None:
+                 on_event: Callable[[], None], on_change: Callable[[], None], list_timeout_s: float = 10.0,
+                 snapshot_s: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.node_id = node_id
         self.driver = driver
         self.scheduler = scheduler
@@ -36,6 +47,12 @@ class Inventory:
         self.list_timeout_s = list_timeout_s
         self.vendor_available = False
         self.polls = 0
+        self.snapshot_s = snapshot_s
+        self._clock = clock
+        self._sent: tuple[bool, list[DeviceInfo]] | None = None  # the last device list sent
+        self._sent_at = 0.0
+        self.sent = 0  # inventory events written to the outbox
+        self.unchanged = 0  # polls whose unchanged list was not sent
 
     async def poll(self) -> None:
         devices: list[DeviceInfo]
@@ -57,11 +74,18 @@ class Inventory:
         # Empty or failed list: pause new starts, keep the last view of who is online.
         self.scheduler.set_vendor_available(self.vendor_available)
         self._on_change()
+        self.polls += 1
+        now = self._clock()
+        listed = (self.vendor_available, sorted(devices, key=lambda d: d.serial))
+        if listed == self._sent and now - self._sent_at < self.snapshot_s:
+            self.unchanged += 1
+            return
         self.journal.add_event(DeviceInventoryEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id,
             vendor_available=self.vendor_available, devices=devices,
         ))
-        self.polls += 1
+        self._sent, self._sent_at = listed, now
+        self.sent += 1
         self._on_event()
 
     def heartbeat(self) -> None:

@@ -9,6 +9,7 @@ was started and what still has to be published.
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +72,15 @@ class OutboxRow:
     payload: bytes
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """What one `Journal.prune` removed."""
+
+    broadcasts: int  # payloads emptied (the run id is kept as "seen")
+    jobs: int
+    seen: int  # run ids forgotten
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,6 +88,10 @@ class Journal:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(broadcasts)")}
+        if "received_at" not in columns:  # a journal from before pruning: its rows count as received now
+            self._db.execute("ALTER TABLE broadcasts ADD COLUMN received_at REAL NOT NULL DEFAULT 0")
+            self._db.execute("UPDATE broadcasts SET received_at = ?", (time.time(),))
         self._broadcasts: dict[str, RunBroadcast] = {}
         self._known: set[str] = {row[0] for row in self._db.execute("SELECT serial FROM known_devices")}
 
@@ -105,8 +119,8 @@ class Journal:
         db.execute("BEGIN IMMEDIATE")
         try:
             cur = db.execute(
-                "INSERT OR IGNORE INTO broadcasts (run_id, payload) VALUES (?, ?)",
-                (broadcast.run_id, _encoder.encode(broadcast)),
+                "INSERT OR IGNORE INTO broadcasts (run_id, payload, received_at) VALUES (?, ?, ?)",
+                (broadcast.run_id, _encoder.encode(broadcast), time.time()),
             )
             if cur.rowcount == 0:
                 db.execute("COMMIT")
@@ -142,13 +156,47 @@ class Journal:
         cur = self._db.execute("UPDATE broadcasts SET cancelled = 1 WHERE run_id = ?", (run_id,))
         if cur.rowcount:
             return True
-        self._db.execute("INSERT OR IGNORE INTO broadcasts (run_id, payload, cancelled) VALUES (?, x'', 1)",
-                         (run_id,))
+        self._db.execute("INSERT OR IGNORE INTO broadcasts (run_id, payload, cancelled, received_at)"
+                         " VALUES (?, x'', 1, ?)", (run_id, time.time()))
         return False
 
     def is_cancelled(self, run_id: str) -> bool:
         row = self._db.execute("SELECT cancelled FROM broadcasts WHERE run_id = ?", (run_id,)).fetchone()
         return bool(row and row[0])
+
+    def prune(self, max_age_s: float, seen_max_age_s: float, now: float | None = None) -> Pruned:
+        """Drop finished work older than `max_age_s`; forget run ids older than `seen_max_age_s`.
+
+        A run received more than `max_age_s` ago whose jobs are all finished loses its jobs and its
+        broadcast payload; its run id stays (a "seen" row of a few bytes), so a redelivered broadcast
+        (a recreated consumer redelivers the whole DOAI_CMD stream, kept 7 days) adds nothing. The
+        run id itself is forgotten after `seen_max_age_s`, which must be longer than the stream's
+        max_age. A run with an unfinished job is never touched, and the outbox is never touched here
+        (unsent events leave only when published).
+        """
+        now = time.time() if now is None else now
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            old = [r for (r,) in db.execute(
+                "SELECT run_id FROM broadcasts b WHERE received_at < ? AND (length(payload) > 0 OR EXISTS ("
+                "  SELECT 1 FROM jobs j WHERE j.run_id = b.run_id)) AND NOT EXISTS ("
+                "  SELECT 1 FROM jobs j WHERE j.run_id = b.run_id"
+                "  AND j.state IN ('queued', 'running', 'interrupted'))", (now - max_age_s,))]
+            jobs = 0
+            for run_id in old:
+                jobs += db.execute("DELETE FROM jobs WHERE run_id = ?", (run_id,)).rowcount
+                db.execute("UPDATE broadcasts SET payload = x'' WHERE run_id = ?", (run_id,))
+            seen = db.execute(
+                "DELETE FROM broadcasts WHERE received_at < ? AND length(payload) = 0 AND NOT EXISTS ("
+                "  SELECT 1 FROM jobs j WHERE j.run_id = broadcasts.run_id)", (now - seen_max_age_s,)).rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        for run_id in old:
+            self._broadcasts.pop(run_id, None)
+        return Pruned(broadcasts=len(old), jobs=jobs, seen=seen)
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs still `queued`, `running` or `interrupted`, in arrival order (for recovery after a restart)."""

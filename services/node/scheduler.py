@@ -5,7 +5,8 @@ directly: a device runs at most one job; at most `slots` jobs run; a slot is
 never left idle while an eligible device waits; jobs of one device start in
 arrival order; eligible devices take turns in a fixed rotation.
 
-A device is eligible when it has queued work, is online and is not running,
+A device is eligible when it has queued work, is online, is not running and
+is not draining (an abandoned request may still run on it: `driver.Drains`),
 and the vendor program is available. Until the first inventory arrives every
 device counts as online. While the vendor is unavailable (its `list` failed or
 came back empty) nothing new starts, and nothing is expired either: the last
@@ -26,11 +27,13 @@ from services.node.journal import Job
 
 
 class Scheduler:
-    def __init__(self, slots: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slots: int, *, clock: Callable[[], float] = time.monotonic,
+                 is_draining: Callable[[str], bool] = lambda serial: False) -> None:
         if slots < 1:
             raise ValueError("slots must be at least 1")
         self.slots = slots
         self._clock = clock
+        self._is_draining = is_draining
         self._queues: dict[str, deque[Job]] = {}
         self._rotation: list[str] = []  # devices in order of first appearance
         self._cursor = 0  # where the next round-robin scan starts
@@ -99,7 +102,7 @@ class Scheduler:
 
     def eligible(self, serial: str) -> bool:
         return (self.vendor_available and bool(self._queues.get(serial)) and serial not in self.running
-                and self.is_online(serial))
+                and self.is_online(serial) and not self._is_draining(serial))
 
     def next_job(self) -> Job | None:
         """Start the next job if a slot is free: the first eligible device after the cursor."""

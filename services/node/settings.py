@@ -15,6 +15,7 @@ from msgspec import field
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.ids import is_node_id
 from runtime.config import ConfigError, Settings, env_names
+from runtime.jetstream import STREAM_MAX_AGE_S
 from runtime.signing import SigningKeyError, Verifier
 
 __all__ = ["DEFAULT_PATH_TEMPLATE", "NodeSettings"]
@@ -39,12 +40,27 @@ class NodeSettings(Settings, kw_only=True):
     # How long a screenshot may take to appear (and finish being written) after the program answered.
     vendor_screenshot_wait_s: float = field(default=10.0, name="DOAI_VENDOR_SCREENSHOT_WAIT_S")
     vendor_request_timeout_s: float = field(default=120.0, name="DOAI_VENDOR_REQUEST_TIMEOUT_S")
+    # After a request is abandoned (step timeout or cancel) the device is `draining` (no new job starts on it)
+    # until the old request answers or this grace passes.
+    drain_grace_s: float = field(default=60.0, name="DOAI_DRAIN_GRACE_S")
     # How often the vendor's device list is polled and a heartbeat is sent.
     inventory_interval_s: float = field(default=5.0, name="DOAI_INVENTORY_INTERVAL_S")
+    # The device list is sent when it changes, and unchanged at most this often (a full snapshot); keep it
+    # below the aggregator's DOAI_LIVENESS_WINDOW_S (60 s), which reads device liveness from the last listing.
+    inventory_snapshot_s: float = field(default=30.0, name="DOAI_INVENTORY_SNAPSHOT_S")
     # How long one `list` poll may take (connect retries included) before it counts as "unavailable".
     inventory_timeout_s: float = field(default=10.0, name="DOAI_INVENTORY_TIMEOUT_S")
     # Queued jobs of a device that stays offline this long (while they wait) end `skipped`.
     offline_grace_s: float = field(default=300.0, name="DOAI_OFFLINE_GRACE_S")
+    # At start and after a reconnect, how long the node may spend reading the commands waiting for it
+    # (so a cancel sent while it was down wins) before it starts jobs anyway.
+    command_catch_up_s: float = field(default=30.0, name="DOAI_COMMAND_CATCH_UP_S")
+    # Journal retention: a run whose jobs all finished loses its jobs and broadcast payload after
+    # journal_max_age_s; its run id is kept ("seen") until journal_seen_max_age_s, which must outlast the
+    # DOAI_CMD stream's 7-day max_age (a recreated consumer redelivers the whole stream). Checked hourly.
+    journal_max_age_s: float = field(default=2 * 86400.0, name="DOAI_JOURNAL_MAX_AGE_S")
+    journal_seen_max_age_s: float = field(default=8 * 86400.0, name="DOAI_JOURNAL_SEEN_MAX_AGE_S")
+    journal_prune_interval_s: float = field(default=3600.0, name="DOAI_JOURNAL_PRUNE_INTERVAL_S")
     # A job found `running` after a crash is re-queued (attempt + 1) while attempt < max_attempts, else failed.
     max_attempts: int = field(default=2, name="DOAI_MAX_ATTEMPTS")
     # Vendor reconnect backoff: a request that cannot connect retries from base doubling to max, within its timeout.
@@ -100,9 +116,17 @@ class NodeSettings(Settings, kw_only=True):
         if self.offline_grace_s < 0:
             raise ConfigError(
                 f"DOAI_OFFLINE_GRACE_S (--offline-grace) must not be negative, got {self.offline_grace_s}")
-        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s"):
+        for attr in ("inventory_interval_s", "inventory_timeout_s", "vendor_request_timeout_s", "command_catch_up_s",
+                     "drain_grace_s", "inventory_snapshot_s", "journal_prune_interval_s"):
             if not getattr(self, attr) > 0:
                 raise ConfigError(f"{env_names(NodeSettings)[attr]} must be positive, got {getattr(self, attr)}")
+        if self.journal_seen_max_age_s <= STREAM_MAX_AGE_S:
+            raise ConfigError(f"DOAI_JOURNAL_SEEN_MAX_AGE_S must be longer than the DOAI_CMD stream's max_age "
+                              f"({STREAM_MAX_AGE_S:g} s): a recreated consumer redelivers the whole stream and "
+                              f"only the journal recognises a broadcast already run; got {self.journal_seen_max_age_s}")
+        if not 0 < self.journal_max_age_s <= self.journal_seen_max_age_s:
+            raise ConfigError(f"DOAI_JOURNAL_MAX_AGE_S must be positive and at most DOAI_JOURNAL_SEEN_MAX_AGE_S, "
+                              f"got {self.journal_max_age_s}")
         if self.command_public_key:
             self.command_verifier()  # a key that is set must be usable; an empty one is refused at start
 

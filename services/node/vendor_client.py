@@ -26,7 +26,7 @@ from websockets.protocol import State
 
 from contracts.events import DeviceInfo
 from contracts.vendor import FAILURE, Action, PushEvent, Request, check_serial
-from services.node.driver import Key
+from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key
 from services.node.errors import NodeError
 from services.node.vendor_decode import (
     Reply,
@@ -112,6 +112,7 @@ class VendorClient:
         screenshot_wait_s: float = 10.0,
         ping_interval_s: float | None = 20.0,
         connect_retry: bool = False,
+        drain_grace_s: float = DEFAULT_DRAIN_GRACE_S,
     ) -> None:
         if pool_size < 1:
             raise ValueError("pool_size must be >= 1")
@@ -130,6 +131,9 @@ class VendorClient:
         self.connect_retry = connect_retry
         self._backoff_s = backoff_base_s
         self._slots = asyncio.Semaphore(pool_size)
+        # A device whose request was abandoned (timeout, cancel) stays busy until the old request answers on
+        # its connection, kept open for that, or the grace passes; the connection keeps its pool slot meanwhile.
+        self.drains = Drains(drain_grace_s)
         self._idle: list[ClientConnection] = []
         self._closing: set[asyncio.Task[None]] = set()
         self._closed = False
@@ -150,6 +154,7 @@ class VendorClient:
 
     async def close(self) -> None:
         self._closed = True
+        await self.drains.close()
         idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)
@@ -268,10 +273,31 @@ class VendorClient:
         payload = msgspec.json.encode(Request(action=action, devices=devices, data=data)).decode()
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
 
-        async with self._slots:
-            raw = await self._exchange(payload, action, timeout)
+        if devices is not None and self.drains.is_draining(devices):
+            try:
+                timeout -= await self.drains.wait(devices, timeout)
+            except DeviceBusy as exc:
+                raise VendorTimeout(f"vendor action {action!r}: {exc}") from None
+        await self._slots.acquire()
+        lease = [True]  # the slot is still this request's (a drain takes it over with the connection)
+        try:
+            raw = await self._exchange(payload, action, timeout, devices, lease)
+        finally:
+            if lease[0]:
+                self._slots.release()
         return self._parse(raw, action)
-    async def _exchange(self, payload: str, action: str, limit_s: float) -> str | bytes:
+
+    def _drain(self, conn: ClientConnection, serial: str, lease: list[bool]) -> None:
+        """Keep `conn` (and its pool slot) until the abandoned request answers on it or the grace passes."""
+        lease[0] = False
+
+        def cleanup() -> None:
+            self._discard(conn)
+            self._slots.release()
+
+        self.drains.start(serial, conn.recv(), cleanup)
+    async def _exchange(self, payload: str, action: str, limit_s: float, serial: str | None = None,
+                        lease: list[bool] | None = None) -> str | bytes:
         started = time.monotonic()
         for attempt in (1, 2):
             conn = self._take_idle()
@@ -297,7 +323,10 @@ class VendorClient:
                 async with asyncio.timeout(max(0.0, started + limit_s - time.monotonic())):
                     raw = await conn.recv()
             except TimeoutError:
-                self._discard(conn)
+                if serial is not None and lease is not None:
+                    self._drain(conn, serial, lease)  # the phone may still be executing it
+                else:
+                    self._discard(conn)
                 self._mark_failure()
                 log.warning("vendor request timed out", action=action, timeout_s=limit_s)
                 raise VendorTimeout(
@@ -313,8 +342,11 @@ class VendorClient:
                 ) from exc
             except BaseException:
                 # Cancelled mid-request: the answer may still come, so the connection
-                # cannot be reused.
-                self._discard(conn)
+                # cannot be reused, and the device is busy until it comes (or the grace passes).
+                if serial is not None and lease is not None and not self._closed:
+                    self._drain(conn, serial, lease)
+                else:
+                    self._discard(conn)
                 raise
             self._release(conn)
             self._mark_success()

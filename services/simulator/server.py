@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import os
 import random
@@ -150,6 +151,20 @@ class _Drop:
 
 
 _HANG = _Hang()
+
+
+@dataclass
+class TimedCall:
+    """One request as the simulator handled it: when it arrived and when it ended (answered, dropped, or
+    given up because its connection went away while it hung or was still running)."""
+
+    action: str
+    devices: str | None
+    started: float
+    ended: float | None = None
+
+
+_current_call: contextvars.ContextVar[TimedCall | None] = contextvars.ContextVar("_current_call", default=None)
 _DROP = _Drop()
 
 Outcome = Response | _Hang | _Drop
@@ -247,6 +262,7 @@ class Simulator:
         self.action_counts: Counter[str] = Counter()
         self.max_in_flight_per_connection = 0
         self.calls: list[tuple[str, str | None]] = []
+        self.timeline: list[TimedCall] = []  # every well-formed request with its start and end (time.monotonic)
         self.connections_total = 0
         self.dropped_total = 0
         self.hung_total = 0
@@ -379,6 +395,15 @@ class Simulator:
 
     async def _answer(self, ws: ServerConnection, raw: str | bytes, state: _ConnState) -> bool:
         """Handle one request; False when the connection is finished (dropped or blocked by a hang)."""
+        _current_call.set(None)
+        try:
+            return await self._answer_timed(ws, raw, state)
+        finally:
+            timed = _current_call.get()
+            if timed is not None and timed.ended is None:
+                timed.ended = time.monotonic()
+
+    async def _answer_timed(self, ws: ServerConnection, raw: str | bytes, state: _ConnState) -> bool:
         action, outcome = await self._process(raw)
         if isinstance(outcome, _Drop):
             self.dropped_total += 1
@@ -449,6 +474,9 @@ class Simulator:
         recorded = devices if devices is None or isinstance(devices, str) else json.dumps(devices)
         self.calls.append((action, recorded))
         self.action_counts[action] += 1
+        timed = TimedCall(action, recorded, time.monotonic())
+        self.timeline.append(timed)
+        _current_call.set(timed)
 
         cfg = self.config
         latency = cfg.latency_ms.get(action, cfg.default_latency_ms)
