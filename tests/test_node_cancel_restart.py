@@ -59,7 +59,7 @@ async def test_cancel_sent_while_the_node_is_down_wins_over_its_recovered_jobs(
             await send(js, b)
 
             async def two_running() -> bool:
-                f = fold(await read_events(js, "doai.evt.*.task"))
+                f = fold(await read_events(js, "doai.evt.*.task.*"))
                 return sum(1 for e in f.final.values() if e.state == "running") == 2
 
             await until(two_running, 60, "two tasks running (two slots), two queued", interval_s=0.05)
