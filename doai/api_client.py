@@ -66,26 +66,17 @@ class Api:
     def get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         """GET, retried with a short back-off when the connection fails or drops (GET is idempotent)."""
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        for attempt in range(GET_TRIES):
-            try:
-                resp = self._http.get(path, params=query)
-            except httpx.TransportError as exc:
-                if attempt == GET_TRIES - 1:
-                    raise ApiError(0, "unreachable", f"{self.url}{path}: {exc or type(exc).__name__}") from None
-                time.sleep(0.2 * 2 ** attempt)
-                continue
-            if resp.status_code >= 400:
-                raise _error(resp)
-            return resp.json()
-        raise AssertionError("unreachable")  # pragma: no cover
+        return self._send("GET", path, GET_TRIES, params=query)
 
     def post(self, path: str, body: Any, idempotency_key: str | None = None) -> Any:
         """POST once; with an `Idempotency-Key` a dropped connection is retried (the server replays)."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        tries = GET_TRIES if idempotency_key else 1
+        return self._send("POST", path, GET_TRIES if idempotency_key else 1, json=body, headers=headers)
+
+    def _send(self, method: str, path: str, tries: int, **kwargs: Any) -> Any:
         for attempt in range(tries):
             try:
-                resp = self._http.post(path, json=body, headers=headers)
+                resp = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:
                 if attempt == tries - 1:
                     raise ApiError(0, "unreachable", f"{self.url}{path}: {exc or type(exc).__name__}") from None

@@ -68,3 +68,22 @@ async def migrate(pool: asyncpg.Pool) -> list[int]:
     if applied_now:
         log.info("database migrated", applied=applied_now)
     return applied_now
+
+
+def rows_affected(status: str) -> int:
+    """The row count of a command status such as `DELETE 42`."""
+    return int(status.split()[-1])
+
+
+async def delete_in_batches(pool: asyncpg.Pool, sql: str, keep_s: float, batch: int) -> int:
+    """Run a `DELETE ... LIMIT $2` statement (older than `$1` seconds) until a batch comes back short.
+
+    Retention loops delete in bounded statements so no transaction holds many row locks
+    or blocks the fold for long; returns the rows deleted in all.
+    """
+    total = 0
+    while True:
+        n = rows_affected(await pool.execute(sql, keep_s, batch))
+        total += n
+        if n < batch:
+            return total

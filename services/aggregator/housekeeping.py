@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from runtime import db
 from runtime.aio import pause
 from services.aggregator.fold import DONE, RUN_STATUS
 
@@ -82,10 +83,6 @@ DELETE FROM dead_letters WHERE id < (
 """
 
 
-def _count(status: str) -> int:
-    return int(status.split()[-1])
-
-
 @dataclass
 class SweepResult:
     lost: int = 0
@@ -131,19 +128,14 @@ class Housekeeping:
         return result
 
     async def _drain(self, sql: str, keep_s: float) -> int:
-        total = 0
-        while True:
-            n = _count(await self._pool.execute(sql, keep_s, self.batch))
-            total += n
-            if n < self.batch:
-                return total
+        return await db.delete_in_batches(self._pool, sql, keep_s, self.batch)
 
     async def prune(self) -> dict[str, int]:
         """Delete what is past its retention; returns rows deleted per table."""
         out: dict[str, int] = {}
         out["processed_events"] = await self._drain(_PRUNE_PROCESSED, self.processed_keep_s)
         dead = await self._drain(_PRUNE_DEAD_AGE, self.dead_keep_s)
-        dead += _count(await self._pool.execute(_PRUNE_DEAD_COUNT, self.dead_max_rows))
+        dead += db.rows_affected(await self._pool.execute(_PRUNE_DEAD_COUNT, self.dead_max_rows))
         out["dead_letters"] = dead
         return out
 

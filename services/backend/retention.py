@@ -18,6 +18,7 @@ import asyncio
 import asyncpg
 import structlog
 
+from runtime import db
 from runtime.aio import pause
 
 log = structlog.get_logger(__name__)
@@ -35,10 +36,6 @@ DELETE FROM idempotency_keys WHERE key IN (
 """
 
 
-def _count(status: str) -> int:
-    return int(status.split()[-1])
-
-
 class Retention:
     def __init__(self, pool: asyncpg.Pool, *, outbox_keep_s: float, idempotency_ttl_s: float,
                  every_s: float = 60.0, batch: int = 10_000) -> None:
@@ -49,12 +46,7 @@ class Retention:
         self.batch = batch
 
     async def _drain(self, sql: str, keep_s: float) -> int:
-        total = 0
-        while True:
-            n = _count(await self._pool.execute(sql, keep_s, self.batch))
-            total += n
-            if n < self.batch:
-                return total
+        return await db.delete_in_batches(self._pool, sql, keep_s, self.batch)
 
     async def prune(self) -> dict[str, int]:
         return {"outbox": await self._drain(_PRUNE_OUTBOX, self.outbox_keep_s),
