@@ -42,7 +42,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from doai.embedded import EmbeddedNats
-from services.node.enroll import new_user_seed, public_key_of
+from services.node.enroll import new_user_seed, user_public_key_of
 from tests.backend_support import NODE_SECRET, PARAMS, fleet_of, publish_recipe, run_body, running_backend, seed_fleet
 from tests.conftest import TEST_TOKEN
 
@@ -167,7 +167,7 @@ async def test_api_fuzz_finds_no_server_error_and_no_schema_violation(
         # A node enrolled before the fuzz, so the operator's revoke has a node to revoke.
         async with httpx.AsyncClient(base_url=backend.url, headers={"X-Node-Auth": NODE_SECRET}) as node_api:
             enrolled = await node_api.post("/v1/node/enroll", json={"node_id": "node-9",
-                                                                    "public_key": public_key_of(new_user_seed())})
+                                                                    "public_key": user_public_key_of(new_user_seed())})
             assert enrolled.status_code == 201, enrolled.text
         # Explicit examples that name things which exist, so valid requests also reach real rows.
         known = {"run_id": r.json()["run_id"], "workflow_id": "device-smoke", "version": 1, "node_id": "node-9",

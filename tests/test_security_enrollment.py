@@ -28,7 +28,7 @@ from doai.embedded import EmbeddedNats
 from runtime.nats_auth import NatsTrust, jwt_subject
 from runtime.nats_creds import creds_jwt
 from services.node.agent import run_node
-from services.node.enroll import EnrollmentRefused, enroll, new_user_seed, public_key_of
+from services.node.enroll import EnrollmentRefused, enroll, new_user_seed, user_public_key_of
 from services.node.settings import NodeSettings
 from services.simulator.server import Simulator, SimulatorConfig
 from tests.backend_support import running_backend
@@ -110,7 +110,7 @@ async def test_enroll_run_a_task_then_revoke_without_restarting_nats(
     assert await count(database_url, "SELECT public_key FROM node_identities WHERE node_id = 'node-new'") == key
     # The seed never left the node: the backend stored only the public key. The secret is nowhere.
     seed = creds.read_text().split("-----BEGIN USER NKEY SEED-----")[1].split()[0]
-    assert seed.startswith("SU") and public_key_of(seed) == key
+    assert seed.startswith("SU") and user_public_key_of(seed) == key
     logs = log_file.read_text()
     assert seed not in logs and SECRET not in logs
     assert SECRET not in creds.read_text() and SECRET not in settings.enrollment_path.read_text()
@@ -120,7 +120,7 @@ async def test_enroll_run_a_task_then_revoke_without_restarting_nats(
 
     # Taking over the enrolled id with another key: 409, nothing changed.
     async with httpx.AsyncClient(base_url=system.api_url, headers={"X-Node-Auth": SECRET}) as node_api:
-        other = public_key_of(new_user_seed())
+        other = user_public_key_of(new_user_seed())
         r = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": other})
         assert r.status_code == 409 and r.json()["error"]["code"] == "node_enrolled", r.text
         # Retrying with the same key (a lost answer) gets the same identity again.
@@ -153,7 +153,7 @@ async def test_enroll_run_a_task_then_revoke_without_restarting_nats(
 
     # A revoked id stays out, even with a new key pair and the shared secret (a stolen PC has both),
     # until an operator re-admits it; then it enrolls with a new key only.
-    fresh_key = public_key_of(new_user_seed())
+    fresh_key = user_public_key_of(new_user_seed())
     async with httpx.AsyncClient(base_url=system.api_url, headers={"X-Node-Auth": SECRET}) as node_api:
         reused = await node_api.post("/v1/node/enroll", json={"node_id": "node-new", "public_key": key})
         assert reused.status_code == 409 and reused.json()["error"]["code"] == "key_revoked"
@@ -235,7 +235,7 @@ async def test_with_nats_down_enroll_and_revoke_answer_503_and_record_nothing(
                     ).status_code == 201
             nats_server.stop()
             try:
-                other = public_key_of(new_user_seed())
+                other = user_public_key_of(new_user_seed())
                 r = await api.post("/v1/node/enroll", json={"node_id": "node-late", "public_key": other})
                 assert r.status_code == 503 and r.json()["error"]["code"] == "nats_unavailable", r.text
                 async with backend.client(timeout=60) as client:

@@ -14,7 +14,7 @@ import httpx
 
 from contracts.subjects import CMD_STREAM
 from runtime.jetstream import consumer_names
-from services.node.enroll import new_user_seed, public_key_of
+from services.node.enroll import new_user_seed, user_public_key_of
 from tests.conftest import AuthNats
 from tests.test_security_enrollment import SECRET, count
 
@@ -36,7 +36,7 @@ async def test_two_first_enrollments_of_one_id_leave_one_key(
     async with httpx.AsyncClient(base_url=system.api_url, headers={"X-Node-Auth": SECRET}) as node_api:
         for i in range(10):
             node_id = f"race-{i}"
-            keys = [public_key_of(new_user_seed()), public_key_of(new_user_seed())]
+            keys = [user_public_key_of(new_user_seed()), user_public_key_of(new_user_seed())]
             answers = await asyncio.gather(*(
                 node_api.post("/v1/node/enroll", json={"node_id": node_id, "public_key": k}) for k in keys))
             codes = sorted(r.status_code for r in answers)
@@ -49,7 +49,7 @@ async def test_two_first_enrollments_of_one_id_leave_one_key(
                                node_id) == winner
 
         # The same key raced for two node ids: one 409 (not a 500), one row.
-        key = public_key_of(new_user_seed())
+        key = user_public_key_of(new_user_seed())
         answers = await asyncio.gather(*(
             node_api.post("/v1/node/enroll", json={"node_id": n, "public_key": key}) for n in ("twin-a", "twin-b")))
         assert sorted(r.status_code for r in answers) == [201, 409], [r.text[:200] for r in answers]
@@ -65,7 +65,7 @@ async def test_node_id_with_a_trailing_line_feed_is_refused_at_enrollment(
     refuse the consumer name; it must be a 422 with the path, and nothing recorded or declared."""
     system = await start_system(nodes=0, node_secret=SECRET)
     before = await cmd_consumers(nats_server)
-    key = public_key_of(new_user_seed())
+    key = user_public_key_of(new_user_seed())
     async with httpx.AsyncClient(base_url=system.api_url, headers={"X-Node-Auth": SECRET}) as node_api:
         for bad in ("node-1\n", "node-1\r\n", "\nnode-1"):
             r = await node_api.post("/v1/node/enroll", json={"node_id": bad, "public_key": key})

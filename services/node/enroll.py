@@ -53,7 +53,8 @@ def new_user_seed() -> str:
     return seed.decode()
 
 
-def public_key_of(seed: str) -> str:
+def user_public_key_of(seed: str) -> str:
+    """The NATS user public key (`U…`) of a user seed (`runtime.signing.public_key_of` is the command key)."""
     key: bytes = nkeys.from_seed(seed.encode()).public_key
     return key.decode()
 
@@ -84,7 +85,7 @@ async def enroll(settings: NodeSettings, stop: asyncio.Event | None = None, *,
             f"node {settings.node_id} has no NATS credentials yet: set DOAI_API_URL and NODE_AGENT_SHARED_SECRET "
             "to enroll it, or give a credentials file with --creds (DOAI_NATS_CREDS)")
     seed = new_user_seed()
-    request = api.NodeEnrollRequest(node_id=settings.node_id, public_key=public_key_of(seed))
+    request = api.NodeEnrollRequest(node_id=settings.node_id, public_key=user_public_key_of(seed))
     url = settings.api_url.rstrip("/") + "/v1/node/enroll"
     delay = 0.5
     while True:
