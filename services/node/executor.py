@@ -1,7 +1,9 @@
 """Runs one device's workflow from its first step to its last while the device holds its slot.
 
 Every state change becomes an event recorded in the journal (and so the
-outbox) before the executor goes on. A failing step ends the device's task
+outbox); the executor awaits the journal's commit (`Journal.durable`) before a
+step reaches the device, so what the phone does next is always preceded by
+the committed events about what came before. A failing step ends the device's task
 (unless the step says `on_error: continue`); it never touches other devices.
 """
 
@@ -10,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast
-from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
+from contracts.events import ArtifactEvent, StepEvent, StepState, TaskEvent, TaskState
 from contracts.ids import new_id, utcnow
 from contracts.local_names import local_segment
 from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
@@ -48,43 +50,42 @@ def step_timeout_s(b: RunBroadcast, step: StepBase) -> float:
 
 class Executor:
     def __init__(self, *, node_id: str, journal: Journal, driver: DeviceDriver, store: ArtifactStore,
-                 spool_dir: Path, path_template: str, on_event: Callable[[], None]) -> None:
+                 spool_dir: Path, path_template: str) -> None:
         self.node_id = node_id
         self.journal = journal
         self.driver = driver
         self.store = store
         self.spool_dir = spool_dir
         self.path_template = path_template
-        self._on_event = on_event
 
-    def _record(self, job: Job, state: str | None, make: Callable[[int], Event]) -> None:
+    def task_event(self, job: Job, state: TaskState, error: str | None = None,
+                   failed_step: str | None = None) -> None:
         job.seq += 1
-        self.journal.record(job, state, make(job.seq))
-        self._on_event()
-
-    def task_event(self, job: Job, state: str, error: str | None = None, failed_step: str | None = None) -> None:
-        self._record(job, state, lambda seq: TaskEvent(
+        self.journal.record(job, state, TaskEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
-            device_serial=job.serial, seq=seq, state=state,  # type: ignore[arg-type]
+            device_serial=job.serial, seq=job.seq, state=state,
             attempt=job.attempt, error=error, failed_step=failed_step,
         ))
 
-    def _step_event(self, job: Job, index: int, step_id: str, action: str, state: str,
+    def _step_event(self, job: Job, index: int, step_id: str, action: str, state: StepState,
                     output: str | None = None, error: str | None = None) -> None:
-        self._record(job, None, lambda seq: StepEvent(
+        job.seq += 1
+        self.journal.record(job, None, StepEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
-            device_serial=job.serial, seq=seq, step_id=step_id, index=index, action=action,
-            state=state, output=clip(output), error=error,  # type: ignore[arg-type]
+            device_serial=job.serial, seq=job.seq, step_id=step_id, index=index, action=action,
+            state=state, output=clip(output), error=error,
         ))
 
-    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact, kind: str = "screenshot") -> None:
-        self._record(job, None, lambda seq: ArtifactEvent(
+    def _artifact_event(self, job: Job, step_id: str, a: StoredArtifact,
+                        kind: Literal["screenshot", "failure"] = "screenshot") -> None:
+        job.seq += 1
+        self.journal.record(job, None, ArtifactEvent(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
-            device_serial=job.serial, seq=seq, step_id=step_id, store=a.store, key=a.key,
-            uri=a.uri, bytes=a.bytes, sha256=a.sha256, purpose=kind,  # type: ignore[arg-type]
+            device_serial=job.serial, seq=job.seq, step_id=step_id, store=a.store, key=a.key,
+            uri=a.uri, bytes=a.bytes, sha256=a.sha256, purpose=kind,
         ))
 
-    async def run(self, job: Job, broadcast: RunBroadcast) -> str:
+    async def run(self, job: Job, broadcast: RunBroadcast) -> TaskState:
         """Run the workflow on the job's device; return the task's final state."""
         with bound_contextvars(run_id=job.run_id, node_id=self.node_id, device_serial=job.serial):
             try:
@@ -120,15 +121,17 @@ class Executor:
                     spool.parent.rmdir()  # the run's folder, once no device of it has anything left
             return state
 
-    async def _steps(self, job: Job, b: RunBroadcast, ctx: StepContext) -> tuple[str, str | None, str | None]:
+    async def _steps(self, job: Job, b: RunBroadcast,
+                     ctx: StepContext) -> tuple[TaskState, str | None, str | None]:
         for index, step in enumerate(b.recipe.steps):
             action = type(step).__struct_config__.tag
             assert isinstance(action, str)
             timeout_s = step_timeout_s(b, step)
-            outcome: str = "failed"
+            outcome: Literal["ok", "failed", "timed_out"] = "failed"
             error: str | None = None
             for attempt in range(step.retries + 1):
                 self._step_event(job, index, step.id, action, "started")
+                await self.journal.durable()  # committed (with every event before it) before the device acts
                 log.info("Step started", step_id=step.id, action=action, try_=attempt + 1)
                 try:
                     async with asyncio.timeout(timeout_s):
@@ -158,6 +161,7 @@ class Executor:
                 continue
             ctx.states[step.id] = outcome
             if b.recipe.takes_failure_screenshots:
+                await self.journal.durable()  # the step's failure is committed before the device is touched again
                 # No longer than the step itself had (a hung device must not hold its slot much longer).
                 shot = await failure_screenshot(ctx, step.id, min(timeout_s, b.recipe.timeouts.upload_ms / 1000))
                 if shot is not None:

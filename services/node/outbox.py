@@ -5,7 +5,9 @@ published again after a crash (acked but not yet deleted) is stored once.
 Publishes are pipelined in windows (`publish_async`, acks awaited together
 with a timeout); a failure keeps the rows and retries with backoff, across
 NATS outages and agent restarts. Rows are read in journal order, so a retry
-re-sends the oldest first.
+re-sends the oldest first. Only committed rows are read (the journal's group
+commit wakes the outbox); the deletes of acked rows go into the journal's next
+commit.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class Outbox:
         self._timeout = publish_timeout_s
         self._wake = asyncio.Event()
         self.published = 0
+        journal.on_commit = self.wake  # only committed rows are published: each commit wakes the outbox
 
     def wake(self) -> None:
         self._wake.set()
@@ -57,21 +60,40 @@ class Outbox:
                 self._release_orphans(futures)
                 break
         if futures:
-            _, pending = await asyncio.wait(futures, timeout=self._timeout)
-            for f in pending:
-                f.cancel()
+            await self._settle(futures)
         acked = []
         for r, f in zip(rows, futures, strict=False):
-            if f.done() and not f.cancelled() and f.exception() is None:
+            if not f.cancelled() and f.exception() is None:
                 acked.append(r.id)
             elif error is None:
                 error = TimeoutError("no ack") if f.cancelled() else f.exception()
-        self._journal.outbox_delete(acked)
+        if len(acked) == len(rows):
+            self._journal.outbox_delete_through(rows[0].id, rows[-1].id)
+        else:
+            self._journal.outbox_delete(acked)
         self.published += len(acked)
         failed = len(rows) - len(acked)
         if failed:
             raise RuntimeError(f"{failed} of {len(rows)} events not acked: {error!r}")
         return len(acked)
+
+    async def _settle(self, futures: list[asyncio.Future[Any]]) -> None:
+        """Wait until every ack future is done, at most `publish_timeout_s`; cancel those still pending.
+
+        JetStream acks one connection's publishes in order, so the last future is usually the last to
+        finish: waiting on it alone spares a done-callback per message (then the rest are checked).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        pending = futures[-1:]
+        while pending:
+            _, still = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
+            if still:
+                break
+            pending = [f for f in futures if not f.done()]
+        for f in futures:
+            if not f.done():
+                f.cancel()
 
     def _release_orphans(self, ours: list[asyncio.Future[Any]]) -> None:
         """Cancel the ack future nats-py registered for a publish that then raised.
