@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -23,7 +23,7 @@ from contracts.events import ArtifactEvent, StepEvent, StepState, TaskEvent, Tas
 from contracts.ids import new_id, utcnow
 from contracts.local_names import local_segment
 from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
-from runtime.paths import PathEscape, contained
+from runtime.paths import PathEscape, contained_below
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.journal import Job, Journal
@@ -56,6 +56,7 @@ class Executor:
         self.driver = driver
         self.store = store
         self.spool_dir = spool_dir
+        self._spool_root = spool_dir.resolve()  # resolved once: each task's folder costs two `lstat`s
         self.path_template = path_template
 
     def task_event(self, job: Job, state: TaskState, error: str | None = None,
@@ -89,7 +90,7 @@ class Executor:
         """Run the workflow on the job's device; return the task's final state."""
         with bound_contextvars(run_id=job.run_id, node_id=self.node_id, device_serial=job.serial):
             try:
-                spool = contained(self.spool_dir, job.run_id, local_segment(job.serial))
+                spool = contained_below(self._spool_root, job.run_id, local_segment(job.serial))
             except PathEscape as exc:  # admission refuses such ids; a symlink planted in the spool gets here
                 log.error("Task failed: spool folder outside the spool", error=str(exc))
                 self.task_event(job, "failed", error=f"{exc.code}: {exc}")
@@ -101,28 +102,29 @@ class Executor:
                 spool=spool, path_template=self.path_template,
             )
             self.task_event(job, "running")
-            log.info("Task started", workflow_id=broadcast.workflow_id, attempt=job.attempt)
+            jlog = log.bind()  # one logger for the task (each call on the module's lazy proxy binds anew)
+            jlog.info("Task started", workflow_id=broadcast.workflow_id, attempt=job.attempt)
             try:
-                state, error, failed_step = await self._steps(job, broadcast, ctx)
+                state, error, failed_step = await self._steps(job, broadcast, ctx, jlog)
             except asyncio.CancelledError:
                 if job.cancel_requested:
                     current = asyncio.current_task()
                     if current is not None:
                         current.uncancel()  # handled: the slot is free for the next device
                     self.task_event(job, "cancelled", error="run cancelled")
-                    log.info("Task cancelled")
+                    jlog.info("Task cancelled")
                     return "cancelled"
                 raise  # agent shutting down: the journal keeps it `running` for recovery
             self.task_event(job, state, error=error, failed_step=failed_step)
-            log.info("Task finished", state=state, error=error)
+            jlog.info("Task finished", state=state, error=error)
             if state == "succeeded":
                 with contextlib.suppress(OSError):
                     shutil.rmtree(spool)
                     spool.parent.rmdir()  # the run's folder, once no device of it has anything left
             return state
 
-    async def _steps(self, job: Job, b: RunBroadcast,
-                     ctx: StepContext) -> tuple[TaskState, str | None, str | None]:
+    async def _steps(self, job: Job, b: RunBroadcast, ctx: StepContext,
+                     jlog: Any) -> tuple[TaskState, str | None, str | None]:
         for index, step in enumerate(b.recipe.steps):
             action = type(step).__struct_config__.tag
             assert isinstance(action, str)
@@ -132,7 +134,7 @@ class Executor:
             for attempt in range(step.retries + 1):
                 self._step_event(job, index, step.id, action, "started")
                 await self.journal.durable()  # committed (with every event before it) before the device acts
-                log.info("Step started", step_id=step.id, action=action, try_=attempt + 1)
+                jlog.info("Step started", step_id=step.id, action=action, try_=attempt + 1)
                 try:
                     async with asyncio.timeout(timeout_s):
                         result = await execute(step, ctx, timeout_s)
@@ -144,7 +146,7 @@ class Executor:
                 except ValueError as exc:  # e.g. a serial the driver refuses
                     outcome, error = "failed", f"invalid_request: {exc}"
                 except Exception as exc:  # a driver or store bug: this device fails, the others go on
-                    log.exception("Step raised an unexpected error", step_id=step.id)
+                    jlog.exception("Step raised an unexpected error", step_id=step.id)
                     outcome, error = "failed", f"internal_error: {exc!r:.300}"
                 else:
                     ctx.outputs[step.id] = result.output or ""
@@ -152,11 +154,11 @@ class Executor:
                     if result.artifact is not None:
                         self._artifact_event(job, step.id, result.artifact)
                     self._step_event(job, index, step.id, action, "ok", output=result.output)
-                    log.info("Step ok", step_id=step.id)
+                    jlog.info("Step ok", step_id=step.id)
                     outcome = "ok"
                     break
                 self._step_event(job, index, step.id, action, outcome, error=error)
-                log.warning("Step did not succeed", step_id=step.id, state=outcome, error=error)
+                jlog.warning("Step did not succeed", step_id=step.id, state=outcome, error=error)
             if outcome == "ok":
                 continue
             ctx.states[step.id] = outcome
@@ -166,7 +168,7 @@ class Executor:
                 shot = await failure_screenshot(ctx, step.id, min(timeout_s, b.recipe.timeouts.upload_ms / 1000))
                 if shot is not None:
                     self._artifact_event(job, step.id, shot, kind="failure")
-                    log.info("Failure screenshot stored", step_id=step.id, key=shot.key)
+                    jlog.info("Failure screenshot stored", step_id=step.id, key=shot.key)
             if step.on_error == "continue":
                 continue
             for later_index, later in enumerate(b.recipe.steps[index + 1:], start=index + 1):
