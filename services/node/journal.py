@@ -52,7 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_id   TEXT NOT NULL,
     serial   TEXT NOT NULL,
     ord      INTEGER NOT NULL,
-    state    TEXT NOT NULL,
+    state    TEXT NOT NULL CHECK (state IN ({states})),
     attempt  INTEGER NOT NULL,
     seq      INTEGER NOT NULL,
     PRIMARY KEY (run_id, serial)
@@ -67,21 +67,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_id  TEXT NOT NULL,
     payload   BLOB NOT NULL
 );
-"""
+""".format(states=", ".join(f"'{s}'" for s in get_args(TaskState)))  # older journals: without the CHECK
 
 _encoder = msgspec.json.Encoder()
-_TASK_STATES: frozenset[str] = frozenset(get_args(TaskState))
-
-
-class JournalCorrupt(Exception):
-    """A journal row holds a value no node writes (the file was edited or damaged)."""
-
-
-def task_state(value: str) -> TaskState:
-    """A task state read back from the journal, checked against `TaskState`."""
-    if value not in _TASK_STATES:
-        raise JournalCorrupt(f"unknown task state in the journal: {value!r}")
-    return value  # type: ignore[return-value]
+# What `unfinished_jobs` reads back (its query selects only these), as `TaskState` values.
+_UNFINISHED: dict[str, TaskState] = {"queued": "queued", "running": "running", "interrupted": "interrupted"}
 
 
 @dataclass
@@ -328,7 +318,7 @@ class Journal:
             "SELECT run_id, serial, ord, state, attempt, seq FROM jobs"
             " WHERE state IN ('queued', 'running', 'interrupted') ORDER BY ord"
         ).fetchall()
-        return [Job(run_id, serial, ord_, task_state(state), attempt, seq)
+        return [Job(run_id, serial, ord_, _UNFINISHED[state], attempt, seq)
                 for run_id, serial, ord_, state, attempt, seq in rows]
 
     def record(self, job: Job, state: TaskState | None, event: Event) -> None:
