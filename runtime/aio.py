@@ -64,18 +64,21 @@ async def drain_forever(
     what: str,
     first_backoff_s: float = 0.2,
     max_backoff_s: float = 30.0,
+    batch: int | None = None,
 ) -> None:
-    """Call `once` until it returns 0, then wait for `wake` (or `poll_s`); on errors back off.
+    """Call `once` until it returns 0 (or less than `batch`), then wait for `wake` (or `poll_s`); on errors back off.
 
     The loop of an outbox: whatever `once` did not finish stays where it was and
-    is retried after `first_backoff_s`, doubling up to `max_backoff_s`.
+    is retried after `first_backoff_s`, doubling up to `max_backoff_s`. With
+    `batch`, a call that handled fewer items means it found nothing more (its
+    source sets `wake` for anything added since, as `wake` is cleared first).
     """
     log = structlog.get_logger(__name__)
     backoff = first_backoff_s
     while not stop.is_set():
         wake.clear()
         try:
-            while await once():
+            while (done := await once()) and (batch is None or done >= batch):
                 pass
             backoff = first_backoff_s
         except Exception as exc:

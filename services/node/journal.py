@@ -354,10 +354,13 @@ class Journal:
         return list(map(OutboxRow._make, rows))
 
     def outbox_delete(self, ids: list[int]) -> None:
-        """Remove published rows, in the next commit (a row published twice is stored once: `Nats-Msg-Id`)."""
+        """Remove published rows in the next commit (a row published twice is stored once: `Nats-Msg-Id`).
+
+        No commit of its own is scheduled: the deletes go with the next events, the outbox's next read,
+        or `close`. A crash before then re-publishes those rows, and JetStream drops the duplicates.
+        """
         if ids:
             self._staged_deletes.extend((i, i) for i in ids)
-            self._stage()
 
     def outbox_delete_through(self, first: int, last: int) -> None:
         """Remove every row with `first <= id <= last`, in the next commit: all of one `outbox_batch`, published.
@@ -366,7 +369,6 @@ class Journal:
         (AUTOINCREMENT), so a row added since has a higher id than `last`.
         """
         self._staged_deletes.append((first, last))
-        self._stage()
 
     def outbox_size(self) -> int:
         self.flush()

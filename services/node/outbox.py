@@ -26,11 +26,13 @@ log = structlog.get_logger(__name__)
 
 class Outbox:
     def __init__(self, journal: Journal, js: JetStreamContext, *, window: int = 256,
-                 publish_timeout_s: float = 5.0) -> None:
+                 publish_timeout_s: float = 5.0, linger_s: float = 0.005) -> None:
         self._journal = journal
         self._js = js
         self._window = window
         self._timeout = publish_timeout_s
+        self._linger_s = linger_s
+        self._behind = False  # the last window was full: more is waiting, no linger
         self._wake = asyncio.Event()
         self.published = 0
         journal.on_commit = self.wake  # only committed rows are published: each commit wakes the outbox
@@ -111,10 +113,21 @@ class Outbox:
             if id(future) not in mine and not future.done():
                 future.cancel()
 
+    async def _publish_lingering(self) -> int:
+        """`publish_once`, but after a window that was not full first wait `linger_s` (5 ms), so that the
+        events of the next few loop turns go out together: fewer writes, ack rounds and journal reads."""
+        if self._linger_s and not self._behind:
+            await asyncio.sleep(self._linger_s)
+        self._behind = False
+        done = await self.publish_once()
+        self._behind = done >= self._window
+        return done
+
     async def run(self, stop: asyncio.Event, max_backoff_s: float = 5.0) -> None:
         # A short backoff cap: after a NATS outage the outbox empties within seconds of the reconnect.
-        await drain_forever(self.publish_once, self._wake, stop, poll_s=1.0, what="event publish",
-                            max_backoff_s=max_backoff_s)
+        # A window that was not full took every committed row: the next commit wakes the loop again.
+        await drain_forever(self._publish_lingering, self._wake, stop, poll_s=1.0, what="event publish",
+                            max_backoff_s=max_backoff_s, batch=self._window)
 
     async def drain(self, timeout_s: float) -> bool:
         """Try to publish everything left (at shutdown); return whether the outbox is empty."""
