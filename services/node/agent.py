@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
@@ -89,20 +90,31 @@ class NodeAgent:
             task.add_done_callback(functools.partial(self._job_done, job))
 
     async def _run_job(self, job: Job) -> TaskState:
+        state: TaskState
         try:
-            return await self.executor.run(job, self.journal.broadcast(job.run_id))
+            state = await self.executor.run(job, self.journal.broadcast(job.run_id))
         except Exception as exc:  # a bug must not take the other devices down (fail-soft)
             with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
                 log.exception("Task crashed")
                 self.executor.task_event(job, "failed", error=f"internal_error: {exc!r}")
-            return "failed"
+            state = "failed"
+        # The workflow is over: free its slot now rather than a loop turn later in `_job_done` (which
+        # still runs, and finds nothing left to release).
+        task = asyncio.current_task()
+        if task is not None:
+            self._release(job, task)
+            self.dispatch()
+        return state
 
-    def _job_done(self, job: Job, task: asyncio.Task[TaskState]) -> None:
-        """Give the device and the slot back, then fill the free slots."""
+    def _release(self, job: Job, task: asyncio.Task[Any]) -> None:
         if self.tasks.get(job.serial) is task:
             del self.tasks[job.serial]
         if self.scheduler.running.get(job.serial) is job:
             self.scheduler.finish(job.serial)
+
+    def _job_done(self, job: Job, task: asyncio.Task[TaskState]) -> None:
+        """Give the device and the slot back, then fill the free slots."""
+        self._release(job, task)
         if task.cancelled() and job.cancel_requested and job.state not in TERMINAL_TASK_STATES:
             # Cancelled before the executor could record it (e.g. before its first step).
             with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
