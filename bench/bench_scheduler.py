@@ -130,10 +130,12 @@ async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, sl
     total = devices * runs
     proc = psutil.Process()
     cpu0 = proc.cpu_times()
+    commits0 = journal.commits
     for _ in range(runs):
         await send(js, broadcast(NODE, RECIPE, serials))
     await until(lambda: ends[0] >= total, 600, "every workflow", 0.02)
     cpu1 = proc.cpu_times()
+    commits = journal.commits - commits0
     await nc.close()
     stop.set()
     await runner
@@ -180,6 +182,7 @@ async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, sl
     out(f"| dispatch gap (slot free -> next start) p50 / p99 | {pct(gaps, 50) * 1000:.2f} / "
         f"{pct(gaps, 99) * 1000:.2f} ms |")
     user_ms, system_ms = ((cpu1.user - cpu0.user) * 1000 / total, (cpu1.system - cpu0.system) * 1000 / total)
+    out(f"| journal commits per workflow (group commit; 12 events each) | {commits / total:.2f} |")
     out(f"| agent CPU per workflow | {cpu_ms / total:.2f} ms (user {user_ms:.2f}, system {system_ms:.2f}) |")
 
 
