@@ -125,6 +125,8 @@ class Journal:
         self._waiters: list[asyncio.Future[None]] = []
         self.on_commit: Callable[[], None] | None = None  # called after each commit that added events
         self.commits = 0  # group commits written (figures for benchmarks and tests)
+        self._recorded = 0  # events staged since the journal was opened
+        self._committed = 0  # how many of those are committed (they commit in the order staged)
 
     def close(self) -> None:
         try:
@@ -191,6 +193,7 @@ class Journal:
                     w.set_exception(exc)
             raise
         self._staged_jobs, self._staged_events, self._staged_deletes = {}, [], []
+        self._committed = self._recorded
         self.commits += 1
         for w in waiters:
             if not w.done():  # a waiter cancelled meanwhile (its task was cancelled) needs nothing
@@ -199,13 +202,22 @@ class Journal:
             self.on_commit()
 
     async def durable(self) -> None:
-        """Return once every event recorded so far is committed (at once when none is staged)."""
-        if not (self._staged_jobs or self._staged_events):
+        """Return once every event recorded so far is committed (at once when none is staged).
+
+        The commit of this loop turn's rows is already scheduled (`call_soon`), so yielding once lets it run
+        first and resumes the caller right after it, in the same turn; only if that commit failed (or
+        was not this turn's) does the caller wait for the next one, which raises what it raises.
+        """
+        mine = self._recorded
+        if self._committed >= mine:
             return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
         self._stage()
-        await waiter
+        await asyncio.sleep(0)
+        while self._committed < mine:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._stage()
+            await waiter
 
     # -- devices ------------------------------------------------------------------
 
@@ -336,6 +348,7 @@ class Journal:
 
     def _stage_event(self, event: Event) -> None:
         kind = type(event).__struct_config__.tag
+        self._recorded += 1
         self._staged_events.append(
             (evt_subject(event.node_id, kind, getattr(event, "run_id", None)),  # type: ignore[arg-type]
              event.event_id, _encoder.encode(event)))
