@@ -185,7 +185,8 @@ class Journal:
                     db.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", deletes)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # a failed COMMIT may have rolled back already
+                    db.execute("ROLLBACK")
                 raise
         except BaseException as exc:
             for w in waiters:
