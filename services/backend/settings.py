@@ -77,6 +77,9 @@ class BackendSettings(Settings):
     # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
     # at creation when a param the template uses is missing or not a plain path segment.
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # At most this many node identities enrolled (not revoked): the shared secret lets anyone who holds it
+    # add nodes, so a leaked secret cannot mint NATS identities without bound.
+    max_nodes: int = field(default=1000, name="DOAI_MAX_NODES")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
     # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
@@ -120,6 +123,8 @@ class BackendSettings(Settings):
         for node, slots in self.node_slots.items():
             if slots < 1:
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
+        if not 1 <= self.max_nodes <= 1_000_000:
+            raise ConfigError(f"DOAI_MAX_NODES must be between 1 and 1000000, got {self.max_nodes}")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
         try:
