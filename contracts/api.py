@@ -13,7 +13,7 @@ from msgspec import UNSET, Meta, Struct, UnsetType, field
 
 from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
-from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
+from contracts.recipe_model import MAX_INT, MIN_INT, ParamName, StepId
 from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN
 
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]

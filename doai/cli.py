@@ -229,7 +229,7 @@ def cmd_vendor_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     bad = 0
     for name in args.paths:
@@ -252,7 +252,7 @@ def cmd_recipes_publish(args: argparse.Namespace) -> int:
     """Validate each file here, then publish it through the API (every fault with its path)."""
     import httpx
 
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     token = os.environ.get("DOAI_API_TOKEN", "").split(",")[0].strip()
     if not token:

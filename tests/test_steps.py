@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from contracts import recipe as dsl
+from contracts import recipe_model as dsl
 from contracts.local_names import local_path
 from services.node.artifacts import ArtifactError, LocalArtifactStore, StoredArtifact, render_key
 from services.node.settings import DEFAULT_PATH_TEMPLATE

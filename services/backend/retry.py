@@ -14,7 +14,7 @@ import asyncpg
 import msgspec
 
 from contracts.api import DeviceRef, RunCreate, RunRetry, Targets
-from contracts.recipe import default_step_timeout
+from contracts.recipe_model import default_step_timeout
 from contracts.text import clip
 from services.backend import runs, workflows
 from services.backend.errors import ApiError

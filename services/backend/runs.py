@@ -37,16 +37,15 @@ from contracts.api import (
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.artifact_path import check_params as check_path_params
 from contracts.commands import RunBroadcast, RunCancel
-from contracts.recipe import (
+from contracts.recipe_check import (
     Fault,
-    Recipe,
     RecipeInvalid,
-    Upload,
     check_assert_patterns,
     check_int_params,
     resolve_step_timeouts,
     validate_params,
 )
+from contracts.recipe_model import Recipe, Upload
 from contracts.subjects import cmd_subject
 from contracts.text import clip
 from services.backend import targets as targeting

@@ -32,14 +32,14 @@ import msgspec
 
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.ids import WORKFLOW_ID_PATTERN, is_run_id, is_serial
-from contracts.recipe import (
-    Recipe,
+from contracts.recipe_check import (
     RecipeInvalid,
     check_assert_patterns,
     resolve_step_timeouts,
     validate_params,
     validate_recipe,
 )
+from contracts.recipe_model import Recipe
 
 MAX_DEVICES: Final = 10_000
 _WORKFLOW_ID: Final = re.compile(WORKFLOW_ID_PATTERN)

@@ -20,7 +20,7 @@ from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
 from contracts.local_names import local_segment
-from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
+from contracts.recipe_model import StepBase, default_step_timeout, step_timeout_bounds
 from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver

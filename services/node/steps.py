@@ -16,9 +16,10 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from contracts import recipe as dsl
+from contracts import recipe_model as dsl
 from contracts.patterns import PatternError
 from contracts.patterns import search as pattern_search
+from contracts.recipe_check import resolve_int
 from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver, Key
@@ -57,7 +58,7 @@ class StepContext:
     def ints(self, step: dsl.StepBase) -> list[int]:
         """The step's integer fields in declaration order, `{{param}}` placeholders filled in and checked."""
         try:
-            return [dsl.resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
+            return [resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
         except ValueError as exc:
             raise StepError("invalid_param", f"step {step.id!r}: {exc}") from None
 
