@@ -551,8 +551,7 @@ async def test_upload_gives_up_before_its_timeout_and_keeps_the_spool_copy(
 async def test_upload_does_not_retry_an_error_marked_not_retryable(
     vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
 ) -> None:
-    refused = ArtifactError("bucket does not exist")
-    refused.retryable = False  # type: ignore[attr-defined]
+    refused = ArtifactError("bucket does not exist", retryable=False)
     once = ScriptedStore(store, [refused])
     ctx = make_ctx(vendor, store, tmp_path)
     ctx.store = once

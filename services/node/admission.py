@@ -40,18 +40,18 @@ from contracts.recipe_check import (
     validate_recipe,
 )
 from contracts.recipe_model import Recipe
+from services.node.errors import NodeError
 
 MAX_DEVICES: Final = 10_000
 _WORKFLOW_ID: Final = re.compile(WORKFLOW_ID_PATTERN)
 _INTEGER: Final = re.compile(r"-?[0-9]{1,19}")
 
 
-class Refused(Exception):
+class Refused(NodeError):
     """A command the node will not act on; `code` names the rule, the message says what was wrong."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message[:600])
-        self.code = code
+        super().__init__(message[:600], code=code)
 
 
 def shown(value: str) -> str:
