@@ -15,8 +15,12 @@ from typing import Any
 
 import httpx
 
-FINAL_TASK_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
-FINISHED_RUN_STATES = frozenset({"completed", "cancelled"})
+from contracts.api import FINISHED_RUN_STATUSES, RunOutcome, RunStatus
+from contracts.events import RecordedTaskState
+
+# What `doai runs watch` counts as done (as the run summary's `not_succeeded` does, `interrupted` too).
+FINAL_TASK_STATES: frozenset[RecordedTaskState] = frozenset(
+    {"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
 GET_TRIES = 4
 
 
@@ -98,7 +102,7 @@ class Api:
         result: dict[str, Any] = self.post("/v1/runs", body, idempotency_key)
         return result
 
-    def list_runs(self, status: str | None = None, workflow_id: str | None = None,
+    def list_runs(self, status: RunStatus | None = None, workflow_id: str | None = None,
                   limit: int = 20) -> list[dict[str, Any]]:
         page = self.get("/v1/runs", {"status": status, "workflow_id": workflow_id, "limit": limit})
         runs: list[dict[str, Any]] = page["runs"]
@@ -108,7 +112,7 @@ class Api:
         result: dict[str, Any] = self.get(f"/v1/runs/{run_id}")
         return result
 
-    def tasks(self, run_id: str, state: str | None = None, node_id: str | None = None,
+    def tasks(self, run_id: str, state: RecordedTaskState | None = None, node_id: str | None = None,
               serial: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """The run's tasks (paged endpoint when the API has it, else the run document's inline list)."""
         try:
@@ -135,6 +139,7 @@ class Api:
         return result
 
     def retry(self, run_id: str, states: list[str], idempotency_key: str | None = None) -> dict[str, Any]:
+        """`states` as the operator typed them: the API checks them (422 names a state that is not one)."""
         result: dict[str, Any] = self.post(f"/v1/runs/{run_id}/retry", {"states": states}, idempotency_key)
         return result
 
@@ -154,18 +159,18 @@ class Progress:
 
     run_id: str
     workflow: str
-    status: str
-    outcome: str | None  # succeeded / failed / cancelled once finished, else None
+    status: RunStatus
+    outcome: RunOutcome | None  # succeeded / failed / cancelled once finished, else None
     targets: int
-    counts: dict[str, int]
-    nodes: dict[str, dict[str, int]] = field(default_factory=dict)
+    counts: dict[RecordedTaskState, int]
+    nodes: dict[str, dict[RecordedTaskState, int]] = field(default_factory=dict)
     started: datetime | None = None
     finished_at: datetime | None = None
     parent_run_id: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED_RUN_STATES
+        return self.status in FINISHED_RUN_STATUSES
 
     @property
     def done(self) -> int:
@@ -199,17 +204,17 @@ class Progress:
 
 
 def progress(run: dict[str, Any]) -> Progress:
-    counts: dict[str, int] = dict(run.get("counts") or {})
+    counts: dict[RecordedTaskState, int] = dict(run.get("counts") or {})
     targets = int(run.get("targets") or sum(counts.values()))
-    nodes: dict[str, dict[str, int]] = {}
+    nodes: dict[str, dict[RecordedTaskState, int]] = {}
     if isinstance(run.get("nodes"), list):  # summary shape: counts per node
         nodes = {n["node_id"]: dict(n["counts"]) for n in run["nodes"]}
     for t in run.get("tasks") or []:  # inline tasks (older shape)
         per = nodes.setdefault(t["node_id"], {})
         per[t["state"]] = per.get(t["state"], 0) + 1
-    status = str(run["status"])
-    outcome = run.get("outcome")
-    if outcome is None and status in FINISHED_RUN_STATES:
+    status: RunStatus = run["status"]
+    outcome: RunOutcome | None = run.get("outcome")
+    if outcome is None and status in FINISHED_RUN_STATUSES:
         outcome = ("cancelled" if status == "cancelled"
                    else "succeeded" if counts.get("succeeded", 0) == targets else "failed")
     timings = run.get("timings") or {}

@@ -15,6 +15,7 @@ from runtime.aio import Stopped
 from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
 from runtime.stopping import install_stop_handlers
+from services.node.errors import NodeError
 
 
 def _config_error(name: str, exc: ConfigError) -> int:
@@ -49,7 +50,8 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 def _startup_errors() -> tuple[type[BaseException], ...]:
     """What a part raises when a server cannot be reached: shown as one line, not a traceback."""
     # ConfigError: a setting only checked at start (the node's command public key, which enrollment may fill).
-    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ConfigError)
+    # NodeError: the node's deliberate errors, e.g. the backend refused its enrollment.
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ConfigError, NodeError)
     try:
         import asyncpg  # only the server parts install it
     except ImportError:
@@ -229,7 +231,7 @@ def cmd_vendor_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     bad = 0
     for name in args.paths:
@@ -252,7 +254,7 @@ def cmd_recipes_publish(args: argparse.Namespace) -> int:
     """Validate each file here, then publish it through the API (every fault with its path)."""
     import httpx
 
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     token = os.environ.get("DOAI_API_TOKEN", "").split(",")[0].strip()
     if not token:

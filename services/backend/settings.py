@@ -14,7 +14,7 @@ from typing import ClassVar
 from msgspec import field
 
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
-from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
+from contracts.recipe_model import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from contracts.subjects import CMD_STREAM, EVT_STREAM
 from runtime.config import ConfigError, Settings
 from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
