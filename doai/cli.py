@@ -87,9 +87,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         port_given=args.port is not None,
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
         node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None, workers=args.workers,
+        sim_latency_ms=args.sim_latency_ms, screen_latency_ms=args.screen_latency_ms,
     )
-    if not 0 <= args.workers <= 256 or args.nodes < 0 or args.devices < 0:
-        sys.stderr.write("doai up: --workers must be between 0 and 256, --nodes and --devices not negative\n")
+    if not 0 <= args.workers <= 256 or min(args.nodes, args.devices, args.sim_latency_ms, args.screen_latency_ms) < 0:
+        sys.stderr.write("doai up: --workers must be between 0 and 256; --nodes, --devices and latencies "
+                         "not negative\n")
         return 2
     # The console shows what an operator needs; every log line goes to a JSON file (`-v`: also to stderr).
     log_path = Path(os.environ.get("DOAI_LOG_FILE") or opts.home / "logs" / "doai.jsonl")
@@ -323,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=int, default=0,
                     help="worker processes hosting the nodes and their simulators, so a large fleet uses every "
                          "core (default 0: all in this process; a dead worker is restarted)")
+    up.add_argument("--sim-latency-ms", type=float, default=20.0,
+                    help="simulated phones: milliseconds each vendor request takes (default 20)")
+    up.add_argument("--screen-latency-ms", type=float, default=300.0,
+                    help="simulated phones: milliseconds a screenshot takes (default 300)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=None,
                     help="API port (default: the last one of this DOAI_HOME, else 8000; another free one if busy)")

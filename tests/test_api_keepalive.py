@@ -23,7 +23,7 @@ import pytest
 from doai.api_client import Api, RetryingTransport
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = {"run_id": "11111111-1111-1111-1111-111111111111", "workflow_id": "w", "workflow_version": 1,
+RUN: dict[str, object] = {"run_id": "11111111-1111-1111-1111-111111111111", "workflow_id": "w", "workflow_version": 1,
        "status": "completed", "outcome": "succeeded", "targets": 1, "counts": {"succeeded": 1}}
 
 
@@ -109,7 +109,7 @@ def test_the_cli_client_retries_a_get_on_a_dropped_keep_alive_connection(server:
 
 def test_doai_runs_watch_shows_no_traceback_when_the_api_drops_connections(server: KeepAliveDropper) -> None:
     env = {**os.environ, "DOAI_API_URL": server.url, "DOAI_API_TOKEN": "t"}
-    res = subprocess.run([sys.executable, "-m", "doai.cli", "runs", "watch", RUN["run_id"], "--interval", "0.05"],
+    res = subprocess.run([sys.executable, "-m", "doai.cli", "runs", "watch", str(RUN["run_id"]), "--interval", "0.05"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Traceback" not in res.stdout + res.stderr
@@ -119,7 +119,7 @@ def test_doai_runs_show_is_one_line_when_the_api_stays_unreachable() -> None:
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
     env = {**os.environ, "DOAI_API_URL": f"http://127.0.0.1:{port}", "DOAI_API_TOKEN": "t"}
-    res = subprocess.run([sys.executable, "-m", "doai.cli", "runs", "show", RUN["run_id"]],
+    res = subprocess.run([sys.executable, "-m", "doai.cli", "runs", "show", str(RUN["run_id"])],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 2 and "Traceback" not in res.stderr and "unreachable" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
