@@ -243,6 +243,8 @@ async def start_up(args: argparse.Namespace, home: Path) -> tuple[subprocess.Pop
            "--screen-latency-ms", str(args.screen_latency_ms)]
     env = {k: v for k, v in os.environ.items() if k not in {"NATS_URL", "DATABASE_URL", "DOAI_API_TOKEN",
                                                              "DOAI_LOG_FILE"}}
+    if args.profile:
+        env["DOAI_WORKER_PROFILE_DIR"] = str(home)  # each worker writes worker-<k>.pstats there at its end
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: ASYNC220
                             text=True)
     assert proc.stdout is not None
@@ -282,6 +284,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             result["startup_s"] = time.monotonic() - t0
             if online < expected:
                 raise SystemExit(f"only {online} of {expected} devices came online")
+            # A node lists its devices before it has read the commands waiting for it (it starts jobs only
+            # after 1 s without one): let the last nodes finish that, so the run measures a running fleet.
+            await asyncio.sleep(args.settle_s)
             pool = await asyncpg.create_pool(found["pg"], min_size=1, max_size=2)
             visible: dict[str, float] = {}
             stop = asyncio.Event()
@@ -455,10 +460,44 @@ def main() -> None:
     parser.add_argument("--screen-latency-ms", type=float, default=3000.0, help="per screenshot (default 3000)")
     parser.add_argument("--poll-s", type=float, default=0.1, help="the visibility poller's interval")
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the workers (cProfile: slower) and print where their CPU went")
+    parser.add_argument("--settle-s", type=float, default=5.0,
+                        help="seconds between every phone online and the run (nodes finish their start-up)")
     args = parser.parse_args()
     configure_logging(level="warning")
     result = asyncio.run(bench(args))
     report(args, result)
+    if args.profile:
+        profile_split(Path(result["home"]))
+
+
+def profile_split(home: Path) -> None:
+    """The workers' CPU by part (simulator, node, NATS client, websockets, SQLite, logging), from cProfile."""
+    import pstats
+
+    files = sorted(home.glob("worker-*.pstats"))
+    if not files:
+        out("  (no worker profiles found)")
+        return
+    stats = pstats.Stats(*(str(f) for f in files))
+    own: dict[str, float] = defaultdict(float)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    for (filename, _, _), (_, _, tottime, _, _) in raw.items():
+        name = filename.replace("\\", "/")
+        part = ("simulator" if "services/simulator" in name else "node agent" if "services/node" in name
+                else "contracts/runtime" if "/contracts/" in name or "/runtime/" in name
+                else "websockets" if "websockets" in name else "nats-py" if "/nats/" in name
+                else "structlog/logging" if "structlog" in name or "/logging/" in name
+                else "msgspec/json" if "msgspec" in name or "json" in name
+                else "asyncio/selectors" if "asyncio" in name or "selectors" in name
+                else "sqlite3" if "sqlite" in name else "builtins/C" if filename == "~" else "other")
+        own[part] += tottime
+    total = sum(own.values()) or 1.0
+    out(f"  worker CPU by code (cProfile own time, {total:.1f} s in {len(files)} workers; profiling slows them):")
+    for part, seconds in sorted(own.items(), key=lambda kv: -kv[1]):
+        out(f"    {part:<20} {seconds:7.1f} s  {seconds / total:5.1%}")
+    stats.sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":
