@@ -55,7 +55,7 @@ import msgspec  # noqa: E402
 import nats  # noqa: E402
 import psutil  # noqa: E402
 
-from contracts.events import Event, TaskEvent  # noqa: E402
+from contracts.events import Event, StepEvent, TaskEvent  # noqa: E402
 from doai.api_client import RetryingTransport  # noqa: E402
 from doai.up import DEMO_PARAMS, wait_for_devices  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
@@ -292,6 +292,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stop = asyncio.Event()
             await asyncio.to_thread(sampler.sample)
             cpu_before = sampler.cpu()
+            machine_before = psutil.cpu_times()
             watchers = [asyncio.create_task(poll_visible(pool, visible, stop, args.poll_s)),
                         asyncio.create_task(sample_parts(sampler, stop))]
             created_wall = time.time()
@@ -313,6 +314,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             stop.set()
             await asyncio.gather(*watchers)
             cpu_after = sampler.cpu()
+            machine_after = psutil.cpu_times()
+            idle = (machine_after.idle - machine_before.idle) + (
+                getattr(machine_after, "iowait", 0.0) - getattr(machine_before, "iowait", 0.0))
+            total = sum(machine_after) - sum(machine_before)
+            result["machine_busy"] = 1.0 - idle / total if total > 0 else float("nan")
             result["run"] = run
             result["cpu"] = {p: cpu_after[p] - cpu_before.get(p, 0.0) for p in PARTS}
             result["rss"] = dict(sampler.peak_rss)
@@ -382,6 +388,17 @@ def analyse(args: argparse.Namespace, created_wall: float, rows: list[Any], even
             peak = max(peak, level)
         max_running[node] = peak
     r["device_overlaps"] = device_overlap
+    # How long a device request took as the node saw it (step running -> its end), against the simulator's latency.
+    step_start: dict[tuple[str, str, str], float] = {}
+    step_took: dict[str, list[float]] = defaultdict(list)
+    for ev, _ in events:
+        if isinstance(ev, StepEvent):
+            key3 = (ev.node_id, ev.device_serial, ev.step_id)
+            if ev.state == "started":
+                step_start[key3] = ev.ts.timestamp()
+            elif key3 in step_start:
+                step_took[ev.action].append(ev.ts.timestamp() - step_start[key3])
+    r["step_took"] = {a: (pct(v, 50), pct(v, 99)) for a, v in step_took.items()}
     r["max_running_per_node"] = max(max_running.values()) if max_running else 0
     r["nodes_over_slots"] = sum(1 for v in max_running.values() if v > args.slots)
     # Event published (JetStream timestamp) -> visible in PostgreSQL.
@@ -431,9 +448,15 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> None:
         f"polled every {args.poll_s:g} s: p50 {r['visible_high_p50_s']:.3f} s, p99 {r['visible_high_p99_s']:.3f} s "
         f"(target p99 < 1 s)")
     out(f"  events folded: peak {r['peak_events_per_s']}/s, mean {r['mean_events_per_s']:.0f}/s over the run")
-    out(f"  CPU during the run: {cpu_total:.1f} s of {r['makespan_s'] * cores:.1f} core-seconds "
-        f"({busy:.0%} of this machine, which other work shares)"
-        + ("  -> device time, not CPU, sets the pace" if busy < 0.8 else "  -> the CPU is near saturation"))
+    machine = r["machine_busy"]
+    out(f"  CPU during the run: doai's parts {cpu_total:.1f} s of {r['makespan_s'] * cores:.1f} core-seconds "
+        f"({busy:.0%} of this machine); the whole machine was {machine:.0%} busy (other work shares it)"
+        + ("  -> device time, not CPU, sets the pace" if machine < 0.8 else "  -> the CPU was saturated: "
+           "CPU, not device time, set the pace"))
+    took = r["step_took"]
+    out("  a step as the node saw it (p50 / p99 s; the phone takes " + f"{args.latency_ms / 1000:g} s per request, "
+        f"{args.screen_latency_ms / 1000:g} s per screenshot): "
+        + ", ".join(f"{a} {v[0]:.2f} / {v[1]:.2f}" for a, v in sorted(took.items())))
     for part in PARTS:
         out(f"    {part:<32} CPU {r['cpu'][part]:7.1f} s   peak RSS {r['rss'][part] / 2**20:7.0f} MiB")
     out(f"  checks: {r['rows']} tasks, states {r['states']}, attempts > 1: {r['attempts_over_1']}  "
