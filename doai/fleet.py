@@ -141,6 +141,7 @@ async def _serve_worker(spec: NodeHostSpec) -> int:
             ready = {"pid": os.getpid(), "worker": spec.worker, "devices": devices}
             sys.stdout.buffer.write(READY + msgspec.json.encode(ready) + b"\n")
             sys.stdout.buffer.flush()
+            _quiet_stdout()  # the parent reads no further: a full pipe must never block this process
             log.info("worker ready", worker=spec.worker, nodes=len(devices))
     except LoopFailed as exc:
         log.error("worker stopping: a node failed", worker=spec.worker, failure=str(exc))
@@ -151,6 +152,15 @@ async def _serve_worker(spec: NodeHostSpec) -> int:
         restore()
     log.info("worker stopped", worker=spec.worker)
     return code
+
+
+def _quiet_stdout() -> None:
+    """Point stdout (the file descriptor too, for C code) at the null device."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
 
 
 def worker_main() -> int:
