@@ -7,6 +7,7 @@ the server or a proxy closed); POSTs are not, except through an `Idempotency-Key
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,43 @@ from contracts.events import RecordedTaskState
 FINAL_TASK_STATES: frozenset[RecordedTaskState] = frozenset(
     {"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
 GET_TRIES = 4
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def may_retry(request: httpx.Request, exc: httpx.TransportError) -> bool:
+    """Whether `request` may be sent again after `exc`.
+
+    A request that never left (the connection could not be opened) always may; one that may have
+    reached the server (the connection dropped: a keep-alive connection the server or a proxy closed,
+    `RemoteProtocolError: Server disconnected without sending a response`) only when it is
+    idempotent: GET and friends, or a POST with an `Idempotency-Key` (the API replays the answer).
+    """
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return True
+    return request.method in IDEMPOTENT_METHODS or "Idempotency-Key" in request.headers
+
+
+class RetryingTransport(httpx.AsyncBaseTransport):
+    """An async transport that sends a request again (short back-off) when `may_retry` allows it."""
+
+    def __init__(self, tries: int = GET_TRIES, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.tries = tries
+        self.inner = inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(self.tries):
+            try:
+                return await self.inner.handle_async_request(request)
+            except httpx.TransportError as exc:
+                if attempt == self.tries - 1 or not may_retry(request, exc):
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class ApiError(Exception):
@@ -88,7 +126,11 @@ class Api:
                 continue
             if resp.status_code >= 400:
                 raise _error(resp)
-            return resp.json()
+            try:
+                return resp.json()
+            except ValueError:  # e.g. a proxy's HTML page: one clear line, not a traceback
+                raise ApiError(resp.status_code, "bad_answer",
+                               f"{self.url}{path}: not JSON: {resp.text[:200]!r}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- resources ---------------------------------------------------------------

@@ -40,7 +40,7 @@ def _out() -> Console:
 
 
 def _err(message: str) -> int:
-    Console(stderr=True, highlight=False).print(f"[red]doai runs:[/red] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]doai runs:[/red] {message}", markup=True)
     return EXIT_ERROR
 
 
