@@ -88,16 +88,20 @@ def our_server(pid: int, program: str, folder: Path) -> float | None:
         return None
 
 
-def stop_stale_nats(store_dir: Path, pid_file: Path) -> None:
-    """A nats-server of an earlier, killed run on this store (its pid file says which) is stopped first."""
+def stop_stale_nats(store_dir: Path, pid_file: Path) -> int | None:
+    """A nats-server of an earlier, killed run on this store (its pid file says which) is stopped first.
+
+    Returns its pid when there was one.
+    """
     pid = _pid_in(pid_file)
     if pid is None:
-        return
+        return None
     created = our_server(pid, "nats-server", store_dir)
     if created is not None:
         outcome = stop_process(Guarded("stale nats-server", pid, created, grace_s=5.0))
         log.warning("stale nats-server of an earlier run stopped", pid=pid, store=str(store_dir), outcome=outcome)
     pid_file.unlink(missing_ok=True)
+    return pid if created is not None else None
 
 
 def nats_server_binary() -> str:
@@ -133,6 +137,7 @@ class EmbeddedNats:
         # the child is guarded by `watchdog` (default: this process's shared watchdog).
         self.fallback_port = fallback_port
         self.port_note: str | None = None
+        self.stale_note: str | None = None
         self.watchdog = watchdog
 
     @property
@@ -156,7 +161,9 @@ class EmbeddedNats:
 
     def start(self, timeout_s: float = 15.0) -> None:
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        stop_stale_nats(self.store_dir, self.pid_file)
+        stale = stop_stale_nats(self.store_dir, self.pid_file)
+        if stale is not None:
+            self.stale_note = f"stopped a nats-server (pid {stale}) left running by an earlier, killed start"
         if self.fallback_port and not port_free("127.0.0.1", self.port):
             wanted, self.port = self.port, free_port()
             self.port_note = f"NATS port {wanted} is busy: using {self.port}"
@@ -243,6 +250,7 @@ class EmbeddedPostgres:
         self.password_file = password_file or self.data_dir.parent / f"{self.data_dir.name}.password"
         self.fallback_port = fallback_port
         self.port_note: str | None = None
+        self.stale_note: str | None = None
         self.watchdog = watchdog
         self.pid: int | None = None
         self._created = 0.0
@@ -309,6 +317,7 @@ class EmbeddedPostgres:
         outcome = stop_process(self._guard(pid, created))
         log.warning("stale postgresql of an earlier run stopped", pid=pid, data_dir=str(self.data_dir),
                     outcome=outcome)
+        self.stale_note = f"stopped a PostgreSQL (pid {pid}) left running by an earlier, killed start"
 
     def _guard(self, pid: int, created: float) -> Guarded:
         if sys.platform == "win32":  # no signals there: pg_ctl asks the server to stop

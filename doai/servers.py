@@ -142,7 +142,8 @@ async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
             assert nats_url is not None and database_url is not None
             ports = {**saved, **({"nats_port": nats.port} if nats else {}), **({"pg_port": pg.port} if pg else {})}
             await asyncio.to_thread(servers_state_path(home).write_text, json.dumps(ports), "utf-8")
-            notes = tuple(n for n in (nats.port_note if nats else None, pg.port_note if pg else None) if n)
+            notes = tuple(n for server in (nats, pg) if server is not None
+                          for n in (server.stale_note, server.port_note) if n)
             yield Infra(nats_url, database_url, embedded=True, nats_auth_dir=auth_dir, nats_ca=nats_ca,
                         pg_tcp_url=pg.tcp_url if pg else None, pg_pgpass=pg.pgpass_file if pg else None,
                         notes=notes, watchdog=watchdog)

@@ -179,6 +179,8 @@ def test_a_killed_doai_up_leaves_no_server_and_the_next_start_keeps_every_addres
     assert {third.nats_server().pid, third.postgres().pid}.isdisjoint({p.pid for p in stale})
     log = (home / "logs" / "doai.jsonl").read_text()
     assert "stale nats-server of an earlier run stopped" in log and "stale postgresql of an earlier run stopped" in log
+    assert f"stopped a nats-server (pid {stale[0].pid}) left running by an earlier, killed start" in third.text()
+    assert f"stopped a PostgreSQL (pid {stale[1].pid}) left running" in third.text()
 
     # 4. A second `doai up` on a home in use is refused, and touches nothing of the running one.
     running = [third.nats_server(), third.postgres(), third.watchdog()]
