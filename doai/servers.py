@@ -88,7 +88,10 @@ def hold_home(home: Path) -> Iterator[None]:
 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = path.read_text(encoding="utf-8", errors="replace").strip() or "?"
+            try:
+                holder = path.read_text(encoding="utf-8", errors="replace").strip() or "?"
+            except OSError:  # Windows: the locked byte cannot be read either
+                holder = "?"
             raise EmbeddedError(f"another doai up (pid {holder}) is using {home}: stop it first, "
                                 "or use another --home") from None
         os.ftruncate(fd, 0)

@@ -143,8 +143,8 @@ class Watchdog:
     def start(cls, timeout_s: float = 15.0) -> Watchdog:
         """Start the watchdog process; returns once it answered (it guards nothing yet)."""
         kwargs: dict[str, Any] = {}
-        if sys.platform == "win32":
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
+        if sys.platform == "win32":  # no Ctrl-C, and no console whose closing would end it before the parent
+            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW
         else:
             kwargs["start_new_session"] = True
         proc = subprocess.Popen([sys.executable, "-m", "runtime.watchdog"], stdin=subprocess.PIPE,
