@@ -349,7 +349,10 @@ class EmbeddedPostgres:
         lines = ["# written by doai at every start (doai/embedded.py)"]
         if sys.platform != "win32":
             lines.append("local all all trust")
-        lines += [f"host all postgres 127.0.0.1/32 {method}", f"host all postgres ::1/128 {method}", ""]
+        # Any role with a password (e.g. a read-only role for Grafana, infra/postgres/10-grafana-readonly.sh);
+        # trust only on Windows while the password is being set, and only for `postgres`.
+        who = "postgres" if trust_tcp else "all"
+        lines += [f"host all {who} 127.0.0.1/32 {method}", f"host all {who} ::1/128 {method}", ""]
         path = self.data_dir / "pg_hba.conf"
         path.write_text("\n".join(lines), encoding="utf-8")
         self._give(path)
