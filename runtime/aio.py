@@ -61,10 +61,13 @@ async def finish_unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event, gr
     stopper = asyncio.ensure_future(stop.wait())
     try:
         await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace_s)
+    except BaseException:  # we were cancelled (a supervisor killing the loop): the attempt goes with us
+        task.cancel()
+        raise
     finally:
         stopper.cancel()
-    if not task.done():
-        await asyncio.wait({task}, timeout=grace_s)
     if task.done():
         return task.result()
     task.cancel()
