@@ -358,12 +358,14 @@ async def up(opts: UpOptions) -> int:
                 await asyncio.to_thread(save_console_state, opts.home, token, httpx.URL(system.api_url).port or port)
                 say(f"doai is up: API {system.api_url}  (token: {token})")
                 say(f"  NATS {infra.nats_url}")
-                if infra.embedded and "host=/" in infra.database_url:
-                    # The embedded PostgreSQL listens on a Unix socket only: psql takes this URI; Grafana needs
-                    # a TCP address (use an external PostgreSQL through DATABASE_URL for it).
-                    say(f"  PostgreSQL (Unix socket, no TCP port): psql '{infra.database_url}'")
+                if infra.pg_tcp_url is not None:
+                    # The embedded PostgreSQL's TCP address for psql and Grafana; its password stays in the file.
+                    say(f"  PostgreSQL {infra.pg_tcp_url}  (psql: PGPASSFILE={infra.pg_pgpass} psql "
+                        f"{infra.pg_tcp_url}; password in {opts.home / 'keys' / 'postgres.password'})")
                 else:
                     say("  PostgreSQL from DATABASE_URL")
+                for note in infra.notes:
+                    say(f"  {note}")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
@@ -380,6 +382,7 @@ async def up(opts: UpOptions) -> int:
                     return 0 if ok else 1
                 say("press Ctrl-C to stop")
                 await stop.wait()
+                say("stopping: the parts, then the embedded servers (a few seconds at most)")
                 failures = system.failures()
         except ComponentFailed as exc:
             failures = [str(exc)]

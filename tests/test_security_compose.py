@@ -46,7 +46,9 @@ def psql() -> str:
 async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(database_url: str) -> None:
     parts = urlsplit(database_url)
     dbname = parts.path.lstrip("/")
-    host = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("host") or parts.hostname or ""
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    host = query.get("host") or parts.hostname or ""
+    port = query.get("port") or parts.port  # a Unix-socket URI names its port in the query (?host=DIR&port=N)
     owner = parts.username or "postgres"
     pool = await db.create_pool(database_url)
     try:
@@ -55,8 +57,8 @@ async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(data
         await pool.close()
     env = {**os.environ, "POSTGRES_USER": owner, "POSTGRES_DB": dbname, "GRAFANA_PG_PASSWORD": "ro-pass-123",
            "PGHOST": host, "PATH": f"{Path(psql()).parent}:{os.environ.get('PATH', '')}"}
-    if parts.port:
-        env["PGPORT"] = str(parts.port)
+    if port:
+        env["PGPORT"] = str(port)
     if parts.password:
         env["PGPASSWORD"] = parts.password
     admin = await asyncpg.connect(database_url)

@@ -49,7 +49,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         finally:
             await jetstream.close(nc)
     finally:
-        await pool.close()
+        await db.close_pool(pool)
 
 
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
