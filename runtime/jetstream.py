@@ -13,6 +13,12 @@ table) and retries it with backoff, so nothing a sender was told is stored is
 ever dropped before `max_age`. The backend owns the limits
 (`BackendSettings.stream_limits()`, from `DOAI_{CMD,EVT}_MAX_*`; see
 docs/architecture.md "Streams"); other parts only create a missing stream.
+
+On a NATS cluster the backend declares both streams with `DOAI_NATS_REPLICAS`
+replicas (3 on a 3-server cluster, docs/scaling.md); durable consumers take
+their stream's replica count. Every client takes a comma-separated list of
+server URLs (`NATS_URL=nats://a:4222,nats://b:4222,nats://c:4222`) and
+reconnects to another server when the one it uses goes away.
 """
 
 from __future__ import annotations
@@ -67,9 +73,12 @@ STREAM_MAX_AGE_S = 7 * DAY_S
 
 @dataclass(frozen=True)
 class StreamLimits:
+    """A stream's limits, and how many servers of a cluster keep a copy (`replicas`, 1 on one server)."""
+
     max_bytes: int
     max_msgs: int
     max_msg_size: int
+    replicas: int = 1
 
 
 # The server's `max_file_store` (infra/nats/nats-server.conf: 8 GB) must hold both streams' max_bytes.
@@ -95,16 +104,25 @@ def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[Stream
             max_msg_size=limits[name].max_msg_size,
             duplicate_window=DUPLICATE_WINDOW_S,
             discard=DiscardPolicy.NEW,
+            num_replicas=limits[name].replicas,
         )
         for name, subjects in ((CMD_STREAM, CMD_SUBJECTS), (EVT_STREAM, EVT_SUBJECTS))
     ]
+
+
+def server_urls(url: str) -> list[str]:
+    """The server URLs of a `NATS_URL`: one URL, or several separated by commas (a cluster)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no NATS server URL given")
+    return urls
 
 
 def tls_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext | None:
     """The TLS context for `url`: verify the server against `ca_file` (or the system's CAs for tls://)."""
     if ca_file:
         return ssl.create_default_context(cafile=str(ca_file))
-    if url.startswith("tls://"):
+    if any(u.startswith("tls://") for u in server_urls(url)):
         return ssl.create_default_context()
     return None
 
@@ -114,6 +132,8 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
                   ca_file: str | Path | None = None) -> NATS:
     """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default).
 
+    `url`: one server, or a comma-separated list of a cluster's servers (nats-py tries them in a
+    random order, and on a disconnect reconnects to another one);
     `creds`: the identity's `.creds` file (user JWT + nkey seed); `inbox_prefix`: the
     prefix the identity may receive replies on (its permissions allow nothing else);
     `ca_file`: verify the server's TLS certificate against this CA (use a `tls://` URL).
@@ -147,7 +167,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
     if tls is not None:
         options["tls"] = tls
     nc: NATS = await unless_stopped(nats.connect(
-        url,
+        server_urls(url),
         name=name,
         **options,
         max_reconnect_attempts=-1,

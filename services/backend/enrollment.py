@@ -157,15 +157,23 @@ class Enrollment:
         async def quiet(exc: Exception) -> None:  # the failure is raised below, once
             pass
 
-        try:
-            # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
-            nc = await asyncio.wait_for(nats.connect(
-                self._nats_url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
-                max_reconnect_attempts=0, error_cb=quiet,
-                user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
-        except Exception as exc:
+        # On a cluster any one server will do: every server's `full` resolver answers the update, and a
+        # server that was down then gets it from the others when it rejoins. So try each in turn.
+        nc = None
+        failures = []
+        for url in jetstream.server_urls(self._nats_url):
+            try:
+                # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
+                nc = await asyncio.wait_for(nats.connect(
+                    url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
+                    max_reconnect_attempts=0, error_cb=quiet,
+                    user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
+                break
+            except Exception as exc:
+                failures.append(f"{url}: {exc!r}")
+        if nc is None:
             raise ApiError(503, "nats_unavailable",
-                           f"cannot reach nats-server to update the account: {exc!r}") from None
+                           f"cannot reach nats-server to update the account: {'; '.join(failures)}")
         try:
             await push_account_jwt(nc, token)
         except Exception as exc:

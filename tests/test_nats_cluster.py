@@ -1,0 +1,231 @@
+"""The whole system on a 3-server NATS cluster (`doai.nats_cluster`) losing the server that leads DOAI_EVT.
+
+Real nats-servers (three, routed on loopback, decentralized auth), real
+PostgreSQL, three node agents with their simulators. Mid-run the server that
+leads the event stream is SIGKILLed: the run must still complete with every
+task succeeded once, every event of the run stored once in the stream and
+folded once into PostgreSQL. Then the server comes back on the same store
+and must catch up (its replicas current, the same messages as the leader).
+
+A node revoked while one server is down is refused by every server, the
+restarted one included (the `full` resolver of every server gets the update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import msgspec
+import nats
+import pytest
+import structlog
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamInfo
+
+from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
+from doai.nats_cluster import ClusterMember, NatsCluster
+from doai.servers import Infra
+from doai.up import UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
+from runtime.nats_auth import NatsTrust, inbox_prefix
+from tests.aggregator_support import consumer_settled
+from tests.conftest import TEST_TOKEN, creds_file
+from tests.signing_support import TEST_SIGNING_SEED
+from tests.test_e2e import wait_completed
+
+NODES = 3
+DEVICES = 6
+SLOTS = 2  # three waves per node: the run is still going when the leader dies
+STEPS = 10  # device-smoke
+log = structlog.get_logger(__name__)
+PARAMS = {"url": "https://example.org/cluster", "youtubeVideoId": "vid_CLUSTER"}
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path, log_file: Path, nats_trust: NatsTrust) -> Any:
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+async def admin(cluster: NatsCluster, servers: list[str] | None = None, **extra: Any) -> NATS:
+    nc: NATS = await nats.connect(servers or cluster.urls, user_credentials=str(creds_file("admin")),
+                                  inbox_prefix=inbox_prefix("admin"), max_reconnect_attempts=-1,
+                                  reconnect_time_wait=0.2, **extra)
+    return nc
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = await check()
+        except Exception as exc:  # a leader election under way: JetStream answers 503 or times out
+            value, last = None, repr(exc)
+        else:
+            last = repr(value)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s (last: {last})"
+        await asyncio.sleep(0.2)
+
+
+def member(cluster: NatsCluster, name: str) -> ClusterMember:
+    [found] = [m for m in cluster.members if m.name == name]
+    return found
+
+
+def all_current(info: Any, size: int) -> bool:
+    """The leader and every other replica present, current and without lag."""
+    c = info.cluster
+    return (c is not None and c.leader is not None and len(c.replicas or []) == size - 1
+            and all(r.current and not r.offline and not r.lag for r in c.replicas or []))
+
+
+async def server_stream_state(cluster: NatsCluster, one: ClusterMember) -> dict[str, tuple[int, int]]:
+    """{stream: (messages, last_seq)} as that one server holds it (its own JSZ, over the system account)."""
+    nc = await nats.connect(one.url, user_credentials=str(cluster.trust.creds_path("sys-user")),
+                            allow_reconnect=False)
+    try:
+        server_id = nc._server_info["server_id"]
+        reply = await nc.request(f"$SYS.REQ.SERVER.{server_id}.JSZ",
+                                 json.dumps({"accounts": True, "streams": True}).encode(), timeout=3)
+        data = json.loads(reply.data)["data"]
+        return {s["name"]: (s["state"]["messages"], s["state"]["last_seq"])
+                for a in data.get("account_details", []) for s in a.get("stream_detail", [])}
+    finally:
+        await nc.close()
+
+
+async def run_events(nc: NATS, run_id: str) -> list[str]:
+    """The event_id of every message of this run in DOAI_EVT, in stream order (duplicates kept)."""
+    js = nc.jetstream()
+    info = await js.stream_info(EVT_STREAM, subjects_filter=f"doai.evt.*.*.{run_id}")
+    expected = sum((info.state.subjects or {}).values())
+    sub = await js.pull_subscribe(f"doai.evt.*.*.{run_id}", stream=EVT_STREAM)
+    ids: list[str] = []
+    try:
+        while len(ids) < expected:
+            for msg in await sub.fetch(min(256, expected - len(ids)), timeout=5):
+                ids.append(msgspec.json.decode(msg.data)["event_id"])
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return ids
+
+
+@pytest.fixture
+async def cluster_system(nats_cluster: NatsCluster, database_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    opts = UpOptions(home=tmp_path / "home", nodes=NODES, devices=DEVICES, slots=SLOTS, sim_latency_ms=60.0,
+                     screen_latency_ms=200.0, inventory_interval_s=0.5, command_signing_seed=TEST_SIGNING_SEED)
+    infra = Infra(nats_cluster.url, database_url, embedded=False, nats_auth_dir=nats_cluster.trust.dir,
+                  nats_replicas=nats_cluster.replicas)
+    async with running_system(opts, infra, TEST_TOKEN, port=0) as system:
+        async with system.client() as client:
+            await publish_recipes(client)
+            online = await wait_for_devices(client, fleet_devices(system.sims), timeout_s=30)
+        assert online == NODES * DEVICES
+        yield system
+
+
+async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_server_catches_up(
+    nats_cluster: NatsCluster, cluster_system: Any, database_url: str
+) -> None:
+    system = cluster_system
+    total = NODES * DEVICES
+    nc = await admin(nats_cluster)
+    try:
+        js = nc.jetstream()
+        # Streams and every durable consumer are replicated on all three servers.
+        for stream in (CMD_STREAM, EVT_STREAM):
+            info: StreamInfo = await js.stream_info(stream)
+            assert info.config.num_replicas == 3 and all_current(info, 3), info.cluster
+        for stream, durable in [(EVT_STREAM, AGGREGATOR_DURABLE),
+                                *[(CMD_STREAM, node_durable(f"node-{i}")) for i in range(1, NODES + 1)]]:
+            consumer = await js.consumer_info(stream, durable)
+            assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2, (durable,
+                                                                                             consumer.cluster)
+
+        async with system.client() as client:
+            r = await client.post("/v1/runs", json={"workflow_id": "device-smoke", "params": PARAMS,
+                                                     "targets": {"all_online": True}})
+            assert r.status_code == 201, r.text
+            run_id = r.json()["run_id"]
+
+            async def some_done() -> bool:
+                counts = (await client.get(f"/v1/runs/{run_id}")).json()["counts"]
+                return 0 < counts.get("succeeded", 0) < total // 2
+
+            await poll(some_done, 30, "the first tasks of the run succeeded")
+            leader = (await js.stream_info(EVT_STREAM)).cluster.leader  # type: ignore[union-attr]
+            assert leader is not None
+            victim = member(nats_cluster, leader)
+            await asyncio.to_thread(victim.kill)
+            killed_at = time.monotonic()
+            done_before_kill = (await client.get(f"/v1/runs/{run_id}")).json()["counts"].get("succeeded", 0)
+            assert done_before_kill < total, "the run ended before the leader was killed: nothing was tested"
+
+            async def new_leader() -> str | None:
+                name = (await js.stream_info(EVT_STREAM)).cluster.leader  # type: ignore[union-attr]
+                return name if name not in (None, leader) else None
+
+            elected = await poll(new_leader, 30, "a new DOAI_EVT leader")
+            run = await wait_completed(client, run_id, timeout_s=45)
+            log.info("cluster test: DOAI_EVT leader killed mid-run", killed=leader, elected=elected,
+                     succeeded_before_kill=done_before_kill, tasks=total,
+                     completed_after_kill_s=round(time.monotonic() - killed_at, 1))
+
+        # REST: every task succeeded, once.
+        assert run["status"] == "completed" and run["outcome"] == "succeeded", run
+        assert run["counts"] == {"succeeded": total}
+        assert len(run["task_rows"]) == total
+        assert all(t["state"] == "succeeded" and t["attempt"] == 1 for t in run["task_rows"])
+
+        # The stream holds every event of the run once (Nats-Msg-Id dedup held across the leader change) and
+        # the aggregator folded every one of them, once.
+        await poll(lambda: consumer_settled(js), 30, "the aggregator acked every event")
+        stream_ids = await run_events(nc, run_id)
+        assert len(stream_ids) == len(set(stream_ids)), "an event of the run is stored twice"
+        conn = await asyncpg.connect(database_url)
+        try:
+            folded = {r["event_id"] for r in await conn.fetch(
+                "SELECT event_id FROM processed_events WHERE event_id = ANY($1::text[])", stream_ids)}
+            tasks = await conn.fetch("SELECT state, attempt FROM run_tasks WHERE run_id = $1", run_id)
+            steps = await conn.fetchval("SELECT count(*) FROM step_results WHERE run_id = $1 AND state = 'ok'",
+                                        run_id)
+            artifacts = await conn.fetchval("SELECT count(*) FROM artifacts WHERE run_id = $1", run_id)
+            dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+        finally:
+            await conn.close()
+        assert folded == set(stream_ids)
+        assert len(tasks) == total and {(t["state"], t["attempt"]) for t in tasks} == {("succeeded", 1)}
+        assert steps == total * STEPS and artifacts == total and dead == 0
+
+        # The killed server comes back on its store and catches up: every replica current, its own copy of
+        # both streams equal to the leader's.
+        await asyncio.to_thread(victim.start)
+
+        async def caught_up() -> bool:
+            for stream in (CMD_STREAM, EVT_STREAM):
+                info = await js.stream_info(stream)
+                if not all_current(info, 3):
+                    return False
+            if not all_current(await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE), 3):
+                return False
+            mine = await server_stream_state(nats_cluster, victim)
+            for stream in (CMD_STREAM, EVT_STREAM):
+                state = (await js.stream_info(stream)).state
+                if mine.get(stream) != (state.messages, state.last_seq):
+                    return False
+            return True
+
+        await poll(caught_up, 30, f"{victim.name} caught up")
+    finally:
+        await nc.close()
+
