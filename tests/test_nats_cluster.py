@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import msgspec
 import nats
 import pytest
@@ -28,12 +29,15 @@ import structlog
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamInfo
 
-from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
+from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable, node_inbox_prefix
 from doai.nats_cluster import ClusterMember, NatsCluster
 from doai.servers import Infra
 from doai.up import UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
 from runtime.nats_auth import NatsTrust, inbox_prefix
+from runtime.nats_creds import format_creds, write_secret
+from services.node.enroll import new_user_seed, user_public_key_of
 from tests.aggregator_support import consumer_settled
+from tests.backend_support import NODE_SECRET, running_backend
 from tests.conftest import TEST_TOKEN, creds_file
 from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
@@ -229,3 +233,51 @@ async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_ser
     finally:
         await nc.close()
 
+
+
+async def node_connects(url: str, creds: Path, node_id: str) -> bool:
+    """Whether that one server accepts these node credentials (refused: authorization violation)."""
+    try:
+        nc = await nats.connect(url, user_credentials=str(creds), inbox_prefix=node_inbox_prefix(node_id),
+                                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    except Exception as exc:
+        assert "authorization violation" in str(exc).lower(), exc
+        return False
+    await nc.close()
+    return True
+
+
+async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_once_it_is_back(
+    nats_cluster: NatsCluster, database_url: str, tmp_path: Path
+) -> None:
+    down = nats_cluster.members[0]  # the first URL of NATS_URL: the backend's push must go to another
+    others = nats_cluster.members[1:]
+    async with running_backend(database_url, nats_cluster.url, stream_replicas=3) as backend:
+        seed = new_user_seed()
+        async with httpx.AsyncClient(base_url=backend.url, headers={"X-Node-Auth": NODE_SECRET}) as node_api:
+            r = await node_api.post("/v1/node/enroll", json={"node_id": "node-r", "public_key":
+                                                              user_public_key_of(seed)})
+            assert r.status_code == 201, r.text
+        creds = tmp_path / "node-r.creds"
+        write_secret(creds, format_creds(r.json()["user_jwt"], seed))
+        other = creds_file("node", "node-other")
+        for m in nats_cluster.members:
+            assert await node_connects(m.url, creds, "node-r"), m.name
+
+        await asyncio.to_thread(down.kill)
+        async with backend.client() as client:
+            r = await client.post("/v1/nodes/node-r/revoke")
+            assert r.status_code == 200, r.text
+        for m in others:  # the update reached every running server at once
+            assert not await node_connects(m.url, creds, "node-r"), m.name
+            assert await node_connects(m.url, other, "node-other"), m.name
+
+        # The server that missed the update restarts with its old account JWT and gets the new one from the
+        # others (the resolver's sync): the revoked node is refused there too, everyone else still admitted.
+        await asyncio.to_thread(down.start)
+
+        async def refused_on_restarted() -> bool:
+            return not await node_connects(down.url, creds, "node-r")
+
+        await poll(refused_on_restarted, 20, f"{down.name} refusing the node revoked while it was down")
+        assert await node_connects(down.url, other, "node-other")
