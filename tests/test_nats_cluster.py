@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import stat
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -30,11 +32,16 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamInfo
 
 from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable, node_inbox_prefix
+from doai.cli import build_parser
+from doai.embedded import free_port, nats_server_binary
 from doai.nats_cluster import ClusterMember, NatsCluster
-from doai.servers import Infra
+from doai.servers import Infra, infrastructure
 from doai.up import UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
+from runtime import jetstream
+from runtime.config import ConfigError, load_settings
 from runtime.nats_auth import NatsTrust, inbox_prefix
 from runtime.nats_creds import format_creds, write_secret
+from services.backend.settings import BackendSettings
 from services.node.enroll import new_user_seed, user_public_key_of
 from tests.aggregator_support import consumer_settled
 from tests.backend_support import NODE_SECRET, running_backend
@@ -281,3 +288,67 @@ async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_
 
         await poll(refused_on_restarted, 20, f"{down.name} refusing the node revoked while it was down")
         assert await node_connects(down.url, other, "node-other")
+
+
+def test_replicas_and_server_lists_are_settings_with_clear_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://a:4222, nats://b:4222,,nats://c:4222",
+                "DOAI_API_TOKEN": "t", "NODE_AGENT_SHARED_SECRET": "s" * 32,
+                "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED, "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
+    settings = load_settings(BackendSettings, {**required, "DOAI_NATS_REPLICAS": "3"})
+    assert {limits.replicas for limits in settings.stream_limits().values()} == {3}
+    assert {c.num_replicas for c in jetstream.stream_configs(settings.stream_limits())} == {3}
+    assert {limits.replicas for limits in load_settings(BackendSettings, required).stream_limits().values()} == {1}
+    assert jetstream.server_urls(settings.nats_url) == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+    for bad in ("0", "6", "three"):
+        with pytest.raises(ConfigError, match="DOAI_NATS_REPLICAS"):
+            load_settings(BackendSettings, {**required, "DOAI_NATS_REPLICAS": bad})
+    with pytest.raises(ValueError, match="no NATS server URL"):
+        jetstream.server_urls(" , ")
+    # `doai up`: a cluster needs 3 servers, and is not started when NATS_URL names servers already.
+    assert build_parser().parse_args(["up", "--nats-cluster", "3"]).nats_cluster == 3
+    for size in ("2", "1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["up", "--nats-cluster", size])
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
+    monkeypatch.setenv("DOAI_NATS_AUTH_DIR", "/nonexistent")
+
+    async def start() -> None:
+        async with infrastructure(Path("/nonexistent"), nats_cluster=3):
+            raise AssertionError("started")
+
+    with pytest.raises(ConfigError, match="NATS_URL is set"):
+        asyncio.run(start())
+
+
+def rogue_route(route: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """A nats-server of no trust at all that dials `route` (a local process trying to join the cluster)."""
+    return subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(free_port()), "--cluster",
+                             f"nats://127.0.0.1:{free_port()}", "--cluster_name", "doai", "--routes", route,
+                             "-l", str(log_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_the_embedded_cluster_refuses_a_route_without_its_password(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """A local process dialing a route with a wrong password is refused: it never becomes a route."""
+    first = nats_cluster.members[0]
+    assert stat.S_IMODE(first.store_dir.stat().st_mode) == 0o700  # the config with the password is in here
+    rogue_log = tmp_path / "rogue.log"
+    rogue = rogue_route(f"nats-route://doai-route:wrong@127.0.0.1:{first.route_port}", rogue_log)
+    try:
+        async def refused() -> bool:
+            return rogue_log.exists() and "authorization violation" in rogue_log.read_text().lower()
+
+        await poll(refused, 20, "the rogue route refused")
+        nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
+                                allow_reconnect=False)
+        try:
+            reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
+        finally:
+            await nc.close()
+        routes = json.loads(reply.data)["data"].get("routes") or []
+        assert {r.get("remote_name") for r in routes} == {m.name for m in nats_cluster.members[1:]}
+    finally:
+        rogue.kill()
+        rogue.wait()
