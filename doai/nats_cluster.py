@@ -29,6 +29,7 @@ from typing import Any
 
 import nats
 import structlog
+from nats.aio.client import Client as NATS
 
 from doai.embedded import EmbeddedError, EmbeddedNats, free_port
 from runtime.jetstream import tls_context
@@ -131,39 +132,68 @@ class NatsCluster:
         log.info("embedded nats cluster ready", urls=self.url, store=str(self.store_dir))
 
     async def wait_ready(self, timeout_s: float = 30.0) -> None:
-        """Poll `$JS.API.INFO` (as the backend) until the JetStream meta group has elected a leader."""
+        """Wait until every server sees the same JetStream meta leader, which sees every other server
+        current, and JetStream answers the backend (`$JS.API.INFO`): then a 3-replica stream can be
+        placed. (Right after the leader is elected, a stream create can still fail with "no suitable
+        peers for placement".)"""
         deadline = time.monotonic() + timeout_s
         last = "no answer yet"
+        while time.monotonic() < deadline:
+            try:
+                not_ready = await self._not_ready()
+            except Exception as exc:
+                not_ready = repr(exc)
+            if not_ready is None:
+                return
+            last = not_ready
+            await asyncio.sleep(0.2)
+        raise EmbeddedError(f"the NATS cluster at {self.url} did not form within {timeout_s:g} s: {last}")
+
+    async def _connect(self, urls: list[str], role: str) -> NATS:
         options: dict[str, Any] = {}
         tls = tls_context(self.url, self.ca_file)
         if tls is not None:
             options["tls"] = tls
+        if role != "sys-user":
+            options["inbox_prefix"] = inbox_prefix(role)
 
         async def quiet(_: Exception) -> None:
             return None
 
-        while time.monotonic() < deadline:
+        nc: NATS = await asyncio.wait_for(nats.connect(
+            urls, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2, error_cb=quiet,
+            user_credentials=str(self.trust.creds_path(role)), **options), timeout=5)
+        return nc
+
+    async def _not_ready(self) -> str | None:
+        """None when the cluster is ready, else what is missing."""
+        leaders = set()
+        for member in self.members:
+            nc = await self._connect([member.url], "sys-user")
             try:
-                nc = await asyncio.wait_for(nats.connect(
-                    self.urls, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
-                    error_cb=quiet, user_credentials=str(self.trust.creds_path("backend")),
-                    inbox_prefix=inbox_prefix("backend"), **options), timeout=5)
-            except Exception as exc:
-                last = repr(exc)
-            else:
-                try:
-                    reply = await nc.request("$JS.API.INFO", b"", timeout=2)
-                    answer = json.loads(reply.data)
-                    if "error" not in answer:
-                        return
-                    last = str(answer["error"].get("description"))
-                except Exception as exc:
-                    last = repr(exc)
-                finally:
-                    await nc.close()
-            await asyncio.sleep(0.2)
-        raise EmbeddedError(f"the NATS cluster at {self.url} did not get a JetStream leader within "
-                            f"{timeout_s:g} s: {last}")
+                reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.JSZ", b"{}", timeout=2)
+            finally:
+                await nc.close()
+            meta = json.loads(reply.data).get("data", {}).get("meta_cluster") or {}
+            if not meta.get("leader"):
+                return f"{member.name} knows no JetStream meta leader yet"
+            if meta.get("cluster_size") != len(self.members):
+                return f"{member.name} sees a meta group of {meta.get('cluster_size')} servers"
+            leaders.add(meta["leader"])
+            if meta["leader"] == member.name:
+                peers = meta.get("replicas") or []
+                if len(peers) != len(self.members) - 1 or not all(p.get("current") for p in peers):
+                    return f"the meta leader {member.name} does not see every server current yet"
+        if len(leaders) != 1:
+            return f"the servers name different meta leaders: {sorted(leaders)}"
+        nc = await self._connect(self.urls, "backend")
+        try:
+            answer = json.loads((await nc.request("$JS.API.INFO", b"", timeout=2)).data)
+        finally:
+            await nc.close()
+        if "error" in answer:
+            return str(answer["error"].get("description"))
+        return None
 
     def stop(self) -> None:
         for member in self.members:

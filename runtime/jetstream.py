@@ -25,13 +25,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -42,7 +45,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from contracts.subjects import (
     AGGREGATOR_DURABLE,
@@ -56,6 +59,8 @@ from contracts.subjects import (
 from runtime.aio import unless_stopped
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 DAY_S = 86_400.0
 # A re-published message (same Nats-Msg-Id) within this window is dropped by JetStream.
@@ -228,6 +233,46 @@ async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] |
     return created
 
 
+# JetStream API errors that pass once a cluster has formed: "no suitable peers for placement" (a replica
+# server not yet known to the meta leader) and "JetStream system temporarily unavailable" (no meta leader).
+_NOT_READY_CODES = frozenset({10005, 10008})
+
+
+def jetstream_not_ready(exc: BaseException) -> bool:
+    """Whether `exc` says JetStream is not ready yet (a cluster forming, a leader being elected)."""
+    if isinstance(exc, ServiceUnavailableError | NoRespondersError | NatsTimeoutError | TimeoutError):
+        return True
+    return isinstance(exc, APIError) and exc.err_code in _NOT_READY_CODES
+
+
+async def when_ready(what: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event | None,
+                     interval_s: float = 1.0) -> T:
+    """`call()`, again every `interval_s` (until `stop`) while JetStream is not ready, as when a NATS
+    cluster is still forming or electing a leader; any other error is raised."""
+    logged = False
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not jetstream_not_ready(exc):
+                raise
+            if not logged:
+                log.info("waiting for JetStream to be ready (a NATS cluster forming?)", what=what,
+                         error=str(exc) or repr(exc))
+                logged = True
+        await unless_stopped(asyncio.sleep(interval_s), stop)
+
+
+async def declare_streams(js: JetStreamContext, limits: dict[str, StreamLimits] | None, stop: asyncio.Event,
+                          interval_s: float = 1.0) -> list[str]:
+    """`ensure_streams` at start-up, waiting while JetStream is not ready; any other refusal is raised
+    with JetStream's own words."""
+    try:
+        return await when_ready("declaring the streams", lambda: ensure_streams(js, limits), stop, interval_s)
+    except APIError as exc:
+        raise RuntimeError(f"JetStream refused doai's streams: {exc}") from exc
+
+
 async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event | None = None,
                           interval_s: float = 0.5) -> None:
     """Wait until `stream` exists. Only the backend declares streams; other parts wait for it."""
@@ -239,6 +284,12 @@ async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event
         except NotFoundError:
             if not logged:
                 log.info("waiting for the backend to declare the stream", stream=stream)
+                logged = True
+        except Exception as exc:  # a NATS cluster forming or electing the stream's leader: wait too
+            if not jetstream_not_ready(exc):
+                raise
+            if not logged:
+                log.info("waiting for JetStream to be ready", stream=stream, error=str(exc) or repr(exc))
                 logged = True
         await unless_stopped(asyncio.sleep(interval_s), stop)
 

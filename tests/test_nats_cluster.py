@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 import stat
 import subprocess
 import time
@@ -28,8 +29,9 @@ import msgspec
 import nats
 import pytest
 import structlog
+import trustme
 from nats.aio.client import Client as NATS
-from nats.js.api import StreamInfo
+from nats.js.api import StreamConfig, StreamInfo
 
 from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable, node_inbox_prefix
 from doai.cli import build_parser
@@ -45,7 +47,7 @@ from services.backend.settings import BackendSettings
 from services.node.enroll import new_user_seed, user_public_key_of
 from tests.aggregator_support import consumer_settled
 from tests.backend_support import NODE_SECRET, running_backend
-from tests.conftest import TEST_TOKEN, creds_file
+from tests.conftest import TEST_TOKEN, AuthNats, creds_file
 from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
 
@@ -200,7 +202,9 @@ async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_ser
 
         # The stream holds every event of the run once (Nats-Msg-Id dedup held across the leader change) and
         # the aggregator folded every one of them, once.
+        settling = time.monotonic()
         await poll(lambda: consumer_settled(js), 30, "the aggregator acked every event")
+        log.info("cluster test: events settled", settle_s=round(time.monotonic() - settling, 1))
         stream_ids = await run_events(nc, run_id)
         assert len(stream_ids) == len(set(stream_ids)), "an event of the run is stored twice"
         conn = await asyncpg.connect(database_url)
@@ -236,7 +240,10 @@ async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_ser
                     return False
             return True
 
+        restarted_at = time.monotonic()
         await poll(caught_up, 30, f"{victim.name} caught up")
+        log.info("cluster test: killed server caught up", server=victim.name,
+                 catch_up_s=round(time.monotonic() - restarted_at, 1))
     finally:
         await nc.close()
 
@@ -259,7 +266,7 @@ async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_
 ) -> None:
     down = nats_cluster.members[0]  # the first URL of NATS_URL: the backend's push must go to another
     others = nats_cluster.members[1:]
-    async with running_backend(database_url, nats_cluster.url, stream_replicas=3) as backend:
+    async with running_backend(database_url, nats_cluster.url, stream_replicas=3, account_push_s=1.0) as backend:
         seed = new_user_seed()
         async with httpx.AsyncClient(base_url=backend.url, headers={"X-Node-Auth": NODE_SECRET}) as node_api:
             r = await node_api.post("/v1/node/enroll", json={"node_id": "node-r", "public_key":
@@ -279,14 +286,15 @@ async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_
             assert not await node_connects(m.url, creds, "node-r"), m.name
             assert await node_connects(m.url, other, "node-other"), m.name
 
-        # The server that missed the update restarts with its old account JWT and gets the new one from the
-        # others (the resolver's sync): the revoked node is refused there too, everyone else still admitted.
+        # The server that missed the update restarts with its old account JWT; the backend pushes the account
+        # again every DOAI_NATS_ACCOUNT_PUSH_S (1 s here) while a key is revoked: the revoked node is refused
+        # there too, everyone else still admitted.
         await asyncio.to_thread(down.start)
 
         async def refused_on_restarted() -> bool:
             return not await node_connects(down.url, creds, "node-r")
 
-        await poll(refused_on_restarted, 20, f"{down.name} refusing the node revoked while it was down")
+        await poll(refused_on_restarted, 10, f"{down.name} refusing the node revoked while it was down")
         assert await node_connects(down.url, other, "node-other")
 
 
@@ -352,3 +360,71 @@ async def test_the_embedded_cluster_refuses_a_route_without_its_password(
     finally:
         rogue.kill()
         rogue.wait()
+
+
+async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(
+    tmp_path: Path, log_file: Path, nats_trust: NatsTrust
+) -> None:
+    """TLS as on one server: every server serves the same certificate; a client that loses its server
+    reconnects to another over TLS, verified against the CA, and its R3 stream lost nothing."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    for name, pem in (("ca.pem", ca.cert_pem), ("server.pem", cert.cert_chain_pems[0]),
+                      ("server.key", cert.private_key_pem)):
+        pem.write_to_path(str(tmp_path / name))
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust, tls_cert=tmp_path / "server.pem",
+                          tls_key=tmp_path / "server.key", ca_file=tmp_path / "ca.pem")
+    await asyncio.to_thread(cluster.start)
+    try:
+        assert all(u.startswith("tls://") for u in cluster.urls)
+        stop = asyncio.Event()
+        nc = await jetstream.connect(cluster.url, "tls-test", stop, creds=creds_file("admin"),
+                                     ca_file=tmp_path / "ca.pem")
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name="TLS_R3", subjects=["tls.r3"], num_replicas=3))
+            assert (await js.publish("tls.r3", b"1")).seq == 1
+            assert nc.connected_url is not None
+            [mine] = [m for m in cluster.members if m.port == nc.connected_url.port]
+            await asyncio.to_thread(mine.kill)
+
+            async def published_again() -> bool:
+                ack = await js.publish("tls.r3", b"2", timeout=2)
+                return ack.seq == 2
+
+            await poll(published_again, 30, "a publish through another server")
+            assert nc.connected_url is not None and nc.connected_url.port != mine.port
+            assert (await js.stream_info("TLS_R3")).state.messages == 2
+        finally:
+            await jetstream.close(nc)
+        # A client that does not trust the CA gets no connection to any of them.
+        with pytest.raises(Exception):  # noqa: B017 (nats-py raises several types here; any refusal will do)
+            await nats.connect([m.url for m in cluster.members if m is not mine],
+                               user_credentials=str(creds_file("admin")), allow_reconnect=False,
+                               tls=ssl.create_default_context(cafile=str(_other_ca(tmp_path))))
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+def _other_ca(tmp_path: Path) -> Path:
+    path = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+async def test_three_replicas_on_a_single_server_stop_the_backend_with_jetstreams_reason(
+    nats_server: AuthNats, database_url: str
+) -> None:
+    with pytest.raises(RuntimeError, match="JetStream refused doai's streams: .*replicas > 1 not supported"):
+        async with running_backend(database_url, nats_server.url, stream_replicas=3):
+            raise AssertionError("the backend started")
+    nc = await nats_server.connect()
+    try:  # nothing was declared
+        assert [s async for s in _stream_names(nc)] == []
+    finally:
+        await nc.close()
+
+
+async def _stream_names(nc: NATS) -> AsyncIterator[str]:
+    for info in await nc.jetstream().streams_info():
+        yield info.config.name or ""

@@ -33,6 +33,7 @@ from nats.js import JetStreamContext
 from contracts import api
 from contracts.ids import is_node_id
 from runtime import jetstream
+from runtime.aio import pause
 from runtime.nats_auth import NatsTrust, is_user_public_key, push_account_jwt, revocation_time
 from services.backend.errors import ApiError
 from services.backend.runs import iso
@@ -143,6 +144,28 @@ class Enrollment:
             await self.push(conn)
         log.warning("node revoked", node_id=node_id, public_key=key)
         return api.NodeRevoked(node_id=node_id, public_key=key, revoked_at=iso(revoked_at) or "")
+
+    async def run_repush(self, stop: asyncio.Event, every_s: float) -> None:
+        """Push the account JWT again every `every_s` while any key is revoked (a supervised loop).
+
+        A NATS server that was down when a node was revoked comes back with its old account JWT;
+        the servers' own resolver sync reaches it only by chance (each sync request goes to one
+        random server, itself included), so the backend tells every server again.
+        """
+        failing = False
+        while not await pause(stop, every_s):
+            if not await self._pool.fetchval("SELECT EXISTS (SELECT 1 FROM nats_revocations)"):
+                continue
+            try:
+                await self.push()
+            except ApiError as exc:
+                if not failing:
+                    log.warning("pushing the NATS account JWT again failed; retrying", error=exc.message)
+                failing = True
+            else:
+                if failing:
+                    log.info("pushing the NATS account JWT works again")
+                failing = False
 
     async def push(self, conn: asyncpg.Connection | asyncpg.Pool | None = None) -> int:
         """Push the DOAI account JWT with every revoked key to nats-server; return how many keys."""
