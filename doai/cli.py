@@ -89,6 +89,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         port_given=args.port is not None,
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
         node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None, workers=args.workers,
+        nats_cluster=args.nats_cluster,
         sim_latency_ms=args.sim_latency_ms, screen_latency_ms=args.screen_latency_ms,
     )
     if not 0 <= args.workers <= 256 or min(args.nodes, args.devices, args.sim_latency_ms, args.screen_latency_ms) < 0:
@@ -102,7 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     configure_logging(log_file=str(log_path), console=args.verbose)
     try:
         return asyncio.run(up(opts))
-    except (EmbeddedError, TrustError) as exc:  # a server that cannot start, trust material missing
+    except (EmbeddedError, TrustError, ConfigError) as exc:  # a server that cannot start, trust material missing
         sys.stderr.write(f"doai up: {exc}\n")
         return 1
 
@@ -316,6 +317,17 @@ def cmd_tap(args: argparse.Namespace) -> int:
     return tap.main(args)
 
 
+def _cluster_size(text: str) -> int:
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of servers, got {text!r}") from None
+    if size != 0 and size < 3:
+        raise argparse.ArgumentTypeError(
+            f"a NATS cluster needs at least 3 servers (quorum after losing one), got {size}")
+    return size
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="doai", description="Run workflows on fleets of Android devices.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -337,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--home", help="data folder (default $DOAI_HOME or ./var)")
     up.add_argument("--demo", action="store_true", help="run device-smoke on every device, print a summary, exit")
     up.add_argument("--timeout", type=float, default=300.0, help="--demo: seconds to wait for the run")
+    up.add_argument("--nats-cluster", type=_cluster_size, default=0, metavar="N",
+                    help="run the embedded NATS as a cluster of N (>= 3) servers with 3-replica streams "
+                         "(docs/scaling.md); default: one server")
     up.add_argument("-v", "--verbose", action="store_true",
                     help="stream the log to the terminal too (it always goes to DOAI_HOME/logs/doai.jsonl)")
     up.set_defaults(func=cmd_up)

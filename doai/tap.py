@@ -19,6 +19,7 @@ import msgspec
 
 from contracts.events import ArtifactEvent, DeviceInventoryEvent, Event, NodeHeartbeat, StepEvent, TaskEvent
 from contracts.subjects import EVENT_KINDS, EventKind, evt_filters, role_inbox_prefix
+from runtime.jetstream import server_urls
 from runtime.stopping import install_stop_handlers
 
 _decoder = msgspec.json.Decoder(Event)
@@ -86,7 +87,8 @@ async def tap(args: argparse.Namespace, stop: asyncio.Event) -> int:
 
     try:
         # nats-py keeps retrying a refused first connect when reconnects are allowed: bound it.
-        nc = await asyncio.wait_for(nats.connect(url, error_cb=quiet, **options), CONNECT_TIMEOUT_S)
+        nc = await asyncio.wait_for(nats.connect(server_urls(url), error_cb=quiet, **options),
+                                    CONNECT_TIMEOUT_S)
     except TimeoutError:
         sys.stderr.write(f"doai tap: cannot connect to {url} within {CONNECT_TIMEOUT_S:g} s\n")
         return 2

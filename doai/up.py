@@ -80,6 +80,8 @@ class UpOptions:
     port_given: bool = True
     # Worker processes hosting the nodes and their simulators (0: all in this process).
     workers: int = 0
+    # Servers of the embedded NATS cluster (`--nats-cluster`, 3 or more); 0: one nats-server.
+    nats_cluster: int = 0
 
 
 def console_state_path(home: Path) -> Path:
@@ -282,6 +284,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
     settings = BackendSettings(infra.database_url, infra.nats_url, [token], opts.host, port,
                                node_secret=node_secret, artifact_dir=str(artifact_dir),
                                nats_auth_dir=infra.nats_auth_dir, nats_ca=infra.nats_ca,
+                               stream_replicas=infra.nats_replicas,
                                command_signing_seed=opts.command_signing_seed
                                or load_or_create_seed(command_key_path(opts.home)))
     aggregator = AggregatorSettings(database_url=infra.database_url, nats_url=infra.nats_url,
@@ -351,19 +354,22 @@ async def up(opts: UpOptions) -> int:
         wanted, port = port, free_port(opts.host)
         log.warning("API port busy; using another", wanted=wanted, port=port)
         say(f"API port {wanted} is busy: using {port}")
-    async with infrastructure(opts.home) as infra:
+    async with infrastructure(opts.home, opts.nats_cluster) as infra:
         try:
             async with running_system(opts, infra, token, port, stop) as system, system.client() as client:
                 recipes = await publish_recipes(client)
                 await asyncio.to_thread(save_console_state, opts.home, token, httpx.URL(system.api_url).port or port)
                 say(f"doai is up: API {system.api_url}  (token: {token})")
-                say(f"  NATS {infra.nats_url}")
-                if infra.embedded and "host=/" in infra.database_url:
-                    # The embedded PostgreSQL listens on a Unix socket only: psql takes this URI; Grafana needs
-                    # a TCP address (use an external PostgreSQL through DATABASE_URL for it).
-                    say(f"  PostgreSQL (Unix socket, no TCP port): psql '{infra.database_url}'")
+                say(f"  NATS {infra.nats_url}" + (f" (streams with {infra.nats_replicas} replicas)"
+                                                   if infra.nats_replicas > 1 else ""))
+                if infra.pg_tcp_url is not None:
+                    # The embedded PostgreSQL's TCP address for psql and Grafana; its password stays in the file.
+                    say(f"  PostgreSQL {infra.pg_tcp_url}  (psql: PGPASSFILE={infra.pg_pgpass} psql "
+                        f"{infra.pg_tcp_url}; password in {opts.home / 'keys' / 'postgres.password'})")
                 else:
                     say("  PostgreSQL from DATABASE_URL")
+                for note in infra.notes:
+                    say(f"  {note}")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
@@ -380,6 +386,7 @@ async def up(opts: UpOptions) -> int:
                     return 0 if ok else 1
                 say("press Ctrl-C to stop")
                 await stop.wait()
+                say("stopping: the parts, then the embedded servers (a few seconds at most)")
                 failures = system.failures()
         except ComponentFailed as exc:
             failures = [str(exc)]

@@ -13,19 +13,28 @@ table) and retries it with backoff, so nothing a sender was told is stored is
 ever dropped before `max_age`. The backend owns the limits
 (`BackendSettings.stream_limits()`, from `DOAI_{CMD,EVT}_MAX_*`; see
 docs/architecture.md "Streams"); other parts only create a missing stream.
+
+On a NATS cluster the backend declares both streams with `DOAI_NATS_REPLICAS`
+replicas (3 on a 3-server cluster, docs/scaling.md); durable consumers take
+their stream's replica count. Every client takes a comma-separated list of
+server URLs (`NATS_URL=nats://a:4222,nats://b:4222,nats://c:4222`) and
+reconnects to another server when the one it uses goes away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import structlog
 from nats.aio.client import Client as NATS
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -36,7 +45,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from contracts.subjects import (
     AGGREGATOR_DURABLE,
@@ -50,6 +59,8 @@ from contracts.subjects import (
 from runtime.aio import unless_stopped
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 DAY_S = 86_400.0
 # A re-published message (same Nats-Msg-Id) within this window is dropped by JetStream.
@@ -67,9 +78,12 @@ STREAM_MAX_AGE_S = 7 * DAY_S
 
 @dataclass(frozen=True)
 class StreamLimits:
+    """A stream's limits, and how many servers of a cluster keep a copy (`replicas`, 1 on one server)."""
+
     max_bytes: int
     max_msgs: int
     max_msg_size: int
+    replicas: int = 1
 
 
 # The server's `max_file_store` (infra/nats/nats-server.conf: 8 GB) must hold both streams' max_bytes.
@@ -95,16 +109,25 @@ def stream_configs(limits: dict[str, StreamLimits] | None = None) -> list[Stream
             max_msg_size=limits[name].max_msg_size,
             duplicate_window=DUPLICATE_WINDOW_S,
             discard=DiscardPolicy.NEW,
+            num_replicas=limits[name].replicas,
         )
         for name, subjects in ((CMD_STREAM, CMD_SUBJECTS), (EVT_STREAM, EVT_SUBJECTS))
     ]
+
+
+def server_urls(url: str) -> list[str]:
+    """The server URLs of a `NATS_URL`: one URL, or several separated by commas (a cluster)."""
+    urls = [part.strip() for part in url.split(",") if part.strip()]
+    if not urls:
+        raise ValueError("no NATS server URL given")
+    return urls
 
 
 def tls_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext | None:
     """The TLS context for `url`: verify the server against `ca_file` (or the system's CAs for tls://)."""
     if ca_file:
         return ssl.create_default_context(cafile=str(ca_file))
-    if url.startswith("tls://"):
+    if any(u.startswith("tls://") for u in server_urls(url)):
         return ssl.create_default_context()
     return None
 
@@ -114,6 +137,8 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
                   ca_file: str | Path | None = None) -> NATS:
     """Connect with reconnects that never give up (nats-py stops after ~2 minutes by default).
 
+    `url`: one server, or a comma-separated list of a cluster's servers (nats-py tries them in a
+    random order, and on a disconnect reconnects to another one);
     `creds`: the identity's `.creds` file (user JWT + nkey seed); `inbox_prefix`: the
     prefix the identity may receive replies on (its permissions allow nothing else);
     `ca_file`: verify the server's TLS certificate against this CA (use a `tls://` URL).
@@ -147,7 +172,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
     if tls is not None:
         options["tls"] = tls
     nc: NATS = await unless_stopped(nats.connect(
-        url,
+        server_urls(url),
         name=name,
         **options,
         max_reconnect_attempts=-1,
@@ -168,11 +193,14 @@ async def close(nc: NATS) -> None:
     """
     if nc.is_connected:
         try:
-            await nc.flush(timeout=2)
+            await nc.flush(timeout=1)  # a round trip: milliseconds when the server answers at all
         except Exception as exc:
             log.warning("nats flush at close failed", error=repr(exc))
     try:
-        await nc.close()
+        # Bounded: a hung (not closed) server must not hold up a stop.
+        await asyncio.wait_for(nc.close(), 2.0)
+    except TimeoutError:
+        log.warning("nats connection did not close in time; left behind", timeout_s=2.0)
     except OSError as exc:  # the connection dropped while closing (a server restart): closed all the same
         log.info("nats connection lost while closing", error=repr(exc))
 
@@ -208,6 +236,46 @@ async def ensure_streams(js: JetStreamContext, limits: dict[str, StreamLimits] |
     return created
 
 
+# JetStream API errors that pass once a cluster has formed: "no suitable peers for placement" (a replica
+# server not yet known to the meta leader) and "JetStream system temporarily unavailable" (no meta leader).
+_NOT_READY_CODES = frozenset({10005, 10008})
+
+
+def jetstream_not_ready(exc: BaseException) -> bool:
+    """Whether `exc` says JetStream is not ready yet (a cluster forming, a leader being elected)."""
+    if isinstance(exc, ServiceUnavailableError | NoRespondersError | NatsTimeoutError | TimeoutError):
+        return True
+    return isinstance(exc, APIError) and exc.err_code in _NOT_READY_CODES
+
+
+async def when_ready(what: str, call: Callable[[], Awaitable[T]], stop: asyncio.Event | None,
+                     interval_s: float = 1.0) -> T:
+    """`call()`, again every `interval_s` (until `stop`) while JetStream is not ready, as when a NATS
+    cluster is still forming or electing a leader; any other error is raised."""
+    logged = False
+    while True:
+        try:
+            return await call()
+        except Exception as exc:
+            if not jetstream_not_ready(exc):
+                raise
+            if not logged:
+                log.info("waiting for JetStream to be ready (a NATS cluster forming?)", what=what,
+                         error=str(exc) or repr(exc))
+                logged = True
+        await unless_stopped(asyncio.sleep(interval_s), stop)
+
+
+async def declare_streams(js: JetStreamContext, limits: dict[str, StreamLimits] | None, stop: asyncio.Event,
+                          interval_s: float = 1.0) -> list[str]:
+    """`ensure_streams` at start-up, waiting while JetStream is not ready; any other refusal is raised
+    with JetStream's own words."""
+    try:
+        return await when_ready("declaring the streams", lambda: ensure_streams(js, limits), stop, interval_s)
+    except APIError as exc:
+        raise RuntimeError(f"JetStream refused doai's streams: {exc}") from exc
+
+
 async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event | None = None,
                           interval_s: float = 0.5) -> None:
     """Wait until `stream` exists. Only the backend declares streams; other parts wait for it."""
@@ -219,6 +287,12 @@ async def wait_for_stream(js: JetStreamContext, stream: str, stop: asyncio.Event
         except NotFoundError:
             if not logged:
                 log.info("waiting for the backend to declare the stream", stream=stream)
+                logged = True
+        except Exception as exc:  # a NATS cluster forming or electing the stream's leader: wait too
+            if not jetstream_not_ready(exc):
+                raise
+            if not logged:
+                log.info("waiting for JetStream to be ready", stream=stream, error=str(exc) or repr(exc))
                 logged = True
         await unless_stopped(asyncio.sleep(interval_s), stop)
 

@@ -296,7 +296,8 @@ class NatsTrust:
         """The `operator` / `system_account` / `resolver` block of nats-server's config.
 
         `full` resolver: account JWTs are kept in `resolver_dir` and updated at run time by
-        `$SYS.REQ.CLAIMS.UPDATE` (signed by the operator's signing key). The two accounts are
+        `$SYS.REQ.CLAIMS.UPDATE` (signed by the operator's signing key); on a cluster every server
+        answers that update, and the servers sync their JWTs every `interval`. The two accounts are
         preloaded so a fresh server knows them.
         """
         return "\n".join([
@@ -307,7 +308,9 @@ class NatsTrust:
             "  type: full",
             f"  dir: {json.dumps(resolver_dir)}",
             "  allow_delete: false",
-            '  interval: "2m"',
+            # On a cluster the servers compare their account JWTs this often: a server that was down when a
+            # node was revoked learns it from the others within this time of rejoining (docs/scaling.md).
+            '  interval: "5s"',
             '  timeout: "5s"',
             "}",
             "resolver_preload: {",

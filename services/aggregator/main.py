@@ -104,7 +104,10 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
             js = nc.jetstream()
             # Only the backend may declare streams (least privilege): wait for DOAI_EVT.
             await jetstream.wait_for_stream(js, EVT_STREAM, stop)
-            await jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s)
+            # On a NATS cluster still forming (or electing a leader), waits instead of failing.
+            await jetstream.when_ready("declaring the aggregator's consumer",
+                                       lambda: jetstream.ensure_aggregator_consumer(js, ack_wait_s=settings.ack_wait_s),
+                                       stop)
             # A batch waiting for PostgreSQL is kept in progress at least three times per AckWait.
             aggregator = Aggregator(pool, js, batch_size=settings.batch_size,
                                     max_backoff_s=min(10.0, settings.ack_wait_s / 3), max_skew_s=settings.max_skew_s,
@@ -119,4 +122,4 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
         finally:
             await jetstream.close(nc)
     finally:
-        await pool.close()
+        await db.close_pool(pool)

@@ -37,6 +37,7 @@ from nats.js import JetStreamContext
 from contracts import api
 from contracts.ids import is_node_id
 from runtime import jetstream
+from runtime.aio import pause
 from runtime.nats_auth import NatsTrust, is_user_public_key, push_account_jwt, revocation_time
 from services.backend.errors import ApiError
 from services.backend.runs import iso
@@ -164,6 +165,28 @@ class Enrollment:
         log.warning("node revoked", node_id=node_id, public_key=key)
         return api.NodeRevoked(node_id=node_id, public_key=key, revoked_at=iso(revoked_at) or "")
 
+    async def run_repush(self, stop: asyncio.Event, every_s: float) -> None:
+        """Push the account JWT again every `every_s` while any key is revoked (a supervised loop).
+
+        A NATS server that was down when a node was revoked comes back with its old account JWT;
+        the servers' own resolver sync reaches it only by chance (each sync request goes to one
+        random server, itself included), so the backend tells every server again.
+        """
+        failing = False
+        while not await pause(stop, every_s):
+            if not await self._pool.fetchval("SELECT EXISTS (SELECT 1 FROM nats_revocations)"):
+                continue
+            try:
+                await self.push()
+            except ApiError as exc:
+                if not failing:
+                    log.warning("pushing the NATS account JWT again failed; retrying", error=exc.message)
+                failing = True
+            else:
+                if failing:
+                    log.info("pushing the NATS account JWT works again")
+                failing = False
+
     async def push(self, conn: asyncpg.Connection | asyncpg.Pool | None = None) -> int:
         """Push the DOAI account JWT with every revoked key to nats-server; return how many keys."""
         source = conn or self._pool
@@ -177,15 +200,23 @@ class Enrollment:
         async def quiet(exc: Exception) -> None:  # the failure is raised below, once
             pass
 
-        try:
-            # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
-            nc = await asyncio.wait_for(nats.connect(
-                self._nats_url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
-                max_reconnect_attempts=0, error_cb=quiet,
-                user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
-        except Exception as exc:
+        # On a cluster any one server will do: every server's `full` resolver answers the update, and a
+        # server that was down then gets it from the others when it rejoins. So try each in turn.
+        nc = None
+        failures = []
+        for url in jetstream.server_urls(self._nats_url):
+            try:
+                # nats-py keeps retrying an initial connect that is refused, whatever its options: bound it.
+                nc = await asyncio.wait_for(nats.connect(
+                    url, name="doai-backend-sys", allow_reconnect=False, connect_timeout=5,
+                    max_reconnect_attempts=0, error_cb=quiet,
+                    user_credentials=str(self._trust.creds_path("sys-user")), **options), timeout=10)
+                break
+            except Exception as exc:
+                failures.append(f"{url}: {exc!r}")
+        if nc is None:
             raise ApiError(503, "nats_unavailable",
-                           f"cannot reach nats-server to update the account: {exc!r}") from None
+                           f"cannot reach nats-server to update the account: {'; '.join(failures)}")
         try:
             await push_account_jwt(nc, token)
         except Exception as exc:

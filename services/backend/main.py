@@ -49,12 +49,13 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         finally:
             await jetstream.close(nc)
     finally:
-        await pool.close()
+        await db.close_pool(pool)
 
 
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
                  on_ready: Callable[[str], None] | None) -> None:
-    await jetstream.ensure_streams(js, settings.stream_limits())  # creates, or applies changed limits
+    # Creates, or applies changed limits; waits while a NATS cluster is still forming.
+    await jetstream.declare_streams(js, settings.stream_limits(), stop)
     settings.artifact_url_key = await artifact_links.shared_url_key(pool, settings.artifact_url_key)
     signer = settings.command_signer()
     log.info("commands are signed", command_public_key=signer.public_key)
@@ -79,6 +80,7 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
         retention = Retention(pool, outbox_keep_s=settings.outbox_keep_s,
                               idempotency_ttl_s=settings.idempotency_ttl_s, every_s=settings.retention_every_s)
         loops.start("retention", lambda: retention.run(stop))
+        loops.start("account-repush", lambda: enrollment.run_repush(stop, settings.account_push_s))
         serve_task = asyncio.create_task(server.serve(), name="uvicorn")
         try:
             while not server.started:

@@ -47,6 +47,12 @@ class BackendSettings(Settings):
     evt_max_bytes: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_bytes, name="DOAI_EVT_MAX_BYTES")
     evt_max_msgs: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msgs, name="DOAI_EVT_MAX_MSGS")
     evt_max_msg_size: int = field(default=DEFAULT_LIMITS[EVT_STREAM].max_msg_size, name="DOAI_EVT_MAX_MSG_SIZE")
+    # How many servers of a NATS cluster keep each stream (and its consumers): 3 on a 3-server cluster
+    # (docs/scaling.md), 1 on a single server. A change applies at the backend's next start.
+    stream_replicas: int = field(default=1, name="DOAI_NATS_REPLICAS")
+    # While any node is revoked, the account JWT is pushed to NATS again this often, so a NATS server that
+    # was down at the revocation refuses the node within this time of coming back (docs/scaling.md).
+    account_push_s: float = field(default=10.0, name="DOAI_NATS_ACCOUNT_PUSH_S")
     # Retention (services/backend/retention.py): an Idempotency-Key is remembered this long; a sent
     # outbox row is kept this long after its JetStream ack (an unsent row is never pruned).
     idempotency_ttl_s: float = field(default=IDEMPOTENCY_TTL_S, name="DOAI_IDEMPOTENCY_TTL_S")
@@ -113,6 +119,11 @@ class BackendSettings(Settings):
                                       f" got {getattr(self, f'{prefix}_{name}')}")
             if getattr(self, f"{prefix}_max_msg_size") > getattr(self, f"{prefix}_max_bytes"):
                 raise ConfigError(f"DOAI_{prefix.upper()}_MAX_MSG_SIZE must not exceed DOAI_{prefix.upper()}_MAX_BYTES")
+        if not 0.1 <= self.account_push_s <= 3600:
+            raise ConfigError(f"DOAI_NATS_ACCOUNT_PUSH_S must be between 0.1 and 3600, got {self.account_push_s}")
+        if not 1 <= self.stream_replicas <= 5:
+            raise ConfigError("DOAI_NATS_REPLICAS must be between 1 and 5 (JetStream's limit),"
+                              f" got {self.stream_replicas}")
         if not self.node_secret:
             raise ConfigError("set NODE_AGENT_SHARED_SECRET (the X-Node-Auth secret, at least 32 bytes)")
         if len(self.node_secret.encode()) < MIN_NODE_SECRET_BYTES:
@@ -165,8 +176,10 @@ class BackendSettings(Settings):
 
     def stream_limits(self) -> dict[str, StreamLimits]:
         return {
-            CMD_STREAM: StreamLimits(self.cmd_max_bytes, self.cmd_max_msgs, self.cmd_max_msg_size),
-            EVT_STREAM: StreamLimits(self.evt_max_bytes, self.evt_max_msgs, self.evt_max_msg_size),
+            CMD_STREAM: StreamLimits(self.cmd_max_bytes, self.cmd_max_msgs, self.cmd_max_msg_size,
+                                     self.stream_replicas),
+            EVT_STREAM: StreamLimits(self.evt_max_bytes, self.evt_max_msgs, self.evt_max_msg_size,
+                                     self.stream_replicas),
         }
 
     def slots_for(self, node_id: str) -> int:

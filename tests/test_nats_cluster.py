@@ -1,0 +1,430 @@
+"""The whole system on a 3-server NATS cluster (`doai.nats_cluster`) losing the server that leads DOAI_EVT.
+
+Real nats-servers (three, routed on loopback, decentralized auth), real
+PostgreSQL, three node agents with their simulators. Mid-run the server that
+leads the event stream is SIGKILLed: the run must still complete with every
+task succeeded once, every event of the run stored once in the stream and
+folded once into PostgreSQL. Then the server comes back on the same store
+and must catch up (its replicas current, the same messages as the leader).
+
+A node revoked while one server is down is refused by every server, the
+restarted one included (the `full` resolver of every server gets the update).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import msgspec
+import nats
+import pytest
+import structlog
+import trustme
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamConfig, StreamInfo
+
+from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable, node_inbox_prefix
+from doai.cli import build_parser
+from doai.embedded import free_port, nats_server_binary
+from doai.nats_cluster import ClusterMember, NatsCluster
+from doai.servers import Infra, infrastructure
+from doai.up import UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
+from runtime import jetstream
+from runtime.config import ConfigError, load_settings
+from runtime.nats_auth import NatsTrust, inbox_prefix
+from runtime.nats_creds import format_creds, write_secret
+from services.backend.settings import BackendSettings
+from services.node.enroll import new_user_seed, user_public_key_of
+from tests.aggregator_support import consumer_settled
+from tests.backend_support import NODE_SECRET, running_backend
+from tests.conftest import TEST_TOKEN, AuthNats, creds_file
+from tests.signing_support import TEST_SIGNING_SEED
+from tests.test_e2e import wait_completed
+
+NODES = 3
+DEVICES = 6
+SLOTS = 2  # three waves per node: the run is still going when the leader dies
+STEPS = 10  # device-smoke
+log = structlog.get_logger(__name__)
+PARAMS = {"url": "https://example.org/cluster", "youtubeVideoId": "vid_CLUSTER"}
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path, log_file: Path, nats_trust: NatsTrust) -> Any:
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust)
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
+async def admin(cluster: NatsCluster, servers: list[str] | None = None, **extra: Any) -> NATS:
+    nc: NATS = await nats.connect(servers or cluster.urls, user_credentials=str(creds_file("admin")),
+                                  inbox_prefix=inbox_prefix("admin"), max_reconnect_attempts=-1,
+                                  reconnect_time_wait=0.2, **extra)
+    return nc
+
+
+async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            value = await check()
+        except Exception as exc:  # a leader election under way: JetStream answers 503 or times out
+            value, last = None, repr(exc)
+        else:
+            last = repr(value)
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s (last: {last})"
+        await asyncio.sleep(0.2)
+
+
+def member(cluster: NatsCluster, name: str) -> ClusterMember:
+    [found] = [m for m in cluster.members if m.name == name]
+    return found
+
+
+def all_current(info: Any, size: int) -> bool:
+    """The leader and every other replica present, current and without lag."""
+    c = info.cluster
+    return (c is not None and c.leader is not None and len(c.replicas or []) == size - 1
+            and all(r.current and not r.offline and not r.lag for r in c.replicas or []))
+
+
+async def server_stream_state(cluster: NatsCluster, one: ClusterMember) -> dict[str, tuple[int, int]]:
+    """{stream: (messages, last_seq)} as that one server holds it (its own JSZ, over the system account)."""
+    nc = await nats.connect(one.url, user_credentials=str(cluster.trust.creds_path("sys-user")),
+                            allow_reconnect=False)
+    try:
+        server_id = nc._server_info["server_id"]
+        reply = await nc.request(f"$SYS.REQ.SERVER.{server_id}.JSZ",
+                                 json.dumps({"accounts": True, "streams": True}).encode(), timeout=3)
+        data = json.loads(reply.data)["data"]
+        return {s["name"]: (s["state"]["messages"], s["state"]["last_seq"])
+                for a in data.get("account_details", []) for s in a.get("stream_detail", [])}
+    finally:
+        await nc.close()
+
+
+async def run_events(nc: NATS, run_id: str) -> list[str]:
+    """The event_id of every message of this run in DOAI_EVT, in stream order (duplicates kept)."""
+    js = nc.jetstream()
+    info = await js.stream_info(EVT_STREAM, subjects_filter=f"doai.evt.*.*.{run_id}")
+    expected = sum((info.state.subjects or {}).values())
+    sub = await js.pull_subscribe(f"doai.evt.*.*.{run_id}", stream=EVT_STREAM)
+    ids: list[str] = []
+    try:
+        while len(ids) < expected:
+            for msg in await sub.fetch(min(256, expected - len(ids)), timeout=5):
+                ids.append(msgspec.json.decode(msg.data)["event_id"])
+                await msg.ack()
+    finally:
+        await sub.unsubscribe()
+    return ids
+
+
+@pytest.fixture
+async def cluster_system(nats_cluster: NatsCluster, database_url: str, tmp_path: Path) -> AsyncIterator[Any]:
+    opts = UpOptions(home=tmp_path / "home", nodes=NODES, devices=DEVICES, slots=SLOTS, sim_latency_ms=60.0,
+                     screen_latency_ms=200.0, inventory_interval_s=0.5, command_signing_seed=TEST_SIGNING_SEED)
+    infra = Infra(nats_cluster.url, database_url, embedded=False, nats_auth_dir=nats_cluster.trust.dir,
+                  nats_replicas=nats_cluster.replicas)
+    async with running_system(opts, infra, TEST_TOKEN, port=0) as system:
+        async with system.client() as client:
+            await publish_recipes(client)
+            online = await wait_for_devices(client, fleet_devices(system.sims), timeout_s=30)
+        assert online == NODES * DEVICES
+        yield system
+
+
+async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_server_catches_up(
+    nats_cluster: NatsCluster, cluster_system: Any, database_url: str
+) -> None:
+    system = cluster_system
+    total = NODES * DEVICES
+    nc = await admin(nats_cluster)
+    try:
+        js = nc.jetstream()
+        # Streams and every durable consumer are replicated on all three servers.
+        for stream in (CMD_STREAM, EVT_STREAM):
+            info: StreamInfo = await js.stream_info(stream)
+            assert info.config.num_replicas == 3 and all_current(info, 3), info.cluster
+        for stream, durable in [(EVT_STREAM, AGGREGATOR_DURABLE),
+                                *[(CMD_STREAM, node_durable(f"node-{i}")) for i in range(1, NODES + 1)]]:
+            consumer = await js.consumer_info(stream, durable)
+            assert consumer.cluster is not None and len(consumer.cluster.replicas or []) == 2, (durable,
+                                                                                             consumer.cluster)
+
+        async with system.client() as client:
+            r = await client.post("/v1/runs", json={"workflow_id": "device-smoke", "params": PARAMS,
+                                                     "targets": {"all_online": True}})
+            assert r.status_code == 201, r.text
+            run_id = r.json()["run_id"]
+
+            async def some_done() -> bool:
+                counts = (await client.get(f"/v1/runs/{run_id}")).json()["counts"]
+                return 0 < counts.get("succeeded", 0) < total // 2
+
+            await poll(some_done, 30, "the first tasks of the run succeeded")
+            leader = (await js.stream_info(EVT_STREAM)).cluster.leader  # type: ignore[union-attr]
+            assert leader is not None
+            victim = member(nats_cluster, leader)
+            await asyncio.to_thread(victim.kill)
+            killed_at = time.monotonic()
+            done_before_kill = (await client.get(f"/v1/runs/{run_id}")).json()["counts"].get("succeeded", 0)
+            assert done_before_kill < total, "the run ended before the leader was killed: nothing was tested"
+
+            async def new_leader() -> str | None:
+                name = (await js.stream_info(EVT_STREAM)).cluster.leader  # type: ignore[union-attr]
+                return name if name not in (None, leader) else None
+
+            elected = await poll(new_leader, 30, "a new DOAI_EVT leader")
+            run = await wait_completed(client, run_id, timeout_s=45)
+            log.info("cluster test: DOAI_EVT leader killed mid-run", killed=leader, elected=elected,
+                     succeeded_before_kill=done_before_kill, tasks=total,
+                     completed_after_kill_s=round(time.monotonic() - killed_at, 1))
+
+        # REST: every task succeeded, once.
+        assert run["status"] == "completed" and run["outcome"] == "succeeded", run
+        assert run["counts"] == {"succeeded": total}
+        assert len(run["task_rows"]) == total
+        assert all(t["state"] == "succeeded" and t["attempt"] == 1 for t in run["task_rows"])
+
+        # The stream holds every event of the run once (Nats-Msg-Id dedup held across the leader change) and
+        # the aggregator folded every one of them, once.
+        settling = time.monotonic()
+        await poll(lambda: consumer_settled(js), 30, "the aggregator acked every event")
+        log.info("cluster test: events settled", settle_s=round(time.monotonic() - settling, 1))
+        stream_ids = await run_events(nc, run_id)
+        assert len(stream_ids) == len(set(stream_ids)), "an event of the run is stored twice"
+        conn = await asyncpg.connect(database_url)
+        try:
+            folded = {r["event_id"] for r in await conn.fetch(
+                "SELECT event_id FROM processed_events WHERE event_id = ANY($1::text[])", stream_ids)}
+            tasks = await conn.fetch("SELECT state, attempt FROM run_tasks WHERE run_id = $1", run_id)
+            steps = await conn.fetchval("SELECT count(*) FROM step_results WHERE run_id = $1 AND state = 'ok'",
+                                        run_id)
+            artifacts = await conn.fetchval("SELECT count(*) FROM artifacts WHERE run_id = $1", run_id)
+            dead = await conn.fetchval("SELECT count(*) FROM dead_letters")
+        finally:
+            await conn.close()
+        assert folded == set(stream_ids)
+        assert len(tasks) == total and {(t["state"], t["attempt"]) for t in tasks} == {("succeeded", 1)}
+        assert steps == total * STEPS and artifacts == total and dead == 0
+
+        # The killed server comes back on its store and catches up: every replica current, its own copy of
+        # both streams equal to the leader's.
+        await asyncio.to_thread(victim.start)
+
+        async def caught_up() -> bool:
+            for stream in (CMD_STREAM, EVT_STREAM):
+                info = await js.stream_info(stream)
+                if not all_current(info, 3):
+                    return False
+            if not all_current(await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE), 3):
+                return False
+            mine = await server_stream_state(nats_cluster, victim)
+            for stream in (CMD_STREAM, EVT_STREAM):
+                state = (await js.stream_info(stream)).state
+                if mine.get(stream) != (state.messages, state.last_seq):
+                    return False
+            return True
+
+        restarted_at = time.monotonic()
+        await poll(caught_up, 30, f"{victim.name} caught up")
+        log.info("cluster test: killed server caught up", server=victim.name,
+                 catch_up_s=round(time.monotonic() - restarted_at, 1))
+    finally:
+        await nc.close()
+
+
+
+async def node_connects(url: str, creds: Path, node_id: str) -> bool:
+    """Whether that one server accepts these node credentials (refused: authorization violation)."""
+    try:
+        nc = await nats.connect(url, user_credentials=str(creds), inbox_prefix=node_inbox_prefix(node_id),
+                                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
+    except Exception as exc:
+        assert "authorization violation" in str(exc).lower(), exc
+        return False
+    await nc.close()
+    return True
+
+
+async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_once_it_is_back(
+    nats_cluster: NatsCluster, database_url: str, tmp_path: Path
+) -> None:
+    down = nats_cluster.members[0]  # the first URL of NATS_URL: the backend's push must go to another
+    others = nats_cluster.members[1:]
+    async with running_backend(database_url, nats_cluster.url, stream_replicas=3, account_push_s=1.0) as backend:
+        seed = new_user_seed()
+        async with httpx.AsyncClient(base_url=backend.url, headers={"X-Node-Auth": NODE_SECRET}) as node_api:
+            r = await node_api.post("/v1/node/enroll", json={"node_id": "node-r", "public_key":
+                                                              user_public_key_of(seed)})
+            assert r.status_code == 201, r.text
+        creds = tmp_path / "node-r.creds"
+        write_secret(creds, format_creds(r.json()["user_jwt"], seed))
+        other = creds_file("node", "node-other")
+        for m in nats_cluster.members:
+            assert await node_connects(m.url, creds, "node-r"), m.name
+
+        await asyncio.to_thread(down.kill)
+        async with backend.client() as client:
+            r = await client.post("/v1/nodes/node-r/revoke")
+            assert r.status_code == 200, r.text
+        for m in others:  # the update reached every running server at once
+            assert not await node_connects(m.url, creds, "node-r"), m.name
+            assert await node_connects(m.url, other, "node-other"), m.name
+
+        # The server that missed the update restarts with its old account JWT; the backend pushes the account
+        # again every DOAI_NATS_ACCOUNT_PUSH_S (1 s here) while a key is revoked: the revoked node is refused
+        # there too, everyone else still admitted.
+        await asyncio.to_thread(down.start)
+
+        async def refused_on_restarted() -> bool:
+            return not await node_connects(down.url, creds, "node-r")
+
+        await poll(refused_on_restarted, 10, f"{down.name} refusing the node revoked while it was down")
+        assert await node_connects(down.url, other, "node-other")
+
+
+def test_replicas_and_server_lists_are_settings_with_clear_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
+    required = {"DATABASE_URL": "postgresql://x/y", "NATS_URL": "nats://a:4222, nats://b:4222,,nats://c:4222",
+                "DOAI_API_TOKEN": "t", "NODE_AGENT_SHARED_SECRET": "s" * 32,
+                "DOAI_COMMAND_SIGNING_KEY": TEST_SIGNING_SEED, "DOAI_NATS_AUTH_DIR": "/etc/doai/nats-auth"}
+    settings = load_settings(BackendSettings, {**required, "DOAI_NATS_REPLICAS": "3"})
+    assert {limits.replicas for limits in settings.stream_limits().values()} == {3}
+    assert {c.num_replicas for c in jetstream.stream_configs(settings.stream_limits())} == {3}
+    assert {limits.replicas for limits in load_settings(BackendSettings, required).stream_limits().values()} == {1}
+    assert jetstream.server_urls(settings.nats_url) == ["nats://a:4222", "nats://b:4222", "nats://c:4222"]
+    for bad in ("0", "6", "three"):
+        with pytest.raises(ConfigError, match="DOAI_NATS_REPLICAS"):
+            load_settings(BackendSettings, {**required, "DOAI_NATS_REPLICAS": bad})
+    with pytest.raises(ValueError, match="no NATS server URL"):
+        jetstream.server_urls(" , ")
+    # `doai up`: a cluster needs 3 servers, and is not started when NATS_URL names servers already.
+    assert build_parser().parse_args(["up", "--nats-cluster", "3"]).nats_cluster == 3
+    for size in ("2", "1", "x"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["up", "--nats-cluster", size])
+    monkeypatch.setenv("NATS_URL", "nats://127.0.0.1:1")
+    monkeypatch.setenv("DOAI_NATS_AUTH_DIR", "/nonexistent")
+
+    async def start() -> None:
+        async with infrastructure(Path("/nonexistent"), nats_cluster=3):
+            raise AssertionError("started")
+
+    with pytest.raises(ConfigError, match="NATS_URL is set"):
+        asyncio.run(start())
+
+
+def rogue_route(route: str, log_path: Path) -> subprocess.Popen[bytes]:
+    """A nats-server of no trust at all that dials `route` (a local process trying to join the cluster)."""
+    return subprocess.Popen([nats_server_binary(), "-a", "127.0.0.1", "-p", str(free_port()), "--cluster",
+                             f"nats://127.0.0.1:{free_port()}", "--cluster_name", "doai", "--routes", route,
+                             "-l", str(log_path)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def test_the_embedded_cluster_refuses_a_route_without_its_password(
+    nats_cluster: NatsCluster, tmp_path: Path
+) -> None:
+    """A local process dialing a route with a wrong password is refused: it never becomes a route."""
+    first = nats_cluster.members[0]
+    assert stat.S_IMODE(first.store_dir.stat().st_mode) == 0o700  # the config with the password is in here
+    rogue_log = tmp_path / "rogue.log"
+    rogue = rogue_route(f"nats-route://doai-route:wrong@127.0.0.1:{first.route_port}", rogue_log)
+    try:
+        async def refused() -> bool:
+            return rogue_log.exists() and "authorization violation" in rogue_log.read_text().lower()
+
+        await poll(refused, 20, "the rogue route refused")
+        nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
+                                allow_reconnect=False)
+        try:
+            reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
+        finally:
+            await nc.close()
+        routes = json.loads(reply.data)["data"].get("routes") or []
+        assert {r.get("remote_name") for r in routes} == {m.name for m in nats_cluster.members[1:]}
+    finally:
+        rogue.kill()
+        rogue.wait()
+
+
+async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(
+    tmp_path: Path, log_file: Path, nats_trust: NatsTrust
+) -> None:
+    """TLS as on one server: every server serves the same certificate; a client that loses its server
+    reconnects to another over TLS, verified against the CA, and its R3 stream lost nothing."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    for name, pem in (("ca.pem", ca.cert_pem), ("server.pem", cert.cert_chain_pems[0]),
+                      ("server.key", cert.private_key_pem)):
+        pem.write_to_path(str(tmp_path / name))
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust, tls_cert=tmp_path / "server.pem",
+                          tls_key=tmp_path / "server.key", ca_file=tmp_path / "ca.pem")
+    await asyncio.to_thread(cluster.start)
+    try:
+        assert all(u.startswith("tls://") for u in cluster.urls)
+        stop = asyncio.Event()
+        nc = await jetstream.connect(cluster.url, "tls-test", stop, creds=creds_file("admin"),
+                                     ca_file=tmp_path / "ca.pem")
+        try:
+            js = nc.jetstream()
+            await js.add_stream(StreamConfig(name="TLS_R3", subjects=["tls.r3"], num_replicas=3))
+            assert (await js.publish("tls.r3", b"1")).seq == 1
+            assert nc.connected_url is not None
+            [mine] = [m for m in cluster.members if m.port == nc.connected_url.port]
+            await asyncio.to_thread(mine.kill)
+
+            async def published_again() -> bool:
+                ack = await js.publish("tls.r3", b"2", timeout=2)
+                return ack.seq == 2
+
+            await poll(published_again, 30, "a publish through another server")
+            assert nc.connected_url is not None and nc.connected_url.port != mine.port
+            assert (await js.stream_info("TLS_R3")).state.messages == 2
+        finally:
+            await jetstream.close(nc)
+        # A client that does not trust the CA gets no connection to any of them.
+        with pytest.raises(Exception):  # noqa: B017 (nats-py raises several types here; any refusal will do)
+            await nats.connect([m.url for m in cluster.members if m is not mine],
+                               user_credentials=str(creds_file("admin")), allow_reconnect=False,
+                               tls=ssl.create_default_context(cafile=str(_other_ca(tmp_path))))
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+def _other_ca(tmp_path: Path) -> Path:
+    path = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(path))
+    return path
+
+
+async def test_three_replicas_on_a_single_server_stop_the_backend_with_jetstreams_reason(
+    nats_server: AuthNats, database_url: str
+) -> None:
+    with pytest.raises(RuntimeError, match="JetStream refused doai's streams: .*replicas > 1 not supported"):
+        async with running_backend(database_url, nats_server.url, stream_replicas=3):
+            raise AssertionError("the backend started")
+    nc = await nats_server.connect()
+    try:  # nothing was declared
+        assert [s async for s in _stream_names(nc)] == []
+    finally:
+        await nc.close()
+
+
+async def _stream_names(nc: NATS) -> AsyncIterator[str]:
+    for info in await nc.jetstream().streams_info():
+        yield info.config.name or ""
