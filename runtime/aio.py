@@ -88,20 +88,23 @@ async def drain_forever(
     first_backoff_s: float = 0.2,
     max_backoff_s: float = 30.0,
     stop_grace_s: float = 1.0,
+    batch: int | None = None,
 ) -> None:
-    """Call `once` until it returns 0, then wait for `wake` (or `poll_s`); on errors back off.
+    """Call `once` until it returns 0 (or less than `batch`), then wait for `wake` (or `poll_s`); on errors back off.
 
     The loop of an outbox: whatever `once` did not finish stays where it was and
     is retried after `first_backoff_s`, doubling up to `max_backoff_s`. When
     `stop` is set, a `once` in flight gets `stop_grace_s` more and is then
     cancelled (what it did not finish stays for the next attempt): a hung
-    server does not hold up a stop.
+    server does not hold up a stop. With `batch`, a call that handled fewer
+    items means it found nothing more (its source sets `wake` for anything
+    added since, as `wake` is cleared first).
     """
     log = structlog.get_logger(__name__)
     backoff = first_backoff_s
 
     async def until_empty() -> None:
-        while await once():
+        while (done := await once()) and (batch is None or done >= batch):
             pass
 
     while not stop.is_set():

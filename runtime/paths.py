@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 
@@ -33,3 +35,28 @@ def contained(root: Path, *parts: str) -> Path:
     if target == base or not target.is_relative_to(base):
         raise PathEscape(f"path {_show('/'.join(parts))} leaves {base}")
     return target
+
+
+def contained_below(base: Path, *parts: str) -> Path:
+    """`contained(base, *parts)` for a `base` resolved once beforehand, with one `lstat` per part.
+
+    For a hot path (the node's spool folder of every task): while each part is one plain name (no
+    separator, `.`, `..`, drive or NUL) and no existing entry on the way is a symlink (or, on
+    Windows, another reparse point such as a junction), `base / parts...` is already its own
+    resolution and lies inside `base`; the first entry that does not exist ends the walk (nothing
+    below it can be a link). Anything else is decided by `contained`, so the answer is the same.
+    """
+    for part in parts:
+        if (part in ("", ".", "..") or "\0" in part or "/" in part or "\\" in part
+                or PureWindowsPath(part).drive):
+            return contained(base, *parts)
+    path = base
+    for part in parts:
+        path = path / part
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return base.joinpath(*parts)
+        if stat.S_ISLNK(st.st_mode) or getattr(st, "st_reparse_tag", False):
+            return contained(base, *parts)
+    return path

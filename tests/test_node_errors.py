@@ -142,7 +142,7 @@ async def test_a_genuine_invalid_request_is_still_invalid_request_and_reaches_no
             [job] = journal.add_broadcast(b)
             executor = Executor(node_id=NODE, journal=journal, driver=driver,
                                 store=LocalArtifactStore(tmp_path / "artifacts"), spool_dir=tmp_path / "spool",
-                                path_template="{node_id}/{run_id}/{timestamp}.png", on_event=lambda: None)
+                                path_template="{node_id}/{run_id}/{timestamp}.png")
             state = await executor.run(job, b)
             decoder = msgspec.json.Decoder(Event)
             events = [decoder.decode(row.payload) for row in journal.outbox_batch(100)]

@@ -11,7 +11,7 @@ import pytest
 from contracts.signatures import SIG_HEADER, SIG_KEY_HEADER, signed_bytes
 from doai.up import command_key_path
 from runtime.config import ConfigError, load_settings
-from runtime.paths import PathEscape, contained
+from runtime.paths import PathEscape, contained, contained_below
 from runtime.signing import (
     BadSignature,
     Signer,
@@ -169,6 +169,23 @@ def test_contained_keeps_paths_inside_their_root(tmp_path: Path) -> None:
         contained(root, "link", "x.png")  # a symlink inside the root that points out is an escape
     (root / "inner").symlink_to(root / "a", target_is_directory=True)
     assert contained(root, "inner", "x") == (root / "a" / "x").resolve()  # one that stays inside is fine
+
+
+def test_contained_below_gives_the_answer_of_contained(tmp_path: Path) -> None:
+    """The executor's fast check of a task's spool folder (a root resolved once, one lstat per part)."""
+    root = (tmp_path / "root").resolve()
+    (root / "a").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / "link").symlink_to(outside, target_is_directory=True)
+    (root / "a" / "deep").symlink_to(outside, target_is_directory=True)
+    (root / "inner").symlink_to(root / "a", target_is_directory=True)
+    for parts in (("a", "b"), ("new", "x"), ("a",), ("inner", "x"), ("a", "b/c")):
+        assert contained_below(root, *parts) == contained(root, *parts), parts
+    for parts in (("link",), ("link", "x"), ("a", "deep", "x"), ("..",), ("a", "..", ".."), (".",), ("",),
+                  ("a\0b",), ("/etc",), ("C:x",), ("a/../../outside",)):
+        with pytest.raises(PathEscape):
+            contained_below(root, *parts)
 
 
 async def test_the_local_store_writes_nothing_outside_its_root(tmp_path: Path) -> None:

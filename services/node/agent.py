@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+from typing import Any
 
 import structlog
 from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast, RunCancel
-from contracts.events import TERMINAL_TASK_STATES
+from contracts.events import TERMINAL_TASK_STATES, TaskState
 from contracts.subjects import node_inbox_prefix
 from runtime import jetstream
 from runtime.aio import pause
@@ -39,7 +40,7 @@ class NodeAgent:
         # A draining device (an abandoned request may still run on it) gets no new job until the drain ends.
         self.scheduler = Scheduler(settings.slots, is_draining=driver.drains.is_draining)
         driver.drains.on_drained = lambda serial: self.dispatch()
-        self.tasks: dict[str, asyncio.Task[str]] = {}  # serial -> running workflow
+        self.tasks: dict[str, asyncio.Task[TaskState]] = {}  # serial -> running workflow
         self.outbox: Outbox | None = None
         self.commands: CommandConsumer | None = None
         self.identity: NodeIdentity | None = None
@@ -48,7 +49,7 @@ class NodeAgent:
         self.executor = Executor(
             node_id=settings.node_id, journal=journal, driver=driver,
             store=store or LocalArtifactStore(settings.artifact_dir), spool_dir=settings.spool_dir,
-            path_template=settings.path_template, on_event=self._wake_outbox,
+            path_template=settings.path_template,
         )
         self.inventory = Inventory(
             node_id=settings.node_id, driver=driver, scheduler=self.scheduler, journal=journal,
@@ -88,21 +89,32 @@ class NodeAgent:
             # A done-callback, not a `finally`: it also runs for a task cancelled before it started.
             task.add_done_callback(functools.partial(self._job_done, job))
 
-    async def _run_job(self, job: Job) -> str:
+    async def _run_job(self, job: Job) -> TaskState:
+        state: TaskState
         try:
-            return await self.executor.run(job, self.journal.broadcast(job.run_id))
+            state = await self.executor.run(job, self.journal.broadcast(job.run_id))
         except Exception as exc:  # a bug must not take the other devices down (fail-soft)
             with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
                 log.exception("Task crashed")
                 self.executor.task_event(job, "failed", error=f"internal_error: {exc!r}")
-            return "failed"
+            state = "failed"
+        # The workflow is over: free its slot now rather than a loop turn later in `_job_done` (which
+        # still runs, and finds nothing left to release).
+        task = asyncio.current_task()
+        if task is not None:
+            self._release(job, task)
+            self.dispatch()
+        return state
 
-    def _job_done(self, job: Job, task: asyncio.Task[str]) -> None:
-        """Give the device and the slot back, then fill the free slots."""
+    def _release(self, job: Job, task: asyncio.Task[Any]) -> None:
         if self.tasks.get(job.serial) is task:
             del self.tasks[job.serial]
         if self.scheduler.running.get(job.serial) is job:
             self.scheduler.finish(job.serial)
+
+    def _job_done(self, job: Job, task: asyncio.Task[TaskState]) -> None:
+        """Give the device and the slot back, then fill the free slots."""
+        self._release(job, task)
         if task.cancelled() and job.cancel_requested and job.state not in TERMINAL_TASK_STATES:
             # Cancelled before the executor could record it (e.g. before its first step).
             with bound_contextvars(run_id=job.run_id, node_id=self.settings.node_id, device_serial=job.serial):
@@ -128,6 +140,7 @@ class NodeAgent:
                         job, "skipped", error="unknown_device: this node's driver never listed this serial")
                 continue
             self.scheduler.submit(job)
+        self.journal.flush()  # the command is acked when this returns: its events are committed first
         self.dispatch()
 
     def on_cancel(self, cancel: RunCancel) -> None:
@@ -141,6 +154,7 @@ class NodeAgent:
                 task = self.tasks.get(job.serial)
                 if task is not None:
                     task.cancel()
+        self.journal.flush()  # the command is acked when this returns: its events are committed first
         with bound_contextvars(run_id=cancel.run_id, node_id=self.settings.node_id):
             log.info("Run cancelled", dropped=len(dropped))
 
@@ -173,6 +187,7 @@ class NodeAgent:
                     log.info("Task interrupted; queued again", attempt=job.attempt)
                     self.executor.task_event(job, "queued")
             self.scheduler.submit(job)
+        self.journal.flush()
         if self.scheduler.queued:
             log.info("journal recovered", node_id=self.settings.node_id, queued=self.scheduler.queued)
 

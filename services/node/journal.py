@@ -4,21 +4,43 @@ A broadcast is acked on JetStream only after `add_broadcast` committed every
 device job of it; an event is written to the outbox in the same transaction
 that advances its job's `seq`, so after a crash the journal says exactly what
 was started and what still has to be published.
+
+Group commit: `record` and `add_event` stage their rows in memory; every row
+staged during one turn of the event loop is written in one transaction, at the
+start of the next turn (`flush`). A caller whose next action depends on an event
+(the executor before a step reaches the phone) awaits `durable()`, which returns
+once that commit is done; every other write of the journal (a broadcast, a
+cancel, a read of the outbox or of unfinished jobs) commits the staged rows
+first, so the file always holds events in the order they were recorded. The
+outbox only ever reads committed rows and is woken by each commit (`on_commit`).
+Called with no event loop running, `record` and `add_event` commit at once.
+
+Durability: WAL with `synchronous=NORMAL`. A commit is in the WAL file (the
+OS's page cache) when it returns, so a crash of the process (kill -9) loses
+nothing committed; a power loss or OS crash may lose the last commits (the WAL
+is fsynced at checkpoints, not at each commit). Rows staged but not yet
+committed are lost with the process, and nothing that depends on them has
+happened yet (docs/node.md, "Journal").
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, get_args
 
 import msgspec
+import structlog
 
 from contracts.commands import RunBroadcast
-from contracts.events import Event
+from contracts.events import Event, TaskState
 from contracts.subjects import evt_subject
+
+log = structlog.get_logger(__name__)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS broadcasts (
@@ -30,7 +52,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     run_id   TEXT NOT NULL,
     serial   TEXT NOT NULL,
     ord      INTEGER NOT NULL,
-    state    TEXT NOT NULL,
+    state    TEXT NOT NULL CHECK (state IN ({states})),
     attempt  INTEGER NOT NULL,
     seq      INTEGER NOT NULL,
     PRIMARY KEY (run_id, serial)
@@ -45,9 +67,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_id  TEXT NOT NULL,
     payload   BLOB NOT NULL
 );
-"""
+""".format(states=", ".join(f"'{s}'" for s in get_args(TaskState)))  # older journals: without the CHECK
 
 _encoder = msgspec.json.Encoder()
+# What `unfinished_jobs` reads back (its query selects only these), as `TaskState` values.
+_UNFINISHED: dict[str, TaskState] = {"queued": "queued", "running": "running", "interrupted": "interrupted"}
 
 
 @dataclass
@@ -57,15 +81,14 @@ class Job:
     run_id: str
     serial: str
     ord: int
-    state: str = "queued"
+    state: TaskState = "queued"
     attempt: int = 1
     seq: int = 0
     cancel_requested: bool = field(default=False, compare=False)
     queued_at: float = field(default=0.0, compare=False)  # scheduler clock, set when queued
 
 
-@dataclass(frozen=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):  # a tuple: built for every event published, so cheap to make
     id: int
     subject: str
     event_id: str
@@ -94,9 +117,108 @@ class Journal:
             self._db.execute("UPDATE broadcasts SET received_at = ?", (time.time(),))
         self._broadcasts: dict[str, RunBroadcast] = {}
         self._known: set[str] = {row[0] for row in self._db.execute("SELECT serial FROM known_devices")}
+        # Staged by `record`/`add_event`/`outbox_delete`, written by the next `flush`.
+        self._staged_jobs: dict[tuple[str, str], tuple[str, int, int, str, str]] = {}
+        self._staged_events: list[tuple[str, str, bytes]] = []
+        self._staged_deletes: list[tuple[int, int]] = []  # id ranges, both ends included
+        self._flush_handle: asyncio.Handle | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self.on_commit: Callable[[], None] | None = None  # called after each commit that added events
+        self.commits = 0  # group commits written (figures for benchmarks and tests)
+        self._recorded = 0  # events staged since the journal was opened
+        self._committed = 0  # how many of those are committed (they commit in the order staged)
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self.flush()
+        finally:
+            if self._flush_handle is not None:
+                self._flush_handle.cancel()
+                self._flush_handle = None
+            self._db.close()
+
+    # -- group commit --------------------------------------------------------------
+
+    @property
+    def staged(self) -> int:
+        """Events recorded but not committed yet."""
+        return len(self._staged_events)
+
+    def _stage(self) -> None:
+        """Have the staged rows committed at the start of the next loop turn (at once without a loop)."""
+        if self._flush_handle is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_handle = loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self._flush_handle = None
+        try:
+            self.flush()
+        except Exception:  # the waiters got the error; the rows stay staged for the next commit
+            log.exception("journal commit failed", staged=len(self._staged_events))
+
+    def flush(self) -> None:
+        """Commit every staged row now, in one transaction; wake the callers awaiting `durable()`."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        jobs, events, deletes = self._staged_jobs, self._staged_events, self._staged_deletes
+        if not (jobs or events or deletes):
+            return
+        waiters, self._waiters = self._waiters, []
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                if jobs:
+                    db.executemany(
+                        "UPDATE jobs SET state = ?, attempt = ?, seq = ? WHERE run_id = ? AND serial = ?",
+                        jobs.values())
+                if events:
+                    db.executemany("INSERT INTO outbox (subject, event_id, payload) VALUES (?, ?, ?)", events)
+                if deletes:
+                    db.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", deletes)
+                db.execute("COMMIT")
+            except BaseException:
+                if db.in_transaction:  # a failed COMMIT may have rolled back already
+                    db.execute("ROLLBACK")
+                raise
+        except BaseException as exc:
+            for w in waiters:
+                if not w.done():
+                    w.set_exception(exc)
+            raise
+        self._staged_jobs, self._staged_events, self._staged_deletes = {}, [], []
+        self._committed = self._recorded
+        self.commits += 1
+        for w in waiters:
+            if not w.done():  # a waiter cancelled meanwhile (its task was cancelled) needs nothing
+                w.set_result(None)
+        if events and self.on_commit is not None:
+            self.on_commit()
+
+    async def durable(self) -> None:
+        """Return once every event recorded so far is committed (at once when none is staged).
+
+        The commit of this loop turn's rows is already scheduled (`call_soon`), so yielding once lets it run
+        first and resumes the caller right after it, in the same turn; only if that commit failed (or
+        was not this turn's) does the caller wait for the next one, which raises what it raises.
+        """
+        mine = self._recorded
+        if self._committed >= mine:
+            return
+        self._stage()
+        await asyncio.sleep(0)
+        while self._committed < mine:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            self._stage()
+            await waiter
 
     # -- devices ------------------------------------------------------------------
 
@@ -105,6 +227,7 @@ class Journal:
         does not make this node's own devices unknown)."""
         new = set(serials) - self._known
         if new:
+            self.flush()
             self._db.executemany("INSERT OR IGNORE INTO known_devices (serial) VALUES (?)", [(s,) for s in new])
             self._known |= new
 
@@ -115,6 +238,7 @@ class Journal:
 
     def add_broadcast(self, broadcast: RunBroadcast) -> list[Job]:
         """Store a broadcast and its device jobs; return the jobs that are new (redelivery: none)."""
+        self.flush()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -153,6 +277,7 @@ class Journal:
         A cancel for a run not seen yet leaves an empty, cancelled placeholder, so
         the broadcast, should it be delivered later, adds no job.
         """
+        self.flush()
         cur = self._db.execute("UPDATE broadcasts SET cancelled = 1 WHERE run_id = ?", (run_id,))
         if cur.rowcount:
             return True
@@ -175,6 +300,7 @@ class Journal:
         (unsent events leave only when published).
         """
         now = time.time() if now is None else now
+        self.flush()
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -200,54 +326,65 @@ class Journal:
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs still `queued`, `running` or `interrupted`, in arrival order (for recovery after a restart)."""
+        self.flush()
         rows = self._db.execute(
             "SELECT run_id, serial, ord, state, attempt, seq FROM jobs"
             " WHERE state IN ('queued', 'running', 'interrupted') ORDER BY ord"
         ).fetchall()
-        return [Job(*row) for row in rows]
+        return [Job(run_id, serial, ord_, _UNFINISHED[state], attempt, seq)
+                for run_id, serial, ord_, state, attempt, seq in rows]
 
-    def record(self, job: Job, state: str | None, event: Event) -> None:
-        """Advance `job` (seq, and state when given) and queue `event` for publishing, atomically."""
+    def record(self, job: Job, state: TaskState | None, event: Event) -> None:
+        """Advance `job` (seq, and state when given) and queue `event` for publishing, in one commit.
+
+        The job's row and the event are committed together by the next `flush`
+        (await `durable()` before acting on them).
+        """
         if state is not None:
             job.state = state
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute(
-                "UPDATE jobs SET state = ?, attempt = ?, seq = ? WHERE run_id = ? AND serial = ?",
-                (job.state, job.attempt, job.seq, job.run_id, job.serial),
-            )
-            self._insert_event(event)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        self._staged_jobs[(job.run_id, job.serial)] = (job.state, job.attempt, job.seq, job.run_id, job.serial)
+        self._stage_event(event)
 
     # -- outbox ----------------------------------------------------------------
 
-    def _insert_event(self, event: Event) -> None:
+    def _stage_event(self, event: Event) -> None:
         kind = type(event).__struct_config__.tag
-        self._db.execute(
-            "INSERT INTO outbox (subject, event_id, payload) VALUES (?, ?, ?)",
+        self._recorded += 1
+        self._staged_events.append(
             (evt_subject(event.node_id, kind, getattr(event, "run_id", None)),  # type: ignore[arg-type]
-             event.event_id, _encoder.encode(event)),
-        )
+             event.event_id, _encoder.encode(event)))
+        self._stage()
 
     def add_event(self, event: Event) -> None:
-        """Queue an event that belongs to no job (inventory, heartbeat)."""
-        self._insert_event(event)
+        """Queue an event that belongs to no job (inventory, heartbeat); committed like `record`."""
+        self._stage_event(event)
 
     def outbox_batch(self, limit: int) -> list[OutboxRow]:
+        """The oldest committed events (whatever is staged is committed first)."""
+        self.flush()
         rows = self._db.execute(
             "SELECT id, subject, event_id, payload FROM outbox ORDER BY id LIMIT ?", (limit,)
         ).fetchall()
-        return [OutboxRow(*row) for row in rows]
+        return list(map(OutboxRow._make, rows))
 
     def outbox_delete(self, ids: list[int]) -> None:
+        """Remove published rows in the next commit (a row published twice is stored once: `Nats-Msg-Id`).
+
+        No commit of its own is scheduled: the deletes go with the next events, the outbox's next read,
+        or `close`. A crash before then re-publishes those rows, and JetStream drops the duplicates.
+        """
         if ids:
-            marks = ",".join("?" * len(ids))
-            self._db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", ids)
+            self._staged_deletes.extend((i, i) for i in ids)
+
+    def outbox_delete_through(self, first: int, last: int) -> None:
+        """Remove every row with `first <= id <= last`, in the next commit: all of one `outbox_batch`, published.
+
+        No row outside that batch has an id in between: the batch held the lowest ids, and ids only grow
+        (AUTOINCREMENT), so a row added since has a higher id than `last`.
+        """
+        self._staged_deletes.append((first, last))
 
     def outbox_size(self) -> int:
+        self.flush()
         (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(n)
