@@ -19,6 +19,7 @@ import msgspec
 
 from contracts.events import ArtifactEvent, DeviceInventoryEvent, Event, NodeHeartbeat, StepEvent, TaskEvent
 from contracts.subjects import EVENT_KINDS, EventKind, evt_filters, role_inbox_prefix
+from runtime import aio
 from runtime.stopping import install_stop_handlers
 
 _decoder = msgspec.json.Decoder(Event)
@@ -139,6 +140,6 @@ def main(args: argparse.Namespace) -> int:
             restore()
 
     try:
-        return asyncio.run(runner())
+        return aio.run(runner())
     except KeyboardInterrupt:
         return 0

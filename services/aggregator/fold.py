@@ -83,6 +83,7 @@ class Batch:
     items: list[Incoming] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     clamped: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # (node_id, sent ts, used ts)
+    seqs: list[int | None] = field(default_factory=list)  # the fetched messages' stream sequences, in order
 
 
 @dataclass
