@@ -10,9 +10,12 @@ import uuid
 
 import asyncpg
 import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from doai.embedded import EmbeddedNats
 from runtime import db, jetstream
+from runtime.pull_consumer import quick_next_msg
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import FleetRecording, check_truth, consumer_settled, migrate, poll, publish, seed_run
 from tests.conftest import nats_options
@@ -127,6 +130,39 @@ async def test_a_crash_with_fetched_batches_waiting_loses_nothing_and_applies_no
         await holder.close()
         await pool.close()
         await admin.close()
+
+
+async def test_quick_next_msg_hands_out_what_fetch_did_and_still_times_out_when_empty(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The shortcut the aggregator's fetch takes (`quick_next_msg`) changes the cost, not the result."""
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="QUICK", subjects=["quick.>"])
+        for i in range(60):
+            await js.publish(f"quick.{i % 3}", str(i).encode())
+        await js.add_consumer("QUICK", ConsumerConfig(durable_name="q", deliver_policy=DeliverPolicy.ALL,
+                                                      ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+        sub = await js.pull_subscribe_bind(durable="q", stream="QUICK")
+        assert quick_next_msg(sub)
+        got: list[bytes] = []
+        while len(got) < 60:
+            msgs = await sub.fetch(25, timeout=2.0)
+            assert 0 < len(msgs) <= 25
+            for m in msgs:
+                got.append(m.data)
+                await m.ack()
+        assert got == [str(i).encode() for i in range(60)]  # each once, in stream order
+        assert sub.pending_msgs == 0 and sub.pending_bytes == 0  # the queue's bookkeeping kept
+        with pytest.raises(nats.errors.TimeoutError):  # nothing left: the normal empty case, as before
+            await sub.fetch(10, timeout=0.3)
+        await nc.flush()
+        info = await js.consumer_info("QUICK", "q")
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        assert not quick_next_msg(object())  # type: ignore[arg-type]  # not nats-py's: left alone
+    finally:
+        await nc.close()
 
 
 async def _ready(value: bool) -> bool:

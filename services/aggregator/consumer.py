@@ -144,7 +144,7 @@ class Aggregator:
         self.consumer = PullConsumer(js, EVT_STREAM, AGGREGATOR_DURABLE, nc=nc, ensure=self._ensure_consumer,
                                      batch=batch_size, fetch_timeout_s=fetch_timeout_s,
                                      first_backoff_s=first_backoff_s, max_backoff_s=max(1.0, max_backoff_s),
-                                     check_every_s=check_every_s)
+                                     check_every_s=check_every_s, quick_next=True)
         self.folded = 0  # events applied
         self.skipped = 0  # events seen again (already applied)
         self.dead = 0  # messages dead-lettered
