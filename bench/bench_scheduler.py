@@ -36,7 +36,7 @@ import nats  # noqa: E402
 import psutil  # noqa: E402
 
 from bench.auth_support import creds, embedded_nats, options  # noqa: E402
-from contracts.recipe import validate_recipe  # noqa: E402
+from contracts.recipe_check import validate_recipe  # noqa: E402
 from doai.embedded import EmbeddedNats, free_port  # noqa: E402
 from runtime import jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402

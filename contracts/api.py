@@ -7,13 +7,13 @@ schema a client (or a fuzzer) sees is the one the server enforces.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from contracts.events import RecordedTaskState
+from contracts.events import RecordedTaskState, StepState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
-from contracts.recipe import MAX_INT, MIN_INT, ParamName, StepId
+from contracts.recipe_model import MAX_INT, MIN_INT, ParamName, StepId
 from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN
 
 NodeId = Annotated[str, Meta(pattern=NODE_ID_PATTERN)]
@@ -141,7 +141,7 @@ class StepView(Struct, kw_only=True):
     step_id: Annotated[str, Meta(description="The recipe step id")]
     index: Annotated[int, Meta(description="Position of the step in the recipe (0-based)")]
     action: Annotated[str, Meta(description="The step's action (open_url, tap, screenshot, ...)")]
-    state: Annotated[str, Meta(description="started, ok, failed, timed_out or skipped")]
+    state: Annotated[StepState, Meta(description="started, ok, failed, timed_out or skipped")]
     started_at: Annotated[str | None, Meta(description="When the step (its last try) started")]
     finished_at: Annotated[str | None, Meta(description="When the step finished")]
     output: Annotated[str | None, Meta(description="What the step returned (clipped), e.g. a shell command's output")]
@@ -149,8 +149,10 @@ class StepView(Struct, kw_only=True):
 
 
 RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
+RUN_STATUSES: tuple[RunStatus, ...] = get_args(RunStatus)
+FINISHED_RUN_STATUSES: frozenset[RunStatus] = frozenset({"completed", "cancelled"})
 RunOutcome = Literal["succeeded", "failed", "cancelled"]
-StateCounts = Annotated[dict[str, int], Meta(description=(
+StateCounts = Annotated[dict[RecordedTaskState, int], Meta(description=(
     "Number of tasks per task state (queued, running, succeeded, failed, timed_out, cancelled, skipped,"
     " interrupted, lost); states with no task are left out"))]
 
@@ -263,12 +265,12 @@ class RunSummary(Struct, kw_only=True):
     run_id: str
     workflow_id: str
     workflow_version: int
-    status: str
+    status: RunStatus
     created_at: str
     dispatched_at: str | None
     finished_at: str | None
     targets: int
-    counts: dict[str, int]
+    counts: StateCounts
 
 
 class RunPage(Struct, kw_only=True):

@@ -6,7 +6,7 @@ from datetime import datetime
 
 from msgspec import Struct
 
-from contracts.recipe import Recipe
+from contracts.recipe_model import Recipe
 
 
 class RunBroadcast(Struct, tag_field="type", tag="run", kw_only=True):

@@ -10,17 +10,20 @@ ignore anything older than what it already applied.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Final, Literal, get_args
 
 from msgspec import Meta, Struct
 
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN
 from contracts.subjects import EventKind
 
+# Task and step states are these Literals wherever they are held (node, backend, aggregator, CLI);
+# a state is plain text only in SQL and on the wire.
 TaskState = Literal[
     "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped", "interrupted"
 ]
-TERMINAL_TASK_STATES: frozenset[str] = frozenset(
+TASK_STATES: Final[tuple[TaskState, ...]] = get_args(TaskState)
+TERMINAL_TASK_STATES: Final[frozenset[TaskState]] = frozenset(
     {"succeeded", "failed", "timed_out", "cancelled", "skipped"}
 )
 # What a task row can read (REST, views): a node's states, and `lost`, which the aggregator writes
@@ -29,7 +32,12 @@ TERMINAL_TASK_STATES: frozenset[str] = frozenset(
 RecordedTaskState = Literal[
     "queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped", "interrupted", "lost"
 ]
+RECORDED_TASK_STATES: Final[tuple[RecordedTaskState, ...]] = get_args(RecordedTaskState)
+# `lost` counts as done for a run's status (and its outcome) though a node's next report may replace it.
+DONE_TASK_STATES: Final[frozenset[RecordedTaskState]] = frozenset({*TERMINAL_TASK_STATES, "lost"})
 StepState = Literal["started", "ok", "failed", "timed_out", "skipped"]
+STEP_STATES: Final[tuple[StepState, ...]] = get_args(StepState)
+TERMINAL_STEP_STATES: Final[frozenset[StepState]] = frozenset({"ok", "failed", "timed_out", "skipped"})
 
 
 # Bounds on what ends up in indexed columns: a malformed event fails to decode

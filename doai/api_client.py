@@ -7,6 +7,7 @@ the server or a proxy closed); POSTs are not, except through an `Idempotency-Key
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -15,9 +16,50 @@ from typing import Any
 
 import httpx
 
-FINAL_TASK_STATES = frozenset({"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
-FINISHED_RUN_STATES = frozenset({"completed", "cancelled"})
+from contracts.api import FINISHED_RUN_STATUSES, RunOutcome, RunStatus
+from contracts.events import RecordedTaskState
+
+# What `doai runs watch` counts as done (as the run summary's `not_succeeded` does, `interrupted` too).
+FINAL_TASK_STATES: frozenset[RecordedTaskState] = frozenset(
+    {"succeeded", "failed", "timed_out", "cancelled", "skipped", "lost", "interrupted"})
 GET_TRIES = 4
+
+
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+
+
+def may_retry(request: httpx.Request, exc: httpx.TransportError) -> bool:
+    """Whether `request` may be sent again after `exc`.
+
+    A request that never left (the connection could not be opened) always may; one that may have
+    reached the server (the connection dropped: a keep-alive connection the server or a proxy closed,
+    `RemoteProtocolError: Server disconnected without sending a response`) only when it is
+    idempotent: GET and friends, or a POST with an `Idempotency-Key` (the API replays the answer).
+    """
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return True
+    return request.method in IDEMPOTENT_METHODS or "Idempotency-Key" in request.headers
+
+
+class RetryingTransport(httpx.AsyncBaseTransport):
+    """An async transport that sends a request again (short back-off) when `may_retry` allows it."""
+
+    def __init__(self, tries: int = GET_TRIES, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.tries = tries
+        self.inner = inner or httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        for attempt in range(self.tries):
+            try:
+                return await self.inner.handle_async_request(request)
+            except httpx.TransportError as exc:
+                if attempt == self.tries - 1 or not may_retry(request, exc):
+                    raise
+                await asyncio.sleep(0.2 * 2 ** attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class ApiError(Exception):
@@ -84,7 +126,11 @@ class Api:
                 continue
             if resp.status_code >= 400:
                 raise _error(resp)
-            return resp.json()
+            try:
+                return resp.json()
+            except ValueError:  # e.g. a proxy's HTML page: one clear line, not a traceback
+                raise ApiError(resp.status_code, "bad_answer",
+                               f"{self.url}{path}: not JSON: {resp.text[:200]!r}") from None
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- resources ---------------------------------------------------------------
@@ -98,7 +144,7 @@ class Api:
         result: dict[str, Any] = self.post("/v1/runs", body, idempotency_key)
         return result
 
-    def list_runs(self, status: str | None = None, workflow_id: str | None = None,
+    def list_runs(self, status: RunStatus | None = None, workflow_id: str | None = None,
                   limit: int = 20) -> list[dict[str, Any]]:
         page = self.get("/v1/runs", {"status": status, "workflow_id": workflow_id, "limit": limit})
         runs: list[dict[str, Any]] = page["runs"]
@@ -108,7 +154,7 @@ class Api:
         result: dict[str, Any] = self.get(f"/v1/runs/{run_id}")
         return result
 
-    def tasks(self, run_id: str, state: str | None = None, node_id: str | None = None,
+    def tasks(self, run_id: str, state: RecordedTaskState | None = None, node_id: str | None = None,
               serial: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
         """The run's tasks (paged endpoint when the API has it, else the run document's inline list)."""
         try:
@@ -135,6 +181,7 @@ class Api:
         return result
 
     def retry(self, run_id: str, states: list[str], idempotency_key: str | None = None) -> dict[str, Any]:
+        """`states` as the operator typed them: the API checks them (422 names a state that is not one)."""
         result: dict[str, Any] = self.post(f"/v1/runs/{run_id}/retry", {"states": states}, idempotency_key)
         return result
 
@@ -154,18 +201,18 @@ class Progress:
 
     run_id: str
     workflow: str
-    status: str
-    outcome: str | None  # succeeded / failed / cancelled once finished, else None
+    status: RunStatus
+    outcome: RunOutcome | None  # succeeded / failed / cancelled once finished, else None
     targets: int
-    counts: dict[str, int]
-    nodes: dict[str, dict[str, int]] = field(default_factory=dict)
+    counts: dict[RecordedTaskState, int]
+    nodes: dict[str, dict[RecordedTaskState, int]] = field(default_factory=dict)
     started: datetime | None = None
     finished_at: datetime | None = None
     parent_run_id: str | None = None
 
     @property
     def finished(self) -> bool:
-        return self.status in FINISHED_RUN_STATES
+        return self.status in FINISHED_RUN_STATUSES
 
     @property
     def done(self) -> int:
@@ -199,17 +246,17 @@ class Progress:
 
 
 def progress(run: dict[str, Any]) -> Progress:
-    counts: dict[str, int] = dict(run.get("counts") or {})
+    counts: dict[RecordedTaskState, int] = dict(run.get("counts") or {})
     targets = int(run.get("targets") or sum(counts.values()))
-    nodes: dict[str, dict[str, int]] = {}
+    nodes: dict[str, dict[RecordedTaskState, int]] = {}
     if isinstance(run.get("nodes"), list):  # summary shape: counts per node
         nodes = {n["node_id"]: dict(n["counts"]) for n in run["nodes"]}
     for t in run.get("tasks") or []:  # inline tasks (older shape)
         per = nodes.setdefault(t["node_id"], {})
         per[t["state"]] = per.get(t["state"], 0) + 1
-    status = str(run["status"])
-    outcome = run.get("outcome")
-    if outcome is None and status in FINISHED_RUN_STATES:
+    status: RunStatus = run["status"]
+    outcome: RunOutcome | None = run.get("outcome")
+    if outcome is None and status in FINISHED_RUN_STATUSES:
         outcome = ("cancelled" if status == "cancelled"
                    else "succeeded" if counts.get("succeeded", 0) == targets else "failed")
     timings = run.get("timings") or {}

@@ -16,6 +16,7 @@ from runtime.aio import Stopped
 from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
 from runtime.stopping import install_stop_handlers
+from services.node.errors import NodeError
 
 
 def _config_error(name: str, exc: ConfigError) -> int:
@@ -50,7 +51,8 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
 def _startup_errors() -> tuple[type[BaseException], ...]:
     """What a part raises when a server cannot be reached: shown as one line, not a traceback."""
     # ConfigError: a setting only checked at start (the node's command public key, which enrollment may fill).
-    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ConfigError)
+    # NodeError: the node's deliberate errors, e.g. the backend refused its enrollment.
+    errors: tuple[type[BaseException], ...] = (OSError, RuntimeError, ConfigError, NodeError)
     try:
         import asyncpg  # only the server parts install it
     except ImportError:
@@ -87,8 +89,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         devices=args.devices, slots=args.slots, host=args.host, port=8000 if args.port is None else args.port,
         port_given=args.port is not None,
         token=os.environ.get("DOAI_API_TOKEN"), demo=args.demo, demo_timeout_s=args.timeout,
-        node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None,
+        node_secret=os.environ.get("NODE_AGENT_SHARED_SECRET") or None, workers=args.workers,
+        sim_latency_ms=args.sim_latency_ms, screen_latency_ms=args.screen_latency_ms,
     )
+    if not 0 <= args.workers <= 256 or min(args.nodes, args.devices, args.sim_latency_ms, args.screen_latency_ms) < 0:
+        sys.stderr.write("doai up: --workers must be between 0 and 256; --nodes, --devices and latencies "
+                         "not negative\n")
+        return 2
     # The console shows what an operator needs; every log line goes to a JSON file (`-v`: also to stderr).
     log_path = Path(os.environ.get("DOAI_LOG_FILE") or opts.home / "logs" / "doai.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +237,7 @@ def cmd_vendor_probe(args: argparse.Namespace) -> int:
 
 
 def cmd_recipes_validate(args: argparse.Namespace) -> int:
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     bad = 0
     for name in args.paths:
@@ -253,7 +260,7 @@ def cmd_recipes_publish(args: argparse.Namespace) -> int:
     """Validate each file here, then publish it through the API (every fault with its path)."""
     import httpx
 
-    from contracts.recipe import RecipeInvalid, decode_recipe
+    from contracts.recipe_check import RecipeInvalid, decode_recipe
 
     token = os.environ.get("DOAI_API_TOKEN", "").split(",")[0].strip()
     if not token:
@@ -318,6 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--nodes", type=int, default=2, help="node agents to start (default 2)")
     up.add_argument("--devices", type=int, default=10, help="simulated devices per node (default 10)")
     up.add_argument("--slots", type=int, default=20, help="devices run at once per node (default 20)")
+    up.add_argument("--workers", type=int, default=0,
+                    help="worker processes hosting the nodes and their simulators, so a large fleet uses every "
+                         "core (default 0: all in this process; a dead worker is restarted)")
+    up.add_argument("--sim-latency-ms", type=float, default=20.0,
+                    help="simulated phones: milliseconds each vendor request takes (default 20)")
+    up.add_argument("--screen-latency-ms", type=float, default=300.0,
+                    help="simulated phones: milliseconds a screenshot takes (default 300)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=None,
                     help="API port (default: the last one of this DOAI_HOME, else 8000; another free one if busy)")

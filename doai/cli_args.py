@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from contracts.api import RUN_STATUSES
+from contracts.events import RECORDED_TASK_STATES
+
 
 def add_runs_parser(sub: Any) -> argparse.ArgumentParser:
     """`doai runs ...` under the main parser's subcommands."""
@@ -32,14 +35,14 @@ def add_runs_parser(sub: Any) -> argparse.ArgumentParser:
     c.add_argument("--watch", action="store_true", help="then watch it (exit code as `watch`)")
 
     ls = rsub.add_parser("ls", parents=[common], help="list runs, newest first")
-    ls.add_argument("--status", choices=["pending", "dispatched", "running", "completed", "cancelled"])
+    ls.add_argument("--status", choices=RUN_STATUSES)
     ls.add_argument("--workflow")
     ls.add_argument("--limit", type=int, default=20)
 
     show = rsub.add_parser("show", parents=[common], help="a run's summary (--tasks: its devices)")
     show.add_argument("run")
     show.add_argument("--tasks", action="store_true", help="list the run's tasks")
-    show.add_argument("--state", help="only tasks in this state")
+    show.add_argument("--state", choices=RECORDED_TASK_STATES, help="only tasks in this state")
     show.add_argument("--node", help="only tasks of this node")
     show.add_argument("--serial", help="only the task of this device")
     show.add_argument("--limit", type=int, default=200)

@@ -20,12 +20,15 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from contracts.events import RecordedTaskState
 from doai.api_client import Api, ApiError, Progress, progress
 
 EXIT_OK, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
-STATE_ORDER = ("succeeded", "failed", "timed_out", "lost", "cancelled", "skipped", "interrupted", "running", "queued")
-STATE_STYLE = {"succeeded": "green", "failed": "red", "timed_out": "red", "lost": "red", "cancelled": "yellow",
-               "skipped": "yellow", "interrupted": "yellow", "running": "cyan", "queued": "dim"}
+STATE_ORDER: tuple[RecordedTaskState, ...] = (
+    "succeeded", "failed", "timed_out", "lost", "cancelled", "skipped", "interrupted", "running", "queued")
+STATE_STYLE: dict[RecordedTaskState, str] = {
+    "succeeded": "green", "failed": "red", "timed_out": "red", "lost": "red", "cancelled": "yellow",
+    "skipped": "yellow", "interrupted": "yellow", "running": "cyan", "queued": "dim"}
 
 
 class UsageError(Exception):
@@ -37,7 +40,7 @@ def _out() -> Console:
 
 
 def _err(message: str) -> int:
-    Console(stderr=True, highlight=False).print(f"[red]doai runs:[/red] {message}", markup=True)
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"[red]doai runs:[/red] {message}", markup=True)
     return EXIT_ERROR
 
 
@@ -116,7 +119,7 @@ def _duration(seconds: float | None) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _counts_text(counts: dict[str, int]) -> Text:
+def _counts_text(counts: dict[RecordedTaskState, int]) -> Text:
     text = Text()
     for state in sorted(counts, key=lambda s: (STATE_ORDER.index(s) if s in STATE_ORDER else 99, s)):
         if text:

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from doai.embedded import EmbeddedNats, EmbeddedPostgres
+import structlog
+
+from doai.embedded import EmbeddedError, EmbeddedNats, EmbeddedPostgres
 from runtime.nats_auth import NatsTrust, TrustError
+from runtime.watchdog import Watchdog
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -22,11 +31,74 @@ class Infra:
     nats_auth_dir: Path
     # CA file that signed nats-server's TLS certificate (None: plain nats://).
     nats_ca: Path | None = None
+    # The embedded PostgreSQL's TCP address for psql and Grafana (no password in it) and its libpq password file.
+    pg_tcp_url: str | None = None
+    pg_pgpass: Path | None = None
+    # What the operator should know about the start (a saved port that was busy).
+    notes: tuple[str, ...] = ()
+    # The watchdog guarding the embedded servers (None: no embedded server); more children may be registered.
+    watchdog: Watchdog | None = None
 
 
 def doai_home() -> Path:
     """Folder for the embedded servers' data, journals and artifacts (`DOAI_HOME`, default ./var)."""
     return Path(os.environ.get("DOAI_HOME", "var")).resolve()
+
+
+def servers_state_path(home: Path) -> Path:
+    """The embedded servers' ports of this DOAI_HOME, kept across restarts."""
+    return home / "servers.json"
+
+
+def _saved_ports(home: Path) -> dict[str, Any]:
+    try:
+        saved: dict[str, Any] = json.loads(servers_state_path(home).read_text(encoding="utf-8"))
+        return saved
+    except (OSError, ValueError):
+        return {}
+
+
+def _port_setting(name: str) -> int | None:
+    raw = os.environ.get(name)
+    if not raw:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise EmbeddedError(f"{name} must be a port number, not {raw!r}") from None
+
+
+@contextlib.contextmanager
+def hold_home(home: Path) -> Iterator[None]:
+    """One `doai up` per DOAI_HOME at a time: an OS lock on DOAI_HOME/doai-up.lock (released when we die).
+
+    Holding it is what makes stopping a stale server of this home safe: nobody alive owns it.
+    """
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "doai-up.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            if sys.platform == "win32":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = path.read_text(encoding="utf-8", errors="replace").strip() or "?"
+            except OSError:  # Windows: the locked byte cannot be read either
+                holder = "?"
+            raise EmbeddedError(f"another doai up (pid {holder}) is using {home}: stop it first, "
+                                "or use another --home") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
 
 
 @asynccontextmanager
@@ -36,6 +108,11 @@ async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
     NATS trust material: `DOAI_NATS_AUTH_DIR` with an external `NATS_URL` (made by
     `doai nats-auth init`); for the embedded server it is made once under
     `DOAI_HOME/nats-auth` and reused on every start.
+
+    Embedded servers keep their ports across restarts of the same home
+    (`DOAI_HOME/servers.json`; `DOAI_NATS_PORT` / `DOAI_PG_PORT` fix them), are
+    guarded by a watchdog (they die with this process, even on SIGKILL), and a
+    stale server left by an earlier, killed run on this home is stopped first.
     """
     home = home or doai_home()
     nats_url = os.environ.get("NATS_URL")
@@ -46,19 +123,38 @@ async def infrastructure(home: Path | None = None) -> AsyncIterator[Infra]:
                          "(`doai nats-auth init --dir DIR`)")
     auth_dir = Path(configured_auth) if configured_auth else home / "nats-auth"
     nats_ca = Path(os.environ["DOAI_NATS_CA"]) if os.environ.get("DOAI_NATS_CA") else None
-    nats = None if nats_url else EmbeddedNats(home / "nats", await asyncio.to_thread(NatsTrust.ensure, auth_dir))
-    pg = None if database_url else EmbeddedPostgres(home / "pg")
-    try:
-        if nats is not None:
-            await asyncio.to_thread(nats.start)
-            nats_url = nats.url
-        if pg is not None:
-            database_url = await asyncio.to_thread(pg.start)
-        assert nats_url is not None and database_url is not None
-        yield Infra(nats_url, database_url, embedded=nats is not None or pg is not None,
-                    nats_auth_dir=auth_dir, nats_ca=nats_ca)
-    finally:
-        if nats is not None:
-            await asyncio.to_thread(nats.stop)
-        if pg is not None:
-            await asyncio.to_thread(pg.stop)
+    if nats_url and database_url:
+        yield Infra(nats_url, database_url, embedded=False, nats_auth_dir=auth_dir, nats_ca=nats_ca)
+        return
+    with hold_home(home):
+        saved = _saved_ports(home)
+        nats_port, pg_port = _port_setting("DOAI_NATS_PORT"), _port_setting("DOAI_PG_PORT")
+        watchdog = await asyncio.to_thread(Watchdog.start)
+        nats = None if nats_url else EmbeddedNats(
+            home / "nats", await asyncio.to_thread(NatsTrust.ensure, auth_dir),
+            port=nats_port or saved.get("nats_port"), fallback_port=nats_port is None, watchdog=watchdog)
+        pg = None if database_url else EmbeddedPostgres(
+            home / "pg", port=pg_port or saved.get("pg_port"), password_file=home / "keys" / "postgres.password",
+            fallback_port=pg_port is None, watchdog=watchdog)
+        try:
+            if nats is not None:
+                await asyncio.to_thread(nats.start)
+                nats_url = nats.url
+            if pg is not None:
+                database_url = await asyncio.to_thread(pg.start)
+            assert nats_url is not None and database_url is not None
+            ports = {**saved, **({"nats_port": nats.port} if nats else {}), **({"pg_port": pg.port} if pg else {})}
+            await asyncio.to_thread(servers_state_path(home).write_text, json.dumps(ports), "utf-8")
+            notes = tuple(n for server in (nats, pg) if server is not None
+                          for n in (server.stale_note, server.port_note) if n)
+            yield Infra(nats_url, database_url, embedded=True, nats_auth_dir=auth_dir, nats_ca=nats_ca,
+                        pg_tcp_url=pg.tcp_url if pg else None, pg_pgpass=pg.pgpass_file if pg else None,
+                        notes=notes, watchdog=watchdog)
+        finally:
+            # Each stop is bounded (a kill after a few seconds), even when a server hangs.
+            if nats is not None:
+                await asyncio.to_thread(nats.stop)
+            if pg is not None:
+                await asyncio.to_thread(pg.stop)
+            await asyncio.to_thread(watchdog.close)
+            log.info("embedded servers stopped", home=str(home))

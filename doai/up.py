@@ -1,7 +1,8 @@
-"""`doai up`: the whole system in one process on the embedded default.
+"""`doai up`: the whole system on the embedded default.
 
 Starts (or uses) NATS and PostgreSQL, the backend, the aggregator, and
-`--nodes` node agents each with its own simulator of `--devices` phones;
+`--nodes` node agents each with its own simulator of `--devices` phones
+(in this process, or with `--workers N` in N worker processes: `doai.fleet`);
 publishes the recipes in `recipes/`; then serves until Ctrl-C, or with
 `--demo` runs `device-smoke` on every device and exits 0 only if the run
 completed with every task succeeded.
@@ -17,6 +18,7 @@ import secrets
 import socket
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -25,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import structlog
 
+from doai.api_client import RetryingTransport
 from doai.embedded import free_port
+from doai.fleet import NodeHostSpec, WorkerFailed, WorkerFleet, host_nodes, split_nodes
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
 from runtime.aio import Stopped, unless_stopped
@@ -38,9 +43,7 @@ from runtime.supervisor import LoopFailed, Supervisor
 from services.aggregator.main import AggregatorSettings, run_aggregator
 from services.backend.main import run_backend
 from services.backend.settings import BackendSettings
-from services.node.agent import run_node
-from services.node.settings import NodeSettings
-from services.simulator.server import Simulator, SimulatorConfig
+from services.simulator.server import Simulator
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +78,8 @@ class UpOptions:
     log_file: Path | None = None
     # The API port was given (--port): else the one of the last start of this home, else 8000.
     port_given: bool = True
+    # Worker processes hosting the nodes and their simulators (0: all in this process).
+    workers: int = 0
 
 
 def console_state_path(home: Path) -> Path:
@@ -173,7 +178,7 @@ def demo_progress(total: int) -> Iterator[Callable[[str, dict[str, int], str], N
 
 async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -> bool:
     artifact_dir = system.artifact_dir
-    targets = fleet_devices(system.sims)
+    targets = system.targets()
     expected = len(targets)
     # Only devices this process's simulators listed count (the data folder may hold older ones).
     online = await wait_for_devices(client, targets, 60.0, since=system.started_at)
@@ -181,9 +186,10 @@ async def run_demo(client: httpx.AsyncClient, opts: UpOptions, system: System) -
         say(f"only {online} of {expected} simulated devices came online within 60 s")
         return False
     started = time.monotonic()
+    # With an Idempotency-Key a dropped connection is retried (the API replays the same run).
     r = await client.post("/v1/runs", json={
         "workflow_id": "device-smoke", "params": DEMO_PARAMS, "targets": {"devices": targets},
-    })
+    }, headers={"Idempotency-Key": f"doai-up-demo-{uuid.uuid4()}"})
     if r.status_code != 201:
         say(f"creating the demo run failed: {r.status_code} {r.text}")
         return False
@@ -241,10 +247,19 @@ class System:
     artifact_dir: Path
     started_at: datetime
     command_public_key: str  # what the nodes verify commands with (the seed stays in the backend)
+    # node_id -> its simulator's serials (in this process or in the workers).
+    devices: dict[str, list[str]] = field(default_factory=dict)
+    workers: WorkerFleet | None = None  # --workers N: the worker processes hosting the nodes
+
+    def targets(self) -> list[dict[str, str]]:
+        """The (node, serial) pairs of the simulated fleet, as run targets."""
+        return [{"node_id": node, "serial": serial} for node, serials in sorted(
+            self.devices.items(), key=lambda kv: int(kv[0].removeprefix("node-"))) for serial in serials]
 
     def client(self, timeout: float = 30.0) -> httpx.AsyncClient:
+        """An API client whose idempotent requests survive a dropped keep-alive connection."""
         return httpx.AsyncClient(base_url=self.api_url, headers={"Authorization": f"Bearer {self.token}"},
-                                 timeout=timeout)
+                                 timeout=timeout, transport=RetryingTransport())
 
     def failures(self) -> list[str]:
         return [str(self.parts.failure)] if self.parts.failure is not None else []
@@ -274,6 +289,7 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                                     nats_ca=str(infra.nats_ca) if infra.nats_ca else None)
     parts = Supervisor(stop, "doai up", grace_s=15.0)
     body_error: BaseException | None = None
+    system: System | None = None
     try:
         async with parts:
             parts.start("backend", lambda: run_backend(settings, stop, on_ready=api_ready.set_result), restart=False)
@@ -285,23 +301,28 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
                             settings.command_public_key)
             if not api_ready.done():
                 raise ComponentFailed("; ".join(system.failures()) or "stopped before the API was ready")
-            for i in range(1, opts.nodes + 1):
-                sim = Simulator(SimulatorConfig(
-                    devices=opts.devices, serial_prefix=f"SIM{i}X", seed=i,
-                    default_latency_ms=opts.sim_latency_ms,
-                    latency_ms={"screen": opts.screen_latency_ms},
-                ))
-                await sim.start()
-                sims.append(sim)
-                # Each node enrolls at the API with the shared secret on its first start (its own NATS
-                # identity, kept under home/node) and reuses those credentials afterwards.
-                node = NodeSettings(
-                    node_id=f"node-{i}", nats_url=infra.nats_url, vendor_url=sim.url, slots=opts.slots,
-                    state_dir=opts.home / "node", artifact_dir=artifact_dir,
-                    inventory_interval_s=opts.inventory_interval_s, api_url=api_url, node_secret=node_secret,
-                    nats_ca=infra.nats_ca,
-                )
-                parts.start(f"node-{i}", functools.partial(run_node, node, stop), restart=False)
+            spec = NodeHostSpec(
+                nodes=list(range(1, opts.nodes + 1)), devices=opts.devices, slots=opts.slots,
+                sim_latency_ms=opts.sim_latency_ms, screen_latency_ms=opts.screen_latency_ms,
+                inventory_interval_s=opts.inventory_interval_s, nats_url=infra.nats_url,
+                nats_ca=str(infra.nats_ca) if infra.nats_ca else None, api_url=api_url, node_secret=node_secret,
+                home=str(opts.home))
+            if opts.workers > 0:
+                logs = opts.log_file.parent if opts.log_file else opts.home / "logs"
+                specs = {k: msgspec.structs.replace(
+                    spec, nodes=share, worker=k,
+                    log_file=str(logs / f"{opts.log_file.stem}.worker-{k}.jsonl") if opts.log_file else None)
+                    for k, share in enumerate(split_nodes(opts.nodes, opts.workers), start=1)}
+                workers = system.workers = WorkerFleet(specs, stop, logs)
+                try:
+                    await workers.start_all()
+                except WorkerFailed as exc:
+                    raise ComponentFailed(str(exc)) from None
+                system.devices.update(workers.devices)
+                for k in specs:
+                    parts.start(f"worker-{k}", functools.partial(workers.keep, k))  # restarted when it dies
+            else:
+                system.devices.update(await host_nodes(spec, parts, stop, sims))
             try:
                 yield system
             except BaseException as exc:  # stop the parts gracefully first, then let it go on
@@ -312,6 +333,8 @@ async def running_system(opts: UpOptions, infra: Infra, token: str, port: int,
         pass  # reported through System.failures (the caller decides the exit code)
     finally:
         stop.set()
+        if system_workers := (system.workers if system is not None else None):
+            await system_workers.close()
         for sim in sims:
             await sim.close()
     if body_error is not None:
@@ -335,16 +358,21 @@ async def up(opts: UpOptions) -> int:
                 await asyncio.to_thread(save_console_state, opts.home, token, httpx.URL(system.api_url).port or port)
                 say(f"doai is up: API {system.api_url}  (token: {token})")
                 say(f"  NATS {infra.nats_url}")
-                if infra.embedded and "host=/" in infra.database_url:
-                    # The embedded PostgreSQL listens on a Unix socket only: psql takes this URI; Grafana needs
-                    # a TCP address (use an external PostgreSQL through DATABASE_URL for it).
-                    say(f"  PostgreSQL (Unix socket, no TCP port): psql '{infra.database_url}'")
+                if infra.pg_tcp_url is not None:
+                    # The embedded PostgreSQL's TCP address for psql and Grafana; its password stays in the file.
+                    say(f"  PostgreSQL {infra.pg_tcp_url}  (psql: PGPASSFILE={infra.pg_pgpass} psql "
+                        f"{infra.pg_tcp_url}; password in {opts.home / 'keys' / 'postgres.password'})")
                 else:
                     say("  PostgreSQL from DATABASE_URL")
+                for note in infra.notes:
+                    say(f"  {note}")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
+                if system.workers is not None:
+                    say(f"  nodes and simulators in {len(system.workers.specs)} worker processes "
+                        f"(pids {' '.join(str(p) for p in system.workers.pids())})")
                 if opts.log_file is not None:
                     say(f"  logs (JSON lines): {opts.log_file}   token and API port kept in "
                         f"{console_state_path(opts.home)}")
@@ -354,9 +382,14 @@ async def up(opts: UpOptions) -> int:
                     return 0 if ok else 1
                 say("press Ctrl-C to stop")
                 await stop.wait()
+                say("stopping: the parts, then the embedded servers (a few seconds at most)")
                 failures = system.failures()
         except ComponentFailed as exc:
             failures = [str(exc)]
+        except httpx.HTTPError as exc:  # the API stayed unreachable through the retries: one line, no traceback
+            say(f"the API did not answer: {type(exc).__name__}: {exc}")
+            failures = [f"API request failed: {exc!r}"]
         for failure in failures:
             log.error("component failed", failure=failure)
+            sys.stderr.write(f"doai up: {failure}\n")
         return 1 if failures else 0

@@ -89,6 +89,29 @@ async def wait_for_wake(wake: asyncio.Event, stop: asyncio.Event, timeout_s: flo
         stopper.cancel()
 
 
+async def finish_unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event, grace_s: float) -> T:
+    """Await `awaitable`; once `stop` is set, give it `grace_s` more, then cancel it (raises `Stopped`)."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            await asyncio.wait({task}, timeout=grace_s)
+    except BaseException:  # we were cancelled (a supervisor killing the loop): the attempt goes with us
+        task.cancel()
+        raise
+    finally:
+        stopper.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    try:
+        await task
+    except BaseException:  # noqa: S110 - cut off because we are stopping
+        pass
+    raise Stopped
+
+
 async def drain_forever(
     once: Callable[[], Awaitable[int]],
     wake: asyncio.Event,
@@ -98,20 +121,30 @@ async def drain_forever(
     what: str,
     first_backoff_s: float = 0.2,
     max_backoff_s: float = 30.0,
+    stop_grace_s: float = 1.0,
 ) -> None:
     """Call `once` until it returns 0, then wait for `wake` (or `poll_s`); on errors back off.
 
     The loop of an outbox: whatever `once` did not finish stays where it was and
-    is retried after `first_backoff_s`, doubling up to `max_backoff_s`.
+    is retried after `first_backoff_s`, doubling up to `max_backoff_s`. When
+    `stop` is set, a `once` in flight gets `stop_grace_s` more and is then
+    cancelled (what it did not finish stays for the next attempt): a hung
+    server does not hold up a stop.
     """
     log = structlog.get_logger(__name__)
     backoff = first_backoff_s
+
+    async def until_empty() -> None:
+        while await once():
+            pass
+
     while not stop.is_set():
         wake.clear()
         try:
-            while await once():
-                pass
+            await finish_unless_stopped(until_empty(), stop, stop_grace_s)
             backoff = first_backoff_s
+        except Stopped:
+            return
         except Exception as exc:
             log.warning(f"{what} failed; will retry", error=str(exc) or repr(exc), retry_in_s=backoff)
             await pause(stop, backoff)

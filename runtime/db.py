@@ -7,6 +7,7 @@ processes starting together do not race.
 
 from __future__ import annotations
 
+import asyncio
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
@@ -33,6 +34,16 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         raise RuntimeError(f"cannot reach PostgreSQL at {redact(dsn)}: {exc}") from exc
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout_s: float = 2.0) -> None:
+    """Close the pool gracefully, but not for longer than `timeout_s`: an unreachable (hung) server
+    must not hold up a stop; then the connections are simply dropped (`terminate`)."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("database pool did not close in time; connections dropped", timeout_s=timeout_s)
+        pool.terminate()
 
 
 def migration_files(folder: Traversable = MIGRATIONS) -> list[tuple[int, Traversable]]:

@@ -168,11 +168,14 @@ async def close(nc: NATS) -> None:
     """
     if nc.is_connected:
         try:
-            await nc.flush(timeout=2)
+            await nc.flush(timeout=1)  # a round trip: milliseconds when the server answers at all
         except Exception as exc:
             log.warning("nats flush at close failed", error=repr(exc))
     try:
-        await nc.close()
+        # Bounded: a hung (not closed) server must not hold up a stop.
+        await asyncio.wait_for(nc.close(), 2.0)
+    except TimeoutError:
+        log.warning("nats connection did not close in time; left behind", timeout_s=2.0)
     except OSError as exc:  # the connection dropped while closing (a server restart): closed all the same
         log.info("nats connection lost while closing", error=repr(exc))
 

@@ -29,6 +29,9 @@ def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     return event
 
 
+_with_traceback = structlog.processors.format_exc_info
+
+
 def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
     parts = [f"{k}={event.pop(k)}" for k in CONTEXT_KEYS if k in event]
     if parts:
@@ -59,12 +62,15 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
 
     def render(logger: WrappedLogger, name: str, event: EventDict) -> str:
         if log_file:
-            line = file_renderer(logger, name, dict(event))
+            # `log.exception(...)`: the traceback goes into the JSON line as `exception` (text).
+            line = file_renderer(logger, name, _with_traceback(logger, name, dict(event)))
             _file_sink(log_file).write((line.decode() if isinstance(line, bytes) else line) + "\n")
         if not console:
             raise structlog.DropEvent
         if fmt != "json":
-            event = _context_prefix(logger, name, event)
+            event = _context_prefix(logger, name, event)  # the console renderer prints a traceback itself
+        else:
+            event = _with_traceback(logger, name, event)
         rendered: str = console_renderer(logger, name, event)
         return rendered
 

@@ -1,4 +1,4 @@
-"""Regenerate `recipes/schema.json` from the workflow DSL (`contracts.recipe.recipe_json_schema`).
+"""Regenerate `recipes/schema.json` from the workflow DSL (`contracts.recipe_model.recipe_json_schema`).
 
 Usage: python scripts/gen_recipe_schema.py [--check]
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from contracts.recipe import recipe_json_schema  # noqa: E402
+from contracts.recipe_model import recipe_json_schema  # noqa: E402
 
 SCHEMA_PATH = ROOT / "recipes" / "schema.json"
 

@@ -32,7 +32,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.events import TERMINAL_TASK_STATES, Event, TaskEvent
 from contracts.ids import new_id, utcnow
-from contracts.recipe import Recipe, resolve_step_timeouts, validate_recipe
+from contracts.recipe_check import resolve_step_timeouts, validate_recipe
+from contracts.recipe_model import Recipe
 from contracts.subjects import CMD_STREAM, EVT_STREAM, cmd_subject
 from runtime import jetstream
 from runtime.signing import Signer

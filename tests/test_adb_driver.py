@@ -19,6 +19,7 @@ import pytest
 from doai.embedded import free_port
 from services.node.adb_driver import AdbDriver
 from services.node.driver import Key
+from services.node.errors import InvalidRequest
 from services.node.steps import shell_line
 from services.node.vendor_client import VendorFailure, VendorTimeout, VendorUnavailable
 from tests.adb_support import FakeAdbServer, FakePhone
@@ -61,7 +62,7 @@ async def test_errors_are_the_vendor_errors_steps_already_report() -> None:
             await driver.shell("GHOST", "echo hi")
         with pytest.raises(VendorTimeout):
             await driver.shell("HANGS", "echo hi", timeout_s=0.5)
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             await driver.shell("all", "echo hi")
     down = AdbDriver(port=free_port())
     with pytest.raises(VendorUnavailable, match="adb start-server"):

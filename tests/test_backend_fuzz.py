@@ -206,5 +206,10 @@ async def test_api_fuzz_finds_no_server_error_and_no_schema_violation(
         created = sum(n for (label, status), n in stateful.items() if label == "POST /v1/runs" and status == 201)
         followed = {label for (label, status) in stateful if status < 300}
         assert created > 0, sorted(stateful.items())
-        assert {"GET /v1/runs/{run_id}", "POST /v1/runs/{run_id}/cancel"} <= followed, sorted(stateful.items())
+        # Sequences went past their first step: at least two different links out of a created run answered 2xx.
+        # Which ones depends on Hypothesis's rule draws (and those on the server's answers), so no single link
+        # is required here; every link resolving to a 2xx is checked deterministically in test_backend_input.
+        from_a_run = {"GET /v1/runs/{run_id}", "GET /v1/runs/{run_id}/tasks", "GET /v1/runs/{run_id}/artifacts",
+                      "POST /v1/runs/{run_id}/cancel", "POST /v1/runs/{run_id}/retry"}
+        assert len(from_a_run & followed) >= 2, "; ".join(map(str, sorted(stateful.items())))
         assert not [k for k in stateful if k[1] >= 500], sorted(stateful.items())

@@ -16,7 +16,8 @@ import asyncpg
 import httpx
 import pytest
 
-from contracts.recipe import MAX_FAULTS, MAX_PARAMS, MAX_STEPS, RecipeInvalid, validate_recipe
+from contracts.recipe_check import MAX_FAULTS, RecipeInvalid, validate_recipe
+from contracts.recipe_model import MAX_PARAMS, MAX_STEPS
 from contracts.text import MAX_TEXT_CHARS
 from doai.embedded import EmbeddedNats
 from runtime.config import ConfigError, load_settings

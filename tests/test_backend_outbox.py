@@ -25,7 +25,7 @@ import pytest
 
 from contracts.api import RunCreate, Targets
 from contracts.commands import Command, RunBroadcast
-from contracts.recipe import decode_recipe
+from contracts.recipe_check import decode_recipe
 from doai.embedded import EmbeddedNats, free_port
 from runtime import db, jetstream
 from runtime.nats_auth import inbox_prefix

@@ -16,7 +16,7 @@ import nats
 from contracts.commands import RunBroadcast
 from contracts.events import NodeHeartbeat, TaskEvent
 from contracts.ids import new_id
-from contracts.recipe import decode_recipe
+from contracts.recipe_check import decode_recipe
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM, cmd_subject, evt_subject
 from tests.conftest import nats_options
 from tests.signing_support import signed_headers

@@ -13,26 +13,28 @@ from typing import Any
 import msgspec
 import pytest
 
-from contracts.recipe import (
-    DEFAULT_STEP_TIMEOUT_MS,
-    DEFAULT_UPLOAD_TIMEOUT_MS,
-    MAX_TIMEOUT_MS,
-    STEP_ACTIONS,
-    AdbShell,
+from contracts.recipe_check import (
     Fault,
-    OpenUrl,
-    Recipe,
     RecipeInvalid,
-    Tap,
     check_int_params,
     decode_recipe,
-    recipe_json_schema,
-    render,
     resolve_int,
     resolve_step_timeouts,
     unused_param_warnings,
     validate_params,
     validate_recipe,
+)
+from contracts.recipe_model import (
+    DEFAULT_STEP_TIMEOUT_MS,
+    DEFAULT_UPLOAD_TIMEOUT_MS,
+    MAX_TIMEOUT_MS,
+    STEP_ACTIONS,
+    AdbShell,
+    OpenUrl,
+    Recipe,
+    Tap,
+    recipe_json_schema,
+    render,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +110,7 @@ def test_committed_schema_matches_generated() -> None:
     fresh = json.dumps(recipe_json_schema(), indent=2, sort_keys=True) + "\n"
     committed = SCHEMA.read_text(encoding="utf-8") if SCHEMA.exists() else ""
     assert committed == fresh, (
-        "recipes/schema.json is out of date with contracts/recipe.py: run `python scripts/gen_recipe_schema.py`"
+        "recipes/schema.json is out of date with contracts/recipe_model.py: run `python scripts/gen_recipe_schema.py`"
     )
 
 

@@ -12,11 +12,14 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -43,7 +46,9 @@ def psql() -> str:
 async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(database_url: str) -> None:
     parts = urlsplit(database_url)
     dbname = parts.path.lstrip("/")
-    host = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p).get("host") or parts.hostname or ""
+    query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+    host = query.get("host") or parts.hostname or ""
+    port = query.get("port") or parts.port  # a Unix-socket URI names its port in the query (?host=DIR&port=N)
     owner = parts.username or "postgres"
     pool = await db.create_pool(database_url)
     try:
@@ -52,8 +57,8 @@ async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(data
         await pool.close()
     env = {**os.environ, "POSTGRES_USER": owner, "POSTGRES_DB": dbname, "GRAFANA_PG_PASSWORD": "ro-pass-123",
            "PGHOST": host, "PATH": f"{Path(psql()).parent}:{os.environ.get('PATH', '')}"}
-    if parts.port:
-        env["PGPORT"] = str(parts.port)
+    if port:
+        env["PGPORT"] = str(port)
     if parts.password:
         env["PGPASSWORD"] = parts.password
     admin = await asyncpg.connect(database_url)
@@ -67,9 +72,34 @@ async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(data
         await admin.execute("INSERT INTO later_migration VALUES (1)")
         ro_url = parts._replace(netloc=f"grafana_ro:ro-pass-123@{parts.hostname or ''}"
                                        f"{':' + str(parts.port) if parts.port else ''}").geturl()
+        # The backend's link settings and one recorded artifact, as a running fleet has them.
+        await admin.execute("INSERT INTO fleet_settings (name, value) VALUES ('api_public_url', 'http://127.0.0.1:8080'),"
+                            " ('artifact_url_key', 'link-key-secret'), ('artifact_url_ttl_s', '600')"
+                            " ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value")
+        await admin.execute("INSERT INTO artifacts (run_id, node_id, device_serial, step_id, store, key, uri, bytes,"
+                            " sha256, content_type, created_at) VALUES (gen_random_uuid(), 'node-1', 'S1', 'shot',"
+                            " 'local', 'lab/node-1/S1/r/1.png', 'file:///x', 8, 'x', 'image/png', now())")
+        settings_before = await admin.fetch("SELECT name, value FROM fleet_settings ORDER BY name")
         ro = await asyncpg.connect(ro_url)
         try:
             assert await ro.fetchval("SELECT count(*) FROM runs") == 0
+            # The link key stays hidden from the read-only role, however it asks ...
+            visible = {r["name"] for r in await ro.fetch("SELECT name FROM fleet_settings")}
+            assert "api_public_url" in visible and "artifact_url_key" not in visible, visible
+            assert await ro.fetchval("SELECT value FROM fleet_settings WHERE name = 'artifact_url_key'") is None
+            for attack in ("SET row_security = off; SELECT value FROM fleet_settings",
+                           "ALTER TABLE fleet_settings DISABLE ROW LEVEL SECURITY",
+                           "DROP POLICY fleet_settings_readable ON fleet_settings"):
+                with pytest.raises(asyncpg.PostgresError):
+                    await ro.execute(attack)
+            # ... while Grafana's image links still work, for recorded artifacts only, expiring as configured.
+            link = await ro.fetchval("SELECT artifact_url('local', 'lab/node-1/S1/r/1.png')")
+            assert link is not None and link.startswith("http://127.0.0.1:8080/v1/artifacts/local/lab/node-1/S1/r/1.png?")
+            query = dict(p.split("=", 1) for p in urlsplit(link).query.split("&"))
+            assert 0 < int(query["expires"]) - time.time() <= 600
+            message = f"local\nlab/node-1/S1/r/1.png\n{query['expires']}".encode()
+            assert query["sig"] == hmac.new(b"link-key-secret", message, hashlib.sha256).hexdigest()
+            assert await ro.fetchval("SELECT artifact_url('local', 'any/key/I/like.png')") is None
             assert await ro.fetchval("SELECT count(*) FROM run_summary") == 0
             assert await ro.fetchval("SELECT x FROM later_migration") == 1
             for attack in ("INSERT INTO runs (run_id) VALUES (gen_random_uuid())", "DELETE FROM later_migration",
@@ -80,6 +110,8 @@ async def test_grafana_gets_a_role_that_reads_everything_and_writes_nothing(data
         finally:
             await ro.close()
         assert await admin.fetchval("SELECT x FROM later_migration") == 1  # nothing changed
+        assert await admin.fetch("SELECT name, value FROM fleet_settings ORDER BY name") == settings_before
+        assert await admin.fetchval("SELECT relrowsecurity FROM pg_class WHERE relname = 'fleet_settings'")
         assert await admin.fetchval("SELECT count(*) FROM runs") == 0
     finally:
         await admin.execute("DROP OWNED BY grafana_ro")

@@ -23,7 +23,7 @@ import httpx
 import nats
 import pytest
 
-from contracts.subjects import node_inbox_prefix
+from contracts.subjects import node_durable, node_inbox_prefix
 from doai.embedded import EmbeddedNats
 from runtime.nats_auth import NatsTrust, jwt_subject
 from runtime.nats_creds import creds_jwt
@@ -257,3 +257,42 @@ def test_doai_up_against_an_external_nats_needs_its_trust_folder(tmp_path: Path)
                          env=env, capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 1
     assert "set DOAI_NATS_AUTH_DIR" in res.stderr and "Traceback" not in res.stderr
+
+
+async def test_enrollment_stops_at_the_node_limit_and_records_nothing_beyond(
+    nats_server: AuthNats, database_url: str
+) -> None:
+    """A leaked shared secret cannot mint NATS identities without bound: DOAI_MAX_NODES caps the enrolled ids."""
+    keys = {f"node-cap{i}": user_public_key_of(new_user_seed()) for i in range(4)}
+    async with running_backend(database_url, nats_server.url, max_nodes=2) as backend:
+        headers = {"X-Node-Auth": backend.settings.node_secret}
+        async with httpx.AsyncClient(base_url=backend.url, headers=headers, timeout=60) as api:
+            async def post(node_id: str) -> httpx.Response:
+                return await api.post("/v1/node/enroll", json={"node_id": node_id, "public_key": keys[node_id]})
+
+            assert (await post("node-cap0")).status_code == 201
+            assert (await post("node-cap1")).status_code == 201
+            # Two more at once: both refused (the count is taken under a lock, so no race gets past it).
+            refused = await asyncio.gather(post("node-cap2"), post("node-cap3"))
+            for r in refused:
+                assert r.status_code == 409 and r.json()["error"]["code"] == "node_limit", r.text
+                assert "DOAI_MAX_NODES" in r.json()["error"]["message"]
+            # An enrolled node asking again still gets its answer.
+            assert (await post("node-cap1")).status_code in (200, 201)
+            # Nothing recorded and no consumer declared for the refused ids.
+            assert await count(database_url, "SELECT count(*) FROM node_identities") == 2
+            nc = await nats_server.connect()
+            try:
+                js = nc.jetstream()
+                consumers = {c.name for c in await js.consumers_info("DOAI_CMD")}
+                assert {node_durable("node-cap0"), node_durable("node-cap1")} <= consumers, consumers
+                assert not {node_durable("node-cap2"), node_durable("node-cap3")} & consumers, consumers
+            finally:
+                await nc.close()
+            # Revoking one makes room for one.
+            async with backend.client(timeout=60) as client:
+                assert (await client.post("/v1/nodes/node-cap0/revoke")).status_code == 200
+            assert (await post("node-cap2")).status_code == 201
+            r = await post("node-cap3")
+            assert r.status_code == 409 and r.json()["error"]["code"] == "node_limit", r.text
+    assert await count(database_url, "SELECT count(*) FROM node_identities WHERE node_id = 'node-cap3'") == 0

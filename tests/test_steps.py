@@ -16,7 +16,7 @@ import msgspec
 import pytest
 import pytest_asyncio
 
-from contracts import recipe as dsl
+from contracts import recipe_model as dsl
 from contracts.local_names import local_path
 from services.node.artifacts import ArtifactError, LocalArtifactStore, StoredArtifact, render_key
 from services.node.settings import DEFAULT_PATH_TEMPLATE
@@ -551,8 +551,7 @@ async def test_upload_gives_up_before_its_timeout_and_keeps_the_spool_copy(
 async def test_upload_does_not_retry_an_error_marked_not_retryable(
     vendor: VendorClient, store: LocalArtifactStore, tmp_path: Path
 ) -> None:
-    refused = ArtifactError("bucket does not exist")
-    refused.retryable = False  # type: ignore[attr-defined]
+    refused = ArtifactError("bucket does not exist", retryable=False)
     once = ScriptedStore(store, [refused])
     ctx = make_ctx(vendor, store, tmp_path)
     ctx.store = once

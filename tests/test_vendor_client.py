@@ -16,6 +16,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from contracts.events import DeviceInfo
 from runtime.config import ConfigError, load_settings
 from services.node.driver import Key
+from services.node.errors import InvalidRequest
 from services.node.factory import build_driver
 from services.node.settings import NodeSettings
 from services.node.vendor_client import (
@@ -190,11 +191,11 @@ async def test_vendor_down_is_a_clear_unavailable_error() -> None:
 
 async def test_refuses_anything_but_one_serial(sim: Simulator, client: VendorClient) -> None:
     for bad in ("all", "ALL", " All ", "SIM0001,SIM0002", "a,b", "", "  "):
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             await client.shell(bad, "echo")
-        with pytest.raises(ValueError):
+        with pytest.raises(InvalidRequest):
             await client.request("pushEvent", bad, {"type": "2"})
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidRequest):
         await client.screenshot("all", Path("/nonexistent"))
     assert sim.requests_total == 0 and sim.calls == []
 

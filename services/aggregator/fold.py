@@ -42,13 +42,18 @@ from typing import Any, TypeVar
 import asyncpg
 
 from contracts.events import (
+    DONE_TASK_STATES,
+    TERMINAL_STEP_STATES,
     TERMINAL_TASK_STATES,
     ArtifactEvent,
     DeviceInventoryEvent,
     Event,
     NodeHeartbeat,
+    RecordedTaskState,
     StepEvent,
+    StepState,
     TaskEvent,
+    TaskState,
 )
 from services.aggregator.validate import (
     DEAD_LETTER_ERROR_CHARS,
@@ -60,12 +65,11 @@ from services.aggregator.validate import (
     storable,
 )
 
-TERMINAL = sorted(TERMINAL_TASK_STATES)
+TERMINAL: list[TaskState] = sorted(TERMINAL_TASK_STATES)
 # `lost` (written by `housekeeping.py`, never by a node event) is done for the run's status but
 # not terminal for the ranking: it keeps the task's seq, so any later node report replaces it.
-DONE = sorted(TERMINAL_TASK_STATES | {"lost"})
-TERMINAL_STEP = ["failed", "ok", "skipped", "timed_out"]
-_TERMINAL_STEP = frozenset(TERMINAL_STEP)
+DONE: list[RecordedTaskState] = sorted(DONE_TASK_STATES)
+TERMINAL_STEP: list[StepState] = sorted(TERMINAL_STEP_STATES)
 
 
 @dataclass
@@ -327,7 +331,7 @@ def _reduce_tasks(events: list[TaskEvent], run_ids: dict[str, uuid.UUID]) -> lis
 
 
 def _reduce_steps(events: list[StepEvent], run_ids: dict[str, uuid.UUID]) -> list[tuple[Any, ...]]:
-    reduced = _reduce(events, lambda e: (e.run_id, e.node_id, e.device_serial, e.step_id), _TERMINAL_STEP,
+    reduced = _reduce(events, lambda e: (e.run_id, e.node_id, e.device_serial, e.step_id), TERMINAL_STEP_STATES,
                       "started")
     return [
         (run_ids[k[0]], k[1], k[2], k[3], e.index, e.action, e.state, e.seq, started, finished, e.output, e.error)

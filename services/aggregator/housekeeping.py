@@ -27,13 +27,14 @@ from dataclasses import dataclass
 import asyncpg
 import structlog
 
+from contracts.events import TaskState
 from runtime import db
 from runtime.aio import pause
 from services.aggregator.fold import DONE, RUN_STATUS
 
 log = structlog.get_logger(__name__)
 
-OPEN_STATES = ["queued", "running", "interrupted"]
+OPEN_STATES: list[TaskState] = ["queued", "running", "interrupted"]
 
 # The runs with a task to mark: open on a silent node, or (cancelled run) lost or open on a silent node.
 _CANDIDATE_RUNS = """

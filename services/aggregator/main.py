@@ -119,4 +119,4 @@ async def run_aggregator(settings: AggregatorSettings, stop: asyncio.Event) -> N
         finally:
             await jetstream.close(nc)
     finally:
-        await pool.close()
+        await db.close_pool(pool)

@@ -10,6 +10,10 @@
   lost answer can be retried); with another key it is refused (409) until an
   operator revokes the node: the shared secret lets you add nodes, not take
   over existing ones.
+* At most `DOAI_MAX_NODES` identities are enrolled and not revoked at once; a
+  new id beyond that is refused (409 `node_limit`), so a leaked shared secret
+  cannot mint NATS identities without bound. New ids are counted under a
+  transaction-scoped advisory lock, so racing enrollments cannot overshoot.
 * Revocation (`POST /v1/nodes/{node_id}/revoke`, operator): the key is added to
   the DOAI account JWT's revocations, the JWT is re-signed with the operator
   signing key and pushed to nats-server's `full` resolver through the system
@@ -39,6 +43,9 @@ from services.backend.runs import iso
 
 log = structlog.get_logger(__name__)
 
+# Serialises the count-then-insert of new node ids (pg_advisory_xact_lock key; the migrations use another).
+_NEW_NODE_LOCK = 0x646F61_6E6F6465
+
 
 def _already_enrolled(node_id: str) -> ApiError:
     return ApiError(409, "node_enrolled", f"node {node_id} is already enrolled with another key; an operator "
@@ -47,13 +54,14 @@ def _already_enrolled(node_id: str) -> ApiError:
 
 class Enrollment:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, trust: NatsTrust, *, nats_url: str,
-                 ca_file: str | None, command_public_key: str) -> None:
+                 ca_file: str | None, command_public_key: str, max_nodes: int = 1000) -> None:
         self._pool = pool
         self._js = js
         self._trust = trust
         self._nats_url = nats_url
         self._ca_file = ca_file
         self._command_public_key = command_public_key
+        self._max_nodes = max_nodes
 
     async def enroll(self, request: api.NodeEnrollRequest) -> tuple[api.NodeEnrollment, bool]:
         """Record the node's key and sign its user JWT; (answer, whether it was new)."""
@@ -81,6 +89,8 @@ class Enrollment:
                                    key, node_id):
                 raise ApiError(409, "key_in_use", "this public key belongs to another node")
             created = row is None
+            if created:
+                await self._check_room(conn, node_id)
             try:
                 enrolled_at = await self._record(conn, node_id, key)
             except asyncpg.UniqueViolationError:  # the same key enrolled concurrently for another node id
@@ -100,6 +110,16 @@ class Enrollment:
         return api.NodeEnrollment(node_id=node_id, public_key=key, user_jwt=user_jwt,
                                   command_public_key=self._command_public_key,
                                   enrolled_at=iso(enrolled_at) or ""), created
+
+    async def _check_room(self, conn: asyncpg.Connection, node_id: str) -> None:
+        """Refuse a new node id when DOAI_MAX_NODES identities are enrolled (revoked ones do not count)."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _NEW_NODE_LOCK)
+        enrolled = await conn.fetchval("SELECT count(*) FROM node_identities WHERE revoked_at IS NULL")
+        if enrolled >= self._max_nodes:
+            log.warning("enrollment refused: node limit reached", node_id=node_id, enrolled=enrolled,
+                        max_nodes=self._max_nodes)
+            raise ApiError(409, "node_limit", f"{enrolled} nodes are enrolled, the most this backend admits"
+                           " (DOAI_MAX_NODES): revoke a node or raise the limit")
 
     @staticmethod
     async def _record(conn: asyncpg.Connection, node_id: str, key: str) -> Any:

@@ -22,7 +22,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from contracts.api import ErrorBody, ErrorResponse
-from contracts.recipe import Fault
+from contracts.recipe_check import Fault
 from contracts.text import clip, explain
 
 MAX_MESSAGE_CHARS = 500

@@ -49,7 +49,7 @@ async def run_backend(settings: BackendSettings, stop: asyncio.Event,
         finally:
             await jetstream.close(nc)
     finally:
-        await pool.close()
+        await db.close_pool(pool)
 
 
 async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamContext, stop: asyncio.Event,
@@ -62,7 +62,7 @@ async def _serve(settings: BackendSettings, pool: asyncpg.Pool, js: JetStreamCon
     assert settings.nats_auth_dir is not None  # checked when the settings were built
     enrollment = Enrollment(pool, js, NatsTrust(settings.nats_auth_dir), nats_url=settings.nats_url,
                             ca_file=str(settings.nats_ca) if settings.nats_ca else None,
-                            command_public_key=settings.command_public_key)
+                            command_public_key=settings.command_public_key, max_nodes=settings.max_nodes)
     try:  # a server that lost its resolver folder gets every revocation back
         revoked = await enrollment.push()
         log.info("NATS account pushed", revoked_keys=revoked)

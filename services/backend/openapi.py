@@ -12,7 +12,7 @@ from typing import Any
 import msgspec
 
 from contracts import api
-from contracts.recipe import Recipe
+from contracts.recipe_model import Recipe
 
 COMPONENTS: tuple[type[Any], ...] = (
     api.RunCreate, api.RunRetry, api.RunCreated, api.RunCancelled, api.RunView, api.RunPage, api.TaskPage,

@@ -13,14 +13,12 @@ import hashlib
 import asyncpg
 import msgspec
 
-from contracts.api import DeviceRef, RunCreate, RunRetry, Targets
-from contracts.recipe import default_step_timeout
+from contracts.api import FINISHED_RUN_STATUSES, DeviceRef, RunCreate, RunRetry, Targets
+from contracts.recipe_model import default_step_timeout
 from contracts.text import clip
 from services.backend import runs, workflows
 from services.backend.errors import ApiError
 from services.backend.settings import IDEMPOTENCY_TTL_S
-
-FINISHED = ("completed", "cancelled")
 
 
 def retry_digest(run_id: str, body: RunRetry) -> str:
@@ -35,7 +33,7 @@ async def retry_run(pool: asyncpg.Pool, run_id: str, body: RunRetry, idempotency
     parent = await pool.fetchrow("SELECT * FROM runs WHERE run_id = $1", rid)
     if parent is None:
         raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
-    if parent["status"] not in FINISHED:
+    if parent["status"] not in FINISHED_RUN_STATUSES:
         raise ApiError(409, "run_not_finished",
                        f"run {rid} is {parent['status']}: retry it once it has completed or been cancelled")
     states = sorted(set(body.states))

@@ -25,7 +25,9 @@ from contracts.api import (
     RunCancelled,
     RunCreate,
     RunCreated,
+    RunOutcome,
     RunPage,
+    RunStatus,
     RunSummary,
     RunTimings,
     RunView,
@@ -37,16 +39,16 @@ from contracts.api import (
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE
 from contracts.artifact_path import check_params as check_path_params
 from contracts.commands import RunBroadcast, RunCancel
-from contracts.recipe import (
+from contracts.events import RecordedTaskState
+from contracts.recipe_check import (
     Fault,
-    Recipe,
     RecipeInvalid,
-    Upload,
     check_assert_patterns,
     check_int_params,
     resolve_step_timeouts,
     validate_params,
 )
+from contracts.recipe_model import Recipe, Upload
 from contracts.subjects import cmd_subject
 from contracts.text import clip
 from services.backend import targets as targeting
@@ -267,7 +269,7 @@ SUMMARY_TIMINGS_SQL = (
     "       FROM run_tasks WHERE run_id = $1) t")
 
 
-def outcome_of(status: str, succeeded: int, targets: int) -> str | None:
+def outcome_of(status: RunStatus, succeeded: int, targets: int) -> RunOutcome | None:
     """`succeeded` when a completed run's every targeted device succeeded, `failed` when one did not,
     `cancelled` for a cancelled run, None while the run is not finished."""
     if status == "cancelled":
@@ -292,8 +294,8 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
         per_node = await conn.fetch(SUMMARY_PER_NODE_SQL, rid)
         failing = await conn.fetch(SUMMARY_FAILING_SQL, rid, TOP_FAILING_STEPS)
         timing = await conn.fetchrow(SUMMARY_TIMINGS_SQL, rid)
-    counts: dict[str, int] = {}
-    nodes: dict[str, dict[str, int]] = {}
+    counts: dict[RecordedTaskState, int] = {}
+    nodes: dict[str, dict[RecordedTaskState, int]] = {}
     for row in per_node:
         counts[row["state"]] = counts.get(row["state"], 0) + row["n"]
         nodes.setdefault(row["node_id"], {})[row["state"]] = row["n"]
@@ -303,7 +305,7 @@ async def get_run(pool: asyncpg.Pool, run_id: str) -> RunView:
     return RunView(
         run_id=str(run["run_id"]), workflow_id=run["workflow_id"],
         workflow_version=run["workflow_version"], status=run["status"],
-        outcome=outcome_of(run["status"], succeeded, targets),  # type: ignore[arg-type]
+        outcome=outcome_of(run["status"], succeeded, targets),
         created_at=iso(run["created_at"]) or "", dispatched_at=iso(run["dispatched_at"]),
         finished_at=iso(run["finished_at"]), params=msgspec.json.decode(run["params"]),
         step_timeouts_ms=msgspec.json.decode(run["step_timeouts_ms"]),
@@ -358,7 +360,7 @@ async def _run_exists(conn: asyncpg.Connection, rid: uuid.UUID, run_id: str) -> 
         raise ApiError(404, "run_not_found", f"unknown run {clip(run_id)}")
 
 
-async def list_tasks(pool: asyncpg.Pool, run_id: str, *, state: str | None, node_id: str | None,
+async def list_tasks(pool: asyncpg.Pool, run_id: str, *, state: RecordedTaskState | None, node_id: str | None,
                      serial: str | None, cursor: str | None, limit: int) -> TaskPage:
     """A run's tasks ordered by (node_id, device_serial), keyset-paged on the primary key."""
     rid = parse_run_id(run_id)
@@ -401,7 +403,7 @@ async def get_task(pool: asyncpg.Pool, linker: ArtifactLinks, run_id: str, node_
     return TaskDetail(task=task_row(task), steps=steps, artifacts=await linker.links(arts, base_url))
 
 
-async def device_tasks(pool: asyncpg.Pool, node_id: str, serial: str, *, state: str | None,
+async def device_tasks(pool: asyncpg.Pool, node_id: str, serial: str, *, state: RecordedTaskState | None,
                        cursor: str | None, limit: int) -> TaskPage:
     """One device's tasks across runs, newest run first, keyset-paged on (run created_at, run_id)."""
     after = _decode(cursor, 2) if cursor else None
@@ -454,7 +456,7 @@ def _aware(ts: datetime | None) -> datetime | None:
 
 
 async def list_runs(
-    pool: asyncpg.Pool, *, status: str | None, workflow_id: str | None, created_after: datetime | None,
+    pool: asyncpg.Pool, *, status: RunStatus | None, workflow_id: str | None, created_after: datetime | None,
     created_before: datetime | None, cursor: str | None, limit: int,
 ) -> RunPage:
     """Newest first; keyset pagination on (created_at, run_id), so pages never skip or repeat a run."""
@@ -470,7 +472,7 @@ async def list_runs(
     )
     more = len(rows) > limit
     rows = rows[:limit]
-    counts: dict[uuid.UUID, dict[str, int]] = defaultdict(dict)
+    counts: dict[uuid.UUID, dict[RecordedTaskState, int]] = defaultdict(dict)
     if rows:
         for c in await pool.fetch(
             "SELECT run_id, state, count(*) AS n FROM run_tasks WHERE run_id = ANY($1::uuid[])"

@@ -14,7 +14,7 @@ from typing import ClassVar
 from msgspec import field
 
 from contracts.artifact_path import DEFAULT_PATH_TEMPLATE, ArtifactPathError, template_fields
-from contracts.recipe import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
+from contracts.recipe_model import DEFAULT_STEP_TIMEOUT_MS, DEFAULT_UPLOAD_TIMEOUT_MS
 from contracts.subjects import CMD_STREAM, EVT_STREAM
 from runtime.config import ConfigError, Settings
 from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
@@ -77,6 +77,9 @@ class BackendSettings(Settings):
     # The artifact path template the nodes use (set the same on both): a run whose workflow uploads is refused
     # at creation when a param the template uses is missing or not a plain path segment.
     path_template: str = field(default=DEFAULT_PATH_TEMPLATE, name="DOAI_ARTIFACT_PATH_TEMPLATE")
+    # At most this many node identities enrolled (not revoked): the shared secret lets anyone who holds it
+    # add nodes, so a leaked secret cannot mint NATS identities without bound.
+    max_nodes: int = field(default=1000, name="DOAI_MAX_NODES")
     # Failed authentications are logged as one line per interval, with their count.
     auth_log_interval_s: float = field(default=60.0, name="DOAI_AUTH_LOG_INTERVAL_S")
     # The NATS trust folder (`doai nats-auth init`): the account signing key that signs node
@@ -120,6 +123,8 @@ class BackendSettings(Settings):
         for node, slots in self.node_slots.items():
             if slots < 1:
                 raise ConfigError(f"DOAI_NODE_SLOTS: {node}={slots} is not node_id=slots with slots >= 1")
+        if not 1 <= self.max_nodes <= 1_000_000:
+            raise ConfigError(f"DOAI_MAX_NODES must be between 1 and 1000000, got {self.max_nodes}")
         if self.default_node_slots < 1:
             raise ConfigError(f"DOAI_DEFAULT_SLOTS must be at least 1, got {self.default_node_slots}")
         try:

@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 
 from contracts.api import WorkflowSummary
-from contracts.recipe import Recipe
+from contracts.recipe_model import Recipe
 from contracts.text import clip
 from services.backend.errors import ApiError
 

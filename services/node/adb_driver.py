@@ -34,8 +34,8 @@ from adbutils.errors import AdbError, AdbTimeout
 
 from contracts.events import DeviceInfo
 from contracts.ids import is_serial
-from contracts.vendor import DeviceMode, check_serial, is_wifi_serial
-from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key
+from contracts.vendor import DeviceMode, is_wifi_serial
+from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key, one_serial
 from services.node.vendor_client import (
     VendorFailure,
     VendorProtocolError,
@@ -131,7 +131,7 @@ class AdbDriver:
         return devices
 
     async def shell(self, serial: str, command: str, *, timeout_s: float | None = None) -> str:
-        check_serial(serial)
+        one_serial(serial)
         device = self._client.device(serial)
         limit = timeout_s or self._timeout
         output: str = await self._call("shell", lambda: device.shell(command, timeout=limit), timeout_s,
@@ -139,7 +139,7 @@ class AdbDriver:
         return output
 
     async def screenshot(self, serial: str, save_dir: Path, *, timeout_s: float | None = None) -> Path:
-        check_serial(serial)
+        one_serial(serial)
         device = self._client.device(serial)
         limit = timeout_s or self._timeout
         data: bytes = await self._call(

@@ -32,26 +32,26 @@ import msgspec
 
 from contracts.commands import RunBroadcast, RunCancel
 from contracts.ids import WORKFLOW_ID_PATTERN, is_run_id, is_serial
-from contracts.recipe import (
-    Recipe,
+from contracts.recipe_check import (
     RecipeInvalid,
     check_assert_patterns,
     resolve_step_timeouts,
     validate_params,
     validate_recipe,
 )
+from contracts.recipe_model import Recipe
+from services.node.errors import NodeError
 
 MAX_DEVICES: Final = 10_000
 _WORKFLOW_ID: Final = re.compile(WORKFLOW_ID_PATTERN)
 _INTEGER: Final = re.compile(r"-?[0-9]{1,19}")
 
 
-class Refused(Exception):
+class Refused(NodeError):
     """A command the node will not act on; `code` names the rule, the message says what was wrong."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message[:600])
-        self.code = code
+        super().__init__(message[:600], code=code)
 
 
 def shown(value: str) -> str:

@@ -20,10 +20,15 @@ from contracts.artifact_path import ArtifactPathError
 from contracts.artifact_path import render_key as _render_key
 from contracts.local_names import local_path
 from runtime.paths import PathEscape, contained
+from services.node.errors import NodeError
 
 
-class ArtifactError(Exception):
+class ArtifactError(NodeError):
+    """A store could not take or give an artifact (unreachable, refused): worth another try within the
+    step's upload timeout."""
+
     code = "artifact_error"
+    retryable = True
 
 
 class ArtifactKeyEscape(ArtifactError):

@@ -20,7 +20,8 @@ from typing import Protocol
 import structlog
 
 from contracts.events import DeviceInfo
-from services.node.errors import NodeError
+from contracts.vendor import check_serial
+from services.node.errors import InvalidRequest, NodeError
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,14 @@ class Key(enum.StrEnum):
     HOME = "home"
     BACK = "back"
     RECENTS = "recents"
+
+
+def one_serial(serial: str) -> str:
+    """`serial` if it names exactly one device (`contracts.vendor.check_serial`), else `InvalidRequest`."""
+    try:
+        return check_serial(serial)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 class DeviceBusy(NodeError):

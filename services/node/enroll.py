@@ -31,13 +31,16 @@ import structlog
 from contracts import api
 from runtime.aio import Stopped, pause
 from runtime.nats_creds import format_creds, write_secret
+from services.node.errors import NodeError
 from services.node.settings import NodeSettings
 
 log = structlog.get_logger(__name__)
 
 
-class EnrollmentRefused(RuntimeError):
+class EnrollmentRefused(NodeError):
     """The backend refused this node's enrollment; retrying the same request cannot help."""
+
+    code = "enrollment_refused"
 
 
 @dataclass(frozen=True)

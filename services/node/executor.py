@@ -20,13 +20,14 @@ from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, Event, StepEvent, TaskEvent
 from contracts.ids import new_id, utcnow
 from contracts.local_names import local_segment
-from contracts.recipe import StepBase, default_step_timeout, step_timeout_bounds
+from contracts.recipe_model import StepBase, default_step_timeout, step_timeout_bounds
 from runtime.paths import PathEscape, contained
-from services.node.artifacts import ArtifactError, ArtifactStore, StoredArtifact
+from services.node.artifacts import ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
+from services.node.errors import NodeError
 from services.node.journal import Job, Journal
-from services.node.steps import StepContext, StepError, clip, execute, failure_screenshot
-from services.node.vendor_client import VendorError, VendorTimeout
+from services.node.steps import StepContext, clip, execute, failure_screenshot
+from services.node.vendor_client import VendorTimeout
 
 log = structlog.get_logger(__name__)
 
@@ -136,12 +137,10 @@ class Executor:
                 except (TimeoutError, VendorTimeout):
                     # The vendor's own request timeout is the step's limit too: either way it is the step's.
                     outcome, error = "timed_out", f"step_timeout: no result within {timeout_s:g} s"
-                except (StepError, VendorError, ArtifactError) as exc:
+                except NodeError as exc:  # a refusal or failure the node raises on purpose: its own code
                     outcome, error = "failed", f"{exc.code}: {exc}"
-                except ValueError as exc:  # e.g. a serial the driver refuses
-                    outcome, error = "failed", f"invalid_request: {exc}"
-                except Exception as exc:  # a driver or store bug: this device fails, the others go on
-                    log.exception("Step raised an unexpected error", step_id=step.id)
+                except Exception as exc:  # a bug in doai or a library: this device fails, the others go on
+                    log.exception("Step raised an unexpected error", step_id=step.id, action=action)
                     outcome, error = "failed", f"internal_error: {exc!r:.300}"
                 else:
                     ctx.outputs[step.id] = result.output or ""

@@ -16,12 +16,14 @@ from pathlib import Path
 import msgspec
 import structlog
 
-from contracts import recipe as dsl
+from contracts import recipe_model as dsl
 from contracts.patterns import PatternError
 from contracts.patterns import search as pattern_search
+from contracts.recipe_check import resolve_int
 from runtime.paths import PathEscape, contained
 from services.node.artifacts import ArtifactStore, StoredArtifact, render_key
 from services.node.driver import DeviceDriver, Key
+from services.node.errors import NodeError
 
 log = structlog.get_logger(__name__)
 
@@ -29,12 +31,11 @@ _OUTPUT_LIMIT = 4000
 _NATIVE_KEYS = frozenset(k.value for k in Key)
 
 
-class StepError(Exception):
+class StepError(NodeError):
     """A step failed for a reason the recipe can see (`code` goes into the event)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 @dataclass
@@ -57,7 +58,7 @@ class StepContext:
     def ints(self, step: dsl.StepBase) -> list[int]:
         """The step's integer fields in declaration order, `{{param}}` placeholders filled in and checked."""
         try:
-            return [dsl.resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
+            return [resolve_int(value, name, self.values) for name, value in dsl.int_fields(step)]
         except ValueError as exc:
             raise StepError("invalid_param", f"step {step.id!r}: {exc}") from None
 
@@ -167,12 +168,13 @@ UPLOAD_MARGIN_S = 0.5  # fail with the store's error just before the step's own 
 
 
 def is_retryable(exc: BaseException) -> bool:
-    """Whether a failed `put` is worth another try: yes, unless the exception says `retryable = False`.
+    """Whether a failed `put` is worth another try: yes, unless it is a `NodeError` that is not `retryable`.
 
-    Stores report unreachable servers and refusals alike as `ArtifactError`;
-    within the step's upload timeout, trying again is cheap and never wrong.
+    Stores report unreachable servers and refusals alike as `ArtifactError` (retryable);
+    within the step's upload timeout, trying again is cheap and never wrong. A key that
+    escapes the store (`ArtifactKeyEscape`) is not retried.
     """
-    return bool(getattr(exc, "retryable", True))
+    return exc.retryable if isinstance(exc, NodeError) else True
 
 
 async def _upload(ctx: StepContext, source: str | None, timeout_s: float) -> StepResult:
@@ -202,8 +204,8 @@ async def _upload(ctx: StepContext, source: str | None, timeout_s: float) -> Ste
         except Exception as exc:
             timed_out = isinstance(exc, TimeoutError) and loop.time() >= deadline
             delay = UPLOAD_BACKOFF_S[min(tries - 1, len(UPLOAD_BACKOFF_S) - 1)]
-            if not timed_out and not is_retryable(exc):
-                raise StepError(getattr(exc, "code", "artifact_error"), str(exc)) from None
+            if not timed_out and isinstance(exc, NodeError) and not exc.retryable:
+                raise StepError(exc.code, str(exc)) from None
             if timed_out or loop.time() + delay >= deadline:
                 raise StepError(
                     "upload_failed",

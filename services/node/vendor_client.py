@@ -25,9 +25,9 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from contracts.events import DeviceInfo
-from contracts.vendor import FAILURE, Action, PushEvent, Request, check_serial
-from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key
-from services.node.errors import NodeError
+from contracts.vendor import FAILURE, Action, PushEvent, Request
+from services.node.driver import DEFAULT_DRAIN_GRACE_S, DeviceBusy, Drains, Key, one_serial
+from services.node.errors import InvalidRequest, NodeError
 from services.node.vendor_decode import (
     Reply,
     ShapeError,
@@ -42,7 +42,7 @@ log = structlog.get_logger(__name__)
 
 __all__ = [
     "VendorClient", "VendorError", "VendorFailure", "VendorProtocolError", "VendorTimeout",
-    "VendorUnavailable", "check_serial",
+    "VendorUnavailable",
 ]
 
 _PUSH_OF_KEY = {Key.HOME: PushEvent.HOME, Key.BACK: PushEvent.BACK, Key.RECENTS: PushEvent.RECENTS}
@@ -264,12 +264,12 @@ class VendorClient:
         """Send one request and return the normalised successful answer.
 
         Raises VendorFailure (10001 or another failure code), VendorTimeout,
-        VendorUnavailable or VendorProtocolError; ValueError for a serial that is
-        not exactly one device.
+        VendorUnavailable or VendorProtocolError; InvalidRequest (a ValueError) for
+        an empty action or a serial that is not exactly one device.
         """
         if not action:
-            raise ValueError("action must not be empty")
-        devices = None if serial is None else check_serial(serial)
+            raise InvalidRequest("action must not be empty")
+        devices = None if serial is None else one_serial(serial)
         payload = msgspec.json.encode(Request(action=action, devices=devices, data=data)).decode()
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
 
@@ -436,7 +436,7 @@ class VendorClient:
         a file that never will) its size stayed the same for ``STABLE_S``. Gives up after ``screenshot_wait_s``.
         """
         save_dir = Path(save_dir)
-        check_serial(serial)
+        one_serial(serial)
         before = await asyncio.to_thread(png_files, save_dir, True)
         reply = await self.request(
             Action.SCREEN, serial, {"savePath": str(save_dir)}, timeout_s=timeout_s

@@ -28,13 +28,18 @@ import msgspec
 from contracts.events import DeviceInfo
 from contracts.ids import is_serial
 from contracts.vendor import FAILURE, LICENCE_MESSAGE, SUCCESS, SUCCESS_CODES, Variant
+from services.node.errors import NodeError
 
 RAW_LIMIT = 300
 """How much of a raw answer an error message carries."""
 
 
-class ShapeError(Exception):
-    """An answer whose shape the client does not know; `reason` is stable per shape (logged once)."""
+class ShapeError(NodeError):
+    """An answer whose shape the client does not know; `reason` is stable per shape (logged once).
+
+    The client turns it into a `VendorProtocolError` (same code) that names the action."""
+
+    code = "vendor_protocol_error"
 
     def __init__(self, reason: str, raw: Any) -> None:
         super().__init__(reason)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import asyncpg
 import msgspec
@@ -33,8 +33,6 @@ from services.backend.settings import BackendSettings
 
 NodeIdPath = Annotated[str, Path(pattern=NODE_ID_PATTERN, description="A node id")]
 SerialPath = Annotated[str, Path(pattern=SERIAL_PATTERN, description="A device serial on that node")]
-TaskStateQuery = Literal["queued", "running", "succeeded", "failed", "timed_out", "cancelled", "skipped",
-                         "interrupted", "lost"]
 Limit = Annotated[int, Query(ge=1, le=api.MAX_PAGE_SIZE, description="Page size")]
 WorkflowIdPath = Annotated[str, Path(pattern=WORKFLOW_ID_PATTERN)]
 RunIdPath = Annotated[str, Path(pattern=api.RUN_ID_PATTERN, description="A run id (UUID) as POST /v1/runs returned it")]

@@ -7,11 +7,12 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path, Query
 
 from contracts import api
+from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN
 from services.backend import runs
 from services.backend.errors import JSONResponse
 from services.backend.openapi import route
-from services.backend.routes.common import Context, Cursor, Limit, NodeIdPath, SerialPath, TaskStateQuery
+from services.backend.routes.common import Context, Cursor, Limit, NodeIdPath, SerialPath
 
 
 def router(ctx: Context) -> APIRouter:
@@ -33,7 +34,7 @@ def router(ctx: Context) -> APIRouter:
     async def device_tasks(
         node_id: NodeIdPath,
         serial: SerialPath,
-        state: Annotated[TaskStateQuery | None, Query(description="Only tasks in this state")] = None,
+        state: Annotated[RecordedTaskState | None, Query(description="Only tasks in this state")] = None,
         cursor: Cursor = None,
         limit: Limit = api.DEFAULT_PAGE_SIZE,
     ) -> JSONResponse:

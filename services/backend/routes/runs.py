@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 
 from contracts import api
+from contracts.events import RecordedTaskState
 from contracts.ids import NODE_ID_PATTERN, SERIAL_PATTERN, WORKFLOW_ID_PATTERN
 from contracts.text import clip
 from services.backend import runs
@@ -21,11 +22,9 @@ from services.backend.routes.common import (
     NodeIdPath,
     RunIdPath,
     SerialPath,
-    TaskStateQuery,
     parse_date,
 )
 
-RunStatus = Literal["pending", "dispatched", "running", "completed", "cancelled"]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", pattern=api.IDEMPOTENCY_KEY_PATTERN,
                                               description="Same key and body: the same run again; another body:"
                                               " 409. A key is remembered for 7 days (DOAI_IDEMPOTENCY_TTL_S),"
@@ -50,7 +49,7 @@ def router(ctx: Context) -> APIRouter:
 
     @r.get("/v1/runs", operation_id="list_runs", **route((200, api.RunPage), 401, 422))
     async def list_runs(
-        status: RunStatus | None = None,
+        status: api.RunStatus | None = None,
         workflow_id: Annotated[str | None, Query(pattern=WORKFLOW_ID_PATTERN)] = None,
         created_after: CreatedAfter = None,
         created_before: CreatedBefore = None,
@@ -78,7 +77,7 @@ def router(ctx: Context) -> APIRouter:
                " read one task at /v1/runs/{run_id}/tasks/{node_id}/{serial}."))
     async def run_tasks(
         run_id: RunIdPath,
-        state: Annotated[TaskStateQuery | None, Query(description="Only tasks in this state")] = None,
+        state: Annotated[RecordedTaskState | None, Query(description="Only tasks in this state")] = None,
         node_id: Annotated[str | None, Query(pattern=NODE_ID_PATTERN, description="Only this node's")] = None,
         serial: Annotated[str | None, Query(pattern=SERIAL_PATTERN, description="Only this device serial")] = None,
         cursor: Cursor = None,

@@ -8,7 +8,8 @@ import msgspec
 from fastapi import APIRouter, Depends, Path, Request
 
 from contracts import api
-from contracts.recipe import Recipe, RecipeInvalid, unused_param_warnings, validate_recipe
+from contracts.recipe_check import RecipeInvalid, unused_param_warnings, validate_recipe
+from contracts.recipe_model import Recipe
 from contracts.text import clip
 from services.backend import runs, workflows
 from services.backend.errors import ApiError, JSONResponse, invalid

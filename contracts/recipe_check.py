@@ -1,227 +1,59 @@
-"""Workflow DSL v1: the recipe Structs and their validator.
+"""Workflow DSL v1: the recipe validator and the checks of what a run adds to a recipe.
 
-A recipe is a JSON document: declared parameters, timeout defaults and an
-ordered list of steps. Every string field of a step may contain `{{name}}`
-placeholders that name a declared parameter or a built-in (`run_id`,
-`node_id`, `device_serial`). Shell commands are argv lists: each element is
-substituted and then shell-quoted by the executor, so a parameter can never
-inject a command.
-
-`validate_recipe` reports every fault with its JSON path at once, not only the
-first one; `validate_params` and `resolve_step_timeouts` check what a run adds
-to a recipe (parameter values and per-step timeout overrides).
+`validate_recipe` turns a decoded document into a `contracts.recipe_model.Recipe`
+and reports every fault with its JSON path at once (`$.steps[2].url`), not only
+the first one; `validate_params`, `resolve_step_timeouts`, `check_int_params`
+and `check_assert_patterns` check what a run adds (parameter values and per-step
+timeout overrides). The backend runs them on publish and on run creation, the
+node again on every broadcast it admits.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final, Literal
+from typing import Any, Final
 
 import msgspec
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import Struct
 
 from contracts.artifact_path import ArtifactPathError, param_fields
-from contracts.ids import WORKFLOW_ID_PATTERN
-from contracts.patterns import MAX_PATTERN_CHARS, PatternError, compile_pattern
-from contracts.text import MAX_TEXT_CHARS, PLAIN_PATTERN, FreeText, PlainText, explain, has_control
+from contracts.patterns import PatternError, compile_pattern
+from contracts.recipe_model import (
+    BUILTIN_PLACEHOLDERS,
+    DSL_VERSION,
+    INT_FIELD_BOUNDS,
+    MAX_INT,
+    MAX_PARAMS,
+    MAX_STEPS,
+    MAX_TIMEOUT_MS,
+    MIN_INT,
+    MIN_TIMEOUT_MS,
+    PARAM_NAME_PATTERN,
+    PLACEHOLDER,
+    STEP_ACTIONS,
+    STEP_ID_PATTERN,
+    Assert,
+    ParamSpec,
+    Recipe,
+    Report,
+    Screenshot,
+    Step,
+    TimeoutDefaults,
+    Upload,
+    default_step_timeout,
+    int_fields,
+    param_text,
+    placeholder_name,
+    render,
+    step_timeout_bounds,
+)
+from contracts.text import MAX_TEXT_CHARS, explain, has_control
 
-DSL_VERSION: Final = 1
-DEFAULT_STEP_TIMEOUT_MS: Final = 90_000
-DEFAULT_UPLOAD_TIMEOUT_MS: Final = 30_000
-MIN_TIMEOUT_MS: Final = 100
-MAX_TIMEOUT_MS: Final = 3_600_000
-BUILTIN_PLACEHOLDERS: Final = frozenset({"run_id", "node_id", "device_serial"})
-MAX_STEPS: Final = 200
-MAX_PARAMS: Final = 100  # as many as a run may pass
 # Past this many faults the validator stops looking (a hostile document could otherwise keep it busy).
 MAX_FAULTS: Final = 200
 
-PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
-
-_STEP_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
-_STEP_ID = re.compile(_STEP_ID_PATTERN)
-StepId = Annotated[str, Meta(pattern=_STEP_ID_PATTERN)]
-_PARAM_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
-_PARAM_NAME = re.compile(_PARAM_NAME_PATTERN)
-ParamName = Annotated[str, Meta(pattern=_PARAM_NAME_PATTERN)]
-TimeoutMs = Annotated[int, Meta(ge=MIN_TIMEOUT_MS, le=MAX_TIMEOUT_MS)]
-ShortText = PlainText  # at most 4096 characters, no control characters
-# A regular expression (RE2 syntax, see contracts/patterns.py).
-Pattern = Annotated[str, Meta(max_length=MAX_PATTERN_CHARS, pattern=PLAIN_PATTERN)]
-# Integer params and defaults: 64-bit.
-MIN_INT: Final = -(2**63)
-MAX_INT: Final = 2**63 - 1
-ParamInt = Annotated[int, Meta(ge=MIN_INT, le=MAX_INT)]
-# An integer field may instead hold one `{{name}}` placeholder of an `integer` param, filled in per run.
-INT_PLACEHOLDER_PATTERN: Final = r"^\{\{\s*[A-Za-z_][A-Za-z0-9_]*\s*\}\}$"
-IntParamRef = Annotated[str, Meta(pattern=INT_PLACEHOLDER_PATTERN, max_length=80, description=(
-    "A `{{name}}` placeholder of an integer param, filled in per run"))]
-# The integer fields of steps that may hold a placeholder, with the bounds the value must fall within.
-INT_FIELD_BOUNDS: Final[dict[str, tuple[int, int]]] = {
-    "x": (0, MAX_INT), "y": (0, MAX_INT), "x1": (0, MAX_INT), "y1": (0, MAX_INT), "x2": (0, MAX_INT),
-    "y2": (0, MAX_INT), "duration_ms": (1, 60_000), "ms": (0, MAX_TIMEOUT_MS),
-}
-Coord = Annotated[int, Meta(ge=0)] | IntParamRef
-
-
-class ParamSpec(Struct, forbid_unknown_fields=True, kw_only=True):
-    """A parameter a run must (or may) supply.
-
-    `default` must be of `type` and match `pattern`; `pattern` (RE2 syntax, no
-    backreferences or lookaround) must match a value as a whole.
-    """
-
-    type: Literal["string", "integer", "boolean"] = "string"
-    required: bool = True
-    default: PlainText | ParamInt | bool | None = None
-    pattern: Pattern | None = None
-    description: FreeText = ""
-
-
-class TimeoutDefaults(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    """Recipe-wide defaults and the bounds a run override must stay within."""
-
-    step_ms: TimeoutMs = DEFAULT_STEP_TIMEOUT_MS
-    upload_ms: TimeoutMs = DEFAULT_UPLOAD_TIMEOUT_MS
-    min_ms: TimeoutMs = 1_000
-    max_ms: TimeoutMs = 600_000
-
-
-class StepBase(Struct, tag_field="action", forbid_unknown_fields=True, kw_only=True):
-    id: StepId
-    title: FreeText = ""
-    timeout_ms: TimeoutMs | None = None
-    # Bounds for a run's override of this step's timeout; recipe-wide bounds when absent.
-    min_timeout_ms: TimeoutMs | None = None
-    max_timeout_ms: TimeoutMs | None = None
-    retries: Annotated[int, Meta(ge=0, le=10)] = 0
-    on_error: Literal["fail", "continue"] = "fail"
-
-
-class AdbShell(StepBase, tag="adb_shell"):
-    """Run a shell command on the phone; argv elements are quoted one by one."""
-
-    command: Annotated[list[ShortText], Meta(min_length=1, max_length=64)]
-
-
-class OpenUrl(StepBase, tag="open_url"):
-    url: ShortText
-
-
-class LaunchApp(StepBase, tag="launch_app"):
-    package: ShortText
-
-
-class StopApp(StepBase, tag="stop_app"):
-    package: ShortText
-
-
-class KeyEvent(StepBase, tag="keyevent"):
-    key: ShortText  # "home", "back", "recents" or an Android KEYCODE_* name / number
-
-
-class Tap(StepBase, tag="tap"):
-    x: Coord
-    y: Coord
-
-
-class Swipe(StepBase, tag="swipe"):
-    x1: Coord
-    y1: Coord
-    x2: Coord
-    y2: Coord
-    duration_ms: Annotated[int, Meta(ge=1, le=60_000)] | IntParamRef = 300
-
-
-class InputText(StepBase, tag="input_text"):
-    text: ShortText
-
-
-class Wait(StepBase, tag="wait"):
-    ms: Annotated[int, Meta(ge=0, le=MAX_TIMEOUT_MS)] | IntParamRef
-
-
-class Screenshot(StepBase, tag="screenshot"):
-    pass
-
-
-class Upload(StepBase, tag="upload"):
-    """Store the screenshot of step `source` (default: the latest one) as an artifact."""
-
-    source: StepId | None = None
-
-
-class Assert(StepBase, tag="assert"):
-    """Fail unless `pattern` (RE2 syntax, searched anywhere) matches the output of the earlier step `source`."""
-
-    source: StepId
-    pattern: Pattern
-
-
-class Report(StepBase, tag="report"):
-    """Finish the device's workflow: a summary of the steps is sent with the task event. The last step."""
-
-
-Step = (
-    AdbShell
-    | OpenUrl
-    | LaunchApp
-    | StopApp
-    | KeyEvent
-    | Tap
-    | Swipe
-    | InputText
-    | Wait
-    | Screenshot
-    | Upload
-    | Assert
-    | Report
-)
-STEP_TYPES: Final[tuple[type[StepBase], ...]] = Step.__args__
-STEP_ACTIONS: Final[tuple[str, ...]] = tuple(str(t.__struct_config__.tag) for t in STEP_TYPES)
-
-
-class Recipe(Struct, forbid_unknown_fields=True, kw_only=True):
-    """One version of a workflow (DSL v1). The backend assigns the version on publish.
-
-    Rules across fields, checked on publish (422 `invalid_recipe`, every fault with its path):
-    step ids are unique; every `{{name}}` placeholder names a declared param or a built-in
-    (`run_id`, `node_id`, `device_serial`); an `assert` or `upload` `source` names an earlier
-    step, and an upload's source is a `screenshot` (an upload without `source` needs an earlier
-    screenshot); `timeouts.min_ms <= timeouts.max_ms`; a step's `timeout_ms` lies within its
-    bounds (`min_timeout_ms`/`max_timeout_ms`, else the recipe's); a param `default` has the
-    param's type and matches its `pattern`; patterns are RE2 (linear time: no backreferences, no
-    lookaround). Titles and descriptions may contain tab, line feed and carriage return; no other
-    string may contain a control character. `timeouts.step_ms` and `upload_ms` lie within
-    `[min_ms, max_ms]`, and a step's default timeout within its own bounds; `report`, if present, is
-    the last step; an integer field holding `{{name}}` names an `integer` param whose default fits the
-    field; when the recipe uploads, every param the artifact path template needs is declared and
-    required or defaulted. A declared param nothing uses is a warning, not a fault. `$schema` (a URI
-    of `recipes/schema.json` for editors) is allowed and ignored.
-    """
-
-    schema: Annotated[str, Meta(max_length=2048, pattern=PLAIN_PATTERN)] | UnsetType = msgspec.field(
-        default=UNSET, name="$schema")
-    dsl: Literal[1]
-    workflow_id: Annotated[str, Meta(pattern=WORKFLOW_ID_PATTERN)]
-    title: FreeText = ""
-    description: FreeText = ""
-    params: Annotated[dict[ParamName, ParamSpec], Meta(max_length=MAX_PARAMS)] = {}
-    timeouts: TimeoutDefaults = TimeoutDefaults()
-    # When a step fails, the node captures the device's screen and stores it as a `failure` artifact
-    # (absent: on; left out when encoded, so recipes that do not set it keep their stored form).
-    failure_screenshot: bool | UnsetType = UNSET
-    steps: Annotated[list[Step], Meta(min_length=1, max_length=MAX_STEPS)]
-
-    @property
-    def takes_failure_screenshots(self) -> bool:
-        return self.failure_screenshot is not False
-
-    def step(self, step_id: str) -> StepBase | None:
-        for s in self.steps:
-            if s.id == step_id:
-                return s
-        return None
+_STEP_ID = re.compile(STEP_ID_PATTERN)
+_PARAM_NAME = re.compile(PARAM_NAME_PATTERN)
 
 
 class Fault(Struct, frozen=True):
@@ -427,16 +259,6 @@ def _semantic_faults(recipe: Recipe) -> list[Fault]:
     return faults
 
 
-def int_fields(step: StepBase) -> list[tuple[str, int | str]]:
-    """The step's integer fields that may hold a param placeholder, with their values."""
-    return [(f, getattr(step, f)) for f in step.__struct_fields__ if f in INT_FIELD_BOUNDS]
-
-
-def placeholder_name(ref: str) -> str:
-    m = PLACEHOLDER.fullmatch(ref.strip())
-    return m.group(1) if m else ref
-
-
 def int_value_fault(field: str, value: Any) -> str | None:
     """Why `value` cannot fill the integer field `field`, or None."""
     lo, hi = INT_FIELD_BOUNDS[field]
@@ -539,18 +361,6 @@ def decode_recipe(data: bytes | str, path_template: str | None = None) -> Recipe
     return validate_recipe(doc, path_template)
 
 
-def step_timeout_bounds(recipe: Recipe, step: StepBase) -> tuple[int, int]:
-    lo = step.min_timeout_ms if step.min_timeout_ms is not None else recipe.timeouts.min_ms
-    hi = step.max_timeout_ms if step.max_timeout_ms is not None else recipe.timeouts.max_ms
-    return lo, hi
-
-
-def default_step_timeout(recipe: Recipe, step: StepBase) -> int:
-    if step.timeout_ms is not None:
-        return step.timeout_ms
-    return recipe.timeouts.upload_ms if isinstance(step, Upload) else recipe.timeouts.step_ms
-
-
 def resolve_step_timeouts(recipe: Recipe, overrides: dict[str, int]) -> dict[str, int]:
     """Effective timeout of every step for one run; raise `RecipeInvalid` on a bad override."""
     faults: list[Fault] = []
@@ -584,11 +394,6 @@ def _param_type_fault(spec: ParamSpec, value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool) and not MIN_INT <= value <= MAX_INT:
         return "must be a 64-bit integer"
     return None
-
-
-def param_text(value: str | int | bool) -> str:
-    """A param value as the text steps and the artifact path see (`true`/`false` for booleans)."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _param_value_fault(spec: ParamSpec, value: Any) -> str | None:
@@ -672,11 +477,3 @@ def check_assert_patterns(recipe: Recipe, params: dict[str, str]) -> list[Fault]
     return faults
 
 
-def render(text: str, values: dict[str, str]) -> str:
-    """Substitute `{{name}}` placeholders (unknown names are left for the validator to catch)."""
-    return PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), text)
-
-
-def recipe_json_schema() -> dict[str, Any]:
-    """JSON Schema of a recipe document, for editors (kept in `recipes/schema.json`)."""
-    return msgspec.json.schema(Recipe)
