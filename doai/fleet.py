@@ -177,7 +177,7 @@ def worker_main() -> int:
     try:
         if profiler is not None:
             profiler.enable()
-        return aio.run(_serve_worker(spec))  # uvloop when installed, like every entry point
+        return aio.run(_serve_worker(spec))  # the faster loop when installed, like every entry point
     except KeyboardInterrupt:
         return 130
     finally:
