@@ -3,5 +3,5 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY . /src
-RUN pip install --no-cache-dir "/src[server,node,supabase]" && rm -rf /src
+RUN pip install --no-cache-dir "/src[server,node,supabase,uvloop]" && rm -rf /src
 ENTRYPOINT ["doai"]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from doai import cli_args
+from runtime import aio
 from runtime.aio import Stopped
 from runtime.config import ConfigError, load_settings
 from runtime.logging import configure_logging
@@ -40,7 +41,7 @@ def _serve(name: str, main: Callable[[asyncio.Event], Coroutine[Any, Any, Any]])
             restore()
 
     try:
-        asyncio.run(runner())
+        aio.run(runner())
     except _startup_errors() as exc:
         sys.stderr.write(f"doai {name}: {exc}\n")
         return 1
@@ -102,7 +103,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     opts.log_file = log_path
     configure_logging(log_file=str(log_path), console=args.verbose)
     try:
-        return asyncio.run(up(opts))
+        return aio.run(up(opts))
     except (EmbeddedError, TrustError, ConfigError) as exc:  # a server that cannot start, trust material missing
         sys.stderr.write(f"doai up: {exc}\n")
         return 1
@@ -226,7 +227,7 @@ def cmd_vendor_probe(args: argparse.Namespace) -> int:
 
     from services.node.vendor_probe import render, run_probe
 
-    report = asyncio.run(run_probe(
+    report = aio.run(run_probe(
         args.url, device=args.device, timeout_s=args.timeout, max_connections=args.connections,
         default_folder=Path(args.default_folder) if args.default_folder else None,
     ))

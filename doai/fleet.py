@@ -46,6 +46,7 @@ from typing import Any
 import msgspec
 import structlog
 
+from runtime import aio
 from runtime.logging import configure_logging
 from runtime.stopping import install_stop_handlers
 from runtime.supervisor import LoopFailed, Supervisor
@@ -176,7 +177,7 @@ def worker_main() -> int:
     try:
         if profiler is not None:
             profiler.enable()
-        return asyncio.run(_serve_worker(spec))
+        return aio.run(_serve_worker(spec))  # the faster loop when installed, like every entry point
     except KeyboardInterrupt:
         return 130
     finally:

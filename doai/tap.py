@@ -19,6 +19,7 @@ import msgspec
 
 from contracts.events import ArtifactEvent, DeviceInventoryEvent, Event, NodeHeartbeat, StepEvent, TaskEvent
 from contracts.subjects import EVENT_KINDS, EventKind, evt_filters, role_inbox_prefix
+from runtime import aio
 from runtime.jetstream import server_urls
 from runtime.stopping import install_stop_handlers
 
@@ -141,6 +142,6 @@ def main(args: argparse.Namespace) -> int:
             restore()
 
     try:
-        return asyncio.run(runner())
+        return aio.run(runner())
     except KeyboardInterrupt:
         return 0

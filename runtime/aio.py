@@ -1,14 +1,48 @@
-"""Small asyncio helpers shared by the services."""
+"""Small asyncio helpers shared by the services, and the one place that picks the event loop."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+import os
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 
 T = TypeVar("T")
+
+# Set to 0 to run on asyncio's own loop even where uvloop is installed.
+UVLOOP_ENV = "DOAI_UVLOOP"
+
+
+def loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when it is installed (the `uvloop` extra; POSIX only), else None: asyncio's.
+
+    uvloop does not exist on Windows, where node PCs usually run: there the
+    default loop (the proactor) is used, as it is when `DOAI_UVLOOP=0`.
+    """
+    if sys.platform == "win32":
+        return None
+    if os.environ.get(UVLOOP_ENV, "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def loop_name() -> str:
+    """Which loop `run` uses here: "uvloop" or "asyncio"."""
+    return "asyncio" if loop_factory() is None else "uvloop"
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """`asyncio.run(main)` on uvloop when it is installed: every doai entry point starts its loop here."""
+    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+        return runner.run(main)
 
 
 class Stopped(Exception):

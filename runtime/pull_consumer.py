@@ -21,7 +21,10 @@ What it takes care of, so the parts only handle messages:
   backoff until whoever owns the stream has recreated it.
 
 The consumer's messages are handed out in batches (`fetch`), or by `run`,
-which can fetch the next batch while the caller handles the current one.
+which can fetch the next batch while the caller handles the current one, or
+by `run_pipelined`, which keeps fetching while the caller works and hands it
+everything that arrived meanwhile (the aggregator: under load its batches
+grow, so it commits less often per message).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
-from runtime.aio import pause
+from runtime.aio import pause, wait_for_wake
 
 log = structlog.get_logger(__name__)
 
@@ -54,7 +57,8 @@ class PullConsumer:
     def __init__(self, js: JetStreamContext, stream: str, durable: str, *, nc: NATS | None = None,
                  ensure: EnsureConsumer | None = None, batch: int = 100, fetch_timeout_s: float = 1.0,
                  first_backoff_s: float = 0.25, max_backoff_s: float = 10.0, check_every_s: float = 5.0,
-                 info_timeout_s: float = 2.0, log_fields: dict[str, Any] | None = None) -> None:
+                 info_timeout_s: float = 2.0, log_fields: dict[str, Any] | None = None,
+                 quick_next: bool = False) -> None:
         self._js = js
         self._nc: NATS | None = nc if nc is not None else getattr(js, "_nc", None)
         self.stream = stream
@@ -66,12 +70,14 @@ class PullConsumer:
         self._max_backoff_s = max_backoff_s
         self._check_every_s = check_every_s
         self._info_timeout_s = info_timeout_s
+        self._quick_next = quick_next
         self._fields = {"stream": stream, "durable": durable, **(log_fields or {})}
         self._sub: JetStreamContext.PullSubscription | None = None
         self._seen_reconnects = self._reconnects()
         self._backoff = first_backoff_s
         self._next_check = 0.0
         self._ahead: asyncio.Task[list[Msg]] | None = None
+        self._queued: list[Msg] = []  # `run_pipelined`: fetched, not yet handed out
         self._waiting = False  # the consumer is missing and someone else must declare it
         self.subscriptions = 0  # how many times the pull subscription was (re)bound
         self.recreated = 0  # how many times the consumer was found missing and `ensure` succeeded
@@ -164,6 +170,8 @@ class PullConsumer:
             try:
                 await self._heal()
                 self._sub = await self._js.pull_subscribe_bind(durable=self.durable, stream=self.stream)
+                if self._quick_next:
+                    quick_next_msg(self._sub)
             except Exception as exc:
                 await self._failed(stop, "binding the consumer", exc)
                 return []
@@ -185,7 +193,9 @@ class PullConsumer:
         return msgs
 
     def prefetched(self) -> list[Msg]:
-        """Messages already fetched for the next batch while `run`'s handler works."""
+        """Messages already fetched for the next batch while `run`'s (or `run_pipelined`'s) handler works."""
+        if self._queued:
+            return list(self._queued)
         ahead = self._ahead
         if ahead is not None and ahead.done() and not ahead.cancelled() and ahead.exception() is None:
             return ahead.result()
@@ -221,6 +231,123 @@ class PullConsumer:
                 with contextlib.suppress(BaseException):
                     await release(await ahead)
             await self._drop()
+
+
+    async def run_pipelined(self, stop: asyncio.Event, handle: BatchHandler, *, max_batch: int,
+                            ahead: int = 4) -> None:
+        """Like `run`, but fetching never waits for `handle`, and `handle` gets everything fetched meanwhile.
+
+        A fetcher task keeps up to `ahead` fetches' worth of messages waiting;
+        each call of `handle` takes all that is waiting, up to `max_batch`
+        messages. When the consumer is idle a fetch is handled as soon as it
+        arrives; when `handle` is the slower side its batches grow, which is
+        what makes a per-batch cost (a commit, round trips) cheaper per message.
+        Messages fetched but not handled are given back (`nak`) on the way out.
+        """
+        waiting = self._queued
+        arrived = asyncio.Event()
+        room = asyncio.Event()
+        room.set()
+        limit = max(1, ahead) * self._batch
+
+        async def fetcher() -> None:
+            while not stop.is_set():
+                if len(waiting) >= limit:
+                    room.clear()
+                    await wait_for_wake(room, stop, 1.0)
+                    continue
+                msgs = await self.fetch(stop)
+                if msgs:
+                    waiting.extend(msgs)
+                    arrived.set()
+
+        fetching = asyncio.create_task(fetcher())
+        try:
+            while not stop.is_set():
+                if not waiting:
+                    if fetching.done():
+                        fetching.result()  # raise what stopped it (it only ends on `stop` otherwise)
+                        break
+                    arrived.clear()
+                    await _first_of(arrived.wait(), stop.wait(), fetching)
+                    continue
+                msgs = waiting[:max_batch]
+                del waiting[:max_batch]
+                room.set()
+                if not await handle(msgs):
+                    await release(msgs)
+                    break
+        finally:
+            fetching.cancel()
+            with contextlib.suppress(BaseException):
+                await fetching
+            rest = list(waiting)
+            waiting.clear()
+            await release(rest)
+            await self._drop()
+
+
+async def _first_of(*waits: Awaitable[Any]) -> None:
+    """Wait until the first of `waits` is done; cancel the others it created (a task passed in is left running)."""
+    own = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(own, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for fut, w in zip(own, waits, strict=True):
+            if fut is not w:
+                fut.cancel()
+
+
+def quick_next_msg(psub: JetStreamContext.PullSubscription) -> bool:
+    """Let `psub.fetch` take messages already waiting in the subscription's queue without ceremony.
+
+    nats-py's `fetch` asks the server for a batch, then awaits the batch's
+    messages one by one through `Subscription.next_msg`, which for *every*
+    message creates a task, a `wait_for` timer and a uuid4 name, even when the
+    message is already queued (a fetch's messages usually arrive together).
+    That is about a tenth of the aggregator's CPU. This replaces `next_msg` on
+    this one subscription by a version that takes a queued message directly
+    (the same bookkeeping: pending size, `task_done`) and falls back to the
+    original when the queue is empty. The fetch protocol itself (pull
+    requests, status messages, timeouts) stays nats-py's. Returns False, and
+    changes nothing, when the subscription does not look like the nats-py
+    this was written against.
+    """
+    sub = getattr(psub, "_sub", None)
+    queue = getattr(sub, "_pending_queue", None)
+    conn = getattr(sub, "_conn", None)
+    if sub is None or not isinstance(queue, asyncio.Queue) or conn is None or not hasattr(sub, "_pending_size"):
+        return False
+    slow: Callable[[float | None], Awaitable[Msg]] = sub.next_msg
+
+    async def next_msg(timeout: float | None = 1.0) -> Msg:  # noqa: ASYNC109 - nats-py's signature
+        if not queue.empty() and not conn.is_closed:
+            msg: Msg = queue.get_nowait()
+            sub._pending_size -= len(msg.data)
+            queue.task_done()
+            return msg
+        return await slow(timeout)
+
+    sub.next_msg = next_msg
+    return True
+
+
+def delivery(msg: Msg) -> tuple[int, int]:
+    """A JetStream message's stream sequence and its time of arrival in the stream (ns since the epoch).
+
+    Read straight from the reply subject (`$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.
+    <ns>.<pending>`, or the form with domain and account hash): the same values as `msg.metadata`, for a
+    fraction of its cost, which counts on the aggregator's hot path. Anything else goes through
+    `msg.metadata` (which raises `NotJSMessageError` for a message that did not come from JetStream).
+    """
+    reply = msg.reply
+    tokens: list[str] = reply.split(".") if reply else []
+    if len(tokens) == 9 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5]), int(tokens[7])
+    if len(tokens) >= 11 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[7]), int(tokens[9])
+    meta = msg.metadata
+    return meta.sequence.stream, int(meta.timestamp.timestamp() * 1_000_000_000)
 
 
 async def release(msgs: list[Msg]) -> None:

@@ -1,8 +1,11 @@
 """The aggregator's durable pull consumer: fetch a batch, fold it, commit, then ack.
 
-* One transaction per fetched batch; acks (and terms) only after the commit.
-  The next batch is fetched while the current one is folded, so NATS and
-  PostgreSQL work at the same time.
+* One transaction per batch; acks (and terms) only after the commit. Fetching
+  never waits for the fold (`PullConsumer.run_pipelined`): while one batch is
+  folded the next fetches pile up, and the next fold takes all of them (up to
+  `max_fold` messages), so NATS and PostgreSQL work at the same time and a
+  busy aggregator pays its per-transaction cost (round trips, commit) for
+  more events at once.
 * PostgreSQL unreachable (or any error that is not the data's fault): nothing
   is acked; the batch is retried with backoff up to `max_backoff_s`, and its
   messages are kept in progress so JetStream does not redeliver them meanwhile.
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -42,13 +46,14 @@ from contracts.events import Event
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM
 from runtime import jetstream
 from runtime.aio import pause
-from runtime.pull_consumer import PullConsumer
+from runtime.pull_consumer import PullConsumer, delivery
 from services.aggregator.fold import Batch, DeadLetter, FoldResult, Incoming, fold
 from services.aggregator.validate import (
     DEFAULT_MAX_SKEW_S,
     REFUSED_BY_DATABASE,
     SUBJECT_MISMATCH,
     UNDECODABLE,
+    SubjectCheck,
     clamp_future,
     subject_problem,
 )
@@ -60,29 +65,40 @@ _decoder = msgspec.json.Decoder(Event)
 _LOGGED_DEAD_PER_BATCH = 10  # dead letters logged one by one per batch; the rest in one summary line
 
 
-def decode_batch(msgs: list[Msg], max_skew: timedelta = timedelta(seconds=DEFAULT_MAX_SKEW_S)) -> Batch:
+def decode_batch(msgs: list[Msg], max_skew: timedelta = timedelta(seconds=DEFAULT_MAX_SKEW_S),
+                 check: Callable[[str, Event], str | None] = subject_problem) -> Batch:
     """Decode and check fetched messages: foldable events, and dead letters (to be terminated).
 
     An event whose subject does not match it is a dead letter; a node timestamp
     more than `max_skew` after the message's arrival in JetStream is clamped to it.
     """
     batch = Batch()
+    skew_s = max_skew.total_seconds()
+    decode = _decoder.decode
     for msg in msgs:
-        seq = msg.metadata.sequence.stream if msg.reply else None
+        seq: int | None
+        if msg.reply:
+            seq, arrived_ns = delivery(msg)
+            arrived_s: float = arrived_ns / 1_000_000_000
+        else:
+            seq, arrived_s = None, time.time()
+        batch.seqs.append(seq)
         try:
-            event = _decoder.decode(msg.data)
+            event = decode(msg.data)
         except (msgspec.DecodeError, msgspec.ValidationError) as err:
             batch.dead.append(DeadLetter(msg.subject, seq, msg.data, str(err), reason=UNDECODABLE))
             continue
-        problem = subject_problem(msg.subject, event)
+        problem = check(msg.subject, event)
         if problem is not None:
             batch.dead.append(DeadLetter(msg.subject, seq, msg.data, problem, event.event_id, SUBJECT_MISMATCH))
             continue
-        received_at = msg.metadata.timestamp if msg.reply else datetime.now(UTC)
-        clamped = clamp_future(event, received_at, max_skew)
-        if clamped is not event:
-            batch.clamped.append((event.node_id, event.ts, received_at))
-        batch.items.append(Incoming(clamped, msg.subject, seq, msg.data))
+        if event.ts.timestamp() > arrived_s + skew_s:  # the clamp (validate.clamp_future), without datetimes
+            received_at = datetime.fromtimestamp(arrived_s, UTC)
+            clamped = clamp_future(event, received_at, max_skew)
+            if clamped is not event:
+                batch.clamped.append((event.node_id, event.ts, received_at))
+                event = clamped
+        batch.items.append(Incoming(event, msg.subject, seq, msg.data))
     return batch
 
 
@@ -113,19 +129,22 @@ class Aggregator:
     def __init__(self, pool: asyncpg.Pool, js: JetStreamContext, *, batch_size: int = 500,
                  fetch_timeout_s: float = 1.0, first_backoff_s: float = 0.25, max_backoff_s: float = 10.0,
                  max_skew_s: float = DEFAULT_MAX_SKEW_S, ack_wait_s: float = 30.0, nc: NATS | None = None,
-                 check_every_s: float = 5.0) -> None:
+                 check_every_s: float = 5.0, max_fold: int | None = None) -> None:
         self._pool = pool
         self._js = js
         self._batch_size = batch_size
+        # Messages folded in one transaction at most: what several fetches gathered while the last fold ran.
+        self._max_fold = max_fold if max_fold is not None else min(10_000, 4 * batch_size)
         self._first_backoff_s = first_backoff_s
         self._max_backoff_s = max_backoff_s
         self._max_skew = timedelta(seconds=max_skew_s)
         self._ack_wait_s = ack_wait_s
         # The aggregator may (re)create its own consumer, and only that (not the stream: the backend's).
+        self._check = SubjectCheck()
         self.consumer = PullConsumer(js, EVT_STREAM, AGGREGATOR_DURABLE, nc=nc, ensure=self._ensure_consumer,
                                      batch=batch_size, fetch_timeout_s=fetch_timeout_s,
                                      first_backoff_s=first_backoff_s, max_backoff_s=max(1.0, max_backoff_s),
-                                     check_every_s=check_every_s)
+                                     check_every_s=check_every_s, quick_next=True)
         self.folded = 0  # events applied
         self.skipped = 0  # events seen again (already applied)
         self.dead = 0  # messages dead-lettered
@@ -197,7 +216,7 @@ class Aggregator:
     async def handle(self, msgs: list[Msg], stop: asyncio.Event,
                      hold: Callable[[], list[Msg]] = list) -> bool:
         """Fold, commit, then ack/term `msgs`; False if stopped before the commit (nothing acked)."""
-        batch = decode_batch(msgs, self._max_skew)
+        batch = decode_batch(msgs, self._max_skew, self._check)
         done = await self.commit(batch, stop, lambda: msgs + hold())
         if done is None:
             return False
@@ -216,10 +235,11 @@ class Aggregator:
             latest = max(sent for _, sent, _ in batch.clamped)
             log.warning("future node timestamps clamped to their arrival", events=len(batch.clamped),
                         node_ids=nodes[:20], latest_ts=latest.isoformat(), max_skew_s=self._max_skew.total_seconds())
-        for m in msgs:
-            if m.metadata.sequence.stream in dead_seqs:
-                await m.term()
-            else:
+        if dead_seqs:
+            for m, seq in zip(msgs, batch.seqs, strict=True):
+                await (m.term() if seq in dead_seqs else m.ack())
+        else:
+            for m in msgs:
                 await m.ack()
         self.folded += result.applied
         self.skipped += result.skipped
@@ -229,10 +249,11 @@ class Aggregator:
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
-        log.info("aggregator consuming", stream=EVT_STREAM, durable=AGGREGATOR_DURABLE, batch_size=self._batch_size)
+        log.info("aggregator consuming", stream=EVT_STREAM, durable=AGGREGATOR_DURABLE, batch_size=self._batch_size,
+                 max_fold=self._max_fold)
 
         async def handle(msgs: list[Msg]) -> bool:
             return await self.handle(msgs, stop, self.consumer.prefetched)
 
-        # The next batch is fetched while the current one is folded.
-        await self.consumer.run(stop, handle, prefetch=True)
+        # Fetching goes on while a batch is folded; the next fold takes everything fetched meanwhile.
+        await self.consumer.run_pipelined(stop, handle, max_batch=self._max_fold)

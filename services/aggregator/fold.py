@@ -15,16 +15,24 @@ The fold is a function of the *set* of events, not of their order or count:
 * Set-based: every table is written with one `INSERT … SELECT FROM unnest(…)`
   per batch, after reducing the batch to one row per key (PostgreSQL refuses
   to update a row twice in one statement).
+* Few round trips: a batch costs BEGIN, the run locks, one statement that
+  checks task ownership and claims the events (answering with the exceptions
+  only), one statement for the task, step, artifact and node upserts, the run
+  status, COMMIT (plus the inventories and dead letters when the batch has
+  any). Per round trip the client pays a socket write and a wake-up of the
+  server, which on the aggregator's hot path cost as much as the rows.
 
 Concurrency between aggregators: rows are locked in one global order (the
-batch's runs first, then `processed_events`, tasks, steps, artifacts, node
-inventories, devices, nodes) and in key order inside each table, so folds of
-the same run or node serialise instead of deadlocking, and the run status is
-derived after every other fold of that run has committed.
+batch's runs first, then `processed_events`, then tasks, steps, artifacts and
+nodes (one statement), then node inventories and devices) and in key order
+inside each table, so folds of the same run or node serialise instead of
+deadlocking, and the run status is derived after every other fold of that
+run has committed.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -87,6 +95,7 @@ class Batch:
     items: list[Incoming] = field(default_factory=list)
     dead: list[DeadLetter] = field(default_factory=list)
     clamped: list[tuple[str, datetime, datetime]] = field(default_factory=list)  # (node_id, sent ts, used ts)
+    seqs: list[int | None] = field(default_factory=list)  # the fetched messages' stream sequences, in order
 
 
 @dataclass
@@ -98,18 +107,28 @@ class FoldResult:
 
 _LOCK_RUNS = "SELECT run_id FROM runs WHERE run_id = ANY($1::uuid[]) ORDER BY run_id FOR UPDATE"
 
-# Which of the batch's (run, node, device) tasks the backend created: only those may change.
-_KNOWN_TASKS = """
-SELECT t.run_id, t.node_id, t.device_serial
-FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(run_id, node_id, device_serial)
-JOIN run_tasks t ON (t.run_id, t.node_id, t.device_serial) = (u.run_id, u.node_id, u.device_serial)
-"""
-
-_CLAIM = """
-INSERT INTO processed_events (event_id)
-SELECT e FROM unnest($1::text[]) AS e ORDER BY e
-ON CONFLICT DO NOTHING
-RETURNING event_id
+# After the runs are locked, in one round trip: claim the batch's events that may change something (events
+# of no run, and events naming a task the backend created on that node), and answer with the exceptions
+# only: events naming no such task (`known` false: dead letters) and events claimed before (`known` true:
+# skipped). Both are rare, so the answer is usually empty.
+_CLAIM_KNOWN = """
+WITH ev AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::uuid[], $3::text[], $4::text[])
+        AS e(event_id, run_id, node_id, device_serial)
+), ok AS MATERIALIZED (
+    SELECT ev.event_id FROM ev
+    WHERE ev.run_id IS NULL OR EXISTS (
+        SELECT 1 FROM run_tasks t
+        WHERE (t.run_id, t.node_id, t.device_serial) = (ev.run_id, ev.node_id, ev.device_serial))
+), claimed AS (
+    INSERT INTO processed_events (event_id)
+    SELECT event_id FROM ok ORDER BY event_id
+    ON CONFLICT DO NOTHING
+    RETURNING event_id
+)
+SELECT ev.event_id, ok.event_id IS NOT NULL AS known
+FROM ev LEFT JOIN ok ON ok.event_id = ev.event_id
+WHERE ok.event_id IS NULL OR NOT EXISTS (SELECT 1 FROM claimed c WHERE c.event_id = ev.event_id)
 """
 
 # (terminal, seq) ranks an event: the highest rank is the row's state.
@@ -207,6 +226,27 @@ ON CONFLICT (node_id) DO UPDATE SET
     vendor_connected = EXCLUDED.vendor_connected, version = EXCLUDED.version, last_seen = EXCLUDED.last_seen
 WHERE EXCLUDED.last_seen > n.last_seen
 """
+
+
+
+def _shift(sql: str, by: int) -> str:
+    """`sql` with its parameters `$1`, `$2`, ... renumbered from `$1 + by`."""
+    return re.sub(r"\$(\d+)", lambda m: f"${int(m.group(1)) + by}", sql)
+
+
+# The four per-batch upserts in one statement (one round trip): run tasks ($1-$11), steps ($12-$24),
+# artifacts ($25-$37), nodes ($38-$44); a table with no rows in the batch gets empty arrays. Inside one
+# statement the order of the four is PostgreSQL's: task, step and artifact rows belong to runs this
+# transaction has locked (so folds touching the same rows have already serialised on the run), and node
+# rows are taken in key order by every fold.
+_UPSERT_ROWS = (
+    "WITH t AS (" + _UPSERT_TASKS + " RETURNING 1),\n"
+    "s AS (" + _shift(_UPSERT_STEPS, 11) + " RETURNING 1),\n"
+    "a AS (" + _shift(_UPSERT_ARTIFACTS, 24) + " RETURNING 1),\n"
+    "n AS (" + _shift(_UPSERT_NODES, 37) + " RETURNING 1)\n"
+    "SELECT 1"
+)
+_UPSERT_WIDTHS = (10, 12, 13, 7)
 
 # `raw` is the payload's head only; `raw_size` and `raw_sha256` describe all of it.
 _DEAD_LETTERS = """
@@ -321,26 +361,19 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
         unique.setdefault(item.event.event_id, item)
     result.skipped = len(batch.items) - len(unique)
 
-    # 1. Lock the batch's runs (also: which runs exist), then find which of the named tasks the
-    #    backend created, on that node. Events of unknown runs or tasks are dead letters.
+    # 1. Lock the batch's runs (also: which runs exist). Events of unknown runs are dead letters.
     run_ids: dict[str, uuid.UUID] = {}
-    task_keys: set[tuple[uuid.UUID, str, str]] = set()
     for item in unique.values():
         e = item.event
-        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
-            rid = run_ids.get(e.run_id) or _uuid(e.run_id)
+        if isinstance(e, TaskEvent | StepEvent | ArtifactEvent) and e.run_id not in run_ids:
+            rid = _uuid(e.run_id)
             if rid is not None:
                 run_ids[e.run_id] = rid
-                task_keys.add((rid, e.node_id, e.device_serial))
     known: set[uuid.UUID] = set()
-    known_tasks: set[tuple[uuid.UUID, str, str]] = set()
     if run_ids:
         known = {r["run_id"] for r in await conn.fetch(_LOCK_RUNS, sorted(set(run_ids.values())))}
-        asked = [k for k in task_keys if k[0] in known]
-        if asked:
-            known_tasks = {(r["run_id"], r["node_id"], r["device_serial"])
-                           for r in await conn.fetch(_KNOWN_TASKS, *_columns(asked, 3))}
-    foldable: list[Incoming] = []
+    candidates: list[Incoming] = []
+    asked: list[tuple[str, uuid.UUID | None, str | None, str | None]] = []
     for item in unique.values():
         e = item.event
         if isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
@@ -350,29 +383,40 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
                                              f"event {e.event_id} names unknown run {e.run_id!r}", e.event_id,
                                              UNKNOWN_RUN))
                 continue
-            if (rid, e.node_id, e.device_serial) not in known_tasks:
-                batch.dead.append(DeadLetter(
-                    item.subject, item.stream_seq, item.raw,
-                    f"event {e.event_id}: run {e.run_id} has no task for device {e.device_serial!r} on node"
-                    f" {e.node_id!r}", e.event_id, UNKNOWN_TASK))
-                continue
-        foldable.append(item)
+            asked.append((e.event_id, rid, e.node_id, e.device_serial))
+        else:
+            asked.append((e.event_id, None, None, None))
+        candidates.append(item)
 
-    # 2. Claim the events; whatever another transaction already claimed is skipped.
-    fresh: set[str] = set()
-    if foldable:
-        fresh = {r["event_id"] for r in await conn.fetch(_CLAIM, [i.event.event_id for i in foldable])}
-    result.skipped += len(foldable) - len(fresh)
-    result.applied = len(fresh)
+    # 2. Claim the events that name a task the backend created on that node (or no task); the others
+    #    are dead letters, and whatever another transaction already claimed is skipped.
+    unknown_task: set[str] = set()
+    seen: set[str] = set()
+    if candidates:
+        for r in await conn.fetch(_CLAIM_KNOWN, *_columns(asked, 4)):
+            (seen if r["known"] else unknown_task).add(r["event_id"])
+    foldable: list[Incoming] = []
+    for item in candidates:
+        e = item.event
+        if e.event_id in unknown_task and isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
+            batch.dead.append(DeadLetter(
+                item.subject, item.stream_seq, item.raw,
+                f"event {e.event_id}: run {e.run_id} has no task for device {e.device_serial!r} on node"
+                f" {e.node_id!r}", e.event_id, UNKNOWN_TASK))
+            continue
+        if e.event_id in seen:
+            continue
+        foldable.append(item)
+    result.skipped += len(seen)
+    result.applied = len(foldable)
     tasks: list[TaskEvent] = []
     steps: list[StepEvent] = []
     artifacts: list[ArtifactEvent] = []
     inventories: dict[str, DeviceInventoryEvent] = {}
+    listings: list[DeviceInventoryEvent] = []
     beats: dict[str, NodeHeartbeat] = {}
     for item in foldable:
         e = item.event
-        if e.event_id not in fresh:
-            continue
         if isinstance(e, TaskEvent):
             tasks.append(e)
         elif isinstance(e, StepEvent):
@@ -382,6 +426,7 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
         elif isinstance(e, DeviceInventoryEvent):
             # An unusable list (vendor down, or empty) says nothing about the devices.
             if e.vendor_available and e.devices:
+                listings.append(e)
                 cur_inv = inventories.get(e.node_id)
                 if cur_inv is None or (e.ts, e.event_id) > (cur_inv.ts, cur_inv.event_id):
                     inventories[e.node_id] = e
@@ -390,16 +435,15 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
             if cur_beat is None or (e.ts, e.event_id) > (cur_beat.ts, cur_beat.event_id):
                 beats[e.node_id] = e
 
-    # 3. Write, one statement per table, in the global lock order.
-    if tasks:
-        await conn.execute(_UPSERT_TASKS, *_columns(_reduce_tasks(tasks, run_ids), 10), TERMINAL)
-    if steps:
-        await conn.execute(_UPSERT_STEPS, *_columns(_reduce_steps(steps, run_ids), 12), TERMINAL_STEP)
-    if artifacts:
-        await conn.execute(_UPSERT_ARTIFACTS, *_columns(_reduce_artifacts(artifacts, run_ids), 13))
-    listings = [e for item in foldable
-                if isinstance(e := item.event, DeviceInventoryEvent) and e.event_id in fresh
-                and e.vendor_available and e.devices]
+    # 3. Write: the run rows and the nodes in one statement, then the inventories, in the global lock order.
+    if tasks or steps or artifacts or beats:
+        await conn.execute(
+            _UPSERT_ROWS,
+            *_columns(_reduce_tasks(tasks, run_ids), 10), TERMINAL,
+            *_columns(_reduce_steps(steps, run_ids), 12), TERMINAL_STEP,
+            *_columns(_reduce_artifacts(artifacts, run_ids), 13),
+            *_columns([(b.node_id, b.slots, b.running, b.queued, b.vendor_connected, b.version, b.ts)
+                       for b in beats.values()], 7))
     if listings:
         inv_rows = [(e.node_id, e.ts, len(e.devices)) for e in inventories.values()]
         await conn.execute(_UPSERT_INVENTORIES, *_columns(inv_rows, 3))
@@ -412,10 +456,6 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
                     newest[key] = ((e.ts, e.event_id), (e.node_id, d.serial, d.status, d.model, d.name, e.ts))
         await conn.execute(_UPSERT_DEVICES, *_columns((row for _, row in newest.values()), 6))
         await conn.execute(_DEVICES_GONE, sorted(inventories))
-    if beats:
-        await conn.execute(_UPSERT_NODES, *_columns(
-            [(b.node_id, b.slots, b.running, b.queued, b.vendor_connected, b.version, b.ts) for b in beats.values()],
-            7))
     if batch.dead:
         await conn.execute(_DEAD_LETTERS, *_columns(
             [(storable(d.subject, DEAD_LETTER_SUBJECT_CHARS), d.stream_seq, *payload_digest(d.raw),

@@ -62,6 +62,30 @@ def subject_problem(subject: str, event: Event) -> str | None:
     return None
 
 
+class SubjectCheck:
+    """`subject_problem`, remembering the (subject, node, kind, run) combinations found good.
+
+    A run's events repeat the same few subjects, so on the hot path the check is
+    one dictionary lookup. Only good combinations are kept (refusals are
+    recomputed, so junk cannot fill the memory), at most `max_entries`.
+    """
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._good: set[tuple[str, str, type, str | None]] = set()
+        self._max_entries = max_entries
+
+    def __call__(self, subject: str, event: Event) -> str | None:
+        key = (subject, event.node_id, type(event), getattr(event, "run_id", None))
+        if key in self._good:
+            return None
+        problem = subject_problem(subject, event)
+        if problem is None:
+            if len(self._good) >= self._max_entries:
+                self._good.clear()
+            self._good.add(key)
+        return problem
+
+
 def clamp_future(event: Event, received_at: datetime, max_skew: timedelta) -> Event:
     """`event` with `ts` set to `received_at` when it lies more than `max_skew` after it."""
     if event.ts > received_at + max_skew:
