@@ -39,8 +39,10 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 import httpx  # noqa: E402
 
-from doai.embedded import EmbeddedNats, EmbeddedPostgres  # noqa: E402
+from bench.auth_support import embedded_nats  # noqa: E402
+from doai.embedded import EmbeddedPostgres  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
+from runtime.signing import generate_seed  # noqa: E402
 from services.backend.main import run_backend  # noqa: E402
 from services.backend.runs import (  # noqa: E402
     SUMMARY_FAILING_SQL,
@@ -50,6 +52,7 @@ from services.backend.runs import (  # noqa: E402
     TOP_FAILING_STEPS,
 )
 from services.backend.settings import BackendSettings  # noqa: E402
+from tests.backend_support import seed_fleet  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef0123456789"
 SECRET = "bench-node-secret-0123456789abcdef0123456789"
@@ -117,21 +120,24 @@ def seed_rows(run_id: uuid.UUID, fleet: list[tuple[str, str]], steps: int, rng: 
 
 async def bench(args: argparse.Namespace, home: Path) -> None:
     pg = EmbeddedPostgres(home / "pg")
-    nats_server = EmbeddedNats(home / "nats")
+    nats_server = embedded_nats(home / "nats")
     database_url = await asyncio.to_thread(pg.start)
     await asyncio.to_thread(nats_server.start)
     stop = asyncio.Event()
     ready: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-    settings = BackendSettings(database_url, nats_server.url, [TOKEN], port=0, node_secret=SECRET)
+    settings = BackendSettings(database_url, nats_server.url, [TOKEN], port=0, node_secret=SECRET,
+                               nats_auth_dir=nats_server.trust.dir, command_signing_seed=generate_seed())
     backend = asyncio.create_task(run_backend(settings, stop, on_ready=ready.set_result))
     rng = random.Random(7)
     try:
         url = await asyncio.wait_for(ready, 60)
         fleet = [(f"node-{n:02d}", f"BENCH{n}X{d:04d}") for n in range(1, args.nodes + 1) for d in range(args.devices)]
+        # Devices and their nodes' heartbeats, as the aggregator writes them (a device is online on a live node).
+        by_node: dict[str, list[str]] = {}
+        for node, serial in fleet:
+            by_node.setdefault(node, []).append(serial)
+        await seed_fleet(database_url, by_node)
         conn = await asyncpg.connect(database_url)
-        await conn.executemany(
-            "INSERT INTO devices (node_id, serial, status, model, last_seen) VALUES ($1, $2, 'online', 'SIM', $3)",
-            [(node, serial, datetime.now(UTC)) for node, serial in fleet])
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"},
                                      timeout=60) as client:
             r = await client.post("/v1/workflows", content=(ROOT / "recipes" / "device-smoke.json").read_bytes())

@@ -30,7 +30,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +46,7 @@ from runtime.logging import configure_logging  # noqa: E402
 from runtime.signing import generate_seed  # noqa: E402
 from services.backend.main import run_backend  # noqa: E402
 from services.backend.settings import BackendSettings  # noqa: E402
+from tests.backend_support import seed_fleet  # noqa: E402
 
 TOKEN = "bench-token-0123456789abcdef0123456789"
 SECRET = "bench-node-secret-0123456789abcdef0123456789"
@@ -97,10 +97,12 @@ async def bench(args: argparse.Namespace, home: Path) -> None:
     try:
         url = await asyncio.wait_for(ready, 60)
         fleet = [(f"node-{n}", f"BENCH{n}X{d:04d}") for n in range(1, args.nodes + 1) for d in range(args.devices)]
+        # Devices and their nodes' heartbeats, as the aggregator writes them (a device is online on a live node).
+        by_node: dict[str, list[str]] = {}
+        for node, serial in fleet:
+            by_node.setdefault(node, []).append(serial)
+        await seed_fleet(database_url, by_node)
         conn = await asyncpg.connect(database_url)
-        await conn.executemany(
-            "INSERT INTO devices (node_id, serial, status, model, last_seen) VALUES ($1, $2, 'online', 'SIM', $3)",
-            [(node, serial, datetime.now(UTC)) for node, serial in fleet])
         targets = {"devices": [{"node_id": n, "serial": s} for n, s in fleet]}
         body = {"workflow_id": "device-smoke", "params": PARAMS, "targets": targets}
         async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"},

@@ -177,10 +177,16 @@ async def run_bench(tmp: Path, server: EmbeddedNats, port: int, devices: int, sl
     out("|---|---|")
     out(f"| makespan, first start -> last finish | {makespan:.2f} s |")
     out(f"| floor: workflows x one workflow alone ({floor_one * 1000:.0f} ms) / slots | {floor:.2f} s |")
-    out(f"| slot utilisation while work was queued | {busy_q / (slots * (queued_until - first)):.1%} |")
+    if gaps and queued_until > first:
+        out(f"| slot utilisation while work was queued | {busy_q / (slots * (queued_until - first)):.1%} |")
+    else:  # as many devices as slots: nothing ever waited for a slot
+        out("| slot utilisation while work was queued | n/a (no task waited for a slot: use more devices) |")
     out(f"| slot utilisation over the whole makespan | {busy / (slots * makespan):.1%} |")
-    out(f"| dispatch gap (slot free -> next start) p50 / p99 | {pct(gaps, 50) * 1000:.2f} / "
-        f"{pct(gaps, 99) * 1000:.2f} ms |")
+    if gaps:
+        out(f"| dispatch gap (slot free -> next start) p50 / p99 | {pct(gaps, 50) * 1000:.2f} / "
+            f"{pct(gaps, 99) * 1000:.2f} ms |")
+    else:
+        out("| dispatch gap (slot free -> next start) | n/a (no slot was handed on) |")
     user_ms, system_ms = ((cpu1.user - cpu0.user) * 1000 / total, (cpu1.system - cpu0.system) * 1000 / total)
     out(f"| journal commits per workflow (group commit; 12 events each) | {commits / total:.2f} |")
     out(f"| agent CPU per workflow | {cpu_ms / total:.2f} ms (user {user_ms:.2f}, system {system_ms:.2f}) |")

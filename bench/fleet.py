@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -256,11 +257,14 @@ async def start_up(args: argparse.Namespace, home: Path) -> tuple[subprocess.Pop
         text += line
     found: dict[str, str] = {}
     for key, pattern in (("api", r"API (\S+)"), ("token", r"token: (\S+)\)"), ("nats", r"NATS (nats://\S+)"),
-                         ("pg", r"psql '([^']+)'"), ("pids", r"pids ([0-9 ]+)\)")):
+                         ("pg", r"PostgreSQL (postgresql://\S+)"), ("pids", r"pids ([0-9 ]+)\)")):
         match = re.search(pattern, text)
         if match is None:
             raise SystemExit(f"no {key} in doai up's output:\n{text}")
         found[key] = match.group(1)
+    # The console line leaves the password out; it is in DOAI_HOME/keys/postgres.password.
+    password = (home / "keys" / "postgres.password").read_text(encoding="utf-8").strip()
+    found["pg"] = found["pg"].replace("postgresql://postgres@", f"postgresql://postgres:{quote(password, safe='')}@", 1)
     return proc, found
 
 
