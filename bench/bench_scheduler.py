@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ import psutil  # noqa: E402
 from bench.auth_support import creds, embedded_nats, options  # noqa: E402
 from contracts.recipe_check import validate_recipe  # noqa: E402
 from doai.embedded import EmbeddedNats, free_port  # noqa: E402
-from runtime import jetstream  # noqa: E402
+from runtime import aio, jetstream  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from services.node.agent import NodeAgent  # noqa: E402
 from services.node.driver import Key  # noqa: E402
@@ -79,7 +80,20 @@ async def one_workflow_alone(agent: NodeAgent, serial: str) -> float:
     return time.perf_counter() - started
 
 
-def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
+def loops(choice: str) -> list[tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]]:
+    """The event loops to measure on: asyncio's (what a Windows node PC runs) and uvloop (Linux/macOS nodes)."""
+    chosen: list[tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]] = []
+    if choice in ("asyncio", "both"):
+        chosen.append(("asyncio", None))
+    if choice in ("uvloop", "both"):
+        factory = aio.loop_factory()
+        if factory is None:
+            raise SystemExit("uvloop is not installed (or DOAI_UVLOOP=0): install the `uvloop` extra")
+        chosen.append(("uvloop", factory))
+    return chosen
+
+
+def main(devices: int, slots: int, runs: int, latency_ms: float, loop: str = "both") -> None:
     configure_logging(level="warning")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -90,7 +104,10 @@ def main(devices: int, slots: int, runs: int, latency_ms: float) -> None:
                                 str(port), "--latency-ms", str(latency_ms), "--seed", "1"], cwd=ROOT,
                                env={**os.environ, "DOAI_LOG_LEVEL": "warning"}, stderr=subprocess.DEVNULL)
         try:
-            asyncio.run(run_bench(tmp, server, port, devices, slots, runs))
+            for name, factory in loops(loop):
+                out(f"\n## event loop: {name}")
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runner.run(run_bench(tmp / name, server, port, devices, slots, runs))
             asyncio.run(rss_bench(tmp, server, port))
         finally:
             sim.terminate()
@@ -219,5 +236,7 @@ if __name__ == "__main__":
     p.add_argument("--slots", type=int, default=20)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--latency-ms", type=float, default=50.0)
+    p.add_argument("--loop", choices=["asyncio", "uvloop", "both"], default="both",
+                   help="asyncio: a Windows node PC's loop; uvloop: what doai uses on Linux/macOS when installed")
     args = p.parse_args()
-    main(args.devices, args.slots, args.runs, args.latency_ms)
+    main(args.devices, args.slots, args.runs, args.latency_ms, args.loop)
