@@ -29,11 +29,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.device_floor import floor_one_device  # noqa: E402
 from doai.up import UpOptions  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
-from services.node.driver import Key  # noqa: E402
-from services.node.vendor_client import VendorClient  # noqa: E402
-from services.simulator.server import Simulator, SimulatorConfig  # noqa: E402
 
 
 def out(text: str) -> None:
@@ -58,23 +56,10 @@ def run_demo(nodes: int, devices: int, slots: int) -> tuple[float, float]:
     return total, float(match.group(1))
 
 
-async def floor_one_device() -> float:
+async def demo_floor_one_device() -> float:
     """One device's device-smoke requests, straight to the simulator with the demo's latencies."""
     defaults = UpOptions(home=Path("."))
-    config = SimulatorConfig(devices=1, default_latency_ms=defaults.sim_latency_ms,
-                             latency_ms={"screen": defaults.screen_latency_ms})
-    async with Simulator(config) as sim, VendorClient(sim.url, pool_size=1) as vendor:
-        serial = next(iter(sim.devices))
-        with tempfile.TemporaryDirectory() as spool:
-            started = time.perf_counter()
-            await vendor.shell(serial, "getprop ro.product.model")
-            await vendor.shell(serial, "getprop ro.build.version.release")
-            await vendor.shell(serial, "dumpsys battery")
-            await vendor.press_key(serial, Key.HOME)
-            await vendor.shell(serial, "am start -a android.intent.action.VIEW -d https://example.org/")
-            await asyncio.sleep(0.3)  # the recipe's `wait` step
-            await vendor.screenshot(serial, Path(spool))
-            return time.perf_counter() - started
+    return await floor_one_device(defaults.sim_latency_ms, defaults.screen_latency_ms)
 
 
 def main() -> None:
@@ -87,7 +72,7 @@ def main() -> None:
     configure_logging(level="warning")
     totals, runs, floors = [], [], []
     for i in range(args.repeat):
-        floors.append(asyncio.run(floor_one_device()))
+        floors.append(asyncio.run(demo_floor_one_device()))
         total, run = run_demo(args.nodes, args.devices, args.slots)
         totals.append(total)
         runs.append(run)

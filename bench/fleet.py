@@ -56,14 +56,12 @@ import msgspec  # noqa: E402
 import nats  # noqa: E402
 import psutil  # noqa: E402
 
+from bench.device_floor import floor_one_device  # noqa: E402
 from contracts.events import Event, StepEvent, TaskEvent  # noqa: E402
 from doai.api_client import RetryingTransport  # noqa: E402
 from doai.up import DEMO_PARAMS, wait_for_devices  # noqa: E402
 from runtime.logging import configure_logging  # noqa: E402
 from runtime.nats_auth import NatsTrust, inbox_prefix  # noqa: E402
-from services.node.driver import Key  # noqa: E402
-from services.node.vendor_client import VendorClient  # noqa: E402
-from services.simulator.server import Simulator, SimulatorConfig  # noqa: E402
 
 PARTS = ("doai up (backend + aggregator)", "workers (nodes + simulators)", "nats-server", "PostgreSQL",
          "this benchmark")
@@ -79,23 +77,6 @@ def pct(values: list[float], q: float) -> float:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
-
-
-async def floor_one_device(latency_ms: float, screen_ms: float) -> float:
-    """One device's device-smoke vendor requests, straight to a simulator with the same latencies."""
-    config = SimulatorConfig(devices=1, default_latency_ms=latency_ms, latency_ms={"screen": screen_ms})
-    async with Simulator(config) as sim, VendorClient(sim.url, pool_size=1) as vendor:
-        serial = next(iter(sim.devices))
-        with tempfile.TemporaryDirectory() as spool:
-            started = time.perf_counter()
-            await vendor.shell(serial, "getprop ro.product.model")
-            await vendor.shell(serial, "getprop ro.build.version.release")
-            await vendor.shell(serial, "dumpsys battery")
-            await vendor.press_key(serial, Key.HOME)
-            await vendor.shell(serial, "am start -a android.intent.action.VIEW -d https://example.org/")
-            await asyncio.sleep(0.3)  # the recipe's `wait` step
-            await vendor.screenshot(serial, Path(spool))
-            return time.perf_counter() - started
 
 
 # -- per-part CPU and memory ----------------------------------------------------------------

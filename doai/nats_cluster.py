@@ -32,6 +32,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from doai.embedded import EmbeddedError, EmbeddedNats, free_port
+from runtime import aio
 from runtime.jetstream import tls_context
 from runtime.nats_auth import NatsTrust, inbox_prefix
 from runtime.watchdog import Watchdog
@@ -127,7 +128,7 @@ class NatsCluster:
         try:
             for member in self.members:
                 member.start(max(1.0, deadline - time.monotonic()))
-            asyncio.run(self.wait_ready(max(1.0, deadline - time.monotonic())))
+            aio.run(self.wait_ready(max(1.0, deadline - time.monotonic())))
         except BaseException:
             self.stop()
             raise

@@ -236,14 +236,15 @@ async def publish(js: JetStreamContext, events: list[Event], *, msg_id: bool = T
             for e in events[i:i + window]))
 
 
-async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float = 60.0, what: str = "condition") -> Any:
+async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float = 60.0, what: str = "condition",
+               every_s: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = await check()
         if value:
             return value
         assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s"
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(every_s)
 
 
 async def consumer_settled(js: JetStreamContext, durable: str = AGGREGATOR_DURABLE) -> bool:

@@ -65,7 +65,9 @@ async def test_aggregator_killed_ten_times_mid_batch_loses_and_corrupts_nothing(
             async def progressed(before: int = before) -> bool:
                 return bool(await conn.fetchval("SELECT count(*) FROM processed_events") > before)
 
-            await poll(progressed, timeout_s=60, what="aggregator folding")
+            # Polled tightly: the pipelined fold takes a chunk in well under 100 ms, and the kill must land
+            # while it is still at it.
+            await poll(progressed, timeout_s=60, what="aggregator folding", every_s=0.005)
             info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
             mid_flight += info.num_ack_pending + info.num_pending > 0
             if rng.random() < 0.5:

@@ -33,7 +33,7 @@ import trustme
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig, StreamInfo
 
-from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable, node_inbox_prefix
+from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
 from doai.cli import build_parser
 from doai.embedded import free_port, nats_server_binary
 from doai.nats_cluster import ClusterMember, NatsCluster
@@ -50,6 +50,7 @@ from tests.backend_support import NODE_SECRET, running_backend
 from tests.conftest import TEST_TOKEN, AuthNats, creds_file
 from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
+from tests.test_security_enrollment import connects
 
 NODES = 3
 DEVICES = 6
@@ -249,18 +250,6 @@ async def test_a_run_completes_exactly_when_the_evt_leader_is_killed_and_the_ser
 
 
 
-async def node_connects(url: str, creds: Path, node_id: str) -> bool:
-    """Whether that one server accepts these node credentials (refused: authorization violation)."""
-    try:
-        nc = await nats.connect(url, user_credentials=str(creds), inbox_prefix=node_inbox_prefix(node_id),
-                                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
-    except Exception as exc:
-        assert "authorization violation" in str(exc).lower(), exc
-        return False
-    await nc.close()
-    return True
-
-
 async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_once_it_is_back(
     nats_cluster: NatsCluster, database_url: str, tmp_path: Path
 ) -> None:
@@ -276,15 +265,15 @@ async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_
         write_secret(creds, format_creds(r.json()["user_jwt"], seed))
         other = creds_file("node", "node-other")
         for m in nats_cluster.members:
-            assert await node_connects(m.url, creds, "node-r"), m.name
+            assert await connects(m.url, creds, "node-r"), m.name
 
         await asyncio.to_thread(down.kill)
         async with backend.client() as client:
             r = await client.post("/v1/nodes/node-r/revoke")
             assert r.status_code == 200, r.text
         for m in others:  # the update reached every running server at once
-            assert not await node_connects(m.url, creds, "node-r"), m.name
-            assert await node_connects(m.url, other, "node-other"), m.name
+            assert not await connects(m.url, creds, "node-r"), m.name
+            assert await connects(m.url, other, "node-other"), m.name
 
         # The server that missed the update restarts with its old account JWT; the backend pushes the account
         # again every DOAI_NATS_ACCOUNT_PUSH_S (1 s here) while a key is revoked: the revoked node is refused
@@ -292,10 +281,10 @@ async def test_a_node_revoked_while_a_server_is_down_is_refused_by_every_server_
         await asyncio.to_thread(down.start)
 
         async def refused_on_restarted() -> bool:
-            return not await node_connects(down.url, creds, "node-r")
+            return not await connects(down.url, creds, "node-r")
 
         await poll(refused_on_restarted, 10, f"{down.name} refusing the node revoked while it was down")
-        assert await node_connects(down.url, other, "node-other")
+        assert await connects(down.url, other, "node-other")
 
 
 def test_replicas_and_server_lists_are_settings_with_clear_refusals(monkeypatch: pytest.MonkeyPatch) -> None:
