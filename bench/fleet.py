@@ -230,22 +230,32 @@ async def start_up(args: argparse.Namespace, home: Path) -> tuple[subprocess.Pop
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # noqa: ASYNC220
                             text=True)
     assert proc.stdout is not None
-    text = ""
-    while "press Ctrl-C" not in text:
-        line = await asyncio.to_thread(proc.stdout.readline)
-        if not line:
-            raise SystemExit(f"doai up ended before it was up:\n{text}\n{proc.stderr.read() if proc.stderr else ''}")
-        text += line
-    found: dict[str, str] = {}
-    for key, pattern in (("api", r"API (\S+)"), ("token", r"token: (\S+)\)"), ("nats", r"NATS (nats://\S+)"),
-                         ("pg", r"PostgreSQL (postgresql://\S+)"), ("pids", r"pids ([0-9 ]+)\)")):
-        match = re.search(pattern, text)
-        if match is None:
-            raise SystemExit(f"no {key} in doai up's output:\n{text}")
-        found[key] = match.group(1)
-    # The console line leaves the password out; it is in DOAI_HOME/keys/postgres.password.
-    password = (home / "keys" / "postgres.password").read_text(encoding="utf-8").strip()
-    found["pg"] = found["pg"].replace("postgresql://postgres@", f"postgresql://postgres:{quote(password, safe='')}@", 1)
+    try:
+        text = ""
+        while "press Ctrl-C" not in text:
+            line = await asyncio.to_thread(proc.stdout.readline)
+            if not line:
+                stderr = proc.stderr.read() if proc.stderr else ""
+                raise SystemExit(f"doai up ended before it was up:\n{text}\n{stderr}")
+            text += line
+        found: dict[str, str] = {}
+        for key, pattern in (("api", r"API (\S+)"), ("token", r"token: (\S+)\)"), ("nats", r"NATS (nats://\S+)"),
+                             ("pg", r"PostgreSQL (postgresql://\S+)"), ("pids", r"pids ([0-9 ]+)\)")):
+            match = re.search(pattern, text)
+            if match is None:
+                raise SystemExit(f"no {key} in doai up's output:\n{text}")
+            found[key] = match.group(1)
+        # The console line leaves the password out; it is in DOAI_HOME/keys/postgres.password.
+        password = (home / "keys" / "postgres.password").read_text(encoding="utf-8").strip()
+        found["pg"] = found["pg"].replace("postgresql://postgres@",
+                                          f"postgresql://postgres:{quote(password, safe='')}@", 1)
+    except BaseException:  # never leave a doai up (and its servers and workers) behind
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     return proc, found
 
 
