@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -226,8 +227,23 @@ def ensure_runtime_dir() -> None:
         return
     path = Path(tempfile.gettempdir()) / f"doai-runtime-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
+    own_folder(path)
     path.chmod(0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+def own_folder(path: Path) -> None:
+    """Refuse a folder in a shared place (/tmp) that is a symlink or belongs to another user (POSIX).
+
+    Its owner could swap what doai puts there (PostgreSQL's socket, reached with trust) for its own.
+    """
+    if sys.platform == "win32":
+        return
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise EmbeddedError(f"{path} is not a folder of this user (a symlink, or made by uid {st.st_uid}): "
+                            "another local user may have prepared it; remove it, or set XDG_RUNTIME_DIR "
+                            "to a private folder")
 
 
 class EmbeddedPostgres:
@@ -291,8 +307,6 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if sys.platform == "win32" or os.geteuid() != 0:
             return
-        import stat
-
         from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
 
         self._user = "pgserver"
@@ -340,6 +354,7 @@ class EmbeddedPostgres:
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:10]
         path = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"doai-pg-{digest}"
         path.mkdir(parents=True, exist_ok=True)
+        own_folder(path)
         if self._user is not None:
             path.chmod(0o777)  # the server's user writes its socket here
         return path
