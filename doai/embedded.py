@@ -219,6 +219,25 @@ class EmbeddedNats:
         self.proc = None
 
 
+def traversable(path: Path) -> list[Path]:
+    """Let another OS user (`pgserver`, as root) reach `path`: search permission (g+x,o+x) on each folder above it.
+
+    Only x, never r: pgserver's own helper adds g+rx,o+rx up to `/`, which made a home under /root
+    (and /root itself) listable, and its 0644 files readable, by every local user. Returns the folders
+    changed (logged).
+    """
+    changed = []
+    search = stat.S_IXGRP | stat.S_IXOTH  # group too: the server's programs keep root's group (subprocess user=)
+    for folder in path.parents:
+        mode = folder.stat().st_mode
+        if mode & search != search:
+            folder.chmod(mode | search)
+            changed.append(folder)
+    if changed:
+        log.warning("folders made traversable (g+x,o+x) for the PostgreSQL user", folders=[str(f) for f in changed])
+    return changed
+
+
 def ensure_runtime_dir() -> None:
     """Give pgserver's lock file a private XDG_RUNTIME_DIR when the session has none."""
     if os.environ.get("XDG_RUNTIME_DIR"):
@@ -307,12 +326,12 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if sys.platform == "win32" or os.geteuid() != 0:
             return
-        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        from pgserver.utils import ensure_folder_permissions, ensure_user_exists
 
         self._user = "pgserver"
         ensure_user_exists(self._user)
-        ensure_prefix_permissions(self.data_dir)
-        ensure_prefix_permissions(self._bin)
+        traversable(self.data_dir)
+        traversable(self._bin)
         read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
         ensure_folder_permissions(self._bin, execute | read)
         ensure_folder_permissions(self._bin.parent / "lib", read)

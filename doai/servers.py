@@ -109,6 +109,10 @@ def hold_home(home: Path) -> Iterator[None]:
     """
     home.mkdir(parents=True, exist_ok=True)
     check_home_owner(home)
+    if sys.platform != "win32":
+        # Private: logs, node journals and artifacts (phone screenshots) are nobody else's business. As root
+        # the PostgreSQL user must still pass through to home/pg (search only, no listing).
+        home.chmod(0o711 if os.geteuid() == 0 else 0o700)
     path = home / "doai-up.lock"
     try:
         # O_NOFOLLOW: a symlink planted as the lock file must not make us truncate and write its target.

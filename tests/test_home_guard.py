@@ -116,3 +116,28 @@ def test_our_own_runtime_folder_is_made_private(tmp_path: Path, monkeypatch: pyt
     assert path == tmp_path / f"doai-runtime-{os.getuid()}"
     assert path.stat().st_mode & 0o7777 == 0o700
     embedded.own_folder(path)  # accepted
+
+
+def test_as_root_postgresql_reaches_its_data_without_making_parent_folders_listable(tmp_path: Path) -> None:
+    """As root the server runs as the OS user `pgserver`, which must pass through the folders above its data.
+
+    pgserver's own helper gave every folder up to `/` g+rx,o+rx: a home under /root made /root (and
+    its 0644 files) listable and readable by every local user. Only g+x,o+x (pass through) is given now.
+    Without root there is no other user: the folders stay as they were.
+    """
+    private = tmp_path / "private"  # stands for /root
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    (private / "notes.txt").write_text("root's\n", encoding="utf-8")
+    home = private / "home"
+    with hold_home(home):
+        pg = embedded.EmbeddedPostgres(home / "pg", password_file=home / "keys" / "postgres.password")
+        try:
+            pg.start()
+            assert pg.pid is not None and embedded.our_server(pg.pid, "postgres", pg.data_dir) is not None
+        finally:
+            pg.stop()
+    root = os.geteuid() == 0
+    assert private.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(private.stat().st_mode)
+    assert home.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(home.stat().st_mode)
+    assert (private / "notes.txt").read_text(encoding="utf-8") == "root's\n"
