@@ -153,7 +153,10 @@ class EmbeddedNats:
             parts.append("tls {\n"
                          f"  cert_file: {json.dumps(str(self.tls_cert))}\n"
                          f"  key_file: {json.dumps(str(self.tls_key))}\n"
-                         "  timeout: 5\n}\n")
+                         "  timeout: 5\n"
+                         # doai's clients start TLS before reading anything (runtime.jetstream.tls_options);
+                         # `auto` still lets a client that reads INFO first upgrade as usual.
+                         "  handshake_first: auto\n}\n")
         return "\n".join(parts)
 
     @property

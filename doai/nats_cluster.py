@@ -39,7 +39,7 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from doai.embedded import EmbeddedError, EmbeddedNats, free_port
-from runtime.jetstream import tls_context
+from runtime.jetstream import tls_options
 from runtime.nats_auth import NatsTrust, inbox_prefix
 from runtime.nats_creds import write_secret
 from runtime.watchdog import Watchdog
@@ -168,16 +168,22 @@ class NatsCluster:
     """`size` servers (3: the quorum survives the loss of one) under `store_dir/<name>`."""
 
     def __init__(self, store_dir: Path, trust: NatsTrust, size: int = 3, *, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, ca_file: Path | None = None,
+                 tls_key: Path | None = None, ca_file: Path | None = None, own_tls: bool = False,
                  watchdog: Watchdog | None = None) -> None:
+        """`own_tls` (what `doai up` uses): clients too get TLS with the cluster's own certificate, verified
+        against `route_tls.ca_file` (then `ca_file`). While a server is down its clients keep dialing its
+        port; without TLS a local process that bound it could relay their nonce-signed CONNECT to a live
+        server and act as them (or read their traffic)."""
         if size < 3:
             raise EmbeddedError(f"a NATS cluster needs at least 3 servers to survive losing one, got {size}")
         self.store_dir = store_dir
         self.trust = trust
+        self.route_tls = RouteTls(store_dir / "route-tls")
+        if own_tls:
+            tls_cert, tls_key, ca_file = self.route_tls.cert_file, self.route_tls.key_file, self.route_tls.ca_file
         self.ca_file = ca_file
         route_password = secrets.token_urlsafe(24)
         route_ports = [free_port() for _ in range(size)]
-        self.route_tls = RouteTls(store_dir / "route-tls")
         self.members = [
             ClusterMember(store_dir / f"n{i}", trust, name=f"doai-n{i}", route_port=route_ports[i - 1],
                           peers=[p for p in route_ports if p != route_ports[i - 1]],
@@ -232,10 +238,7 @@ class NatsCluster:
         raise EmbeddedError(f"the NATS cluster at {self.url} did not form within {timeout_s:g} s: {last}")
 
     async def _connect(self, urls: list[str], role: str) -> NATS:
-        options: dict[str, Any] = {}
-        tls = tls_context(self.url, self.ca_file)
-        if tls is not None:
-            options["tls"] = tls
+        options: dict[str, Any] = tls_options(self.url, self.ca_file)
         if role != "sys-user":
             options["inbox_prefix"] = inbox_prefix(role)
 

@@ -183,8 +183,9 @@ async def infrastructure(home: Path | None = None, nats_cluster: int = 0) -> Asy
         if not nats_url:
             trust = await asyncio.to_thread(NatsTrust.ensure, auth_dir)
             if nats_cluster:  # ports chosen at each start (the single server's are kept)
-                nats = NatsCluster(home / "nats-cluster", trust, nats_cluster, watchdog=watchdog)
+                nats = NatsCluster(home / "nats-cluster", trust, nats_cluster, own_tls=True, watchdog=watchdog)
                 replicas = nats.replicas
+                nats_ca = nats.ca_file  # clients verify the cluster's own CA (made at each start)
             else:
                 nats = EmbeddedNats(home / "nats", trust, port=nats_port or saved.get("nats_port"),
                                     fallback_port=nats_port is None, watchdog=watchdog)

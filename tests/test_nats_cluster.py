@@ -414,6 +414,60 @@ async def test_a_local_process_on_the_port_of_a_server_that_is_down_never_gets_t
     assert stat.S_IMODE(nats_cluster.route_tls.key_file.stat().st_mode) == 0o600
 
 
+async def test_a_client_dialing_a_server_that_is_down_gives_an_impostor_on_its_port_nothing(
+    tmp_path: Path, nats_trust: NatsTrust
+) -> None:
+    """`doai up --nats-cluster` clients use TLS with the cluster's own CA. A client that dials the port of a
+    server that is down (a start or a reconnect while it is down) meets whatever local process bound that
+    port; over plain TCP it sent its user JWT and its signature of the impostor's nonce (a nonce the
+    impostor could have taken from a live server, to act as that client), and then its traffic."""
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust, own_tls=True)
+    await asyncio.to_thread(cluster.start)
+    try:
+        first, down, _ = cluster.members
+        assert cluster.url.startswith("tls://") and cluster.ca_file == cluster.route_tls.ca_file
+        down.kill()
+        creds = cluster.trust.creds_path("backend")
+        user_jwt = next(line for line in creds.read_text().splitlines() if line.startswith("eyJ")).encode()
+        received: list[bytes] = []
+        heard = asyncio.Event()
+
+        async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            info = {"server_id": "NIMPOSTOR", "server_name": down.name, "version": "2.10.0", "proto": 1,
+                    "max_payload": 1048576, "auth_required": True, "nonce": "bm9uY2U", "headers": True}
+            writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+            await writer.drain()
+            try:
+                while chunk := await asyncio.wait_for(reader.read(4096), 3):
+                    received.append(chunk)
+            except (TimeoutError, OSError):
+                pass
+            finally:
+                writer.close()
+                heard.set()
+
+        rogue = await asyncio.start_server(impostor, "127.0.0.1", down.port, reuse_address=True)
+        try:
+            with pytest.raises((TimeoutError, OSError, nats.errors.Error)):  # no server there: no connection
+                await asyncio.wait_for(nats.connect(
+                    [down.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
+                    **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False,
+                    connect_timeout=2), 20)
+            await asyncio.wait_for(heard.wait(), 20)
+            # The live servers still take the same client.
+            nc = await nats.connect([first.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
+                                    **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False)
+            assert nc.is_connected
+            await nc.close()
+        finally:
+            rogue.close()
+            await rogue.wait_closed()
+        assert received, "the client never dialed the impostor"
+        assert not any(b"CONNECT" in chunk or user_jwt in chunk for chunk in received), received
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
 async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(
     tmp_path: Path, log_file: Path, nats_trust: NatsTrust
 ) -> None:
