@@ -17,6 +17,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -152,7 +153,10 @@ class EmbeddedNats:
             parts.append("tls {\n"
                          f"  cert_file: {json.dumps(str(self.tls_cert))}\n"
                          f"  key_file: {json.dumps(str(self.tls_key))}\n"
-                         "  timeout: 5\n}\n")
+                         "  timeout: 5\n"
+                         # doai's clients start TLS before reading anything (runtime.jetstream.tls_options);
+                         # `auto` still lets a client that reads INFO first upgrade as usual.
+                         "  handshake_first: auto\n}\n")
         return "\n".join(parts)
 
     @property
@@ -218,6 +222,25 @@ class EmbeddedNats:
         self.proc = None
 
 
+def traversable(path: Path) -> list[Path]:
+    """Let another OS user (`pgserver`, as root) reach `path`: search permission (g+x,o+x) on each folder above it.
+
+    Only x, never r: pgserver's own helper adds g+rx,o+rx up to `/`, which made a home under /root
+    (and /root itself) listable, and its 0644 files readable, by every local user. Returns the folders
+    changed (logged).
+    """
+    changed = []
+    search = stat.S_IXGRP | stat.S_IXOTH  # group too: the server's programs keep root's group (subprocess user=)
+    for folder in path.parents:
+        mode = folder.stat().st_mode
+        if mode & search != search:
+            folder.chmod(mode | search)
+            changed.append(folder)
+    if changed:
+        log.warning("folders made traversable (g+x,o+x) for the PostgreSQL user", folders=[str(f) for f in changed])
+    return changed
+
+
 def ensure_runtime_dir() -> None:
     """Give pgserver's lock file a private XDG_RUNTIME_DIR when the session has none."""
     if os.environ.get("XDG_RUNTIME_DIR"):
@@ -226,8 +249,23 @@ def ensure_runtime_dir() -> None:
         return
     path = Path(tempfile.gettempdir()) / f"doai-runtime-{os.getuid()}"
     path.mkdir(mode=0o700, exist_ok=True)
+    own_folder(path)
     path.chmod(0o700)
     os.environ["XDG_RUNTIME_DIR"] = str(path)
+
+
+def own_folder(path: Path) -> None:
+    """Refuse a folder in a shared place (/tmp) that is a symlink or belongs to another user (POSIX).
+
+    Its owner could swap what doai puts there (PostgreSQL's socket, reached with trust) for its own.
+    """
+    if sys.platform == "win32":
+        return
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise EmbeddedError(f"{path} is not a folder of this user (a symlink, or made by uid {st.st_uid}): "
+                            "another local user may have prepared it; remove it, or set XDG_RUNTIME_DIR "
+                            "to a private folder")
 
 
 class EmbeddedPostgres:
@@ -291,14 +329,12 @@ class EmbeddedPostgres:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if sys.platform == "win32" or os.geteuid() != 0:
             return
-        import stat
-
-        from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+        from pgserver.utils import ensure_folder_permissions, ensure_user_exists
 
         self._user = "pgserver"
         ensure_user_exists(self._user)
-        ensure_prefix_permissions(self.data_dir)
-        ensure_prefix_permissions(self._bin)
+        traversable(self.data_dir)
+        traversable(self._bin)
         read, execute = stat.S_IRGRP | stat.S_IROTH, stat.S_IXGRP | stat.S_IXOTH
         ensure_folder_permissions(self._bin, execute | read)
         ensure_folder_permissions(self._bin.parent / "lib", read)
@@ -340,6 +376,7 @@ class EmbeddedPostgres:
         digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:10]
         path = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"doai-pg-{digest}"
         path.mkdir(parents=True, exist_ok=True)
+        own_folder(path)
         if self._user is not None:
             path.chmod(0o777)  # the server's user writes its socket here
         return path

@@ -83,6 +83,24 @@ def _port_setting(name: str) -> int | None:
         raise EmbeddedError(f"{name} must be a port number, not {raw!r}") from None
 
 
+def check_home_owner(home: Path) -> None:
+    """Refuse a DOAI_HOME another local user could have prepared or can still change (POSIX).
+
+    Everything under it is trusted: the NATS trust folder (operator keys), the PostgreSQL data
+    folder, pid files of servers we may stop, the lock file. A home owned by another user (say a
+    folder under /tmp made before us) or writable by everyone would let that user plant any of them.
+    """
+    if sys.platform == "win32":
+        return
+    st = home.stat()
+    if st.st_uid != os.geteuid():
+        raise EmbeddedError(f"{home} belongs to another user (uid {st.st_uid}): doai keeps its keys and servers' "
+                            "data there, so it must be a folder of this user; use another --home")
+    if st.st_mode & 0o002:
+        raise EmbeddedError(f"{home} is writable by every user (mode {st.st_mode & 0o7777:o}): doai keeps its keys "
+                            f"and servers' data there; `chmod o-w {home}` or use another --home")
+
+
 @contextlib.contextmanager
 def hold_home(home: Path) -> Iterator[None]:
     """One `doai up` per DOAI_HOME at a time: an OS lock on DOAI_HOME/doai-up.lock (released when we die).
@@ -90,8 +108,18 @@ def hold_home(home: Path) -> Iterator[None]:
     Holding it is what makes stopping a stale server of this home safe: nobody alive owns it.
     """
     home.mkdir(parents=True, exist_ok=True)
+    check_home_owner(home)
+    if sys.platform != "win32":
+        # Private: logs, node journals and artifacts (phone screenshots) are nobody else's business. As root
+        # the PostgreSQL user must still pass through to home/pg (search only, no listing).
+        home.chmod(0o711 if os.geteuid() == 0 else 0o700)
     path = home / "doai-up.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        # O_NOFOLLOW: a symlink planted as the lock file must not make us truncate and write its target.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    except OSError as exc:
+        raise EmbeddedError(f"cannot open the lock file {path} ({exc.strerror}): it must be a plain file of "
+                            "this user (a symlink is refused); remove it if no doai up runs") from None
     try:
         try:
             if sys.platform == "win32":
@@ -155,8 +183,9 @@ async def infrastructure(home: Path | None = None, nats_cluster: int = 0) -> Asy
         if not nats_url:
             trust = await asyncio.to_thread(NatsTrust.ensure, auth_dir)
             if nats_cluster:  # ports chosen at each start (the single server's are kept)
-                nats = NatsCluster(home / "nats-cluster", trust, nats_cluster, watchdog=watchdog)
+                nats = NatsCluster(home / "nats-cluster", trust, nats_cluster, own_tls=True, watchdog=watchdog)
                 replicas = nats.replicas
+                nats_ca = nats.ca_file  # clients verify the cluster's own CA (made at each start)
             else:
                 nats = EmbeddedNats(home / "nats", trust, port=nats_port or saved.get("nats_port"),
                                     fallback_port=nats_port is None, watchdog=watchdog)

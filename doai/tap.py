@@ -20,7 +20,7 @@ import msgspec
 from contracts.events import ArtifactEvent, DeviceInventoryEvent, Event, NodeHeartbeat, StepEvent, TaskEvent
 from contracts.subjects import EVENT_KINDS, EventKind, evt_filters, role_inbox_prefix
 from runtime import aio
-from runtime.jetstream import server_urls
+from runtime.jetstream import server_urls, tls_options
 from runtime.stopping import install_stop_handlers
 
 _decoder = msgspec.json.Decoder(Event)
@@ -83,6 +83,7 @@ async def tap(args: argparse.Namespace, stop: asyncio.Event) -> int:
     creds = creds_path(args.creds)
     if creds is not None:
         options["user_credentials"] = str(creds)
+    options.update(tls_options(url, os.environ.get("DOAI_NATS_CA")))  # `doai up --nats-cluster`: its CA file
     async def quiet(_: Exception) -> None:  # nats-py would log every failed attempt
         return None
 

@@ -372,6 +372,8 @@ async def up(opts: UpOptions) -> int:
                     say(f"  {note}")
                 say(f"  NATS credentials under {infra.nats_auth_dir} (read-only tap: "
                     f"{infra.nats_auth_dir / 'tap.creds'}); nodes enroll once, credentials under {opts.home / 'node'}")
+                if infra.embedded and infra.nats_ca is not None:
+                    say(f"  NATS over TLS: clients verify the servers with DOAI_NATS_CA={infra.nats_ca}")
                 say(f"  {opts.nodes} node(s) x {opts.devices} simulated devices, {opts.slots} slots each; "
                     f"recipes: {', '.join(recipes)}")
                 if system.workers is not None:

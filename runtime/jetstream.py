@@ -132,6 +132,22 @@ def tls_context(url: str, ca_file: str | Path | None) -> ssl.SSLContext | None:
     return None
 
 
+def tls_options(url: str, ca_file: str | Path | None) -> dict[str, Any]:
+    """nats-py options for `url`: TLS (`tls_context`) and the TLS handshake before anything else.
+
+    Without `tls_handshake_first`, nats-py reads the server's INFO in clear and upgrades only when
+    that INFO says `tls_required`: anyone between the client and the server (the fleet network, or
+    a local process on the port of a server that is down) could answer an INFO without it and get
+    the CONNECT in clear (the user JWT and a signature of a nonce it may have relayed from the real
+    server, then all the traffic). The servers must allow it (`handshake_first` in their `tls` block:
+    the embedded ones and infra/nats/compose-tls.conf do).
+    """
+    tls = tls_context(url, ca_file)
+    if tls is None:
+        return {}
+    return {"tls": tls, "tls_handshake_first": True}
+
+
 async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
                   creds: str | Path | None = None, inbox_prefix: str | None = None,
                   ca_file: str | Path | None = None) -> NATS:
@@ -168,9 +184,7 @@ async def connect(url: str, name: str, stop: asyncio.Event | None = None, *,
         options["user_credentials"] = str(creds)
     if inbox_prefix:
         options["inbox_prefix"] = inbox_prefix
-    tls = tls_context(url, ca_file)
-    if tls is not None:
-        options["tls"] = tls
+    options.update(tls_options(url, ca_file))
     nc: NATS = await unless_stopped(nats.connect(
         server_urls(url),
         name=name,

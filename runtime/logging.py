@@ -58,7 +58,10 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
     if fmt == "json":
         console_renderer = structlog.processors.JSONRenderer()
     else:
-        console_renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        # plain_traceback: structlog's default (rich, when installed) prints every frame's local variables,
+        # and a local can be a secret (a DSN with its password, the enrollment secret, a seed).
+        console_renderer = structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                         exception_formatter=structlog.dev.plain_traceback)
 
     def render(logger: WrappedLogger, name: str, event: EventDict) -> str:
         if log_file:

@@ -328,14 +328,16 @@ def rogue_route(route: str, log_path: Path) -> subprocess.Popen[bytes]:
 async def test_the_embedded_cluster_refuses_a_route_without_its_password(
     nats_cluster: NatsCluster, tmp_path: Path
 ) -> None:
-    """A local process dialing a route with a wrong password is refused: it never becomes a route."""
+    """A local process dialing a route (wrong password, no certificate of the cluster) is refused: it never
+    becomes a route."""
     first = nats_cluster.members[0]
     assert stat.S_IMODE(first.store_dir.stat().st_mode) == 0o700  # the config with the password is in here
     rogue_log = tmp_path / "rogue.log"
     rogue = rogue_route(f"nats-route://doai-route:wrong@127.0.0.1:{first.route_port}", rogue_log)
     try:
         async def refused() -> bool:
-            return rogue_log.exists() and "authorization violation" in rogue_log.read_text().lower()
+            # Refused at the TLS handshake (it has no certificate of the cluster's CA), before any password.
+            return "TLS route handshake error" in (first.store_dir / "nats-server.log").read_text()
 
         await poll(refused, 20, "the rogue route refused")
         nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
@@ -349,6 +351,110 @@ async def test_the_embedded_cluster_refuses_a_route_without_its_password(
     finally:
         rogue.kill()
         rogue.wait()
+
+
+async def test_a_local_process_on_the_port_of_a_server_that_is_down_never_gets_the_route_password(
+    nats_cluster: NatsCluster,
+) -> None:
+    """While a server is down the others keep dialing its route port; a local process that binds that port
+    (any local user can) must get neither the route password nor a route. Before route TLS the others sent
+    `CONNECT {"user":"doai-route","pass":...}` in clear to whoever listened there."""
+    first, down, third = nats_cluster.members
+    password = down._route_password.encode()
+    down.kill()
+    received: list[bytes] = []
+    dialed, heard = asyncio.Event(), asyncio.Event()
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dialed.set()
+        # What the real server would say first; a dialer that sends its CONNECT now gives the password away.
+        info = {"server_id": "NIMPOSTOR", "server_name": down.name, "cluster": "doai", "auth_required": True}
+        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+        await writer.drain()
+        try:
+            while chunk := await asyncio.wait_for(reader.read(4096), 3):
+                received.append(chunk)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+            heard.set()  # the dialer hung up (or said nothing for 3 s): all it would say is in `received`
+
+    rogue = await asyncio.start_server(impostor, "127.0.0.1", down.route_port, reuse_address=True)
+    try:
+        await asyncio.wait_for(dialed.wait(), 20)  # a surviving server dialed the impostor ...
+        await asyncio.wait_for(heard.wait(), 20)  # ... and the conversation is over
+    finally:
+        rogue.close()
+        await rogue.wait_closed()
+    assert not any(password in chunk for chunk in received), "the route password went to the impostor"
+    assert not any(b"CONNECT" in chunk for chunk in received)
+    # The survivors are still routed to each other, and to nobody else.
+    nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
+                            allow_reconnect=False)
+    try:
+        reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
+    finally:
+        await nc.close()
+    routes = json.loads(reply.data)["data"].get("routes") or []
+    assert {r.get("remote_name") for r in routes} == {third.name}
+    tls_folder = nats_cluster.route_tls.folder
+    assert stat.S_IMODE(tls_folder.stat().st_mode) == 0o700
+    assert stat.S_IMODE(nats_cluster.route_tls.key_file.stat().st_mode) == 0o600
+
+
+async def test_a_client_dialing_a_server_that_is_down_gives_an_impostor_on_its_port_nothing(
+    tmp_path: Path, nats_trust: NatsTrust
+) -> None:
+    """`doai up --nats-cluster` clients use TLS with the cluster's own CA. A client that dials the port of a
+    server that is down (a start or a reconnect while it is down) meets whatever local process bound that
+    port; over plain TCP it sent its user JWT and its signature of the impostor's nonce (a nonce the
+    impostor could have taken from a live server, to act as that client), and then its traffic."""
+    cluster = NatsCluster(tmp_path / "cluster", nats_trust, own_tls=True)
+    await asyncio.to_thread(cluster.start)
+    try:
+        first, down, _ = cluster.members
+        assert cluster.url.startswith("tls://") and cluster.ca_file == cluster.route_tls.ca_file
+        down.kill()
+        creds = cluster.trust.creds_path("backend")
+        user_jwt = next(line for line in creds.read_text().splitlines() if line.startswith("eyJ")).encode()
+        received: list[bytes] = []
+        heard = asyncio.Event()
+
+        async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            info = {"server_id": "NIMPOSTOR", "server_name": down.name, "version": "2.10.0", "proto": 1,
+                    "max_payload": 1048576, "auth_required": True, "nonce": "bm9uY2U", "headers": True}
+            writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
+            await writer.drain()
+            try:
+                while chunk := await asyncio.wait_for(reader.read(4096), 3):
+                    received.append(chunk)
+            except (TimeoutError, OSError):
+                pass
+            finally:
+                writer.close()
+                heard.set()
+
+        rogue = await asyncio.start_server(impostor, "127.0.0.1", down.port, reuse_address=True)
+        try:
+            with pytest.raises((TimeoutError, OSError, nats.errors.Error)):  # no server there: no connection
+                await asyncio.wait_for(nats.connect(
+                    [down.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
+                    **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False,
+                    connect_timeout=2), 20)
+            await asyncio.wait_for(heard.wait(), 20)
+            # The live servers still take the same client.
+            nc = await nats.connect([first.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
+                                    **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False)
+            assert nc.is_connected
+            await nc.close()
+        finally:
+            rogue.close()
+            await rogue.wait_closed()
+        assert received, "the client never dialed the impostor"
+        assert not any(b"CONNECT" in chunk or user_jwt in chunk for chunk in received), received
+    finally:
+        await asyncio.to_thread(cluster.stop)
 
 
 async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(

@@ -193,10 +193,7 @@ class Enrollment:
         rows = await source.fetch("SELECT public_key, revoked_at FROM nats_revocations")
         revocations = {r["public_key"]: r["revoked_at"].astimezone(UTC) for r in rows}
         token = self._trust.account_jwt(revocations)
-        options: dict[str, Any] = {}
-        tls = jetstream.tls_context(self._nats_url, self._ca_file)
-        if tls is not None:
-            options["tls"] = tls
+        options: dict[str, Any] = jetstream.tls_options(self._nats_url, self._ca_file)
         async def quiet(exc: Exception) -> None:  # the failure is raised below, once
             pass
 

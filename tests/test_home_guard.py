@@ -1,0 +1,143 @@
+"""Attacks on the files `doai up` trusts in DOAI_HOME and in shared folders (review of wave 3).
+
+A local user who can plant a file where `doai up` will open it must not make it write elsewhere
+(a symlink as the lock file), and a folder another user prepared (a home, the runtime folder
+under /tmp that holds PostgreSQL's trust socket) is refused before anything is put in it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from doai import embedded
+from doai.embedded import EmbeddedError, ensure_runtime_dir
+from doai.servers import hold_home
+
+
+def _tree(folder: Path) -> dict[str, tuple[int, bytes | str]]:
+    """Every entry under `folder`: mode and content (a symlink: its target)."""
+    out: dict[str, tuple[int, bytes | str]] = {}
+    for path in sorted(folder.rglob("*")):
+        st = path.lstat()
+        if path.is_symlink():
+            out[str(path.relative_to(folder))] = (st.st_mode, os.readlink(path))
+        elif path.is_file():
+            out[str(path.relative_to(folder))] = (st.st_mode, path.read_bytes())
+        else:
+            out[str(path.relative_to(folder))] = (st.st_mode, b"")
+    return out
+
+
+def test_a_symlink_planted_as_the_lock_file_is_refused_and_its_target_untouched(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    victim = tmp_path / "victim.txt"  # stands for ~/.bashrc or any file the operator can write
+    victim.write_text("precious\n", encoding="utf-8")
+    (home / "doai-up.lock").symlink_to(victim)
+    before_home, before_victim = _tree(home), (victim.stat().st_mode, victim.read_bytes())
+
+    with pytest.raises(EmbeddedError, match=r"doai-up.lock .*a symlink is refused"), hold_home(home):
+        pytest.fail("hold_home went on with a symlinked lock file")
+
+    assert (victim.stat().st_mode, victim.read_bytes()) == before_victim, "the symlink's target was written"
+    assert _tree(home) == before_home
+
+
+def test_the_lock_file_is_private_and_holds_our_pid(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    with hold_home(home):
+        lock = home / "doai-up.lock"
+        assert lock.read_text(encoding="utf-8") == str(os.getpid())
+        assert lock.stat().st_mode & 0o077 == 0
+
+
+def test_a_home_writable_by_every_user_is_refused_and_nothing_is_put_in_it(tmp_path: Path) -> None:
+    home = tmp_path / "shared"
+    home.mkdir()
+    home.chmod(0o777)
+    with pytest.raises(EmbeddedError, match=r"writable by every user \(mode 777\)"), hold_home(home):
+        pytest.fail("hold_home went on in a world-writable home")
+    assert list(home.iterdir()) == []
+    assert home.stat().st_mode & 0o7777 == 0o777
+
+
+def test_a_home_of_another_user_is_refused_and_nothing_is_put_in_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "theirs"
+    home.mkdir()
+    owner = home.stat().st_uid
+    # We cannot chown without root; instead we are someone else than the folder's owner.
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)
+    with pytest.raises(EmbeddedError, match=rf"belongs to another user \(uid {owner}\)"), hold_home(home):
+        pytest.fail("hold_home went on in another user's home")
+    assert list(home.iterdir()) == []
+
+
+def test_a_runtime_folder_prepared_by_another_user_is_refused(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """/tmp/doai-runtime-<uid> made in advance by someone else: PostgreSQL's socket must not go there."""
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    uid = os.getuid()
+    planted = tmp_path / f"doai-runtime-{uid}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    (planted / "bait").write_text("x", encoding="utf-8")
+    before = _tree(tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: planted.stat().st_uid + 4242)  # the folder is not ours
+    with pytest.raises(EmbeddedError, match="not a folder of this user"):
+        ensure_runtime_dir()
+    assert "XDG_RUNTIME_DIR" not in os.environ
+    assert _tree(tmp_path) == before, "the planted folder was changed (chmod) or written"
+
+
+def test_a_runtime_folder_that_is_a_symlink_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    (tmp_path / f"doai-runtime-{os.getuid()}").symlink_to(elsewhere)
+    before = _tree(tmp_path)
+    with pytest.raises(EmbeddedError, match="not a folder of this user"):
+        ensure_runtime_dir()
+    assert "XDG_RUNTIME_DIR" not in os.environ
+    assert _tree(tmp_path) == before
+
+
+def test_our_own_runtime_folder_is_made_private(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path))
+    ensure_runtime_dir()
+    path = Path(os.environ["XDG_RUNTIME_DIR"])
+    assert path == tmp_path / f"doai-runtime-{os.getuid()}"
+    assert path.stat().st_mode & 0o7777 == 0o700
+    embedded.own_folder(path)  # accepted
+
+
+def test_as_root_postgresql_reaches_its_data_without_making_parent_folders_listable(tmp_path: Path) -> None:
+    """As root the server runs as the OS user `pgserver`, which must pass through the folders above its data.
+
+    pgserver's own helper gave every folder up to `/` g+rx,o+rx: a home under /root made /root (and
+    its 0644 files) listable and readable by every local user. Only g+x,o+x (pass through) is given now.
+    Without root there is no other user: the folders stay as they were.
+    """
+    private = tmp_path / "private"  # stands for /root
+    private.mkdir(mode=0o700)
+    private.chmod(0o700)
+    (private / "notes.txt").write_text("root's\n", encoding="utf-8")
+    home = private / "home"
+    with hold_home(home):
+        pg = embedded.EmbeddedPostgres(home / "pg", password_file=home / "keys" / "postgres.password")
+        try:
+            pg.start()
+            assert pg.pid is not None and embedded.our_server(pg.pid, "postgres", pg.data_dir) is not None
+        finally:
+            pg.stop()
+    root = os.geteuid() == 0
+    assert private.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(private.stat().st_mode)
+    assert home.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(home.stat().st_mode)
+    assert (private / "notes.txt").read_text(encoding="utf-8") == "root's\n"
