@@ -606,7 +606,9 @@ class Simulator:
             file_path = None if file_path is None else folder / file_path.name
         targets = self._resolve(devices)
         for _, dev in targets:
-            png = dev.render_screen()
+            # Rendered off the event loop (zlib lets go of the GIL): a simulator hosted beside its node agent
+            # (doai up --workers) must not stall the node while hundreds of phones take a screenshot at once.
+            png = await asyncio.to_thread(dev.render_screen)
             self._screenshot_seq += 1
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", dev.only_serial)
             name = f"Screenshot_{safe}_{int(time.time() * 1000)}_{self._screenshot_seq}.png"
