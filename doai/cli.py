@@ -97,6 +97,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         sys.stderr.write("doai up: --workers must be between 0 and 256; --nodes, --devices and latencies "
                          "not negative\n")
         return 2
+    # Everything doai up (and the servers and workers it starts) writes under DOAI_HOME is for this user only:
+    # logs, node journals, artifacts, keys (a home under /root is 0711, so other users could open guessable names).
+    os.umask(0o077)
     # The console shows what an operator needs; every log line goes to a JSON file (`-v`: also to stderr).
     log_path = Path(os.environ.get("DOAI_LOG_FILE") or opts.home / "logs" / "doai.jsonl")
     log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import json
 import secrets
-import socket
 import sys
 import time
 import uuid
@@ -31,7 +30,7 @@ import msgspec
 import structlog
 
 from doai.api_client import RetryingTransport
-from doai.embedded import free_port
+from doai.embedded import free_port, port_free
 from doai.fleet import NodeHostSpec, WorkerFailed, WorkerFleet, host_nodes, split_nodes
 from doai.resources import recipe_files
 from doai.servers import Infra, infrastructure
@@ -104,17 +103,6 @@ def save_console_state(home: Path, token: str, port: int) -> None:
 def command_key_path(home: Path) -> Path:
     """Where `doai up` keeps the backend's command-signing seed for this DOAI_HOME (0600, made once, reused)."""
     return home / "keys" / "command-signing.seed"
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket() as s:
-        if sys.platform != "win32":  # as the server binds: a port in TIME_WAIT after our last stop is free
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 async def publish_recipes(client: httpx.AsyncClient) -> list[str]:
@@ -350,7 +338,7 @@ async def up(opts: UpOptions) -> int:
     saved = load_console_state(opts.home)  # the same token and port as the last start of this home
     token = opts.token or saved.get("token") or secrets.token_urlsafe(32)
     port = opts.port if opts.port_given else int(saved.get("api_port") or opts.port)
-    if port and not _port_free(opts.host, port):
+    if port and not port_free(opts.host, port):
         wanted, port = port, free_port(opts.host)
         log.warning("API port busy; using another", wanted=wanted, port=port)
         say(f"API port {wanted} is busy: using {port}")

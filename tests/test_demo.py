@@ -47,6 +47,11 @@ def test_doai_up_demo_completes_a_run_with_screenshots_at_the_convention(tmp_pat
     assert seed_file.stat().st_mode & 0o777 == 0o600
     seed = seed_file.read_text().strip()
     assert seed.startswith("SN") and seed not in res.stdout + res.stderr
+    # Nothing doai up wrote under the home is open to other users: logs, journals, artifacts, keys, the NATS store
+    # (the home itself is 0711 as root, so a guessable name would otherwise be enough to read a file).
+    exposed = [f"{oct(p.stat().st_mode & 0o777)} {p}" for p in home.rglob("*")
+               if not p.is_symlink() and p.stat().st_mode & 0o077 and not p.is_socket()]
+    assert not exposed, exposed[:20]
 
 
 def test_doai_up_keeps_token_and_api_port_across_restarts_of_the_same_home(tmp_path: Path) -> None:

@@ -48,6 +48,7 @@ from services.node.enroll import new_user_seed, user_public_key_of
 from tests.aggregator_support import consumer_settled
 from tests.backend_support import NODE_SECRET, running_backend
 from tests.conftest import TEST_TOKEN, AuthNats, creds_file
+from tests.impostor_support import Impostor
 from tests.signing_support import TEST_SIGNING_SEED
 from tests.test_e2e import wait_completed
 from tests.test_security_enrollment import connects
@@ -362,33 +363,17 @@ async def test_a_local_process_on_the_port_of_a_server_that_is_down_never_gets_t
     first, down, third = nats_cluster.members
     password = down._route_password.encode()
     down.kill()
-    received: list[bytes] = []
-    dialed, heard = asyncio.Event(), asyncio.Event()
-
-    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        dialed.set()
-        # What the real server would say first; a dialer that sends its CONNECT now gives the password away.
-        info = {"server_id": "NIMPOSTOR", "server_name": down.name, "cluster": "doai", "auth_required": True}
-        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
-        await writer.drain()
-        try:
-            while chunk := await asyncio.wait_for(reader.read(4096), 3):
-                received.append(chunk)
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-            heard.set()  # the dialer hung up (or said nothing for 3 s): all it would say is in `received`
-
-    rogue = await asyncio.start_server(impostor, "127.0.0.1", down.route_port, reuse_address=True)
+    # What the real server would say first; a dialer that sends its CONNECT now gives the password away.
+    fake = Impostor({"server_id": "NIMPOSTOR", "server_name": down.name, "cluster": "doai", "auth_required": True})
+    rogue = await fake.listen(down.route_port)
     try:
-        await asyncio.wait_for(dialed.wait(), 20)  # a surviving server dialed the impostor ...
-        await asyncio.wait_for(heard.wait(), 20)  # ... and the conversation is over
+        await asyncio.wait_for(fake.dialed.wait(), 20)  # a surviving server dialed the impostor ...
+        await asyncio.wait_for(fake.heard.wait(), 20)  # ... and the conversation is over
     finally:
         rogue.close()
         await rogue.wait_closed()
-    assert not any(password in chunk for chunk in received), "the route password went to the impostor"
-    assert not any(b"CONNECT" in chunk for chunk in received)
+    assert not any(password in chunk for chunk in fake.received), "the route password went to the impostor"
+    assert not any(b"CONNECT" in chunk for chunk in fake.received)
     # The survivors are still routed to each other, and to nobody else.
     nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
                             allow_reconnect=False)
@@ -418,31 +403,16 @@ async def test_a_client_dialing_a_server_that_is_down_gives_an_impostor_on_its_p
         down.kill()
         creds = cluster.trust.creds_path("backend")
         user_jwt = next(line for line in creds.read_text().splitlines() if line.startswith("eyJ")).encode()
-        received: list[bytes] = []
-        heard = asyncio.Event()
-
-        async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            info = {"server_id": "NIMPOSTOR", "server_name": down.name, "version": "2.10.0", "proto": 1,
-                    "max_payload": 1048576, "auth_required": True, "nonce": "bm9uY2U", "headers": True}
-            writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
-            await writer.drain()
-            try:
-                while chunk := await asyncio.wait_for(reader.read(4096), 3):
-                    received.append(chunk)
-            except (TimeoutError, OSError):
-                pass
-            finally:
-                writer.close()
-                heard.set()
-
-        rogue = await asyncio.start_server(impostor, "127.0.0.1", down.port, reuse_address=True)
+        fake = Impostor({"server_id": "NIMPOSTOR", "server_name": down.name, "version": "2.10.0", "proto": 1,
+                                "max_payload": 1048576, "auth_required": True, "nonce": "bm9uY2U", "headers": True})
+        rogue = await fake.listen(down.port)
         try:
             with pytest.raises((TimeoutError, OSError, nats.errors.Error)):  # no server there: no connection
                 await asyncio.wait_for(nats.connect(
                     [down.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
                     **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False,
                     connect_timeout=2), 20)
-            await asyncio.wait_for(heard.wait(), 20)
+            await asyncio.wait_for(fake.heard.wait(), 20)
             # The live servers still take the same client.
             nc = await nats.connect([first.url], user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
                                     **jetstream.tls_options(cluster.url, cluster.ca_file), allow_reconnect=False)
@@ -451,8 +421,8 @@ async def test_a_client_dialing_a_server_that_is_down_gives_an_impostor_on_its_p
         finally:
             rogue.close()
             await rogue.wait_closed()
-        assert received, "the client never dialed the impostor"
-        assert not any(b"CONNECT" in chunk or user_jwt in chunk for chunk in received), received
+        assert fake.received, "the client never dialed the impostor"
+        assert not any(b"CONNECT" in chunk or user_jwt in chunk for chunk in fake.received), fake.received
     finally:
         await asyncio.to_thread(cluster.stop)
 

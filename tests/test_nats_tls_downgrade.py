@@ -12,7 +12,6 @@ start TLS before reading anything (`runtime.jetstream.tls_options`); the servers
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import nats
@@ -24,6 +23,7 @@ from runtime import jetstream
 from runtime.aio import Stopped
 from runtime.nats_auth import NatsTrust, inbox_prefix
 from tests.conftest import creds_file
+from tests.impostor_support import Impostor
 
 
 def _jwt_of(creds: Path) -> bytes:
@@ -37,40 +37,25 @@ async def test_an_impostor_answering_in_clear_gets_no_connect_from_a_tls_client(
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     creds = creds_file("admin")
-    received: list[bytes] = []
-    heard = asyncio.Event()
-
-    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        # What a nats-server without TLS says; a client that answers with CONNECT gives itself away.
-        info = {"server_id": "NIMPOSTOR", "version": "2.10.0", "proto": 1, "max_payload": 1048576,
-                "auth_required": True, "nonce": "bm9uY2U", "headers": True}
-        writer.write(b"INFO " + json.dumps(info).encode() + b"\r\n")
-        await writer.drain()
-        try:
-            while chunk := await asyncio.wait_for(reader.read(4096), 3):
-                received.append(chunk)
-        except (TimeoutError, OSError):
-            pass
-        finally:
-            writer.close()
-            heard.set()  # the client hung up (or said nothing more for 3 s)
-
+    # What a nats-server without TLS says; a client that answers with CONNECT gives itself away.
+    fake = Impostor({"server_id": "NIMPOSTOR", "version": "2.10.0", "proto": 1, "max_payload": 1048576,
+                    "auth_required": True, "nonce": "bm9uY2U", "headers": True})
     port = free_port()
-    rogue = await asyncio.start_server(impostor, "127.0.0.1", port)
+    rogue = await fake.listen(port)
     stop = asyncio.Event()
     client = asyncio.create_task(jetstream.connect(f"tls://127.0.0.1:{port}", "doai-node-victim", stop,
                                                    creds=creds, ca_file=ca_file))
     try:
-        await asyncio.wait_for(heard.wait(), 20)
+        await asyncio.wait_for(fake.heard.wait(), 20)
     finally:
         stop.set()
         with pytest.raises(Stopped):
             await asyncio.wait_for(client, 10)
         rogue.close()
         await rogue.wait_closed()
-    assert received, "the client never spoke to the impostor"
-    assert received[0][:1] == b"\x16", "the client's first bytes are not a TLS handshake record"
-    assert not any(b"CONNECT" in chunk or _jwt_of(creds) in chunk for chunk in received), received
+    assert fake.received, "the client never spoke to the impostor"
+    assert fake.received[0][:1] == b"\x16", "the client's first bytes are not a TLS handshake record"
+    assert not any(b"CONNECT" in chunk or _jwt_of(creds) in chunk for chunk in fake.received), fake.received
 
 
 async def test_a_real_tls_server_still_takes_doai_clients_and_plain_nats_py_ones(
