@@ -51,22 +51,9 @@ class Stopped(Exception):
 
 async def unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event | None) -> T:
     """Await `awaitable`, or cancel it and raise `Stopped` as soon as `stop` is set."""
-    task = asyncio.ensure_future(awaitable)
     if stop is None:
-        return await task
-    stopper = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        stopper.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    try:
-        await task
-    except BaseException:  # noqa: S110 - whatever it was doing, we are stopping
-        pass
-    raise Stopped
+        return await awaitable
+    return await finish_unless_stopped(awaitable, stop, grace_s=0.0)
 
 
 async def pause(stop: asyncio.Event, seconds: float) -> bool:
