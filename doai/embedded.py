@@ -254,15 +254,16 @@ def ensure_runtime_dir() -> None:
     os.environ["XDG_RUNTIME_DIR"] = str(path)
 
 
-def own_folder(path: Path) -> None:
+def own_folder(path: Path, also_uid: int | None = None) -> None:
     """Refuse a folder in a shared place (/tmp) that is a symlink or belongs to another user (POSIX).
 
     Its owner could swap what doai puts there (PostgreSQL's socket, reached with trust) for its own.
+    `also_uid` is the one other owner allowed: the OS user the embedded server runs as (as root).
     """
     if sys.platform == "win32":
         return
     st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), also_uid):
         raise EmbeddedError(f"{path} is not a folder of this user (a symlink, or made by uid {st.st_uid}): "
                             "another local user may have prepared it; remove it, or set XDG_RUNTIME_DIR "
                             "to a private folder")
@@ -373,12 +374,23 @@ class EmbeddedPostgres:
         """The data folder, unless its path is too long for a Unix socket name: then a short runtime folder."""
         if len(str(self.data_dir / ".s.PGSQL.65535")) < 100:
             return self.data_dir
-        digest = hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:10]
-        path = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / f"doai-pg-{digest}"
-        path.mkdir(parents=True, exist_ok=True)
-        own_folder(path)
-        if self._user is not None:
-            path.chmod(0o777)  # the server's user writes its socket here
+        name = f"doai-pg-{hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:10]}"
+        if self._user is None:  # the server runs as us: our private runtime folder
+            path = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / name
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            own_folder(path)
+            return path
+        # As root the server's user must reach the folder, and root's runtime folder is 0700: the temp folder
+        # (or /tmp when that path is long too), in a folder of the server's user, 0700 (root passes anyway).
+        base = Path(tempfile.gettempdir())
+        if len(str(base / name / ".s.PGSQL.65535")) >= 100:
+            base = Path("/tmp")
+        path = base / name
+        path.mkdir(mode=0o700, exist_ok=True)
+        self._give(path)
+        own_folder(path, also_uid=self._uid())
+        path.chmod(0o700)
+        traversable(path)
         return path
 
     def _write_hba(self, trust_tcp: bool) -> None:
@@ -393,6 +405,14 @@ class EmbeddedPostgres:
         path = self.data_dir / "pg_hba.conf"
         path.write_text("\n".join(lines), encoding="utf-8")
         self._give(path)
+
+    def _uid(self) -> int | None:
+        """The uid of the server's OS user (as root), else None."""
+        if sys.platform == "win32" or self._user is None:
+            return None
+        import pwd
+
+        return pwd.getpwnam(self._user).pw_uid
 
     def _give(self, path: Path) -> None:
         """Hand `path` to the server's OS user (as root); nothing to do otherwise."""

@@ -7,10 +7,12 @@ under /tmp that holds PostgreSQL's trust socket) is refused before anything is p
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from doai import embedded
@@ -141,3 +143,32 @@ def test_as_root_postgresql_reaches_its_data_without_making_parent_folders_lista
     assert private.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(private.stat().st_mode)
     assert home.stat().st_mode & 0o777 == (0o711 if root else 0o700), oct(home.stat().st_mode)
     assert (private / "notes.txt").read_text(encoding="utf-8") == "root's\n"
+
+
+def test_a_data_folder_too_deep_for_a_socket_name_still_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data folder whose socket path passes 100 characters gets its socket in a short folder.
+
+    CI's pytest folders are that deep. As root, that folder was made inside root's 0700 runtime folder,
+    which the server's user (`pgserver`) cannot pass: "could not open lock file … Permission denied".
+    The parts must reach the server through the URI `start` returns, and the socket folder is private.
+    """
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "runtime"))
+    (tmp_path / "runtime").mkdir(mode=0o700)
+    deep = tmp_path / ("d" * 60) / ("e" * 40) / "pg"
+    assert len(str(deep / ".s.PGSQL.65535")) >= 100
+    pg = embedded.EmbeddedPostgres(deep)
+    try:
+        uri = pg.start()
+        host = Path(uri.split("host=")[1].split("&")[0])
+        assert host != deep and (host / f".s.PGSQL.{pg.port}").exists()
+        assert host.stat().st_mode & 0o777 == 0o700
+        async def one() -> int:
+            conn = await asyncpg.connect(uri)
+            try:
+                return int(await conn.fetchval("select 1"))
+            finally:
+                await conn.close()
+
+        assert asyncio.run(one()) == 1
+    finally:
+        pg.stop()
