@@ -155,8 +155,9 @@ class EmbeddedNats:
                          f"  key_file: {json.dumps(str(self.tls_key))}\n"
                          "  timeout: 5\n"
                          # doai's clients start TLS before reading anything (runtime.jetstream.tls_options);
-                         # `auto` still lets a client that reads INFO first upgrade as usual.
-                         "  handshake_first: auto\n}\n")
+                         # `true`: the server says nothing in clear. `auto` sent INFO in clear to a ClientHello
+                         # later than 50 ms (a loaded machine), and that client's handshake failed.
+                         "  handshake_first: true\n}\n")
         return "\n".join(parts)
 
     @property

@@ -8,7 +8,6 @@ empty store, so tests never see each other's streams.
 from __future__ import annotations
 
 import os
-import ssl
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -24,6 +23,7 @@ from nats.aio.client import Client as NATS
 from doai.embedded import EmbeddedNats, EmbeddedPostgres
 from doai.servers import Infra
 from doai.up import System, UpOptions, fleet_devices, publish_recipes, running_system, wait_for_devices
+from runtime import jetstream
 from runtime.logging import configure_logging
 from runtime.nats_auth import NatsTrust, inbox_prefix
 from runtime.nats_creds import write_secret
@@ -111,7 +111,7 @@ def nats_options(url: str, role: str = "admin", node_id: str | None = None) -> d
                                "inbox_prefix": inbox_prefix(role, node_id)}
     server = _SERVERS.get(url)
     if server is not None and server.ca_file is not None:
-        options["tls"] = ssl.create_default_context(cafile=str(server.ca_file))
+        options.update(jetstream.tls_options(url, server.ca_file))  # TLS first, as the parts connect
     return options
 
 

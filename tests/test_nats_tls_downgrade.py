@@ -5,8 +5,8 @@ nats-py reads the server's first line (INFO) in clear and upgrades to TLS only w
 on the fleet network, or a local process on the port of a cluster server that is down) could send an
 INFO without it and receive the CONNECT in clear: the user JWT and the signature of a nonce it may
 have relayed from the real server, so it could act as the node or the backend. doai's clients now
-start TLS before reading anything (`runtime.jetstream.tls_options`); the servers allow it
-(`handshake_first: auto`). Real parts: an impostor on a TCP port, a real nats-server with TLS.
+start TLS before reading anything (`runtime.jetstream.tls_options`); the servers expect it
+(`handshake_first: true`) and say nothing in clear. Real parts: an impostor on a TCP port, a real nats-server with TLS.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import nats
 import pytest
 import trustme
 
@@ -58,7 +57,7 @@ async def test_an_impostor_answering_in_clear_gets_no_connect_from_a_tls_client(
     assert not any(b"CONNECT" in chunk or _jwt_of(creds) in chunk for chunk in fake.received), fake.received
 
 
-async def test_a_real_tls_server_still_takes_doai_clients_and_plain_nats_py_ones(
+async def test_a_real_tls_server_takes_doai_clients_and_says_nothing_in_clear(
     tmp_path: Path, nats_trust: NatsTrust
 ) -> None:
     ca = trustme.CA()
@@ -77,13 +76,13 @@ async def test_a_real_tls_server_still_takes_doai_clients_and_plain_nats_py_ones
             assert nc.is_connected and nc._server_info.get("tls_required") is True
         finally:
             await nc.close()
-        # A client that reads INFO first (nats-py's default, another tool) still upgrades as usual.
-        plain = await nats.connect(server.url, tls=jetstream.tls_context(server.url, ca_file),
-                                   user_credentials=str(creds), inbox_prefix=inbox_prefix("backend"),
-                                   allow_reconnect=False)
+        # A client that waits for INFO first (nats-py's default) hears nothing in clear: the server
+        # waits for a TLS ClientHello and drops the connection at its TLS timeout (5 s).
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         try:
-            assert plain.is_connected
+            heard = await asyncio.wait_for(reader.read(), 20)  # until the server closes
         finally:
-            await plain.close()
+            writer.close()
+        assert heard == b"", heard
     finally:
         await asyncio.to_thread(server.stop)

@@ -7,6 +7,7 @@ speak TLS, or that trusts another CA, does not get in.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -57,14 +58,18 @@ async def test_a_run_completes_with_every_part_on_tls(start_system: Any, nats_se
 async def test_no_tls_or_another_ca_gets_no_connection(nats_server: AuthNats, tmp_path: Path) -> None:
     creds = str(nats_server.creds("tap"))
     plain = nats_server.url.replace("tls://", "nats://")
+    # The server says nothing in clear (handshake_first: true) and drops the silent client at its TLS
+    # timeout (5 s); nats-py's own timeouts do not all cover the wait for INFO, so a hard deadline here.
     with pytest.raises(Exception):  # noqa: B017 (nats-py raises several types here; any refusal will do)
-        await nats.connect(plain, user_credentials=creds, allow_reconnect=False, max_reconnect_attempts=0,
-                           connect_timeout=3)
+        await asyncio.wait_for(nats.connect(plain, user_credentials=creds, allow_reconnect=False,
+                                            max_reconnect_attempts=0, connect_timeout=3), 20)
     other = trustme.CA()
     other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
     with pytest.raises(ssl.SSLCertVerificationError):
-        await nats.connect(nats_server.url, user_credentials=creds, allow_reconnect=False, max_reconnect_attempts=0,
-                           connect_timeout=3, tls=ssl.create_default_context(cafile=str(tmp_path / "other-ca.pem")))
+        await asyncio.wait_for(nats.connect(nats_server.url, user_credentials=creds, allow_reconnect=False,
+                                            max_reconnect_attempts=0, connect_timeout=3, tls_handshake_first=True,
+                                            tls=ssl.create_default_context(cafile=str(tmp_path / "other-ca.pem"))),
+                               20)
     # The right CA (positive control).
     nc = await nats_server.connect("tap")
     assert nc.is_connected
