@@ -6,6 +6,7 @@ Everything here is synchronous and side-effect free apart from mutating the
 
 from __future__ import annotations
 
+import functools
 import shlex
 import zlib
 from dataclasses import dataclass, field
@@ -185,9 +186,7 @@ class SimDevice:
         """
         self.shell_history.append(command)
         try:
-            lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
-            lexer.whitespace_split = True
-            tokens = list(lexer)
+            tokens = list(_shell_tokens(command))
         except ValueError:
             return "/system/bin/sh: syntax error: unterminated quoted string\n"
         out: list[str] = []
@@ -429,6 +428,19 @@ class SimDevice:
                 return f"package:/data/app/{args[1]}/base.apk\n"
             return ""
         return "usage: pm [list|path] ...\n"
+
+
+@functools.lru_cache(maxsize=4096)
+def _shell_tokens(command: str) -> tuple[str, ...]:
+    """``command`` as ``sh`` splits it (``;``, ``&&`` and ``|`` as tokens of their own).
+
+    Cached: a fleet asks every phone the same few commands, and shlex is slow pure Python
+    (its tokenizer was the simulators' largest own cost in bench/fleet.py's profile).
+    A ValueError (an unterminated quote) is raised, never cached.
+    """
+    lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
+    lexer.whitespace_split = True
+    return tuple(lexer)
 
 
 def _split(tokens: list[str], seps: set[str]) -> list[list[str]]:

@@ -9,6 +9,7 @@ gives the same bytes.
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 import zlib
@@ -24,6 +25,7 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
     return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", crc)
 
 
+@functools.lru_cache(maxsize=8192)
 def make_png(width: int, height: int, seed: int) -> bytes:
     """Return the bytes of a valid ``width`` x ``height`` RGB PNG derived from ``seed``.
 
