@@ -255,19 +255,53 @@ def ensure_runtime_dir() -> None:
     os.environ["XDG_RUNTIME_DIR"] = str(path)
 
 
-def own_folder(path: Path, also_uid: int | None = None) -> None:
+def own_folder(path: Path) -> None:
     """Refuse a folder in a shared place (/tmp) that is a symlink or belongs to another user (POSIX).
 
     Its owner could swap what doai puts there (PostgreSQL's socket, reached with trust) for its own.
-    `also_uid` is the one other owner allowed: the OS user the embedded server runs as (as root).
     """
     if sys.platform == "win32":
         return
     st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid not in (os.geteuid(), also_uid):
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise EmbeddedError(f"{path} is not a folder of this user (a symlink, or made by uid {st.st_uid}): "
                             "another local user may have prepared it; remove it, or set XDG_RUNTIME_DIR "
                             "to a private folder")
+
+
+def socket_folder(path: Path, uid: int, gid: int) -> Path:
+    """Make `path` (in a shared place such as /tmp) a 0700 folder of `uid`, for PostgreSQL's trust socket (POSIX).
+
+    The name is guessable, so another local user may have made it first: a symlink (root would chown its
+    target), their own folder (its contents and open handles stay theirs), or a folder any user could write
+    into. Refused, as is a `base` that a user other than root or us could rename it out of. Checked and changed
+    through one handle (O_NOFOLLOW), so nothing can be swapped in between. An earlier run's folder is reused.
+    """
+    if sys.platform == "win32":
+        return path
+    refuse = ("another local user may have prepared it; remove it, or set XDG_RUNTIME_DIR (TMPDIR as root) "
+              "to a private folder")
+    base = path.parent.stat()
+    if base.st_uid not in (0, os.geteuid()) or (base.st_mode & 0o022 and not base.st_mode & stat.S_ISVTX):
+        raise EmbeddedError(f"{path.parent} (mode {base.st_mode & 0o7777:o}, uid {base.st_uid}) lets another user "
+                            f"replace the socket folder in it: {refuse}")
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise EmbeddedError(f"{path} is not a folder (a symlink or a file): {refuse}") from exc
+    try:
+        st = os.fstat(fd)
+        if st.st_uid not in (os.geteuid(), uid) or st.st_mode & 0o077:
+            raise EmbeddedError(f"{path} is not a private folder of this user (uid {st.st_uid}, mode "
+                                f"{st.st_mode & 0o7777:o}): {refuse}")
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+    return path
 
 
 class EmbeddedPostgres:
@@ -373,24 +407,22 @@ class EmbeddedPostgres:
 
     def _socket_dir(self) -> Path:
         """The data folder, unless its path is too long for a Unix socket name: then a short runtime folder."""
-        if len(str(self.data_dir / ".s.PGSQL.65535")) < 100:
+        if sys.platform == "win32" or len(str(self.data_dir / ".s.PGSQL.65535")) < 100:
             return self.data_dir
         name = f"doai-pg-{hashlib.sha256(str(self.data_dir).encode()).hexdigest()[:10]}"
         if self._user is None:  # the server runs as us: our private runtime folder
-            path = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()) / name
-            path.mkdir(mode=0o700, parents=True, exist_ok=True)
-            own_folder(path)
-            return path
+            base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
+            base.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return socket_folder(base / name, os.geteuid(), os.getegid())
         # As root the server's user must reach the folder, and root's runtime folder is 0700: the temp folder
         # (or /tmp when that path is long too), in a folder of the server's user, 0700 (root passes anyway).
         base = Path(tempfile.gettempdir())
         if len(str(base / name / ".s.PGSQL.65535")) >= 100:
             base = Path("/tmp")
-        path = base / name
-        path.mkdir(mode=0o700, exist_ok=True)
-        self._give(path)
-        own_folder(path, also_uid=self._uid())
-        path.chmod(0o700)
+        import pwd
+
+        entry = pwd.getpwnam(self._user)
+        path = socket_folder(base / name, entry.pw_uid, entry.pw_gid)
         traversable(path)
         return path
 
@@ -406,14 +438,6 @@ class EmbeddedPostgres:
         path = self.data_dir / "pg_hba.conf"
         path.write_text("\n".join(lines), encoding="utf-8")
         self._give(path)
-
-    def _uid(self) -> int | None:
-        """The uid of the server's OS user (as root), else None."""
-        if sys.platform == "win32" or self._user is None:
-            return None
-        import pwd
-
-        return pwd.getpwnam(self._user).pw_uid
 
     def _give(self, path: Path) -> None:
         """Hand `path` to the server's OS user (as root); nothing to do otherwise."""

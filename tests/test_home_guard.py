@@ -8,6 +8,7 @@ under /tmp that holds PostgreSQL's trust socket) is refused before anything is p
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -170,5 +171,87 @@ def test_a_data_folder_too_deep_for_a_socket_name_still_starts(tmp_path: Path, m
                 await conn.close()
 
         assert asyncio.run(one()) == 1
+        assert (host.stat().st_uid, host.parent) == (_server_uid(), tmp_path / "runtime" if os.geteuid() else
+                                                     Path(tempfile.gettempdir()))
+        pg.stop()
+        assert pg.start() == uri, "the earlier run's socket folder is reused"
+        assert asyncio.run(one()) == 1
     finally:
         pg.stop()
+
+
+def _deep_pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[embedded.EmbeddedPostgres, Path]:
+    """A data folder too deep for a socket name, and where its socket folder will be made (as root and not)."""
+    base = tmp_path / "shared"  # stands for /tmp (as root: the temp folder) or XDG_RUNTIME_DIR (not root)
+    base.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    monkeypatch.setattr(tempfile, "gettempdir", lambda: str(base))
+    pg = embedded.EmbeddedPostgres(tmp_path / ("d" * 60) / ("e" * 40) / "pg")
+    name = f"doai-pg-{hashlib.sha256(str(pg.data_dir).encode()).hexdigest()[:10]}"
+    return pg, base / name
+
+
+def _server_uid() -> int:
+    """The uid PostgreSQL runs as: `pgserver` as root, else us."""
+    if os.geteuid() != 0:
+        return os.geteuid()
+    import pwd
+
+    from pgserver.utils import ensure_user_exists
+
+    ensure_user_exists("pgserver")
+    return pwd.getpwnam("pgserver").pw_uid
+
+
+@pytest.mark.parametrize("planted", ["symlink", "another_users_folder", "server_users_folder_open_to_all",
+                                     "parent_writable_by_all"])
+def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str) -> None:
+    """The short socket folder's name is guessable (a digest of the data folder's path), in a shared place.
+
+    As root, a symlink planted there had its target chowned to `pgserver` (/etc, ~/.ssh, …) before it
+    was refused, and a folder of another user was chowned and adopted (what it held stayed). A folder
+    any user could write into may hold anything; a parent any user can write into (TMPDIR, no sticky
+    bit) lets them swap the folder after it was checked. All refused: no server, nothing touched.
+    """
+    pg, path = _deep_pg(tmp_path, monkeypatch)
+    victim = tmp_path / "victim"  # stands for /etc or /root/.ssh
+    victim.mkdir(mode=0o700)
+    (victim / "authorized_keys").write_text("root's\n", encoding="utf-8")
+    if planted == "symlink":
+        path.symlink_to(victim)
+    elif planted == "parent_writable_by_all":
+        path.parent.chmod(0o777)
+    else:
+        path.mkdir()
+        path.chmod(0o777)
+        (path / ".s.PGSQL.5432.lock").write_text("1\n", encoding="utf-8")
+        if planted == "server_users_folder_open_to_all":
+            os.chown(path, _server_uid(), -1)
+        elif os.geteuid() == 0:
+            os.chown(path, 4242, 4242)
+        else:  # we cannot chown without root; instead we are someone else than the folder's owner
+            owner = path.stat().st_uid
+            monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)
+    before = _tree(tmp_path / "shared"), victim.stat(), _tree(victim), _owner_mode(path), _owner_mode(path.parent)
+
+    try:
+        with pytest.raises(EmbeddedError, match="another local user may have prepared it") as refused:
+            pg.start()
+    finally:
+        started = pg.pid
+        pg.stop()
+    assert str(path.parent) in str(refused.value)
+    assert started is None and not (pg.data_dir / "postmaster.pid").exists(), "PostgreSQL was started"
+    assert (victim.stat().st_uid, victim.stat().st_mode) == (before[1].st_uid, before[1].st_mode), \
+        "the symlink's target was handed to the server's user"
+    assert _tree(victim) == before[2]
+    assert _tree(tmp_path / "shared") == before[0], "the planted folder was written"
+    assert (_owner_mode(path), _owner_mode(path.parent)) == before[3:], "the planted folder was chowned or chmodded"
+
+
+def _owner_mode(path: Path) -> tuple[int, int, int] | None:
+    if not os.path.lexists(path):
+        return None
+    st = path.lstat()
+    return st.st_uid, st.st_gid, st.st_mode

@@ -418,3 +418,26 @@ async def test_response_deviations(deviations: set[str], expected: dict[str, Any
 def test_unknown_deviation_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown deviation"):
         SimulatorConfig(deviations=frozenset({"teleport"}))
+
+
+def test_shell_tokens_are_cached_for_short_commands_only_and_errors_never() -> None:
+    """The tokenizer cache is bounded in entries and in size: a client cannot make it hold megabytes.
+
+    A long command (each `input text` different, up to the WebSocket's 16 MiB) is tokenized without it
+    and still typed in full; an unterminated quote answers the shell's error every time and caches nothing.
+    """
+    from services.simulator import device
+
+    dev = device.SimDevice(serial="cache-test", only_serial="cache-test")
+    device._shell_tokens.cache_clear()
+    assert dev.run_shell("input text 'hello world'") == ""
+    assert dev.run_shell("input text 'hello world'") == ""
+    info = device._shell_tokens.cache_info()
+    assert (info.hits, info.currsize) == (1, 1)
+    long_text = "x" * (4 * device.CACHED_COMMAND_MAX)
+    assert dev.run_shell(f"input text {long_text}") == ""
+    assert dev.typed_text == "hello worldhello world" + long_text
+    assert device._shell_tokens.cache_info().currsize == 1, "a long command was kept in the cache"
+    for _ in range(2):
+        assert dev.run_shell("echo 'unterminated") == "/system/bin/sh: syntax error: unterminated quoted string\n"
+    assert device._shell_tokens.cache_info().currsize == 1

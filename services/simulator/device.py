@@ -186,7 +186,7 @@ class SimDevice:
         """
         self.shell_history.append(command)
         try:
-            tokens = list(_shell_tokens(command))
+            tokens = list(_shell_tokens(command) if len(command) <= CACHED_COMMAND_MAX else _tokenize(command))
         except ValueError:
             return "/system/bin/sh: syntax error: unterminated quoted string\n"
         out: list[str] = []
@@ -430,17 +430,22 @@ class SimDevice:
         return "usage: pm [list|path] ...\n"
 
 
-@functools.lru_cache(maxsize=4096)
-def _shell_tokens(command: str) -> tuple[str, ...]:
-    """``command`` as ``sh`` splits it (``;``, ``&&`` and ``|`` as tokens of their own).
+#: Longer shell commands (a long `input text`, each one different) are tokenized without the cache:
+#: it holds at most 4096 short ones, whatever a client sends (up to the WebSocket's 16 MiB a message).
+CACHED_COMMAND_MAX = 1024
 
-    Cached: a fleet asks every phone the same few commands, and shlex is slow pure Python
-    (its tokenizer was the simulators' largest own cost in bench/fleet.py's profile).
-    A ValueError (an unterminated quote) is raised, never cached.
-    """
+
+def _tokenize(command: str) -> tuple[str, ...]:
+    """``command`` as ``sh`` splits it (``;``, ``&&`` and ``|`` as tokens of their own)."""
     lexer = shlex.shlex(command, posix=True, punctuation_chars=";&|")
     lexer.whitespace_split = True
     return tuple(lexer)
+
+
+#: Cached: a fleet asks every phone the same few commands, and shlex is slow pure Python (its tokenizer
+#: was the simulators' largest own cost in bench/fleet.py's profile). A ValueError (an unterminated quote)
+#: is raised, never cached.
+_shell_tokens = functools.lru_cache(maxsize=4096)(_tokenize)
 
 
 def _split(tokens: list[str], seps: set[str]) -> list[list[str]]:
