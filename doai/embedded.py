@@ -330,6 +330,7 @@ class EmbeddedPostgres:
         self._created = 0.0
         self._user: str | None = None
         self._bin = Path()
+        self._socket_folder: Path | None = None  # made for this start beside the data folder; removed at stop
 
     @property
     def tcp_url(self) -> str:
@@ -477,6 +478,7 @@ class EmbeddedPostgres:
         socket_dir: Path | None = None
         if sys.platform != "win32":
             socket_dir = self._socket_dir()
+            self._socket_folder = socket_dir if socket_dir != self.data_dir else None
             options += f" -k {shlex.quote(str(socket_dir))}"
         self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.data_dir / "log"), "-o", options,
                   "-w", "-t", "60", "start", timeout_s=90.0)
@@ -509,3 +511,7 @@ class EmbeddedPostgres:
         outcome = stop_process(self._guard(self.pid, self._created))
         log.info("embedded postgresql stopped", data_dir=str(self.data_dir), outcome=outcome)
         self.pid = None
+        if self._socket_folder is not None:
+            with contextlib.suppress(OSError):  # not empty (a server that was killed): the next start reuses it
+                self._socket_folder.rmdir()
+            self._socket_folder = None
