@@ -123,8 +123,9 @@ class Outbox:
         queue: asyncio.Queue[Msg] = acks._pending_queue
         this_round = str(self._round)
         problem: BaseException | None = None
-        answered = 0
-        while answered < sent:
+        answered = [False] * sent
+        missing = sent
+        while missing:
             if not queue.empty():  # the usual case: a read brought many acks; take them without a task each
                 msg = queue.get_nowait()
                 acks._pending_size -= len(msg.data)
@@ -133,12 +134,14 @@ class Outbox:
                 try:
                     msg = await acks.next_msg(timeout=max(0.001, deadline - loop.time()))
                 except (TimeoutError, nats.errors.TimeoutError):
-                    return problem or TimeoutError(f"{sent - answered} acks missing after {self._timeout:g} s")
+                    return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
             window, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
             if window != this_round or not index.isdigit() or int(index) >= sent:
                 continue  # a late ack of an earlier window: that row was kept and is in this window again
             i = int(index)
-            answered += 1
+            if not answered[i]:
+                answered[i] = True
+                missing -= 1
             try:
                 ack = _decode_ack(msg.data)
             except msgspec.DecodeError:
