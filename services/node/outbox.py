@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import nats.errors
 import structlog
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -126,15 +125,17 @@ class Outbox:
         answered = [False] * sent
         missing = sent
         while missing:
-            if not queue.empty():  # the usual case: a read brought many acks; take them without a task each
-                msg = queue.get_nowait()
-                acks._pending_size -= len(msg.data)
-                queue.task_done()
-            else:
+            if queue.empty():
+                # Waited on the queue itself: nats-py's `next_msg` makes a task, a `wait_for` and a uuid4 per call.
                 try:
-                    msg = await acks.next_msg(timeout=max(0.001, deadline - loop.time()))
-                except (TimeoutError, nats.errors.TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        msg = await queue.get()
+                except TimeoutError:
                     return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
+            else:  # the usual case: one read brought many acks
+                msg = queue.get_nowait()
+            acks._pending_size -= len(msg.data)  # the bookkeeping `next_msg` does
+            queue.task_done()
             window, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
             if window != this_round or not index.isdigit() or int(index) >= sent:
                 continue  # a late ack of an earlier window: that row was kept and is in this window again
