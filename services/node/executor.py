@@ -20,13 +20,14 @@ from structlog.contextvars import bound_contextvars
 
 from contracts.commands import RunBroadcast
 from contracts.events import ArtifactEvent, StepEvent, StepState, TaskEvent, TaskState
-from contracts.ids import new_id, utcnow
+from contracts.ids import utcnow
 from contracts.local_names import local_segment
 from contracts.recipe_model import StepBase, default_step_timeout, step_timeout_bounds
 from runtime.paths import PathEscape, contained_below
 from services.node.artifacts import ArtifactStore, StoredArtifact
 from services.node.driver import DeviceDriver
 from services.node.errors import NodeError
+from services.node.event_ids import new_event_id
 from services.node.journal import Job, Journal
 from services.node.steps import StepContext, clip, execute, failure_screenshot
 from services.node.vendor_client import VendorTimeout
@@ -64,7 +65,7 @@ class Executor:
                    failed_step: str | None = None) -> None:
         job.seq += 1
         self.journal.record(job, state, TaskEvent(
-            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            event_id=new_event_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=job.seq, state=state,
             attempt=job.attempt, error=error, failed_step=failed_step,
         ))
@@ -73,7 +74,7 @@ class Executor:
                     output: str | None = None, error: str | None = None) -> None:
         job.seq += 1
         self.journal.record(job, None, StepEvent(
-            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            event_id=new_event_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=job.seq, step_id=step_id, index=index, action=action,
             state=state, output=clip(output), error=error,
         ))
@@ -82,7 +83,7 @@ class Executor:
                         kind: Literal["screenshot", "failure"] = "screenshot") -> None:
         job.seq += 1
         self.journal.record(job, None, ArtifactEvent(
-            event_id=new_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
+            event_id=new_event_id(), ts=utcnow(), node_id=self.node_id, run_id=job.run_id,
             device_serial=job.serial, seq=job.seq, step_id=step_id, store=a.store, key=a.key,
             uri=a.uri, bytes=a.bytes, sha256=a.sha256, purpose=kind,
         ))

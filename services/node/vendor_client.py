@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import Counter
 from pathlib import Path
@@ -144,6 +145,9 @@ class VendorClient:
         self.seen: Counter[str] = Counter()
         """What was tolerated, as ``"<action>:<variant>"`` -> answers (docs/vendor.md)."""
         self._logged: set[tuple[str, str]] = set()
+        # Whether the per-request debug line is wanted, decided once (logging is configured before clients).
+        enabled = getattr(log.bind(), "is_enabled_for", None)
+        self._debug: bool = enabled is None or bool(enabled(logging.DEBUG))
 
     # -------------------------------------------------------------- lifecycle
 
@@ -270,7 +274,7 @@ class VendorClient:
         if not action:
             raise InvalidRequest("action must not be empty")
         devices = None if serial is None else one_serial(serial)
-        payload = msgspec.json.encode(Request(action=action, devices=devices, data=data)).decode()
+        payload = msgspec.json.encode(Request(action=action, devices=devices, data=data))  # UTF-8: a text frame
         timeout = self.request_timeout_s if timeout_s is None else timeout_s
 
         if devices is not None and self.drains.is_draining(devices):
@@ -296,7 +300,7 @@ class VendorClient:
             self._slots.release()
 
         self.drains.start(serial, conn.recv(), cleanup)
-    async def _exchange(self, payload: str, action: str, limit_s: float, serial: str | None = None,
+    async def _exchange(self, payload: bytes, action: str, limit_s: float, serial: str | None = None,
                         lease: list[bool] | None = None) -> str | bytes:
         started = time.monotonic()
         for attempt in (1, 2):
@@ -305,7 +309,7 @@ class VendorClient:
             if conn is None:
                 conn = await self._open_retrying(action, started + limit_s)
             try:
-                await conn.send(payload)
+                await conn.send(payload, text=True)  # JSON text; sent as is, not decoded and encoded again
             except ConnectionClosed as exc:
                 self._discard(conn)
                 # Nothing reached the vendor: safe to retry once on a fresh connection
@@ -350,11 +354,8 @@ class VendorClient:
                 raise
             self._release(conn)
             self._mark_success()
-            log.debug(
-                "vendor request",
-                action=action,
-                duration_ms=round((time.monotonic() - started) * 1000, 1),
-            )
+            if self._debug:  # per request: the module's lazy logger would bind a logger even to drop the line
+                log.debug("vendor request", action=action, duration_ms=round((time.monotonic() - started) * 1000, 1))
             return raw
         raise AssertionError("unreachable")  # pragma: no cover
 

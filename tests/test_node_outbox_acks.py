@@ -1,0 +1,90 @@
+"""The outbox's own ack path: a row leaves the journal only on JetStream's ack of that row, in this window.
+
+Real nats-server; the events' subjects have no stream until the test declares them, so every real
+answer is "no responders" (status 503) until then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+
+from contracts.events import NodeHeartbeat
+from contracts.ids import new_id, utcnow
+from contracts.subjects import EVT_STREAM
+from doai.embedded import EmbeddedNats
+from runtime import jetstream
+from services.node.journal import Journal
+from services.node.outbox import Outbox
+from tests.conftest import creds_file
+
+
+def beats(n: int) -> list[NodeHeartbeat]:
+    return [NodeHeartbeat(event_id=new_id(), ts=utcnow(), node_id="n1", slots=20, running=0, queued=0,
+                          vendor_connected=True, version="t") for _ in range(n)]
+
+
+async def stored_ids(js: JetStreamContext, count: int) -> list[str]:
+    ids = []
+    for seq in range(1, count + 1):
+        data = (await js.get_msg(EVT_STREAM, seq)).data
+        assert data is not None
+        ids.append(msgspec.json.decode(data, type=NodeHeartbeat).event_id)
+    return ids
+
+
+async def test_events_without_a_stream_stay_and_go_out_once_it_exists(nats_server: EmbeddedNats,
+                                                                      tmp_path: Path) -> None:
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match=r"5 of 5 events not acked: .*status 503"):
+            await outbox.publish_once()
+        assert journal.outbox_size() == 5 and outbox.published == 0
+        await jetstream.ensure_streams(js)
+        assert await outbox.publish_once() == 5
+        assert journal.outbox_size() == 0
+        info = await js.stream_info(EVT_STREAM)
+        assert info.state.messages == 5
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]  # journal order, each once
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+async def test_late_or_forged_acks_remove_nothing(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """Attack: "stored" acks on the outbox's inbox for an earlier window, an index past the window and a
+    malformed index, sent before the window whose real answers all say no stream: no row leaves."""
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match="5 of 5 events not acked"):
+            await outbox.publish_once()  # window 1: no stream
+        stored = b'{"stream":"DOAI_EVT","seq":1}'
+        inbox = outbox._inbox
+        assert inbox.startswith(nc._inbox_prefix.decode())  # within the connection's own inbox prefix
+        for reply in (f"{inbox}.1.0", f"{inbox}.1.4", f"{inbox}.2.5", f"{inbox}.2.x", f"{inbox}.2"):
+            await nc.publish(reply, stored)
+        await nc.flush()
+        with pytest.raises(RuntimeError, match="5 of 5 events not acked"):
+            await outbox.publish_once()  # window 2: the forged acks are queued before its real answers
+        assert journal.outbox_size() == 5 and outbox.published == 0
+        await jetstream.ensure_streams(js)
+        assert await outbox.publish_once() == 5
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
