@@ -356,7 +356,7 @@ async def settle(msgs: Sequence[Msg], term: Container[int] = ()) -> None:
     client: Any = getattr(msgs[0], "_client", None)
     send = getattr(client, "_send_command", None)
     stats = getattr(client, "stats", None)
-    if send is None or not isinstance(stats, dict) or any(
+    if send is None or not isinstance(stats, dict) or not hasattr(client, "_flush_pending") or any(
             m._client is not client or not m.reply or " " in m.reply or getattr(m, "_ackd", True) for m in msgs):
         for i, m in enumerate(msgs):  # anything unusual: nats-py's own way, and its errors
             await (m.term() if i in term else m.ack())
@@ -373,11 +373,14 @@ async def settle(msgs: Sequence[Msg], term: Container[int] = ()) -> None:
             terms += 1
         else:
             lines.append(b"PUB " + m.reply.encode() + _ACK_BODY)
-    await send(b"".join(lines))
     stats["out_msgs"] += len(msgs)
     stats["out_bytes"] += 5 * terms
+    await send(b"".join(lines))
     for m in msgs:
         m._ackd = True
+    flush_queue = getattr(client, "_flush_queue", None)
+    if flush_queue is not None and flush_queue.empty():  # wake the flusher, as `publish` does
+        await client._flush_pending()
 
 
 def delivery(msg: Msg) -> tuple[int, int]:

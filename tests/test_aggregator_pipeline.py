@@ -193,14 +193,24 @@ async def test_settle_acks_and_terms_exactly_the_messages_it_is_given_in_one_wri
         while len(msgs) < 30:
             msgs.extend(await sub.fetch(30 - len(msgs), timeout=2.0))
         kept = msgs.pop()  # fetched, not given to settle: stays pending
+        await nc.flush()  # nothing left to write: what follows must send itself
         out_msgs = nc.stats["out_msgs"]
         await settle(msgs, {3, 7, 20})
         assert nc.stats["out_msgs"] == out_msgs + 29  # one ack (or term) per message, as Msg.ack counts them
-        with pytest.raises(nats.errors.MsgAlreadyAckdError):
-            await settle(msgs[:1])  # settled once only, like Msg.ack
-        await nc.flush()
+        # The client's flusher was woken, as `publish` wakes it: the acks do not wait for the next publish or
+        # for the server's next PING (which would also send them, seconds later).
+        assert nc._flush_queue is not None
+        assert nc._pending_data_size == 0 or not nc._flush_queue.empty()
+        # On the wire without anything else sent on this connection (no flush, no request): watched from another.
+        other = (await nats.connect(nats_server.url, **nats_options(nats_server.url))).jetstream()
+        try:
+            await poll(lambda: _ack_pending(other, "SETTLE", "s", 1), timeout_s=10, what="the acks on the wire")
+        finally:
+            await other._nc.close()
         await poll(lambda: _ready(len(terminated) == 3), timeout_s=10, what="the terminated advisories")
         assert sorted(terminated) == sorted(msgs[i].metadata.sequence.stream for i in (3, 7, 20))
+        with pytest.raises(nats.errors.MsgAlreadyAckdError):
+            await settle(msgs[:1])  # settled once only, like Msg.ack
         info = await js.consumer_info("SETTLE", "s")
         assert info.num_ack_pending == 1 and info.num_pending == 0  # only `kept` is still out
         await settle([kept])
@@ -233,6 +243,11 @@ async def test_settle_on_a_closed_connection_raises_and_marks_nothing(nats_serve
         assert info.num_ack_pending == 5  # delivered, never acked: JetStream redelivers after AckWait
     finally:
         await admin.close()
+
+
+async def _ack_pending(js: JetStreamContext, stream: str, durable: str, left: int) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return bool(info.num_ack_pending == left and info.num_pending == 0)
 
 
 async def _settled(js: JetStreamContext, stream: str, durable: str) -> bool:
