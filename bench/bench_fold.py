@@ -258,7 +258,12 @@ async def aggregator_fold(server: EmbeddedNats, url: str, n: int) -> float:
     elapsed = time.perf_counter() - started
     stop.set()
     await worker
+    # The server has the acks (flush), but JetStream applies them to the consumer a moment later: poll.
+    deadline = time.monotonic() + 10.0
     info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
+    while info.num_ack_pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        info = await js.consumer_info(EVT_STREAM, AGGREGATOR_DURABLE)
     status = await pool.fetchval("SELECT status FROM runs")
     await pool.close()
     await nc.close()

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 
 import asyncpg
 import nats
 import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from doai.embedded import EmbeddedNats
 from runtime import db, jetstream
-from runtime.pull_consumer import quick_next_msg
+from runtime.pull_consumer import quick_next_msg, settle
 from services.aggregator.consumer import Aggregator
 from tests.aggregator_support import FleetRecording, check_truth, consumer_settled, migrate, poll, publish, seed_run
 from tests.conftest import nats_options
@@ -163,6 +166,93 @@ async def test_quick_next_msg_hands_out_what_fetch_did_and_still_times_out_when_
         assert not quick_next_msg(object())  # type: ignore[arg-type]  # not nats-py's: left alone
     finally:
         await nc.close()
+
+
+async def test_settle_acks_and_terms_exactly_the_messages_it_is_given_in_one_write(
+    nats_server: EmbeddedNats,
+) -> None:
+    """The aggregator's batched acks (`settle`) send what `Msg.ack` / `Msg.term` send, one per message:
+    the acked ones are done, the termed ones are terminated (JetStream's advisory names exactly them),
+    a message not given is neither, and a message cannot be settled twice."""
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    try:
+        js = nc.jetstream()
+        await js.add_stream(name="SETTLE", subjects=["settle.>"])
+        for i in range(30):
+            await js.publish(f"settle.{i % 3}", str(i).encode())
+        await js.add_consumer("SETTLE", ConsumerConfig(durable_name="s", deliver_policy=DeliverPolicy.ALL,
+                                                       ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+        terminated: list[int] = []
+
+        async def on_term(msg: Msg) -> None:
+            terminated.append(int(json.loads(msg.data)["stream_seq"]))
+
+        await nc.subscribe("$JS.EVENT.ADVISORY.CONSUMER.MSG_TERMINATED.SETTLE.s", cb=on_term)
+        sub = await js.pull_subscribe_bind(durable="s", stream="SETTLE")
+        msgs: list[Msg] = []
+        while len(msgs) < 30:
+            msgs.extend(await sub.fetch(30 - len(msgs), timeout=2.0))
+        kept = msgs.pop()  # fetched, not given to settle: stays pending
+        await nc.flush()  # nothing left to write: what follows must send itself
+        out_msgs = nc.stats["out_msgs"]
+        await settle(msgs, {3, 7, 20})
+        assert nc.stats["out_msgs"] == out_msgs + 29  # one ack (or term) per message, as Msg.ack counts them
+        # The client's flusher was woken, as `publish` wakes it: the acks do not wait for the next publish or
+        # for the server's next PING (which would also send them, seconds later).
+        assert nc._flush_queue is not None
+        assert nc._pending_data_size == 0 or not nc._flush_queue.empty()
+        # On the wire without anything else sent on this connection (no flush, no request): watched from another.
+        other = (await nats.connect(nats_server.url, **nats_options(nats_server.url))).jetstream()
+        try:
+            await poll(lambda: _ack_pending(other, "SETTLE", "s", 1), timeout_s=10, what="the acks on the wire")
+        finally:
+            await other._nc.close()
+        await poll(lambda: _ready(len(terminated) == 3), timeout_s=10, what="the terminated advisories")
+        assert sorted(terminated) == sorted(msgs[i].metadata.sequence.stream for i in (3, 7, 20))
+        with pytest.raises(nats.errors.MsgAlreadyAckdError):
+            await settle(msgs[:1])  # settled once only, like Msg.ack
+        info = await js.consumer_info("SETTLE", "s")
+        assert info.num_ack_pending == 1 and info.num_pending == 0  # only `kept` is still out
+        await settle([kept])
+        await nc.flush()
+        await poll(lambda: _settled(js, "SETTLE", "s"), timeout_s=10, what="the last message acked")
+        assert sorted(terminated) == sorted(msgs[i].metadata.sequence.stream for i in (3, 7, 20))  # no more terms
+        await settle([])  # nothing to do
+    finally:
+        await nc.close()
+
+
+async def test_settle_on_a_closed_connection_raises_and_marks_nothing(nats_server: EmbeddedNats) -> None:
+    """As `Msg.ack` does: a closed connection is an error, and the messages stay unacknowledged."""
+    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    js = nc.jetstream()
+    await js.add_stream(name="SETTLEC", subjects=["settlec.>"])
+    for i in range(5):
+        await js.publish("settlec.x", str(i).encode())
+    await js.add_consumer("SETTLEC", ConsumerConfig(durable_name="c", deliver_policy=DeliverPolicy.ALL,
+                                                    ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+    sub = await js.pull_subscribe_bind(durable="c", stream="SETTLEC")
+    msgs = await sub.fetch(5, timeout=2.0)
+    await nc.close()
+    with pytest.raises(nats.errors.ConnectionClosedError):
+        await settle(msgs)
+    assert not any(m._ackd for m in msgs)
+    admin = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    try:
+        info = await admin.jetstream().consumer_info("SETTLEC", "c")
+        assert info.num_ack_pending == 5  # delivered, never acked: JetStream redelivers after AckWait
+    finally:
+        await admin.close()
+
+
+async def _ack_pending(js: JetStreamContext, stream: str, durable: str, left: int) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return bool(info.num_ack_pending == left and info.num_pending == 0)
+
+
+async def _settled(js: JetStreamContext, stream: str, durable: str) -> bool:
+    info = await js.consumer_info(stream, durable)
+    return bool(info.num_ack_pending == 0 and info.num_pending == 0)
 
 
 async def _ready(value: bool) -> bool:

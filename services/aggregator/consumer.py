@@ -46,7 +46,7 @@ from contracts.events import Event
 from contracts.subjects import AGGREGATOR_DURABLE, EVT_STREAM
 from runtime import jetstream
 from runtime.aio import pause
-from runtime.pull_consumer import PullConsumer, delivery
+from runtime.pull_consumer import PullConsumer, delivery, settle
 from services.aggregator.fold import Batch, DeadLetter, FoldResult, Incoming, fold
 from services.aggregator.validate import (
     DEFAULT_MAX_SKEW_S,
@@ -235,12 +235,8 @@ class Aggregator:
             latest = max(sent for _, sent, _ in batch.clamped)
             log.warning("future node timestamps clamped to their arrival", events=len(batch.clamped),
                         node_ids=nodes[:20], latest_ts=latest.isoformat(), max_skew_s=self._max_skew.total_seconds())
-        if dead_seqs:
-            for m, seq in zip(msgs, batch.seqs, strict=True):
-                await (m.term() if seq in dead_seqs else m.ack())
-        else:
-            for m in msgs:
-                await m.ack()
+        # Every message acked (or termed) after the commit, one ack per message, in one write.
+        await settle(msgs, {i for i, seq in enumerate(batch.seqs) if seq in dead_seqs} if dead_seqs else ())
         self.folded += result.applied
         self.skipped += result.skipped
         self.dead += len(dead)

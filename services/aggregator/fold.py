@@ -284,10 +284,12 @@ def _uuid(value: str) -> uuid.UUID | None:
 
 
 def _columns(rows: Iterable[tuple[Any, ...]], width: int) -> list[list[Any]]:
-    cols: list[list[Any]] = [[] for _ in range(width)]
-    for row in rows:
-        for col, value in zip(cols, row, strict=True):
-            col.append(value)
+    """`rows` (each `width` values) as `width` columns: the arrays of an `unnest` statement."""
+    cols = [list(col) for col in zip(*rows, strict=True)]
+    if not cols:
+        return [[] for _ in range(width)]
+    if len(cols) != width:
+        raise ValueError(f"rows of {len(cols)} values where {width} were expected")
     return cols
 
 
@@ -369,21 +371,24 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
             rid = _uuid(e.run_id)
             if rid is not None:
                 run_ids[e.run_id] = rid
-    known: set[uuid.UUID] = set()
+    known: set[str] = set()  # the run ids (as the events spell them) of runs that exist
     if run_ids:
-        known = {r["run_id"] for r in await conn.fetch(_LOCK_RUNS, sorted(set(run_ids.values())))}
+        # Keyed by value: asyncpg's own UUIDs (as PostgreSQL returned them) equal and hash as `uuid.UUID`s,
+        # and asyncpg writes them into the statements' uuid arrays without a Python call per value.
+        found = {r["run_id"]: r["run_id"] for r in await conn.fetch(_LOCK_RUNS, sorted(set(run_ids.values())))}
+        known = {text for text, rid in run_ids.items() if rid in found}
+        run_ids = {text: found[rid] for text, rid in run_ids.items() if rid in found}
     candidates: list[Incoming] = []
     asked: list[tuple[str, uuid.UUID | None, str | None, str | None]] = []
     for item in unique.values():
         e = item.event
         if isinstance(e, TaskEvent | StepEvent | ArtifactEvent):
-            rid = run_ids.get(e.run_id)
-            if rid not in known:
+            if e.run_id not in known:
                 batch.dead.append(DeadLetter(item.subject, item.stream_seq, item.raw,
                                              f"event {e.event_id} names unknown run {e.run_id!r}", e.event_id,
                                              UNKNOWN_RUN))
                 continue
-            asked.append((e.event_id, rid, e.node_id, e.device_serial))
+            asked.append((e.event_id, run_ids[e.run_id], e.node_id, e.device_serial))
         else:
             asked.append((e.event_id, None, None, None))
         candidates.append(item)
@@ -463,7 +468,7 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
               None if d.event_id is None else storable(d.event_id, DEAD_LETTER_SUBJECT_CHARS), d.reason)
              for d in batch.dead], 8))
         result.dead = len(batch.dead)
-    touched = sorted({run_ids[e.run_id] for e in tasks})
+    touched = sorted({run_ids[r] for r in {e.run_id for e in tasks}})
     if touched:
         await conn.execute(RUN_STATUS, touched, DONE)
     return result
