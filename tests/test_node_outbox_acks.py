@@ -9,17 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts.events import NodeHeartbeat
 from contracts.ids import new_id, utcnow
-from contracts.subjects import EVT_STREAM
+from contracts.subjects import EVT_STREAM, node_inbox_prefix
 from doai.embedded import EmbeddedNats
 from runtime import jetstream
+from runtime.nats_auth import inbox_prefix
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
+from tests.node_support import until
 
 
 def beats(n: int) -> list[NodeHeartbeat]:
@@ -88,3 +92,50 @@ async def test_late_or_forged_acks_remove_nothing(nats_server: EmbeddedNats, tmp
     finally:
         journal.close()
         await jetstream.close(nc)
+
+
+async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """Attack: the read-only tap sees every event live on `doai.evt.>`, reply subject included, and answers
+    each with a "stored" ack. The events have no stream yet, so JetStream stores nothing and sends no answer:
+    a forged ack that counted would delete rows nobody stored. The server refuses the tap's replies; every
+    row stays and goes out once, in order, when the stream exists."""
+    node = await jetstream.connect(nats_server.url, "outbox-node", creds=creds_file("node", "n1"),
+                                   inbox_prefix=node_inbox_prefix("n1"))
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    tap = await nats.connect(nats_server.url, user_credentials=str(creds_file("tap")),
+                             inbox_prefix=inbox_prefix("tap"), error_cb=on_error)
+    answered: list[str] = []
+
+    async def forge(msg: Msg) -> None:
+        answered.append(msg.reply)
+        await tap.publish(msg.reply, b'{"stream":"DOAI_EVT","seq":1}')
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        await tap.subscribe("doai.evt.>", cb=forge)
+        await tap.flush()
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, node.jetstream(), publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match="5 of 5 events not acked"):
+            await outbox.publish_once()
+        assert len(answered) == 5 and all(r.startswith(f"{node_inbox_prefix('n1')}.") for r in answered)
+        await until(lambda: any("permissions violation" in e for e in errors), 5, f"the tap refused ({errors})")
+        assert journal.outbox_size() == 5 and outbox.published == 0
+        admin = await nats.connect(nats_server.url, user_credentials=str(creds_file("admin")))
+        try:
+            await jetstream.ensure_streams(admin.jetstream())
+            assert await outbox.publish_once() == 5
+            assert journal.outbox_size() == 0
+            assert await stored_ids(admin.jetstream(), 5) == [e.event_id for e in sent]
+        finally:
+            await admin.close()
+    finally:
+        journal.close()
+        await tap.close()
+        await jetstream.close(node)
