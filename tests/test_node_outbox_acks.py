@@ -139,3 +139,58 @@ async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: E
         journal.close()
         await tap.close()
         await jetstream.close(node)
+
+
+async def test_rows_stored_before_a_crash_are_acked_as_duplicates_and_stored_once(nats_server: EmbeddedNats,
+                                                                                  tmp_path: Path) -> None:
+    """A node killed after JetStream stored a window but before the deletes were committed publishes those
+    rows again on its next start (a new outbox, new ack inbox): JetStream answers `duplicate` (same
+    `Nats-Msg-Id`), the rows leave, and the stream holds each event once, in journal order."""
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js)
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        for row in journal.outbox_batch(3):  # what the killed process got stored
+            ack = await js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.event_id})
+            assert not ack.duplicate
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        assert await outbox.publish_once() == 5
+        assert journal.outbox_size() == 0
+        assert (await js.stream_info(EVT_STREAM)).state.messages == 5
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+async def test_a_full_stream_refuses_and_the_refused_rows_stay_until_it_has_room(nats_server: EmbeddedNats,
+                                                                                 tmp_path: Path) -> None:
+    """JetStream's refusal of a full stream (discard new) is an error ack: those rows stay, and go out in
+    order once the stream has room; nothing is stored twice."""
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        config = next(c for c in jetstream.stream_configs() if c.name == EVT_STREAM)
+        config.max_msgs = 2
+        await js.add_stream(config)
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match=r"3 of 5 events not acked: .*maximum messages"):
+            await outbox.publish_once()
+        assert journal.outbox_size() == 3 and outbox.published == 2
+        config.max_msgs = 100
+        await js.update_stream(config)
+        assert await outbox.publish_once() == 3
+        assert journal.outbox_size() == 0
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]
+        assert (await js.stream_info(EVT_STREAM)).state.messages == 5
+    finally:
+        journal.close()
+        await jetstream.close(nc)
