@@ -325,3 +325,38 @@ async def _task_events(nats_server: EmbeddedNats) -> list[TaskEvent]:
         return [e for e in await read_events(js, "doai.evt.*.task.*") if isinstance(e, TaskEvent)]
     finally:
         await nc.close()
+
+
+async def test_a_stop_while_nats_is_down_keeps_the_unacked_events_and_says_so(
+    nats_server: EmbeddedNats, tmp_path: Path, log_file: Path
+) -> None:
+    """The agent stops while NATS is unreachable: the events JetStream never acked stay in the journal, the
+    stop logs how many, and the next start publishes each of them once."""
+    async with Simulator(sim_config(1)) as sim:
+        async with agent_running(nats_server.url, sim, tmp_path) as agent:
+            nats_server.stop()
+            await until(lambda: agent.journal.outbox_size() >= 3, 10, "heartbeats journaled while NATS is down")
+            journal_path = agent.settings.journal_path
+        journal = Journal(journal_path)
+        try:
+            kept = [r.event_id for r in journal.outbox_batch(100_000)]
+        finally:
+            journal.close()
+        assert len(kept) >= 3
+        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
+        said = [x for x in lines if x.get("event", "").startswith("events not acked by JetStream kept")]
+        assert len(said) == 1 and said[0]["events"] == len(kept) and said[0]["node_id"] == NODE, said
+        nats_server.start()
+        async with agent_running(nats_server.url, sim, tmp_path):
+            nc, js = await connect(nats_server.url)
+            try:
+                async def all_stored() -> bool:
+                    stored = {e.event_id for e in await read_events(js)}
+                    return stored >= set(kept)
+                await until(all_stored, 30, "the kept events published after the restart")
+                stored = [e.event_id for e in await read_events(js)]
+            finally:
+                await nc.close()
+    assert all(stored.count(i) == 1 for i in kept)
+    order = [stored.index(i) for i in kept]
+    assert order == sorted(order)  # in journal order

@@ -9,17 +9,21 @@ from __future__ import annotations
 from pathlib import Path
 
 import msgspec
+import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from contracts.events import NodeHeartbeat
 from contracts.ids import new_id, utcnow
-from contracts.subjects import EVT_STREAM
+from contracts.subjects import EVT_STREAM, node_inbox_prefix
 from doai.embedded import EmbeddedNats
 from runtime import jetstream
+from runtime.nats_auth import inbox_prefix
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
+from tests.node_support import until
 
 
 def beats(n: int) -> list[NodeHeartbeat]:
@@ -85,6 +89,108 @@ async def test_late_or_forged_acks_remove_nothing(nats_server: EmbeddedNats, tmp
         await jetstream.ensure_streams(js)
         assert await outbox.publish_once() == 5
         assert await stored_ids(js, 5) == [e.event_id for e in sent]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """Attack: the read-only tap sees every event live on `doai.evt.>`, reply subject included, and answers
+    each with a "stored" ack. The events have no stream yet, so JetStream stores nothing and sends no answer:
+    a forged ack that counted would delete rows nobody stored. The server refuses the tap's replies; every
+    row stays and goes out once, in order, when the stream exists."""
+    node = await jetstream.connect(nats_server.url, "outbox-node", creds=creds_file("node", "n1"),
+                                   inbox_prefix=node_inbox_prefix("n1"))
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(str(exc).lower())
+
+    tap = await nats.connect(nats_server.url, user_credentials=str(creds_file("tap")),
+                             inbox_prefix=inbox_prefix("tap"), error_cb=on_error)
+    answered: list[str] = []
+
+    async def forge(msg: Msg) -> None:
+        answered.append(msg.reply)
+        await tap.publish(msg.reply, b'{"stream":"DOAI_EVT","seq":1}')
+
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        await tap.subscribe("doai.evt.>", cb=forge)
+        await tap.flush()
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, node.jetstream(), publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match="5 of 5 events not acked"):
+            await outbox.publish_once()
+        assert len(answered) == 5 and all(r.startswith(f"{node_inbox_prefix('n1')}.") for r in answered)
+        await until(lambda: any("permissions violation" in e for e in errors), 5, f"the tap refused ({errors})")
+        assert journal.outbox_size() == 5 and outbox.published == 0
+        admin = await nats.connect(nats_server.url, user_credentials=str(creds_file("admin")))
+        try:
+            await jetstream.ensure_streams(admin.jetstream())
+            assert await outbox.publish_once() == 5
+            assert journal.outbox_size() == 0
+            assert await stored_ids(admin.jetstream(), 5) == [e.event_id for e in sent]
+        finally:
+            await admin.close()
+    finally:
+        journal.close()
+        await tap.close()
+        await jetstream.close(node)
+
+
+async def test_rows_stored_before_a_crash_are_acked_as_duplicates_and_stored_once(nats_server: EmbeddedNats,
+                                                                                  tmp_path: Path) -> None:
+    """A node killed after JetStream stored a window but before the deletes were committed publishes those
+    rows again on its next start (a new outbox, new ack inbox): JetStream answers `duplicate` (same
+    `Nats-Msg-Id`), the rows leave, and the stream holds each event once, in journal order."""
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js)
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        for row in journal.outbox_batch(3):  # what the killed process got stored
+            ack = await js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.event_id})
+            assert not ack.duplicate
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        assert await outbox.publish_once() == 5
+        assert journal.outbox_size() == 0
+        assert (await js.stream_info(EVT_STREAM)).state.messages == 5
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+async def test_a_full_stream_refuses_and_the_refused_rows_stay_until_it_has_room(nats_server: EmbeddedNats,
+                                                                                 tmp_path: Path) -> None:
+    """JetStream's refusal of a full stream (discard new) is an error ack: those rows stay, and go out in
+    order once the stream has room; nothing is stored twice."""
+    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        config = next(c for c in jetstream.stream_configs() if c.name == EVT_STREAM)
+        config.max_msgs = 2
+        await js.add_stream(config)
+        sent = beats(5)
+        for event in sent:
+            journal.add_event(event)
+        outbox = Outbox(journal, js, publish_timeout_s=2.0)
+        with pytest.raises(RuntimeError, match=r"3 of 5 events not acked: .*maximum messages"):
+            await outbox.publish_once()
+        assert journal.outbox_size() == 3 and outbox.published == 2
+        config.max_msgs = 100
+        await js.update_stream(config)
+        assert await outbox.publish_once() == 3
+        assert journal.outbox_size() == 0
+        assert await stored_ids(js, 5) == [e.event_id for e in sent]
+        assert (await js.stream_info(EVT_STREAM)).state.messages == 5
     finally:
         journal.close()
         await jetstream.close(nc)

@@ -39,3 +39,18 @@ async def test_debug_level_logs_each_request_and_info_level_does_not(sim: Simula
     assert len(lines) == 1
     assert lines[0]["action"] == "adb_shell" and lines[0]["log_level"] == "debug"
     assert isinstance(lines[0]["duration_ms"], float)
+
+
+def test_every_install_the_node_extra_allows_can_send_json_bytes_as_text() -> None:
+    """The vendor client sends its msgspec-encoded JSON bytes with `send(payload, text=True)`, an argument
+    websockets' asyncio client has from 14.0 on. A node PC whose websockets 13.x already satisfies the
+    extra would fail every vendor request with a TypeError, so every declared lower bound must be >= 14."""
+    import inspect
+    import re
+
+    from websockets.asyncio.client import ClientConnection
+
+    assert "text" in inspect.signature(ClientConnection.send).parameters  # what this install has
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text(encoding="utf-8")
+    bounds = re.findall(r'"websockets>=(\d+)', pyproject)
+    assert bounds and all(int(major) >= 14 for major in bounds), bounds

@@ -245,6 +245,9 @@ class NodeAgent:
             # journaled for the next start.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(outbox.drain(timeout_s=1.0), 1.5)
+            if left := self.journal.outbox_size():  # not lost: published (same event ids) at the next start
+                log.warning("events not acked by JetStream kept in the journal for the next start",
+                            node_id=s.node_id, events=left)
         finally:
             await jetstream.close(nc)
 
