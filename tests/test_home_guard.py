@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -181,14 +183,26 @@ def test_a_data_folder_too_deep_for_a_socket_name_still_starts(tmp_path: Path, m
         pg.stop()
 
 
-def _deep_pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[embedded.EmbeddedPostgres, Path]:
+@pytest.fixture
+def shared() -> Iterator[Path]:
+    """A short folder under /tmp: it stands for /tmp (as root: the temp folder) or XDG_RUNTIME_DIR (not root).
+
+    Short, because a temp folder whose socket path would pass 100 characters is not used (as root, /tmp is);
+    pytest's own folders are that deep on CI.
+    """
+    base = Path(tempfile.mkdtemp(prefix="doai-t-", dir="/tmp"))
+    base.chmod(0o700)
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _deep_pg(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[embedded.EmbeddedPostgres, Path]:
     """A data folder too deep for a socket name, and where its socket folder will be made (as root and not)."""
-    base = tmp_path / "shared"  # stands for /tmp (as root: the temp folder) or XDG_RUNTIME_DIR (not root)
-    base.mkdir(mode=0o700)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
     monkeypatch.setattr(tempfile, "gettempdir", lambda: str(base))
     pg = embedded.EmbeddedPostgres(tmp_path / ("d" * 60) / ("e" * 40) / "pg")
     name = f"doai-pg-{hashlib.sha256(str(pg.data_dir).encode()).hexdigest()[:10]}"
+    assert len(str(base / name / ".s.PGSQL.65535")) < 100
     return pg, base / name
 
 
@@ -207,7 +221,7 @@ def _server_uid() -> int:
 @pytest.mark.parametrize("planted", ["symlink", "another_users_folder", "server_users_folder_open_to_all",
                                      "parent_writable_by_all"])
 def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, planted: str) -> None:
+        tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch, planted: str) -> None:
     """The short socket folder's name is guessable (a digest of the data folder's path), in a shared place.
 
     As root, a symlink planted there had its target chowned to `pgserver` (/etc, ~/.ssh, …) before it
@@ -215,7 +229,7 @@ def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
     any user could write into may hold anything; a parent any user can write into (TMPDIR, no sticky
     bit) lets them swap the folder after it was checked. All refused: no server, nothing touched.
     """
-    pg, path = _deep_pg(tmp_path, monkeypatch)
+    pg, path = _deep_pg(tmp_path, shared, monkeypatch)
     victim = tmp_path / "victim"  # stands for /etc or /root/.ssh
     victim.mkdir(mode=0o700)
     (victim / "authorized_keys").write_text("root's\n", encoding="utf-8")
@@ -234,7 +248,7 @@ def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
         else:  # we cannot chown without root; instead we are someone else than the folder's owner
             owner = path.stat().st_uid
             monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)
-    before = _tree(tmp_path / "shared"), victim.stat(), _tree(victim), _owner_mode(path), _owner_mode(path.parent)
+    before = _tree(shared), victim.stat(), _tree(victim), _owner_mode(path), _owner_mode(path.parent)
 
     try:
         with pytest.raises(EmbeddedError, match="another local user may have prepared it") as refused:
@@ -247,7 +261,7 @@ def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
     assert (victim.stat().st_uid, victim.stat().st_mode) == (before[1].st_uid, before[1].st_mode), \
         "the symlink's target was handed to the server's user"
     assert _tree(victim) == before[2]
-    assert _tree(tmp_path / "shared") == before[0], "the planted folder was written"
+    assert _tree(shared) == before[0], "the planted folder was written"
     assert (_owner_mode(path), _owner_mode(path.parent)) == before[3:], "the planted folder was chowned or chmodded"
 
 
