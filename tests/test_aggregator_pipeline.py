@@ -135,6 +135,16 @@ async def test_a_crash_with_fetched_batches_waiting_loses_nothing_and_applies_no
         await admin.close()
 
 
+async def _stream_with_consumer(js: JetStreamContext, stream: str, count: int, durable: str) -> None:
+    """Stream `stream` on `<stream lower>.>` holding `count` messages (b"0", b"1", … over three subjects), and an
+    explicit-ack durable consumer `durable` that has not been given any yet."""
+    await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
+    for i in range(count):
+        await js.publish(f"{stream.lower()}.{i % 3}", str(i).encode())
+    await js.add_consumer(stream, ConsumerConfig(durable_name=durable, deliver_policy=DeliverPolicy.ALL,
+                                                 ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+
+
 async def test_quick_next_msg_hands_out_what_fetch_did_and_still_times_out_when_empty(
     nats_server: EmbeddedNats,
 ) -> None:
@@ -142,11 +152,7 @@ async def test_quick_next_msg_hands_out_what_fetch_did_and_still_times_out_when_
     nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         js = nc.jetstream()
-        await js.add_stream(name="QUICK", subjects=["quick.>"])
-        for i in range(60):
-            await js.publish(f"quick.{i % 3}", str(i).encode())
-        await js.add_consumer("QUICK", ConsumerConfig(durable_name="q", deliver_policy=DeliverPolicy.ALL,
-                                                      ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+        await _stream_with_consumer(js, "QUICK", 60, "q")
         sub = await js.pull_subscribe_bind(durable="q", stream="QUICK")
         assert quick_next_msg(sub)
         got: list[bytes] = []
@@ -177,11 +183,7 @@ async def test_settle_acks_and_terms_exactly_the_messages_it_is_given_in_one_wri
     nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     try:
         js = nc.jetstream()
-        await js.add_stream(name="SETTLE", subjects=["settle.>"])
-        for i in range(30):
-            await js.publish(f"settle.{i % 3}", str(i).encode())
-        await js.add_consumer("SETTLE", ConsumerConfig(durable_name="s", deliver_policy=DeliverPolicy.ALL,
-                                                       ack_policy=AckPolicy.EXPLICIT, ack_wait=30))
+        await _stream_with_consumer(js, "SETTLE", 30, "s")
         terminated: list[int] = []
 
         async def on_term(msg: Msg) -> None:

@@ -6,11 +6,14 @@ answer is "no responders" (status 503) until then.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import msgspec
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
@@ -31,6 +34,22 @@ def beats(n: int) -> list[NodeHeartbeat]:
                           vendor_connected=True, version="t") for _ in range(n)]
 
 
+@contextlib.asynccontextmanager
+async def journaled(server: EmbeddedNats, tmp_path: Path,
+                    n: int = 5) -> AsyncIterator[tuple[NATS, JetStreamContext, Journal, list[NodeHeartbeat]]]:
+    """An admin connection, and a journal holding `n` heartbeats not yet published (in journal order)."""
+    nc = await jetstream.connect(server.url, "outbox-acks", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        sent = beats(n)
+        for event in sent:
+            journal.add_event(event)
+        yield nc, nc.jetstream(), journal, sent
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
 async def stored_ids(js: JetStreamContext, count: int) -> list[str]:
     ids = []
     for seq in range(1, count + 1):
@@ -42,13 +61,7 @@ async def stored_ids(js: JetStreamContext, count: int) -> list[str]:
 
 async def test_events_without_a_stream_stay_and_go_out_once_it_exists(nats_server: EmbeddedNats,
                                                                       tmp_path: Path) -> None:
-    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
-    journal = Journal(tmp_path / "journal.sqlite")
-    try:
-        js = nc.jetstream()
-        sent = beats(5)
-        for event in sent:
-            journal.add_event(event)
+    async with journaled(nats_server, tmp_path) as (nc, js, journal, sent):
         outbox = Outbox(journal, js, publish_timeout_s=2.0)
         with pytest.raises(RuntimeError, match=r"5 of 5 events not acked: .*status 503"):
             await outbox.publish_once()
@@ -59,21 +72,12 @@ async def test_events_without_a_stream_stay_and_go_out_once_it_exists(nats_serve
         info = await js.stream_info(EVT_STREAM)
         assert info.state.messages == 5
         assert await stored_ids(js, 5) == [e.event_id for e in sent]  # journal order, each once
-    finally:
-        journal.close()
-        await jetstream.close(nc)
 
 
 async def test_late_or_forged_acks_remove_nothing(nats_server: EmbeddedNats, tmp_path: Path) -> None:
     """Attack: "stored" acks on the outbox's inbox for an earlier window, an index past the window and a
     malformed index, sent before the window whose real answers all say no stream: no row leaves."""
-    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
-    journal = Journal(tmp_path / "journal.sqlite")
-    try:
-        js = nc.jetstream()
-        sent = beats(5)
-        for event in sent:
-            journal.add_event(event)
+    async with journaled(nats_server, tmp_path) as (nc, js, journal, sent):
         outbox = Outbox(journal, js, publish_timeout_s=2.0)
         with pytest.raises(RuntimeError, match="5 of 5 events not acked"):
             await outbox.publish_once()  # window 1: no stream
@@ -89,9 +93,6 @@ async def test_late_or_forged_acks_remove_nothing(nats_server: EmbeddedNats, tmp
         await jetstream.ensure_streams(js)
         assert await outbox.publish_once() == 5
         assert await stored_ids(js, 5) == [e.event_id for e in sent]
-    finally:
-        journal.close()
-        await jetstream.close(nc)
 
 
 async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: EmbeddedNats, tmp_path: Path) -> None:
@@ -146,14 +147,8 @@ async def test_rows_stored_before_a_crash_are_acked_as_duplicates_and_stored_onc
     """A node killed after JetStream stored a window but before the deletes were committed publishes those
     rows again on its next start (a new outbox, new ack inbox): JetStream answers `duplicate` (same
     `Nats-Msg-Id`), the rows leave, and the stream holds each event once, in journal order."""
-    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
-    journal = Journal(tmp_path / "journal.sqlite")
-    try:
-        js = nc.jetstream()
+    async with journaled(nats_server, tmp_path) as (nc, js, journal, sent):
         await jetstream.ensure_streams(js)
-        sent = beats(5)
-        for event in sent:
-            journal.add_event(event)
         for row in journal.outbox_batch(3):  # what the killed process got stored
             ack = await js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.event_id})
             assert not ack.duplicate
@@ -162,25 +157,16 @@ async def test_rows_stored_before_a_crash_are_acked_as_duplicates_and_stored_onc
         assert journal.outbox_size() == 0
         assert (await js.stream_info(EVT_STREAM)).state.messages == 5
         assert await stored_ids(js, 5) == [e.event_id for e in sent]
-    finally:
-        journal.close()
-        await jetstream.close(nc)
 
 
 async def test_a_full_stream_refuses_and_the_refused_rows_stay_until_it_has_room(nats_server: EmbeddedNats,
                                                                                  tmp_path: Path) -> None:
     """JetStream's refusal of a full stream (discard new) is an error ack: those rows stay, and go out in
     order once the stream has room; nothing is stored twice."""
-    nc = await jetstream.connect(nats_server.url, "outbox-acks", creds=creds_file("admin"))
-    journal = Journal(tmp_path / "journal.sqlite")
-    try:
-        js = nc.jetstream()
+    async with journaled(nats_server, tmp_path) as (nc, js, journal, sent):
         config = next(c for c in jetstream.stream_configs() if c.name == EVT_STREAM)
         config.max_msgs = 2
         await js.add_stream(config)
-        sent = beats(5)
-        for event in sent:
-            journal.add_event(event)
         outbox = Outbox(journal, js, publish_timeout_s=2.0)
         with pytest.raises(RuntimeError, match=r"3 of 5 events not acked: .*maximum messages"):
             await outbox.publish_once()
@@ -191,6 +177,3 @@ async def test_a_full_stream_refuses_and_the_refused_rows_stay_until_it_has_room
         assert journal.outbox_size() == 0
         assert await stored_ids(js, 5) == [e.event_id for e in sent]
         assert (await js.stream_info(EVT_STREAM)).state.messages == 5
-    finally:
-        journal.close()
-        await jetstream.close(nc)
