@@ -43,6 +43,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from runtime.aio import pause, wait_for_wake
+from runtime.nats_queue import take_waiting
 
 log = structlog.get_logger(__name__)
 
@@ -308,7 +309,7 @@ def quick_next_msg(psub: JetStreamContext.PullSubscription) -> bool:
     message is already queued (a fetch's messages usually arrive together).
     That is about a tenth of the aggregator's CPU. This replaces `next_msg` on
     this one subscription by a version that takes a queued message directly
-    (the same bookkeeping: pending size, `task_done`) and falls back to the
+    (`runtime.nats_queue.take_waiting`: the same bookkeeping) and falls back to the
     original when the queue is empty. The fetch protocol itself (pull
     requests, status messages, timeouts) stays nats-py's. Returns False, and
     changes nothing, when the subscription does not look like the nats-py
@@ -322,10 +323,7 @@ def quick_next_msg(psub: JetStreamContext.PullSubscription) -> bool:
     slow: Callable[[float | None], Awaitable[Msg]] = sub.next_msg
 
     async def next_msg(timeout: float | None = 1.0) -> Msg:  # noqa: ASYNC109 - nats-py's signature
-        if not queue.empty() and not conn.is_closed:
-            msg: Msg = queue.get_nowait()
-            sub._pending_size -= len(msg.data)
-            queue.task_done()
+        if not conn.is_closed and (msg := take_waiting(sub)) is not None:
             return msg
         return await slow(timeout)
 

@@ -17,11 +17,11 @@ import asyncio
 
 import msgspec
 import structlog
-from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from runtime.aio import drain_forever
+from runtime.nats_queue import take_next
 from services.node.journal import Journal
 
 log = structlog.get_logger(__name__)
@@ -117,25 +117,16 @@ class Outbox:
     async def _collect(self, acks: Subscription, acked: list[bool], sent: int) -> BaseException | None:
         """Read acks of this window until all `sent` answered or `publish_timeout_s` passed; mark the
         stored rows in `acked`. Returns the first problem seen (an error ack, or no ack in time)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._timeout
-        queue: asyncio.Queue[Msg] = acks._pending_queue
+        deadline = asyncio.get_running_loop().time() + self._timeout
         this_round = str(self._round)
         problem: BaseException | None = None
         answered = [False] * sent
         missing = sent
         while missing:
-            if queue.empty():
-                # Waited on the queue itself: nats-py's `next_msg` makes a task, a `wait_for` and a uuid4 per call.
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        msg = await queue.get()
-                except TimeoutError:
-                    return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
-            else:  # the usual case: one read brought many acks
-                msg = queue.get_nowait()
-            acks._pending_size -= len(msg.data)  # the bookkeeping `next_msg` does
-            queue.task_done()
+            try:  # off the queue itself (usually already there: one read brings many acks), not `next_msg`
+                msg = await take_next(acks, deadline)
+            except TimeoutError:
+                return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
             window, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
             if window != this_round or not index.isdigit() or int(index) >= sent:
                 continue  # a late ack of an earlier window: that row was kept and is in this window again
