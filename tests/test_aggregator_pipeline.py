@@ -12,6 +12,7 @@ import uuid
 import asyncpg
 import nats
 import pytest
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -35,6 +36,22 @@ async def _hold_run(url: str, run_id: str) -> tuple[asyncpg.Connection, asyncpg.
     return conn, tx
 
 
+async def _published(rec: FleetRecording, server: EmbeddedNats, database_url: str,
+                     ack_wait_s: float = 30.0) -> NATS:
+    """The recording's run seeded in PostgreSQL and its events in DOAI_EVT, the aggregator's consumer declared
+    (with `ack_wait_s`); returns the admin connection that published them (the caller closes it)."""
+    await migrate(database_url)
+    seed = await asyncpg.connect(database_url)
+    await seed_run(seed, rec.run_id, rec.pairs())
+    await seed.close()
+    nc = await nats.connect(server.url, **nats_options(server.url))
+    js = nc.jetstream()
+    await jetstream.ensure_streams(js)
+    await jetstream.ensure_aggregator_consumer(js, ack_wait_s=ack_wait_s)
+    await publish(js, rec.events)
+    return nc
+
+
 async def _processed(url: str) -> int:
     conn = await asyncpg.connect(url)
     try:
@@ -47,15 +64,8 @@ async def test_fetches_pile_up_while_a_fold_waits_and_the_next_fold_takes_them_a
     nats_server: EmbeddedNats, database_url: str
 ) -> None:
     rec = FleetRecording(str(uuid.uuid4()), nodes=2, devices=6, seed=5)
-    await migrate(database_url)
-    seed = await asyncpg.connect(database_url)
-    await seed_run(seed, rec.run_id, rec.pairs())
-    await seed.close()
-    nc = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    nc = await _published(rec, nats_server, database_url)
     js = nc.jetstream()
-    await jetstream.ensure_streams(js)
-    await jetstream.ensure_aggregator_consumer(js)
-    await publish(js, rec.events)
     pool = await db.create_pool(database_url, max_size=2)
     agg = Aggregator(pool, js, batch_size=BATCH, fetch_timeout_s=0.2)
     holder, tx = await _hold_run(database_url, rec.run_id)
@@ -89,15 +99,8 @@ async def test_a_crash_with_fetched_batches_waiting_loses_nothing_and_applies_no
     the fold commits but cannot ack, the waiting messages are neither folded nor given back. After
     AckWait JetStream redelivers all of them to the next aggregator, which skips what was committed."""
     rec = FleetRecording(str(uuid.uuid4()), nodes=2, devices=6, seed=8)
-    await migrate(database_url)
-    seed = await asyncpg.connect(database_url)
-    await seed_run(seed, rec.run_id, rec.pairs())
-    await seed.close()
-    admin = await nats.connect(nats_server.url, **nats_options(nats_server.url))
+    admin = await _published(rec, nats_server, database_url, ack_wait_s=2.0)
     ajs = admin.jetstream()
-    await jetstream.ensure_streams(ajs)
-    await jetstream.ensure_aggregator_consumer(ajs, ack_wait_s=2.0)
-    await publish(ajs, rec.events)
     pool = await db.create_pool(database_url, max_size=2)
     nc1 = await nats.connect(nats_server.url, **nats_options(nats_server.url))
     first = Aggregator(pool, nc1.jetstream(), batch_size=BATCH, fetch_timeout_s=0.2, ack_wait_s=2.0)

@@ -341,14 +341,7 @@ async def test_the_embedded_cluster_refuses_a_route_without_its_password(
             return "TLS route handshake error" in (first.store_dir / "nats-server.log").read_text()
 
         await poll(refused, 20, "the rogue route refused")
-        nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
-                                allow_reconnect=False)
-        try:
-            reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
-        finally:
-            await nc.close()
-        routes = json.loads(reply.data)["data"].get("routes") or []
-        assert {r.get("remote_name") for r in routes} == {m.name for m in nats_cluster.members[1:]}
+        assert await _routed_to(nats_cluster, first) == {m.name for m in nats_cluster.members[1:]}
     finally:
         rogue.kill()
         rogue.wait()
@@ -375,14 +368,7 @@ async def test_a_local_process_on_the_port_of_a_server_that_is_down_never_gets_t
     assert not any(password in chunk for chunk in fake.received), "the route password went to the impostor"
     assert not any(b"CONNECT" in chunk for chunk in fake.received)
     # The survivors are still routed to each other, and to nobody else.
-    nc = await nats.connect(first.url, user_credentials=str(nats_cluster.trust.creds_path("sys-user")),
-                            allow_reconnect=False)
-    try:
-        reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
-    finally:
-        await nc.close()
-    routes = json.loads(reply.data)["data"].get("routes") or []
-    assert {r.get("remote_name") for r in routes} == {third.name}
+    assert await _routed_to(nats_cluster, first) == {third.name}
     tls_folder = nats_cluster.route_tls.folder
     assert stat.S_IMODE(tls_folder.stat().st_mode) == 0o700
     assert stat.S_IMODE(nats_cluster.route_tls.key_file.stat().st_mode) == 0o600
@@ -470,6 +456,18 @@ async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(
                                                 tls=ssl.create_default_context(cafile=str(_other_ca(tmp_path)))), 20)
     finally:
         await asyncio.to_thread(cluster.stop)
+
+
+async def _routed_to(cluster: NatsCluster, member: ClusterMember) -> set[str]:
+    """The names of the servers `member` has a route to, from its own ROUTEZ (asked as the system user)."""
+    nc = await nats.connect(member.url, user_credentials=str(cluster.trust.creds_path("sys-user")),
+                            allow_reconnect=False)
+    try:
+        reply = await nc.request(f"$SYS.REQ.SERVER.{nc._server_info['server_id']}.ROUTEZ", b"{}", timeout=3)
+    finally:
+        await nc.close()
+    routes = json.loads(reply.data)["data"].get("routes") or []
+    return {r.get("remote_name") for r in routes}
 
 
 def _other_ca(tmp_path: Path) -> Path:
