@@ -119,19 +119,24 @@ async def server_stream_state(cluster: NatsCluster, one: ClusterMember) -> dict[
 
 
 async def run_events(nc: NATS, run_id: str) -> list[str]:
-    """The event_id of every message of this run in DOAI_EVT, in stream order (duplicates kept)."""
+    """The event_id of every message of this run in DOAI_EVT, in stream order (duplicates kept).
+
+    Read with the stream leader's message get, one subject-filtered step at a time, not with an ephemeral
+    consumer: a server that was SIGKILLed counts as online to the others until its statsz goes stale
+    (nats-server's orphan check, 150 s), and an R1 ephemeral consumer lands on a random peer of the stream,
+    the dead one included, whose create then times out (seen on CI).
+    """
     js = nc.jetstream()
-    info = await js.stream_info(EVT_STREAM, subjects_filter=f"doai.evt.*.*.{run_id}")
+    subject = f"doai.evt.*.*.{run_id}"
+    info = await js.stream_info(EVT_STREAM, subjects_filter=subject)
     expected = sum((info.state.subjects or {}).values())
-    sub = await js.pull_subscribe(f"doai.evt.*.*.{run_id}", stream=EVT_STREAM)
     ids: list[str] = []
-    try:
-        while len(ids) < expected:
-            for msg in await sub.fetch(min(256, expected - len(ids)), timeout=5):
-                ids.append(msgspec.json.decode(msg.data)["event_id"])
-                await msg.ack()
-    finally:
-        await sub.unsubscribe()
+    seq = info.state.first_seq
+    while len(ids) < expected:
+        msg = await js.get_msg(EVT_STREAM, seq=seq, subject=subject, next=True)
+        assert msg.data is not None and msg.seq is not None
+        ids.append(msgspec.json.decode(msg.data)["event_id"])
+        seq = msg.seq + 1
     return ids
 
 
