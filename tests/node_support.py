@@ -90,28 +90,28 @@ async def send(js: JetStreamContext, command: RunBroadcast | RunCancel, *, signe
 
 
 async def read_events(js: JetStreamContext, subject: str = "doai.evt.>") -> list[Event]:
-    """Every event stored in DOAI_EVT on `subject`, in stream order (an ephemeral consumer)."""
-    info = await js.stream_info(EVT_STREAM)
-    total = info.state.messages
-    if total == 0:
+    """Every event stored in DOAI_EVT on `subject`, in stream order (an ephemeral consumer).
+
+    Counts the subject's messages first and reads at least that many, so a slow fetch on a loaded machine
+    waits instead of returning part of the stream; what arrives meanwhile is read too (until none pending).
+    """
+    info = await js.stream_info(EVT_STREAM, subjects_filter=subject)
+    expected = sum((info.state.subjects or {}).values())
+    if expected == 0:
         return []
     sub = await js.pull_subscribe(subject, stream=EVT_STREAM, config=ConsumerConfig(
         deliver_policy=DeliverPolicy.ALL, ack_policy=AckPolicy.NONE, inactive_threshold=30.0))
     events: list[Event] = []
+    pending = expected
     try:
-        while True:
-            try:
-                msgs = await sub.fetch(1000, timeout=0.5)
-            except TimeoutError:
-                break
-            for m in msgs:
-                events.append(_event_decoder.decode(m.data))
-                if m.metadata.num_pending == 0:
-                    return events
+        while pending > 0:  # a fetch of exactly what is pending returns as soon as it has it
+            msgs = await sub.fetch(min(1000, pending), timeout=5)
+            events.extend(_event_decoder.decode(m.data) for m in msgs)
+            pending = max(expected - len(events), msgs[-1].metadata.num_pending)
+        return events
     finally:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
-    return events
 
 
 @dataclass

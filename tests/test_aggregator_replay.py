@@ -38,16 +38,17 @@ async def fold_through_stream(nats_url: str, database_url: str, rec: FleetRecord
     js = nc.jetstream()
     await jetstream.ensure_streams(js)
     await jetstream.ensure_aggregator_consumer(js)
-    await publish(js, events, msg_id=msg_id)
     stop = asyncio.Event()
     workers, tasks, closers = [], [], []
     for _ in range(aggregators):
         wnc = await nats.connect(nats_url, **nats_options(nats_url, "aggregator"))
         pool = await db.create_pool(database_url, max_size=2)
-        agg = Aggregator(pool, wnc.jetstream(), batch_size=batch_size, fetch_timeout_s=0.2)
-        workers.append(agg)
-        tasks.append(asyncio.create_task(agg.run(stop)))
+        workers.append(Aggregator(pool, wnc.jetstream(), batch_size=batch_size, fetch_timeout_s=0.2))
         closers.append((wnc, pool))
+    # Every aggregator is connected and pulling before the first event lands, so all of them share the work
+    # (published first, the one that connected first could fold most of it alone).
+    tasks = [asyncio.create_task(agg.run(stop)) for agg in workers]
+    await publish(js, events, msg_id=msg_id)
     try:
         await poll(lambda: consumer_settled(js), what="every message acked")
         assert sum(w.folded + w.skipped for w in workers) >= len(events)

@@ -209,7 +209,7 @@ def test_a_stop_completes_within_seconds_while_nats_and_postgres_hang(
         started = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         try:
-            code = up.proc.wait(6.0)  # about 3 s on a loaded machine; 15 s before the waits were bounded
+            code = up.proc.wait(10.0)  # about 3 s on a loaded machine; 15 s before the waits were bounded
         except subprocess.TimeoutExpired:
             pytest.fail(f"doai up still running {time.monotonic() - started:.1f} s after SIGINT with NATS and "
                         f"PostgreSQL hung:\n{up.text()}")

@@ -177,7 +177,7 @@ async def test_offline_device_waits_then_is_skipped_after_the_grace_period(
 ) -> None:
     r = recipe([{"id": "probe", "action": "adb_shell", "command": ["echo", "ok"]}])
     async with Simulator(sim_config(3)) as sim, \
-            agent_running(nats_server.url, sim, tmp_path, offline_grace_s=1.5) as agent:
+            agent_running(nats_server.url, sim, tmp_path, offline_grace_s=5.0) as agent:
         sim.set_device_status("SIM0002", "offline")  # comes back within the grace period
         sim.set_device_status("SIM0003", "offline")  # stays away
         await until(lambda: not agent.scheduler.is_online("SIM0003"), 10, "inventory saw SIM0003 offline")
@@ -202,7 +202,7 @@ async def test_an_empty_vendor_list_pauses_and_loses_nothing(nats_server: Embedd
     r = recipe([{"id": "probe", "action": "adb_shell", "command": ["echo", "ok"]}])
     async with Simulator(sim_config(3)) as sim, \
             agent_running(nats_server.url, sim, tmp_path, offline_grace_s=0.5) as agent:
-        sim._empty_list_until = asyncio.get_running_loop().time() + 2.0  # as right after a restart
+        sim._empty_list_until = asyncio.get_running_loop().time() + 3600  # as right after a restart
         await until(lambda: not agent.inventory.vendor_available, 10, "vendor seen unavailable")
         nc, js = await connect(nats_server.url)
         try:
@@ -210,6 +210,7 @@ async def test_an_empty_vendor_list_pauses_and_loses_nothing(nats_server: Embedd
             await send(js, b)
             await until(lambda: agent.scheduler.queued == 3, 10, "jobs queued")
             assert not agent.scheduler.running  # paused: not started, not failed, not skipped
+            sim._empty_list_until = 0.0  # the vendor program lists its devices again
             f = await wait_terminal(js, b.run_id, sorted(sim.devices), 20)
             inventory = [e for e in await read_events(js, "doai.evt.*.device")]
         finally:
@@ -332,6 +333,7 @@ async def test_a_stop_while_nats_is_down_keeps_the_unacked_events_and_says_so(
 ) -> None:
     """The agent stops while NATS is unreachable: the events JetStream never acked stay in the journal, the
     stop logs how many, and the next start publishes each of them once."""
+    logged_before = log_file.stat().st_size if log_file.exists() else 0  # the log is shared by the session
     async with Simulator(sim_config(1)) as sim:
         async with agent_running(nats_server.url, sim, tmp_path) as agent:
             nats_server.stop()
@@ -343,8 +345,11 @@ async def test_a_stop_while_nats_is_down_keeps_the_unacked_events_and_says_so(
         finally:
             journal.close()
         assert len(kept) >= 3
-        lines = [json.loads(x) for x in log_file.read_text().splitlines()]
-        said = [x for x in lines if x.get("event", "").startswith("events not acked by JetStream kept")]
+        with log_file.open("rb") as f:
+            f.seek(logged_before)
+            lines = [json.loads(x) for x in f.read().decode().splitlines()]
+        said = [x for x in lines if x.get("event", "").startswith("events not acked by JetStream kept")
+                and x.get("node_id") == NODE]
         assert len(said) == 1 and said[0]["events"] == len(kept) and said[0]["node_id"] == NODE, said
         nats_server.start()
         async with agent_running(nats_server.url, sim, tmp_path):

@@ -29,9 +29,10 @@ async def test_failed_windows_give_their_permits_back(nats_server: EmbeddedNats,
     for _ in range(3000):  # ~1 KB each: enough to fill nats-py's 2 MiB reconnect buffer
         journal.add_event(NodeHeartbeat(event_id=new_id(), ts=utcnow(), node_id="n1", slots=20, running=0,
                                          queued=0, vendor_connected=True, version="x" * 800))
-    outbox = Outbox(journal, js, publish_timeout_s=0.2)
+    outbox = Outbox(journal, js, publish_timeout_s=5.0)
     try:
         assert await outbox.publish_once() == 256
+        outbox._timeout = 0.2  # forty windows that get no ack: each gives up quickly
         nats_server.stop()
         failures = 0
         for _ in range(40):
@@ -41,6 +42,7 @@ async def test_failed_windows_give_their_permits_back(nats_server: EmbeddedNats,
                 failures += 1
         assert failures == 40
         nats_server.start()
+        outbox._timeout = 5.0
         deadline = time.monotonic() + 30
         while journal.outbox_size():
             assert time.monotonic() < deadline, f"{journal.outbox_size()} events still in the outbox"

@@ -23,7 +23,7 @@ RECIPE = {
     "dsl": 1, "workflow_id": "tap-check", "title": "Two steps with a pause",
     "timeouts": {"step_ms": 20000, "upload_ms": 10000, "min_ms": 100, "max_ms": 60000},
     "steps": [{"id": "model", "action": "adb_shell", "command": ["getprop", "ro.product.model"]},
-              {"id": "hold", "action": "wait", "ms": 2500},
+              {"id": "hold", "action": "wait", "ms": 4000},
               {"id": "report", "action": "report"}],
 }
 
@@ -59,14 +59,17 @@ async def test_tap_on_one_run_prints_exactly_its_events_while_another_is_in_flig
     async with system.client() as client:
         assert (await client.post("/v1/workflows", json=RECIPE)).status_code == 201
         body = {"workflow_id": "tap-check", "targets": {"all_online": True}}
+        # The taps that need no run id listen before either run exists (started together: a loaded
+        # machine takes seconds per Python start-up); the run tap starts as soon as run A has its id, while
+        # run A's devices still wait 4 s, and run B, queued behind run A on every device, is posted after it.
+        serial = sorted(system.sims[1].devices)[0]
+        by_node, by_device, everything = await asyncio.gather(
+            start_tap(nats_server, "--node", "node-1", "--kind", "task"),
+            start_tap(nats_server, "--device", serial, "--kind", "task,step"),
+            start_tap(nats_server))
         run_a = (await client.post("/v1/runs", json=body)).json()["run_id"]
+        by_run = await start_tap(nats_server, "--run", run_a)
         run_b = (await client.post("/v1/runs", json=body)).json()["run_id"]
-    # Both runs are in flight (their devices wait 2.5 s) when the taps subscribe.
-    by_run = await start_tap(nats_server, "--run", run_a)
-    by_node = await start_tap(nats_server, "--node", "node-1", "--kind", "task")
-    serial = sorted(system.sims[1].devices)[0]
-    by_device = await start_tap(nats_server, "--device", serial, "--kind", "task,step")
-    everything = await start_tap(nats_server)
     for run in (run_a, run_b):
         await wait_until(lambda run=run: fetchval(database_url, "SELECT status = 'completed' FROM runs"
                                                   " WHERE run_id = $1", uuid.UUID(run)), 60, f"run {run} completed")
