@@ -139,6 +139,7 @@ class EmbeddedNats:
         self.fallback_port = fallback_port
         self.port_note: str | None = None
         self.stale_note: str | None = None
+        self.socket_note: str | None = None  # the guessable socket folder was taken: where the socket went
         self.watchdog = watchdog
 
     @property
@@ -269,6 +270,10 @@ def own_folder(path: Path) -> None:
                             "to a private folder")
 
 
+class PreparedFolder(EmbeddedError):
+    """The socket folder's guessable name was taken in advance (a symlink, a file, someone else's folder)."""
+
+
 def socket_folder(path: Path, uid: int, gid: int) -> Path:
     """Make `path` (in a shared place such as /tmp) a 0700 folder of `uid`, for PostgreSQL's trust socket (POSIX).
 
@@ -290,12 +295,12 @@ def socket_folder(path: Path, uid: int, gid: int) -> Path:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError as exc:
-        raise EmbeddedError(f"{path} is not a folder (a symlink or a file): {refuse}") from exc
+        raise PreparedFolder(f"{path} is not a folder (a symlink or a file): {refuse}") from exc
     try:
         st = os.fstat(fd)
         if st.st_uid not in (os.geteuid(), uid) or st.st_mode & 0o077:
-            raise EmbeddedError(f"{path} is not a private folder of this user (uid {st.st_uid}, mode "
-                                f"{st.st_mode & 0o7777:o}): {refuse}")
+            raise PreparedFolder(f"{path} is not a private folder of this user (uid {st.st_uid}, mode "
+                                 f"{st.st_mode & 0o7777:o}): {refuse}")
         if (st.st_uid, st.st_gid) != (uid, gid):
             os.fchown(fd, uid, gid)
         os.fchmod(fd, 0o700)
@@ -414,17 +419,28 @@ class EmbeddedPostgres:
         if self._user is None:  # the server runs as us: our private runtime folder
             base = Path(os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir())
             base.mkdir(mode=0o700, parents=True, exist_ok=True)
-            return socket_folder(base / name, os.geteuid(), os.getegid())
-        # As root the server's user must reach the folder, and root's runtime folder is 0700: the temp folder
-        # (or /tmp when that path is long too), in a folder of the server's user, 0700 (root passes anyway).
-        base = Path(tempfile.gettempdir())
-        if len(str(base / name / ".s.PGSQL.65535")) >= 100:
-            base = Path("/tmp")
-        import pwd
+            uid, gid = os.geteuid(), os.getegid()
+        else:
+            # As root the server's user must reach the folder, and root's runtime folder is 0700: the temp
+            # folder (or /tmp when that path is long too), in a folder of the server's user, 0700 (root passes).
+            base = Path(tempfile.gettempdir())
+            if len(str(base / name / ".s.PGSQL.65535")) >= 100:
+                base = Path("/tmp")
+            import pwd
 
-        entry = pwd.getpwnam(self._user)
-        path = socket_folder(base / name, entry.pw_uid, entry.pw_gid)
-        traversable(path)
+            entry = pwd.getpwnam(self._user)
+            uid, gid = entry.pw_uid, entry.pw_gid
+        try:
+            path = socket_folder(base / name, uid, gid)
+        except PreparedFolder as exc:
+            # Someone took the guessable name first: left as it is, and a folder of a name nobody can guess
+            # (made with O_EXCL, 0700) serves this start instead, so a local user cannot keep doai from starting.
+            path = socket_folder(Path(tempfile.mkdtemp(prefix="doai-pg-", dir=base)), uid, gid)  # not longer
+            self.socket_note = f"{base / name} was prepared by someone else (left as it is): socket in {path}"
+            log.warning("PostgreSQL socket folder prepared by someone else; using another", refused=str(exc),
+                        folder=str(path))
+        if self._user is not None:
+            traversable(path)
         return path
 
     def _write_hba(self, trust_tcp: bool) -> None:

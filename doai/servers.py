@@ -204,6 +204,7 @@ async def infrastructure(home: Path | None = None, nats_cluster: int = 0) -> Asy
             await asyncio.to_thread(servers_state_path(home).write_text, json.dumps(ports), "utf-8")
             notes = tuple(n for server in (single, pg) if server is not None
                           for n in (server.stale_note, server.port_note) if n)
+            notes += (pg.socket_note,) if pg is not None and pg.socket_note else ()
             yield Infra(nats_url, database_url, embedded=True, nats_auth_dir=auth_dir, nats_ca=nats_ca,
                         pg_tcp_url=pg.tcp_url if pg else None, pg_pgpass=pg.pgpass_file if pg else None,
                         notes=notes, watchdog=watchdog, nats_replicas=replicas)

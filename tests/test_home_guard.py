@@ -220,19 +220,23 @@ def _server_uid() -> int:
 
 @pytest.mark.parametrize("planted", ["symlink", "another_users_folder", "server_users_folder_open_to_all",
                                      "parent_writable_by_all"])
-def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
+def test_a_socket_folder_planted_in_advance_is_left_as_it_was_and_not_used(
         tmp_path: Path, shared: Path, monkeypatch: pytest.MonkeyPatch, planted: str) -> None:
     """The short socket folder's name is guessable (a digest of the data folder's path), in a shared place.
 
     As root, a symlink planted there had its target chowned to `pgserver` (/etc, ~/.ssh, …) before it
-    was refused, and a folder of another user was chowned and adopted (what it held stayed). A folder
-    any user could write into may hold anything; a parent any user can write into (TMPDIR, no sticky
-    bit) lets them swap the folder after it was checked. All refused: no server, nothing touched.
+    was refused, and a folder of another user was chowned and adopted (what it held stayed); then a
+    planted name kept doai from starting at all. Now what is planted is left untouched and the socket goes
+    into a folder of a random name (made with O_EXCL, 0700), said in the start's notes. A parent any user
+    can write into (TMPDIR, no sticky bit) lets them swap any folder after it was checked: refused, nothing
+    started.
     """
     pg, path = _deep_pg(tmp_path, shared, monkeypatch)
     victim = tmp_path / "victim"  # stands for /etc or /root/.ssh
     victim.mkdir(mode=0o700)
     (victim / "authorized_keys").write_text("root's\n", encoding="utf-8")
+    if planted != "parent_writable_by_all":
+        shared.chmod(0o1777)  # as /tmp is: anyone can make the guessable name, nobody can rename ours
     if planted == "symlink":
         path.symlink_to(victim)
     elif planted == "parent_writable_by_all":
@@ -247,17 +251,38 @@ def test_a_socket_folder_planted_in_advance_is_refused_and_left_as_it_was(
             os.chown(path, 4242, 4242)
         else:  # we cannot chown without root; instead we are someone else than the folder's owner
             owner = path.stat().st_uid
+            real = os.geteuid
             monkeypatch.setattr(os, "geteuid", lambda: owner + 4242)
     before = _tree(shared), victim.stat(), _tree(victim), _owner_mode(path), _owner_mode(path.parent)
 
+    host: Path | None = None
     try:
-        with pytest.raises(EmbeddedError, match="another local user may have prepared it") as refused:
-            pg.start()
+        if planted == "parent_writable_by_all":
+            with pytest.raises(EmbeddedError, match="another local user may have prepared it") as refused:
+                pg.start()
+            assert str(path.parent) in str(refused.value)
+            assert pg.pid is None and not (pg.data_dir / "postmaster.pid").exists(), "PostgreSQL was started"
+        else:
+            if planted == "another_users_folder" and os.geteuid() != 0:
+                monkeypatch.setattr(os, "geteuid", real)  # the server and its folder are ours again
+            uri = pg.start()
+            host = Path(uri.split("host=")[1].split("&")[0])
+            assert host.parent == shared and host.name.startswith("doai-pg-") and host != path
+            assert (host.stat().st_uid, host.stat().st_mode & 0o777) == (_server_uid(), 0o700)
+            assert pg.socket_note is not None and str(path) in pg.socket_note and str(host) in pg.socket_note
+
+            async def one() -> int:
+                conn = await asyncpg.connect(uri)
+                try:
+                    return int(await conn.fetchval("select 1"))
+                finally:
+                    await conn.close()
+
+            assert asyncio.run(one()) == 1
     finally:
-        started = pg.pid
         pg.stop()
-    assert str(path.parent) in str(refused.value)
-    assert started is None and not (pg.data_dir / "postmaster.pid").exists(), "PostgreSQL was started"
+    if host is not None:
+        assert not host.exists(), "the socket folder outlived the server"
     assert (victim.stat().st_uid, victim.stat().st_mode) == (before[1].st_uid, before[1].st_mode), \
         "the symlink's target was handed to the server's user"
     assert _tree(victim) == before[2]
