@@ -14,6 +14,7 @@ commit.
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import msgspec
 import structlog
@@ -58,7 +59,6 @@ class Outbox:
         self.refused = 0  # rows NATS refused for good, moved to the journal's `outbox_refused`
         self._acks: Subscription | None = None
         self._inbox = ""
-        self._round = 0  # windows published: the first token of each ack's reply subject
         journal.on_commit = self.wake  # only committed rows are published: each commit wakes the outbox
 
     def wake(self) -> None:
@@ -79,7 +79,10 @@ class Outbox:
         """Publish one window of rows; return how many were acked (and removed).
 
         The window is pipelined: every message goes out at once, each with its own reply subject
-        (`<inbox>.<window>.<row index>`), and the acks are awaited together, at most `publish_timeout_s`.
+        (`<inbox>.<window token>.<row index>`), and the acks are awaited together, at most `publish_timeout_s`.
+        The window token is random: the tap sees every reply subject on `doai.evt.>`, and with a predictable
+        one, another node could queue JetStream's own answer to its publish (an oversized message: error
+        10054) on this node's ack subject of the next window before that window is sent.
         A row leaves only on an ack that names the stream and sequence that stored it; an error ack
         (a full stream, no stream for the subject), no ack in time, or an ack of an earlier window
         keeps it, and it is published again with the same `Nats-Msg-Id`. A row NATS will never take
@@ -94,12 +97,13 @@ class Outbox:
         if not rows:
             return 0
         acks = await self._ack_inbox()
-        self._round += 1
-        reply = f"{self._inbox}.{self._round}."
+        token = secrets.token_hex(8)
+        reply = f"{self._inbox}.{token}."
         publish = self._nc.publish
         error: BaseException | None = None
         refused: dict[int, str] = {}  # row index -> why NATS will never take it
         sent = 0
+        answered = [True] * len(rows)  # True: no answer to wait for (a row not sent in this window)
         max_payload = self._nc.max_payload
         for i, r in enumerate(rows):
             # The server counts the headers too, and closes the connection on a message over its limit
@@ -113,9 +117,10 @@ class Outbox:
                 error = exc
                 break
             sent += 1
+            answered[i] = False
         acked = [False] * len(rows)
         if sent:
-            problem = await self._collect(acks, acked, refused, sent)
+            problem = await self._collect(acks, token, acked, answered, refused, sent)
             if error is None:
                 error = problem
         done = [r.id for r, ok in zip(rows, acked, strict=True) if ok]
@@ -143,15 +148,15 @@ class Outbox:
                       run_id=tokens[4] if len(tokens) > 4 else None,
                       subject=row.subject, event_id=row.event_id, size=len(row.payload), reason=reason)
 
-    async def _collect(self, acks: Subscription, acked: list[bool], refused: dict[int, str],
-                       sent: int) -> BaseException | None:
-        """Read acks of this window until all `sent` answered or `publish_timeout_s` passed; mark the
+    async def _collect(self, acks: Subscription, token: str, acked: list[bool], answered: list[bool],
+                       refused: dict[int, str], sent: int) -> BaseException | None:
+        """Read acks of window `token` until all `sent` answered or `publish_timeout_s` passed; mark the
         stored rows in `acked` and those the stream refuses for good (over its max_msg_size) in `refused`.
+        `answered` is True for the rows not sent (set aside before, or after a failed publish): an answer on
+        their subject can only be forged, and is ignored; the first answer of a sent row counts.
         Returns the first problem seen (an error ack, or no ack in time)."""
         deadline = asyncio.get_running_loop().time() + self._timeout
-        this_round = str(self._round)
         problem: BaseException | None = None
-        answered = [False] * len(acked)
         missing = sent
         while missing:
             try:  # off the queue itself (usually already there: one read brings many acks), not `next_msg`
@@ -159,10 +164,10 @@ class Outbox:
             except TimeoutError:
                 return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
             window, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
-            if window != this_round or not index.isdigit() or int(index) >= len(acked):
+            if window != token or not index.isdigit() or int(index) >= len(acked):
                 continue  # a late ack of an earlier window: that row was kept and is in this window again
             i = int(index)
-            if answered[i] or i in refused:
+            if answered[i]:
                 continue
             answered[i] = True
             missing -= 1
