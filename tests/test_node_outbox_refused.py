@@ -15,7 +15,7 @@ import msgspec
 import pytest
 from nats.js import JetStreamContext
 
-from contracts.events import NodeHeartbeat
+from contracts.events import NodeHeartbeat, StepEvent
 from contracts.ids import new_id, utcnow
 from contracts.subjects import EVT_STREAM
 from doai.embedded import EmbeddedNats
@@ -141,3 +141,31 @@ async def test_a_full_stream_is_not_a_refusal_for_good(nats_server: EmbeddedNats
     finally:
         journal.close()
         await jetstream.close(nc)
+
+
+async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
+    nats_server: EmbeddedNats, tmp_path: Path, log_file: Path
+) -> None:
+    """Rule 9: a refused event that belongs to a device says which run and device (from the row itself)."""
+    logged_before = log_file.stat().st_size
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    run_id = new_id()
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        step = StepEvent(event_id=new_id(), ts=utcnow(), node_id="n1", run_id=run_id, device_serial="R58M123",
+                         seq=3, step_id="s1", index=0, action="shell", state="ok", output="y" * 100_000)
+        journal.add_event(step)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await outbox.publish_once() == 0 and outbox.refused == 1
+        assert [r.event_id for r in journal.outbox_refused()] == [step.event_id]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+    with log_file.open("rb") as f:
+        f.seek(logged_before)
+        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
+    assert (line["node_id"], line["run_id"], line["device_serial"], line["event_id"]) == (
+        "n1", run_id, "R58M123", step.event_id), line

@@ -39,6 +39,16 @@ class _PubAck(msgspec.Struct):
 
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
+
+class _Where(msgspec.Struct):
+    """What an event is about, for the log line of a refused row (task, step and artifact events carry both)."""
+
+    run_id: str | None = None
+    device_serial: str | None = None
+
+
+_decode_where = msgspec.json.Decoder(_Where).decode
+
 #: JetStream's error code for a message over the stream's max_msg_size: that message is never stored.
 MESSAGE_TOO_LARGE = 10054
 #: The header block around the `Nats-Msg-Id` value ("NATS/1.0\r\nNats-Msg-Id: …\r\n\r\n" is 27 bytes), rounded up.
@@ -143,9 +153,14 @@ class Outbox:
         for i, reason in refused.items():
             row = rows[i]
             tokens = row.subject.split(".")  # doai.evt.<node_id>.<kind>[.<run_id>]
+            try:
+                where = _decode_where(row.payload)
+            except msgspec.DecodeError:
+                where = _Where()
             log.error("event refused by NATS for good: kept in the journal's outbox_refused, not sent",
                       node_id=tokens[2] if len(tokens) > 2 else None,
-                      run_id=tokens[4] if len(tokens) > 4 else None,
+                      run_id=where.run_id or (tokens[4] if len(tokens) > 4 else None),
+                      device_serial=where.device_serial,
                       subject=row.subject, event_id=row.event_id, size=len(row.payload), reason=reason)
 
     async def _collect(self, acks: Subscription, token: str, acked: list[bool], answered: list[bool],
