@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -169,3 +170,49 @@ async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
     [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
     assert (line["node_id"], line["run_id"], line["device_serial"], line["event_id"]) == (
         "n1", run_id, "R58M123", step.event_id), line
+
+
+# The operator's way back, as docs/node.md gives it (agent stopped).
+REQUEUE = ("BEGIN; INSERT INTO outbox (id, subject, event_id, payload) SELECT id, subject, event_id, payload"
+           " FROM outbox_refused; DELETE FROM outbox_refused; COMMIT;")
+
+
+async def test_rows_set_aside_under_a_too_low_limit_go_out_once_in_order_after_the_documented_requeue(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A stream limit set too low sets real events aside; after it is raised, the SQL of docs/node.md (agent
+    stopped) puts them back, and they are stored once each, in journal order, with the rows added since."""
+    assert REQUEUE in (Path(__file__).parents[1] / "docs" / "node.md").read_text()
+    path = tmp_path / "journal.sqlite"
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        journal = Journal(path)
+        try:
+            events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
+            for e in events:
+                journal.add_event(e)
+            outbox = Outbox(journal, js, publish_timeout_s=5.0)
+            assert await outbox.publish_once() == 2 and outbox.refused == 2
+            later = beat()
+            journal.add_event(later)  # committed after the refusal: a higher id
+            journal.flush()
+        finally:
+            journal.close()  # the agent stopped
+        with sqlite3.connect(path) as db:
+            db.isolation_level = None
+            db.executescript(REQUEUE)
+        await jetstream.ensure_streams(js)  # the limit put right (1 MiB)
+        journal = Journal(path)
+        try:
+            assert journal.outbox_refused() == [] and journal.outbox_size() == 3
+            outbox = Outbox(journal, js, publish_timeout_s=5.0)
+            assert await outbox.publish_once() == 3 and outbox.refused == 0
+            assert journal.outbox_size() == 0
+        finally:
+            journal.close()
+        assert await stored(js) == [events[0].event_id, events[3].event_id, events[1].event_id, events[2].event_id,
+                                    later.event_id]
+    finally:
+        await jetstream.close(nc)
