@@ -216,3 +216,23 @@ async def test_rows_set_aside_under_a_too_low_limit_go_out_once_in_order_after_t
                                     later.event_id]
     finally:
         await jetstream.close(nc)
+
+
+async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """At stop the outbox drains what it can: a first window whose rows were all set aside (nothing acked)
+    is not "the outbox is empty", and the event behind it still goes out."""
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        small = beat()
+        for e in (beat("x" * 70_000), beat("y" * 70_000), small):
+            journal.add_event(e)
+        outbox = Outbox(journal, js, window=2, publish_timeout_s=5.0)
+        assert await outbox.drain(timeout_s=10.0)
+        assert journal.outbox_size() == 0 and outbox.refused == 2 and outbox.published == 1
+        assert await stored(js) == [small.event_id]
+    finally:
+        journal.close()
+        await jetstream.close(nc)

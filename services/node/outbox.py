@@ -209,7 +209,9 @@ class Outbox:
         if self._linger_s and not self._behind:
             await asyncio.sleep(self._linger_s)
         self._behind = False
+        refused = self.refused
         done = await self.publish_once()
+        done += self.refused - refused  # rows set aside left the outbox too: a full window means more may wait
         self._behind = done >= self._window
         return done
 
@@ -225,7 +227,8 @@ class Outbox:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             try:
-                if not await self.publish_once():
+                refused = self.refused
+                if not await self.publish_once() and self.refused == refused:  # not a window all set aside
                     return True
             except Exception:
                 await asyncio.sleep(0.2)
