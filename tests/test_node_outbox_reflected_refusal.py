@@ -77,7 +77,7 @@ async def test_a_tap_and_another_node_cannot_get_a_nodes_event_set_aside(nats_se
         outbox = Outbox(journal, n1.jetstream(), publish_timeout_s=2.0)
         with pytest.raises(RuntimeError, match="3 of 5 events not acked"):
             await outbox.publish_once()  # window 1: two stored, three refused (stream full), kept
-        await until(lambda: len(seen) == 5, 5, "the tap saw window 1")
+        await until(lambda: len(seen) == 5, 5, f"the tap saw window 1 ({seen})")
         inbox, window, _ = seen[-1].rsplit(".", 2)
         # Sanity: JetStream does answer on n1's inbox for n2's publish (the reflector works).
         probe = await n1.subscribe(f"{inbox}.probe")
