@@ -53,7 +53,13 @@ async def test_a_tap_and_another_node_cannot_get_a_nodes_event_set_aside(nats_se
                                  inbox_prefix=node_inbox_prefix("n1"))
     n2 = await jetstream.connect(nats_server.url, "n2", creds=creds_file("node", "n2"),
                                  inbox_prefix=node_inbox_prefix("n2"))
-    tap = await nats.connect(nats_server.url, user_credentials=str(creds_file("tap")), inbox_prefix=inbox_prefix("tap"))
+    errors: list[str] = []
+
+    async def on_error(exc: Exception) -> None:
+        errors.append(repr(exc))
+
+    tap = await nats.connect(nats_server.url, user_credentials=str(creds_file("tap")), inbox_prefix=inbox_prefix("tap"),
+                             error_cb=on_error)
     journal = Journal(tmp_path / "journal.sqlite")
     big = b"x" * (2 * 1024 * 1024)  # over DOAI_EVT's max_msg_size, under the server's max_payload (4 MB)
     seen: list[str] = []
@@ -77,7 +83,7 @@ async def test_a_tap_and_another_node_cannot_get_a_nodes_event_set_aside(nats_se
         outbox = Outbox(journal, n1.jetstream(), publish_timeout_s=2.0)
         with pytest.raises(RuntimeError, match="3 of 5 events not acked"):
             await outbox.publish_once()  # window 1: two stored, three refused (stream full), kept
-        await until(lambda: len(seen) == 5, 5, f"the tap saw window 1 ({seen})")
+        await until(lambda: len(seen) == 5, 5, f"the tap saw window 1 ({seen}, {errors})")
         inbox, window, _ = seen[-1].rsplit(".", 2)
         # Sanity: JetStream does answer on n1's inbox for n2's publish (the reflector works).
         probe = await n1.subscribe(f"{inbox}.probe")
