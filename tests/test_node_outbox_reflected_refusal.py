@@ -30,7 +30,7 @@ from runtime.nats_auth import inbox_prefix
 from services.node.journal import Journal
 from services.node.outbox import MESSAGE_TOO_LARGE, Outbox
 from tests.conftest import creds_file
-from tests.node_support import until
+from tests.node_support import probe_until_seen, until
 
 
 def beat() -> NodeHeartbeat:
@@ -66,7 +66,12 @@ async def test_a_tap_and_another_node_cannot_get_a_nodes_event_set_aside(nats_se
     live = asyncio.Event()
     reflected: list[str] = []
 
+    probes: list[Msg] = []
+
     async def watch(msg: Msg) -> None:
+        if not msg.reply:  # a probe of probe_until_seen
+            probes.append(msg)
+            return
         seen.append(msg.reply)
         if live.is_set():
             await n2.publish("doai.evt.n2.node", big, reply=msg.reply)
@@ -74,9 +79,10 @@ async def test_a_tap_and_another_node_cannot_get_a_nodes_event_set_aside(nats_se
 
     try:
         js = admin.jetstream()
-        await jetstream.ensure_streams(js, full)
         await tap.subscribe("doai.evt.n1.>", cb=watch)
         await tap.flush()
+        await probe_until_seen(nats_server.url, "doai.evt.n1.probe", lambda: bool(probes))  # before the stream
+        await jetstream.ensure_streams(js, full)
         sent = [beat() for _ in range(5)]
         for event in sent:
             journal.add_event(event)
