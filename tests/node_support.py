@@ -221,3 +221,22 @@ class NodeProcess:
 
 __all__ = ["CMD_STREAM", "TEST_PUBLIC_KEY", "NodeProcess", "assert_complete_and_exact", "broadcast", "connect",
            "fold", "provision_node", "read_events", "recipe", "send", "until"]
+
+
+async def probe_until_seen(url: str, subject: str, seen: Callable[[], bool]) -> None:
+    """As admin, publish probes (no reply subject, `{}`) on `subject` until `seen()`: a subscription someone
+    just flushed delivers. Publish them before a stream holds `subject`, or they are stored.
+
+    Attack tests whose tap must see a node's first publish wait for this: under load, a tap's flushed
+    subscription was now and then not yet in effect for another connection's first publishes.
+    """
+    admin = await nats.connect(url, user_credentials=str(creds_file("admin")))
+    try:
+        async def delivered() -> bool:
+            await admin.publish(subject, b"{}")
+            await admin.flush()
+            return seen()
+
+        await until(delivered, 10, f"a probe on {subject} delivered", interval_s=0.1)
+    finally:
+        await admin.close()

@@ -26,7 +26,7 @@ from runtime.nats_auth import inbox_prefix
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
-from tests.node_support import until
+from tests.node_support import probe_until_seen, until
 
 
 def beats(n: int) -> list[NodeHeartbeat]:
@@ -110,8 +110,12 @@ async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: E
     tap = await nats.connect(nats_server.url, user_credentials=str(creds_file("tap")),
                              inbox_prefix=inbox_prefix("tap"), error_cb=on_error)
     answered: list[str] = []
+    probes: list[Msg] = []
 
     async def forge(msg: Msg) -> None:
+        if not msg.reply:  # the probe below
+            probes.append(msg)
+            return
         answered.append(msg.reply)
         await tap.publish(msg.reply, b'{"stream":"DOAI_EVT","seq":1}')
 
@@ -119,6 +123,7 @@ async def test_the_tap_cannot_answer_a_nodes_events_for_jetstream(nats_server: E
     try:
         await tap.subscribe("doai.evt.>", cb=forge)
         await tap.flush()
+        await probe_until_seen(nats_server.url, "doai.evt.probe", lambda: bool(probes))
         sent = beats(5)
         for event in sent:
             journal.add_event(event)

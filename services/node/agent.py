@@ -196,9 +196,9 @@ class NodeAgent:
         s = self.settings
         while True:
             pruned = self.journal.prune(s.journal_max_age_s, s.journal_seen_max_age_s)
-            if pruned.broadcasts or pruned.seen:
+            if pruned.broadcasts or pruned.seen or pruned.refused:
                 log.info("journal pruned", node_id=s.node_id, broadcasts=pruned.broadcasts, jobs=pruned.jobs,
-                         seen_forgotten=pruned.seen)
+                         seen_forgotten=pruned.seen, refused_events_dropped=pruned.refused)
             if await pause(stop, s.journal_prune_interval_s):
                 return
 

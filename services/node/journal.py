@@ -67,6 +67,15 @@ CREATE TABLE IF NOT EXISTS outbox (
     event_id  TEXT NOT NULL,
     payload   BLOB NOT NULL
 );
+-- Outbox rows NATS refused for good (over the size limit): kept here, out of the way of the rows behind.
+CREATE TABLE IF NOT EXISTS outbox_refused (
+    id          INTEGER PRIMARY KEY,
+    subject     TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    payload     BLOB NOT NULL,
+    reason      TEXT NOT NULL,
+    refused_at  REAL NOT NULL
+);
 """.format(states=", ".join(f"'{s}'" for s in get_args(TaskState)))  # older journals: without the CHECK
 
 _encoder = msgspec.json.Encoder()
@@ -95,6 +104,16 @@ class OutboxRow(NamedTuple):  # a tuple: built for every event published, so che
     payload: bytes
 
 
+class RefusedRow(NamedTuple):
+    """An outbox row NATS refused for good, and why."""
+
+    id: int
+    subject: str
+    event_id: str
+    payload: bytes
+    reason: str
+
+
 @dataclass(frozen=True)
 class Pruned:
     """What one `Journal.prune` removed."""
@@ -102,6 +121,7 @@ class Pruned:
     broadcasts: int  # payloads emptied (the run id is kept as "seen")
     jobs: int
     seen: int  # run ids forgotten
+    refused: int = 0  # refused outbox rows dropped (kept as long as run ids)
 
 
 class Journal:
@@ -297,7 +317,8 @@ class Journal:
         (a recreated consumer redelivers the whole DOAI_CMD stream, kept 7 days) adds nothing. The
         run id itself is forgotten after `seen_max_age_s`, which must be longer than the stream's
         max_age. A run with an unfinished job is never touched, and the outbox is never touched here
-        (unsent events leave only when published).
+        (unsent events leave only when published). Rows NATS refused for good (`outbox_refused`) are
+        dropped after `seen_max_age_s`.
         """
         now = time.time() if now is None else now
         self.flush()
@@ -316,13 +337,15 @@ class Journal:
             seen = db.execute(
                 "DELETE FROM broadcasts WHERE received_at < ? AND length(payload) = 0 AND NOT EXISTS ("
                 "  SELECT 1 FROM jobs j WHERE j.run_id = broadcasts.run_id)", (now - seen_max_age_s,)).rowcount
+            refused = db.execute("DELETE FROM outbox_refused WHERE refused_at < ?",
+                                 (now - seen_max_age_s,)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
         for run_id in old:
             self._broadcasts.pop(run_id, None)
-        return Pruned(broadcasts=len(old), jobs=jobs, seen=seen)
+        return Pruned(broadcasts=len(old), jobs=jobs, seen=seen, refused=refused)
 
     def unfinished_jobs(self) -> list[Job]:
         """Jobs still `queued`, `running` or `interrupted`, in arrival order (for recovery after a restart)."""
@@ -383,6 +406,36 @@ class Journal:
         (AUTOINCREMENT), so a row added since has a higher id than `last`.
         """
         self._staged_deletes.append((first, last))
+
+    def outbox_refuse(self, refused: dict[int, str]) -> None:
+        """Move rows NATS will never take (`{row id: reason}`) to `outbox_refused`, now, in one transaction.
+
+        They stay in the journal (nothing is lost: an operator can read them there) but no longer hold up
+        the rows behind them, which the outbox publishes in order.
+        """
+        if not refused:
+            return
+        self.flush()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            now = time.time()
+            db.executemany(
+                "INSERT INTO outbox_refused (id, subject, event_id, payload, reason, refused_at)"
+                " SELECT id, subject, event_id, payload, ?, ? FROM outbox WHERE id = ?",
+                [(reason, now, row_id) for row_id, reason in refused.items()])
+            db.executemany("DELETE FROM outbox WHERE id = ?", [(row_id,) for row_id in refused])
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def outbox_refused(self) -> list[RefusedRow]:
+        """The rows NATS refused for good, oldest first."""
+        rows = self._db.execute(
+            "SELECT id, subject, event_id, payload, reason FROM outbox_refused ORDER BY id").fetchall()
+        return list(map(RefusedRow._make, rows))
 
     def outbox_size(self) -> int:
         self.flush()

@@ -14,6 +14,7 @@ commit.
 from __future__ import annotations
 
 import asyncio
+import secrets
 
 import msgspec
 import structlog
@@ -22,7 +23,7 @@ from nats.js import JetStreamContext
 
 from runtime.aio import drain_forever
 from runtime.nats_queue import take_next
-from services.node.journal import Journal
+from services.node.journal import Journal, OutboxRow
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +40,21 @@ class _PubAck(msgspec.Struct):
 _decode_ack = msgspec.json.Decoder(_PubAck).decode
 
 
+class _Where(msgspec.Struct):
+    """What an event is about, for the log line of a refused row (task, step and artifact events carry both)."""
+
+    run_id: str | None = None
+    device_serial: str | None = None
+
+
+_decode_where = msgspec.json.Decoder(_Where).decode
+
+#: JetStream's error code for a message over the stream's max_msg_size: that message is never stored.
+MESSAGE_TOO_LARGE = 10054
+#: The header block around the `Nats-Msg-Id` value ("NATS/1.0\r\nNats-Msg-Id: …\r\n\r\n" is 27 bytes), rounded up.
+HEADER_OVERHEAD = 64
+
+
 class Outbox:
     def __init__(self, journal: Journal, js: JetStreamContext, *, window: int = 256,
                  publish_timeout_s: float = 5.0, linger_s: float = 0.005) -> None:
@@ -50,9 +66,9 @@ class Outbox:
         self._behind = False  # the last window was full: more is waiting, no linger
         self._wake = asyncio.Event()
         self.published = 0
+        self.refused = 0  # rows NATS refused for good, moved to the journal's `outbox_refused`
         self._acks: Subscription | None = None
         self._inbox = ""
-        self._round = 0  # windows published: the first token of each ack's reply subject
         journal.on_commit = self.wake  # only committed rows are published: each commit wakes the outbox
 
     def wake(self) -> None:
@@ -73,10 +89,15 @@ class Outbox:
         """Publish one window of rows; return how many were acked (and removed).
 
         The window is pipelined: every message goes out at once, each with its own reply subject
-        (`<inbox>.<window>.<index>`), and the acks are awaited together, at most `publish_timeout_s`.
+        (`<inbox>.<window token>.<row index>`), and the acks are awaited together, at most `publish_timeout_s`.
+        The window token is random: the tap sees every reply subject on `doai.evt.>`, and with a predictable
+        one, another node could queue JetStream's own answer to its publish (an oversized message: error
+        10054) on this node's ack subject of the next window before that window is sent.
         A row leaves only on an ack that names the stream and sequence that stored it; an error ack
         (a full stream, no stream for the subject), no ack in time, or an ack of an earlier window
-        keeps it, and it is published again with the same `Nats-Msg-Id`.
+        keeps it, and it is published again with the same `Nats-Msg-Id`. A row NATS will never take
+        (over the server's max_payload or the stream's max_msg_size) is moved to the journal's
+        `outbox_refused` and logged, so that it does not hold up every row behind it.
 
         This is what nats-py's `publish_async` does, without its per-message future, done-callback,
         permit and random token, and with the acks decoded by msgspec rather than `json` into a
@@ -86,41 +107,71 @@ class Outbox:
         if not rows:
             return 0
         acks = await self._ack_inbox()
-        self._round += 1
-        reply = f"{self._inbox}.{self._round}."
+        token = secrets.token_hex(8)
+        reply = f"{self._inbox}.{token}."
         publish = self._nc.publish
         error: BaseException | None = None
+        refused: dict[int, str] = {}  # row index -> why NATS will never take it
         sent = 0
-        for r in rows:
+        answered = [True] * len(rows)  # True: no answer to wait for (a row not sent in this window)
+        max_payload = self._nc.max_payload
+        for i, r in enumerate(rows):
+            # The server counts the headers too, and closes the connection on a message over its limit
+            # (nats-py checks the payload alone): such a row is refused here, before it is sent.
+            if len(r.payload) + len(r.event_id) + HEADER_OVERHEAD > max_payload:
+                refused[i] = f"{len(r.payload)} bytes: over the server's max_payload ({max_payload})"
+                continue
             try:
-                await publish(r.subject, r.payload, reply=reply + str(sent), headers={"Nats-Msg-Id": r.event_id})
+                await publish(r.subject, r.payload, reply=reply + str(i), headers={"Nats-Msg-Id": r.event_id})
             except Exception as exc:  # disconnected with a full buffer, closed: retry later
                 error = exc
                 break
             sent += 1
+            answered[i] = False
         acked = [False] * len(rows)
         if sent:
-            problem = await self._collect(acks, acked, sent)
+            problem = await self._collect(acks, token, acked, answered, refused, sent)
             if error is None:
                 error = problem
         done = [r.id for r, ok in zip(rows, acked, strict=True) if ok]
+        if refused:
+            self._refuse(rows, refused)
         if len(done) == len(rows):
             self._journal.outbox_delete_through(rows[0].id, rows[-1].id)
         else:
             self._journal.outbox_delete(done)
         self.published += len(done)
-        failed = len(rows) - len(done)
+        failed = len(rows) - len(done) - len(refused)
         if failed:
             raise RuntimeError(f"{failed} of {len(rows)} events not acked: {error!r}")
         return len(done)
 
-    async def _collect(self, acks: Subscription, acked: list[bool], sent: int) -> BaseException | None:
-        """Read acks of this window until all `sent` answered or `publish_timeout_s` passed; mark the
-        stored rows in `acked`. Returns the first problem seen (an error ack, or no ack in time)."""
+    def _refuse(self, rows: list[OutboxRow], refused: dict[int, str]) -> None:
+        """Move the rows NATS will never take out of the outbox (into the journal's `outbox_refused`)."""
+        self._journal.outbox_refuse({rows[i].id: reason for i, reason in refused.items()})
+        self.refused += len(refused)
+        for i, reason in refused.items():
+            row = rows[i]
+            tokens = row.subject.split(".")  # doai.evt.<node_id>.<kind>[.<run_id>]
+            try:
+                where = _decode_where(row.payload)
+            except msgspec.DecodeError:
+                where = _Where()
+            log.error("event refused by NATS for good: kept in the journal's outbox_refused, not sent",
+                      node_id=tokens[2] if len(tokens) > 2 else None,
+                      run_id=where.run_id or (tokens[4] if len(tokens) > 4 else None),
+                      device_serial=where.device_serial,
+                      subject=row.subject, event_id=row.event_id, size=len(row.payload), reason=reason)
+
+    async def _collect(self, acks: Subscription, token: str, acked: list[bool], answered: list[bool],
+                       refused: dict[int, str], sent: int) -> BaseException | None:
+        """Read acks of window `token` until all `sent` answered or `publish_timeout_s` passed; mark the
+        stored rows in `acked` and those the stream refuses for good (over its max_msg_size) in `refused`.
+        `answered` is True for the rows not sent (set aside before, or after a failed publish): an answer on
+        their subject can only be forged, and is ignored; the first answer of a sent row counts.
+        Returns the first problem seen (an error ack, or no ack in time)."""
         deadline = asyncio.get_running_loop().time() + self._timeout
-        this_round = str(self._round)
         problem: BaseException | None = None
-        answered = [False] * sent
         missing = sent
         while missing:
             try:  # off the queue itself (usually already there: one read brings many acks), not `next_msg`
@@ -128,20 +179,26 @@ class Outbox:
             except TimeoutError:
                 return problem or TimeoutError(f"{missing} acks missing after {self._timeout:g} s")
             window, _, index = msg.subject[len(self._inbox) + 1:].partition(".")
-            if window != this_round or not index.isdigit() or int(index) >= sent:
+            if window != token or not index.isdigit() or int(index) >= len(acked):
                 continue  # a late ack of an earlier window: that row was kept and is in this window again
             i = int(index)
-            if not answered[i]:
-                answered[i] = True
-                missing -= 1
+            if answered[i]:
+                continue
+            answered[i] = True
+            missing -= 1
             try:
                 ack = _decode_ack(msg.data)
             except msgspec.DecodeError:
                 status = (msg.headers or {}).get("Status", "")
                 problem = problem or RuntimeError(f"no JetStream ack (status {status or 'none'}): {msg.data[:200]!r}")
                 continue
-            if ack.error is not None or ack.stream is None or ack.seq is None:
-                problem = problem or RuntimeError(f"JetStream refused the event: {ack.error}")
+            if ack.error is not None:
+                if ack.error.get("err_code") == MESSAGE_TOO_LARGE:
+                    refused[i] = f"the stream refused it: {ack.error.get('description', 'too large')}"
+                else:
+                    problem = problem or RuntimeError(f"JetStream refused the event: {ack.error}")
+            elif ack.stream is None or ack.seq is None:
+                problem = problem or RuntimeError(f"JetStream refused the event: {msg.data[:200]!r}")
             else:
                 acked[i] = True
         return problem
@@ -152,7 +209,9 @@ class Outbox:
         if self._linger_s and not self._behind:
             await asyncio.sleep(self._linger_s)
         self._behind = False
+        refused = self.refused
         done = await self.publish_once()
+        done += self.refused - refused  # rows set aside left the outbox too: a full window means more may wait
         self._behind = done >= self._window
         return done
 
@@ -168,7 +227,8 @@ class Outbox:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             try:
-                if not await self.publish_once():
+                refused = self.refused
+                if not await self.publish_once() and self.refused == refused:  # not a window all set aside
                     return True
             except Exception:
                 await asyncio.sleep(0.2)

@@ -1,0 +1,238 @@
+"""An event NATS will never take (over the stream's max_msg_size, or over the server's max_payload) leaves the
+outbox for the journal's `outbox_refused`, said in the log, and no longer holds up the events behind it.
+
+Real nats-server; a stream whose max_msg_size is 64 KiB stands in for an event too large for DOAI_EVT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from nats.js import JetStreamContext
+
+from contracts.events import NodeHeartbeat, StepEvent
+from contracts.ids import new_id, utcnow
+from contracts.subjects import EVT_STREAM
+from doai.embedded import EmbeddedNats
+from runtime import jetstream
+from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
+from services.node.journal import Journal
+from services.node.outbox import Outbox
+from tests.conftest import creds_file
+
+
+def beat(version: str = "t") -> NodeHeartbeat:
+    return NodeHeartbeat(event_id=new_id(), ts=utcnow(), node_id="n1", slots=20, running=0, queued=0,
+                         vendor_connected=True, version=version)
+
+
+SMALL = {**DEFAULT_LIMITS, EVT_STREAM: StreamLimits(max_bytes=DEFAULT_LIMITS[EVT_STREAM].max_bytes,
+                                                    max_msgs=1000, max_msg_size=64 * 1024)}
+
+
+async def stored(js: JetStreamContext) -> list[str]:
+    info = await js.stream_info(EVT_STREAM)
+    ids = []
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        data = (await js.get_msg(EVT_STREAM, seq)).data
+        assert data is not None
+        ids.append(msgspec.json.decode(data, type=NodeHeartbeat).event_id)
+    return ids
+
+
+async def test_an_event_over_the_stream_limit_is_set_aside_and_the_rest_goes_out(
+    nats_server: EmbeddedNats, tmp_path: Path, log_file: Path
+) -> None:
+    logged_before = log_file.stat().st_size
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    path = tmp_path / "journal.sqlite"
+    journal = Journal(path)
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        big = beat("x" * 100_000)
+        events = [beat(), beat(), big, beat(), beat()]
+        for e in events:
+            journal.add_event(e)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await outbox.publish_once() == 4  # no error: the big one is not retried
+        assert outbox.published == 4 and outbox.refused == 1
+        assert journal.outbox_size() == 0
+        assert await stored(js) == [e.event_id for e in events if e is not big]  # in order, each once
+        [row] = journal.outbox_refused()
+        assert row.event_id == big.event_id and row.subject == "doai.evt.n1.node"
+        assert msgspec.json.decode(row.payload, type=NodeHeartbeat) == big  # kept whole
+        assert "message size exceeds maximum" in row.reason
+        # The events after it are not held up.
+        later = beat()
+        journal.add_event(later)
+        assert await outbox.publish_once() == 1
+        assert (await stored(js))[-1] == later.event_id
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+    with log_file.open("rb") as f:
+        f.seek(logged_before)
+        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
+    assert line["node_id"] == "n1" and line["event_id"] == big.event_id and line["level"] == "error", line
+    # Durable: the set-aside row is still there after a restart, and goes only with the journal's pruning.
+    journal = Journal(path)
+    try:
+        assert [r.event_id for r in journal.outbox_refused()] == [big.event_id]
+        assert journal.prune(3600, 7200).refused == 0
+        assert journal.prune(3600, 7200, now=time.time() + 7201).refused == 1
+        assert journal.outbox_refused() == []
+    finally:
+        journal.close()
+
+
+async def test_an_event_over_the_servers_max_payload_is_set_aside_without_being_sent(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js)
+        huge = beat("x" * (nc.max_payload + 1))
+        # Under max_payload by itself, over it with its Nats-Msg-Id header: nats-py would send it and the
+        # server would close the connection, again after every reconnect.
+        base = beat()
+        edge = msgspec.structs.replace(base, version="x" * (nc.max_payload - 10 - len(msgspec.json.encode(base))
+                                                            + len(base.version)))
+        assert len(msgspec.json.encode(edge)) == nc.max_payload - 10
+        events = [beat(), huge, beat(), edge, beat()]
+        for e in events:
+            journal.add_event(e)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await asyncio.wait_for(outbox.publish_once(), 30) == 3
+        assert journal.outbox_size() == 0 and outbox.refused == 2
+        assert await stored(js) == [events[0].event_id, events[2].event_id, events[4].event_id]
+        assert [(r.event_id, "max_payload" in r.reason) for r in journal.outbox_refused()] == [
+            (huge.event_id, True), (edge.event_id, True)]
+        # Refused before sending: the connection was never cut.
+        assert nc.is_connected and nc.stats["reconnects"] == 0
+    finally:
+        journal.close()
+        await asyncio.wait_for(jetstream.close(nc), 30)
+
+
+async def test_a_full_stream_is_not_a_refusal_for_good(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """Only "too large" sets a row aside: a full stream (or no stream) keeps the rows for a later try."""
+    full = {**DEFAULT_LIMITS, EVT_STREAM: StreamLimits(max_bytes=DEFAULT_LIMITS[EVT_STREAM].max_bytes, max_msgs=2,
+                                                       max_msg_size=64 * 1024)}
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, full)
+        for _ in range(3):
+            journal.add_event(beat())
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        with pytest.raises(RuntimeError, match="1 of 3 events not acked.*maximum messages exceeded"):
+            await outbox.publish_once()
+        assert journal.outbox_size() == 1 and journal.outbox_refused() == [] and outbox.refused == 0
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+
+
+async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
+    nats_server: EmbeddedNats, tmp_path: Path, log_file: Path
+) -> None:
+    """Rule 9: a refused event that belongs to a device says which run and device (from the row itself)."""
+    logged_before = log_file.stat().st_size
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    run_id = new_id()
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        step = StepEvent(event_id=new_id(), ts=utcnow(), node_id="n1", run_id=run_id, device_serial="R58M123",
+                         seq=3, step_id="s1", index=0, action="shell", state="ok", output="y" * 100_000)
+        journal.add_event(step)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await outbox.publish_once() == 0 and outbox.refused == 1
+        assert [r.event_id for r in journal.outbox_refused()] == [step.event_id]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
+    with log_file.open("rb") as f:
+        f.seek(logged_before)
+        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
+    assert (line["node_id"], line["run_id"], line["device_serial"], line["event_id"]) == (
+        "n1", run_id, "R58M123", step.event_id), line
+
+
+# The operator's way back, as docs/node.md gives it (agent stopped).
+REQUEUE = ("BEGIN; INSERT INTO outbox (id, subject, event_id, payload) SELECT id, subject, event_id, payload"
+           " FROM outbox_refused; DELETE FROM outbox_refused; COMMIT;")
+
+
+async def test_rows_set_aside_under_a_too_low_limit_go_out_once_in_order_after_the_documented_requeue(
+    nats_server: EmbeddedNats, tmp_path: Path
+) -> None:
+    """A stream limit set too low sets real events aside; after it is raised, the SQL of docs/node.md (agent
+    stopped) puts them back, and they are stored once each, in journal order, with the rows added since."""
+    assert REQUEUE in (Path(__file__).parents[1] / "docs" / "node.md").read_text()
+    path = tmp_path / "journal.sqlite"
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        journal = Journal(path)
+        try:
+            events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
+            for e in events:
+                journal.add_event(e)
+            outbox = Outbox(journal, js, publish_timeout_s=5.0)
+            assert await outbox.publish_once() == 2 and outbox.refused == 2
+            later = beat()
+            journal.add_event(later)  # committed after the refusal: a higher id
+            journal.flush()
+        finally:
+            journal.close()  # the agent stopped
+        with sqlite3.connect(path) as db:
+            db.isolation_level = None
+            db.executescript(REQUEUE)
+        await jetstream.ensure_streams(js)  # the limit put right (1 MiB)
+        journal = Journal(path)
+        try:
+            assert journal.outbox_refused() == [] and journal.outbox_size() == 3
+            outbox = Outbox(journal, js, publish_timeout_s=5.0)
+            assert await outbox.publish_once() == 3 and outbox.refused == 0
+            assert journal.outbox_size() == 0
+        finally:
+            journal.close()
+        assert await stored(js) == [events[0].event_id, events[3].event_id, events[1].event_id, events[2].event_id,
+                                    later.event_id]
+    finally:
+        await jetstream.close(nc)
+
+
+async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    """At stop the outbox drains what it can: a first window whose rows were all set aside (nothing acked)
+    is not "the outbox is empty", and the event behind it still goes out."""
+    nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(tmp_path / "journal.sqlite")
+    try:
+        js = nc.jetstream()
+        await jetstream.ensure_streams(js, SMALL)
+        small = beat()
+        for e in (beat("x" * 70_000), beat("y" * 70_000), small):
+            journal.add_event(e)
+        outbox = Outbox(journal, js, window=2, publish_timeout_s=5.0)
+        assert await outbox.drain(timeout_s=10.0)
+        assert journal.outbox_size() == 0 and outbox.refused == 2 and outbox.published == 1
+        assert await stored(js) == [small.event_id]
+    finally:
+        journal.close()
+        await jetstream.close(nc)
