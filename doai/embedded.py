@@ -139,7 +139,6 @@ class EmbeddedNats:
         self.fallback_port = fallback_port
         self.port_note: str | None = None
         self.stale_note: str | None = None
-        self.socket_note: str | None = None  # the guessable socket folder was taken: where the socket went
         self.watchdog = watchdog
 
     @property
@@ -330,6 +329,7 @@ class EmbeddedPostgres:
         self.fallback_port = fallback_port
         self.port_note: str | None = None
         self.stale_note: str | None = None
+        self.socket_note: str | None = None  # the guessable socket folder was taken: where the socket went
         self.watchdog = watchdog
         self.pid: int | None = None
         self._created = 0.0

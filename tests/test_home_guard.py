@@ -164,6 +164,7 @@ def test_a_data_folder_too_deep_for_a_socket_name_still_starts(tmp_path: Path, m
         uri = pg.start()
         host = Path(uri.split("host=")[1].split("&")[0])
         assert host != deep and (host / f".s.PGSQL.{pg.port}").exists()
+        assert pg.socket_note is None  # the usual folder: nothing to say
         assert host.stat().st_mode & 0o777 == 0o700
         async def one() -> int:
             conn = await asyncpg.connect(uri)
