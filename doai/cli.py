@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -151,6 +152,47 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error("node", exc)
     return _serve("node", lambda stop: run_node(settings, stop))
+
+
+def cmd_node_refused(args: argparse.Namespace) -> int:
+    """List the events a node set aside as too large for NATS (`outbox_refused`), or put them back."""
+    import sqlite3
+
+    from services.node.journal import Journal
+
+    path = Path(args.journal)
+    if not path.is_file():
+        sys.stderr.write(f"doai node-refused: no journal at {path} (a node's journal is "
+                         f"<DOAI_STATE_DIR>/<node id>.journal.sqlite)\n")
+        return 1
+    try:  # read-only first: a file that is not a node journal is left exactly as it is
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
+            is_journal = probe.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone()
+        if not is_journal:
+            sys.stderr.write(f"doai node-refused: {path} is not a node journal (it has no outbox)\n")
+            return 1
+        journal = Journal(path)
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path} is not a node journal: {exc}\n")
+        return 1
+    try:
+        if args.requeue:
+            moved = journal.outbox_requeue_refused()
+            sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
+                             f"(at once if it runs, else at its next start)\n")
+            return 0
+        rows = journal.outbox_refused()
+        for row in rows:
+            sys.stdout.write(f"{row.id}\t{row.event_id}\t{row.subject}\t{len(row.payload)} bytes\t{row.reason}\n")
+        sys.stderr.write(f"{len(rows)} events set aside in {path}" + (
+            "; put them back with --requeue once the limit that refused them is right\n" if rows else "\n"))
+        return 0
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
+        return 1
+    finally:
+        journal.close()
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -404,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "comes from NODE_AGENT_SHARED_SECRET)")
     node.add_argument("--creds", help="a pre-provisioned NATS credentials file (DOAI_NATS_CREDS); no enrollment")
     node.set_defaults(func=cmd_node)
+
+    nr = sub.add_parser("node-refused", help="events a node set aside as too large for NATS: list them, or put them "
+                                             "back (--requeue) once the limit is right")
+    nr.add_argument("--journal", required=True, help="the node's journal: <DOAI_STATE_DIR>/<node id>.journal.sqlite")
+    nr.add_argument("--requeue", action="store_true",
+                    help="move them back into the outbox (safe while the node agent runs)")
+    nr.set_defaults(func=cmd_node_refused)
 
     kg = sub.add_parser("keygen", help="create the command-signing seed file (0600) and print its public key")
     kg.add_argument("--out", required=True, help="seed file to create (an existing one is kept and reused)")

@@ -7,8 +7,11 @@ Real nats-server; a stream whose max_msg_size is 64 KiB stands in for an event t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +28,8 @@ from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def beat(version: str = "t") -> NodeHeartbeat:
@@ -172,50 +177,74 @@ async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
         "n1", run_id, "R58M123", step.event_id), line
 
 
-# The operator's way back, as docs/node.md gives it (agent stopped).
-REQUEUE = ("BEGIN; INSERT INTO outbox (id, subject, event_id, payload) SELECT id, subject, event_id, payload"
-           " FROM outbox_refused; DELETE FROM outbox_refused; COMMIT;")
+def node_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """`doai node-refused` as an operator runs it on the node PC."""
+    return subprocess.run([sys.executable, "-m", "doai.cli", "node-refused", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
 
 
-async def test_rows_set_aside_under_a_too_low_limit_go_out_once_in_order_after_the_documented_requeue(
+async def test_rows_set_aside_under_a_too_low_limit_go_out_once_after_a_requeue_while_the_agent_runs(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    """A stream limit set too low sets real events aside; after it is raised, the SQL of docs/node.md (agent
-    stopped) puts them back, and they are stored once each, in journal order, with the rows added since."""
-    assert REQUEUE in (Path(__file__).parents[1] / "docs" / "node.md").read_text()
+    """A stream limit set too low sets real events aside; `doai node-refused` lists them, and once the limit
+    is raised, `--requeue` (run while the agent's journal is open and its outbox publishing) puts them back
+    at the end of the outbox: each is stored once, after the rows that were waiting."""
     path = tmp_path / "journal.sqlite"
     nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(path)  # the running agent's
     try:
         js = nc.jetstream()
         await jetstream.ensure_streams(js, SMALL)
-        journal = Journal(path)
-        try:
-            events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
-            for e in events:
-                journal.add_event(e)
-            outbox = Outbox(journal, js, publish_timeout_s=5.0)
-            assert await outbox.publish_once() == 2 and outbox.refused == 2
-            later = beat()
-            journal.add_event(later)  # committed after the refusal: a higher id
-            journal.flush()
-        finally:
-            journal.close()  # the agent stopped
-        with sqlite3.connect(path) as db:
-            db.isolation_level = None
-            db.executescript(REQUEUE)
+        events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
+        for e in events:
+            journal.add_event(e)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await outbox.publish_once() == 2 and outbox.refused == 2
+        later = beat()
+        journal.add_event(later)  # waiting in the outbox (not published yet)
+        journal.flush()
+
+        listed = node_refused("--journal", str(path))
+        assert listed.returncode == 0, listed.stderr
+        lines = [line.split("\t") for line in listed.stdout.splitlines()]
+        assert [(fields[1], fields[2]) for fields in lines] == [(events[1].event_id, "doai.evt.n1.node"),
+                                                                (events[2].event_id, "doai.evt.n1.node")]
+        assert all("message size exceeds maximum" in fields[4] for fields in lines)
+        assert "2 events set aside" in listed.stderr and "--requeue" in listed.stderr
+
         await jetstream.ensure_streams(js)  # the limit put right (1 MiB)
-        journal = Journal(path)
-        try:
-            assert journal.outbox_refused() == [] and journal.outbox_size() == 3
-            outbox = Outbox(journal, js, publish_timeout_s=5.0)
-            assert await outbox.publish_once() == 3 and outbox.refused == 0
-            assert journal.outbox_size() == 0
-        finally:
-            journal.close()
-        assert await stored(js) == [events[0].event_id, events[3].event_id, events[1].event_id, events[2].event_id,
-                                    later.event_id]
+        requeued = node_refused("--journal", str(path), "--requeue")
+        assert requeued.returncode == 0 and "2 events put back" in requeued.stderr, requeued.stderr
+        assert journal.outbox_refused() == [] and journal.outbox_size() == 3
+        assert await outbox.publish_once() == 3 and outbox.refused == 2  # none set aside again
+        assert journal.outbox_size() == 0
+        assert await stored(js) == [events[0].event_id, events[3].event_id, later.event_id, events[1].event_id,
+                                    events[2].event_id]
+        assert node_refused("--journal", str(path)).stderr.startswith("0 events set aside")
     finally:
+        journal.close()
         await jetstream.close(nc)
+
+
+def test_node_refused_refuses_what_is_not_a_node_journal_and_changes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "n1.journal.sqlite"
+    out = node_refused("--journal", str(missing))
+    assert out.returncode == 1 and "no journal at" in out.stderr and not out.stdout
+    assert not missing.exists()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    other = tmp_path / "other.sqlite"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+        db.commit()
+    for path in (junk, other):
+        before = path.read_bytes()
+        for args in ((), ("--requeue",)):
+            out = node_refused("--journal", str(path), *args)
+            assert out.returncode == 1 and "is not a node journal" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr and not out.stdout
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.sqlite", "other.sqlite"]
 
 
 async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:
