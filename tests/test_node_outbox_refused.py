@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
+from tests.node_support import logged_since
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,9 +82,7 @@ async def test_an_event_over_the_stream_limit_is_set_aside_and_the_rest_goes_out
     finally:
         journal.close()
         await jetstream.close(nc)
-    with log_file.open("rb") as f:
-        f.seek(logged_before)
-        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    said = logged_since(log_file, logged_before)
     [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
     assert line["node_id"] == "n1" and line["event_id"] == big.event_id and line["level"] == "error", line
     # Durable: the set-aside row is still there after a restart, and goes only with the journal's pruning.
@@ -169,9 +167,7 @@ async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
     finally:
         journal.close()
         await jetstream.close(nc)
-    with log_file.open("rb") as f:
-        f.seek(logged_before)
-        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    said = logged_since(log_file, logged_before)
     [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
     assert (line["node_id"], line["run_id"], line["device_serial"], line["event_id"]) == (
         "n1", run_id, "R58M123", step.event_id), line
