@@ -161,38 +161,53 @@ def cmd_node_refused(args: argparse.Namespace) -> int:
     from services.node.journal import Journal
 
     path = Path(args.journal)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a folder this user may not enter (the node service's state folder)
+        sys.stderr.write(f"doai node-refused: cannot read {path}: {exc}\n")
+        return 1
+    if not found:
         sys.stderr.write(f"doai node-refused: no journal at {path} (a node's journal is "
                          f"<DOAI_STATE_DIR>/<node id>.journal.sqlite)\n")
         return 1
-    try:  # read-only first: a file that is not a node journal is left exactly as it is
+    try:  # read-only: listing writes nothing, and a file that is not a node journal is left exactly as it is
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
-            is_journal = probe.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'outbox'").fetchone()
-        if not is_journal:
-            sys.stderr.write(f"doai node-refused: {path} is not a node journal (it has no outbox)\n")
-            return 1
-        journal = Journal(path)
+            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            outbox = {row[1] for row in probe.execute("PRAGMA table_info(outbox)")}
+            # Another program's database may have a table called outbox: the journal's own tables and columns
+            if not ({"outbox", "jobs", "broadcasts"} <= tables and {"id", "subject", "event_id", "payload"} <= outbox):
+                sys.stderr.write(f"doai node-refused: {path} is not a node journal (no outbox, jobs and "
+                                 f"broadcasts tables)\n")
+                return 1
+            rows = probe.execute("SELECT id, event_id, subject, length(payload), reason FROM outbox_refused"
+                                 " ORDER BY id").fetchall() if "outbox_refused" in tables else []
     except sqlite3.Error as exc:
         sys.stderr.write(f"doai node-refused: {path} is not a node journal: {exc}\n")
         return 1
-    try:
-        if args.requeue:
-            moved = journal.outbox_requeue_refused()
-            sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
-                             f"(at once if it runs, else at its next start)\n")
-            return 0
-        rows = journal.outbox_refused()
-        for row in rows:
-            sys.stdout.write(f"{row.id}\t{row.event_id}\t{row.subject}\t{len(row.payload)} bytes\t{row.reason}\n")
+    if not args.requeue:
+        for row_id, event_id, subject, size, reason in rows:
+            sys.stdout.write(f"{row_id}\t{event_id}\t{subject}\t{size} bytes\t{reason}\n")
         sys.stderr.write(f"{len(rows)} events set aside in {path}" + (
             "; put them back with --requeue once the limit that refused them is right\n" if rows else "\n"))
         return 0
+    if not rows:  # nothing to move (a journal of an older node has no outbox_refused): left as it is
+        sys.stderr.write(f"0 events put back into the outbox of {path}\n")
+        return 0
+    try:
+        journal = Journal(path)
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
+        return 1
+    try:
+        moved = journal.outbox_requeue_refused()
     except sqlite3.Error as exc:
         sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
         return 1
     finally:
         journal.close()
+    sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
+                     f"(within a second if it runs, else at its next start)\n")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

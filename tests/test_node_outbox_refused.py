@@ -233,14 +233,73 @@ def test_node_refused_refuses_what_is_not_a_node_journal_and_changes_nothing(tmp
     with contextlib.closing(sqlite3.connect(other)) as db:
         db.execute("CREATE TABLE notes (x TEXT)")
         db.commit()
-    for path in (junk, other):
+    # Another program's database with a table called outbox (a common name) is not a journal either: opened as
+    # one, it would have been switched to WAL and given the journal's tables.
+    app = tmp_path / "app.sqlite"
+    with contextlib.closing(sqlite3.connect(app)) as db:
+        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, topic TEXT, body BLOB)")
+        db.execute("INSERT INTO outbox (topic, body) VALUES ('t', x'00')")
+        db.commit()
+    for path in (junk, other, app):
         before = path.read_bytes()
         for args in ((), ("--requeue",)):
             out = node_refused("--journal", str(path), *args)
             assert out.returncode == 1 and "is not a node journal" in out.stderr, out.stderr
             assert "Traceback" not in out.stderr and not out.stdout
         assert path.read_bytes() == before
-        assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.sqlite", "other.sqlite"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["app.sqlite", "junk.sqlite", "other.sqlite"]
+
+
+def test_node_refused_on_a_journal_of_an_older_node_lists_nothing_and_changes_nothing(tmp_path: Path) -> None:
+    """A journal from before `outbox_refused` (the node not upgraded yet): nothing set aside, the file untouched
+    (listing never writes; the command does not migrate a journal an older agent may have open)."""
+    path = tmp_path / "n1.journal.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript("CREATE TABLE broadcasts (run_id TEXT PRIMARY KEY, payload BLOB NOT NULL);"
+                         "CREATE TABLE jobs (run_id TEXT, serial TEXT, PRIMARY KEY (run_id, serial));"
+                         "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
+                         " event_id TEXT NOT NULL, payload BLOB NOT NULL);"
+                         "INSERT INTO outbox (subject, event_id, payload) VALUES ('doai.evt.n1.node', 'e1', x'00');")
+    before = path.read_bytes()
+    listed = node_refused("--journal", str(path))
+    assert listed.returncode == 0 and listed.stderr.startswith("0 events set aside") and not listed.stdout
+    requeued = node_refused("--journal", str(path), "--requeue")
+    assert requeued.returncode == 0 and requeued.stderr.startswith("0 events put back"), requeued.stderr
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_requeue_between_the_agents_read_and_its_delete_of_that_window_keeps_the_rows(tmp_path: Path) -> None:
+    """The agent deletes a published window by id range (`first..last`) in its next commit: rows put back by
+    `--requeue` (another process) in between get ids above `last` (AUTOINCREMENT), so that delete spares them.
+    While the agent holds the write lock, `--requeue` waits SQLite's busy timeout and then says so, moving
+    nothing."""
+    path = tmp_path / "n1.journal.sqlite"
+    journal = Journal(path)  # the running agent's
+    try:
+        sent = [beat(), beat()]
+        for e in sent:
+            journal.add_event(e)
+        journal.add_event(aside := beat("x" * 1000))
+        journal.outbox_refuse({journal.outbox_batch(10)[-1].id: "test: too large"})
+        window = journal.outbox_batch(10)  # the agent's window, published ...
+        assert [r.event_id for r in window] == [e.event_id for e in sent]
+        journal.outbox_delete_through(window[0].id, window[-1].id)  # ... and its delete staged, not committed
+
+        journal._db.execute("BEGIN IMMEDIATE")  # the agent in the middle of a commit
+        try:
+            locked = node_refused("--journal", str(path), "--requeue")
+        finally:
+            journal._db.execute("ROLLBACK")
+        assert locked.returncode == 1 and "database is locked" in locked.stderr, locked.stderr
+        assert "Traceback" not in locked.stderr and [r.event_id for r in journal.outbox_refused()] == [aside.event_id]
+
+        requeued = node_refused("--journal", str(path), "--requeue")
+        assert requeued.returncode == 0 and "1 events put back" in requeued.stderr, requeued.stderr
+        journal.flush()  # the agent's staged delete of its window
+        [row] = journal.outbox_batch(10)
+        assert row.event_id == aside.event_id and row.id > window[-1].id and journal.outbox_refused() == []
+    finally:
+        journal.close()
 
 
 async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:
