@@ -255,6 +255,7 @@ def test_a_socket_folder_planted_in_advance_is_left_as_it_was_and_not_used(
             os.chown(path, _server_uid(), -1)
         elif os.geteuid() == 0:
             os.chown(path, 4242, 4242)
+            path.chmod(0o700)  # private, but not ours: refused for its owner alone (not also for its mode)
         else:  # we cannot chown without root; instead we are someone else than the folder's owner
             owner = path.stat().st_uid
             real = os.geteuid
