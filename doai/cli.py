@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -151,6 +152,62 @@ def cmd_node(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         return _config_error("node", exc)
     return _serve("node", lambda stop: run_node(settings, stop))
+
+
+def cmd_node_refused(args: argparse.Namespace) -> int:
+    """List the events a node set aside as too large for NATS (`outbox_refused`), or put them back."""
+    import sqlite3
+
+    from services.node.journal import Journal
+
+    path = Path(args.journal)
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a folder this user may not enter (the node service's state folder)
+        sys.stderr.write(f"doai node-refused: cannot read {path}: {exc}\n")
+        return 1
+    if not found:
+        sys.stderr.write(f"doai node-refused: no journal at {path} (a node's journal is "
+                         f"<DOAI_STATE_DIR>/<node id>.journal.sqlite)\n")
+        return 1
+    try:  # read-only: listing writes nothing, and a file that is not a node journal is left exactly as it is
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
+            tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            outbox = {row[1] for row in probe.execute("PRAGMA table_info(outbox)")}
+            # Another program's database may have a table called outbox: the journal's own tables and columns
+            if not ({"outbox", "jobs", "broadcasts"} <= tables and {"id", "subject", "event_id", "payload"} <= outbox):
+                sys.stderr.write(f"doai node-refused: {path} is not a node journal (no outbox, jobs and "
+                                 f"broadcasts tables)\n")
+                return 1
+            rows = probe.execute("SELECT id, event_id, subject, length(payload), reason FROM outbox_refused"
+                                 " ORDER BY id").fetchall() if "outbox_refused" in tables else []
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path} is not a node journal: {exc}\n")
+        return 1
+    if not args.requeue:
+        for row_id, event_id, subject, size, reason in rows:
+            sys.stdout.write(f"{row_id}\t{event_id}\t{subject}\t{size} bytes\t{reason}\n")
+        sys.stderr.write(f"{len(rows)} events set aside in {path}" + (
+            "; put them back with --requeue once the limit that refused them is right\n" if rows else "\n"))
+        return 0
+    if not rows:  # nothing to move (a journal of an older node has no outbox_refused): left as it is
+        sys.stderr.write(f"0 events put back into the outbox of {path}\n")
+        return 0
+    try:
+        journal = Journal(path)
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
+        return 1
+    try:
+        moved = journal.outbox_requeue_refused()
+    except sqlite3.Error as exc:
+        sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
+        return 1
+    finally:
+        journal.close()
+    sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
+                     f"(within a second if it runs, else at its next start)\n")
+    return 0
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -404,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
                                         "comes from NODE_AGENT_SHARED_SECRET)")
     node.add_argument("--creds", help="a pre-provisioned NATS credentials file (DOAI_NATS_CREDS); no enrollment")
     node.set_defaults(func=cmd_node)
+
+    nr = sub.add_parser("node-refused", help="events a node set aside as too large for NATS: list them, or put them "
+                                             "back (--requeue) once the limit is right")
+    nr.add_argument("--journal", required=True, help="the node's journal: <DOAI_STATE_DIR>/<node id>.journal.sqlite")
+    nr.add_argument("--requeue", action="store_true",
+                    help="move them back into the outbox (safe while the node agent runs)")
+    nr.set_defaults(func=cmd_node_refused)
 
     kg = sub.add_parser("keygen", help="create the command-signing seed file (0600) and print its public key")
     kg.add_argument("--out", required=True, help="seed file to create (an existing one is kept and reused)")

@@ -493,6 +493,7 @@ class EmbeddedPostgres:
         options = f"-h 127.0.0.1 -p {self.port}"
         socket_dir: Path | None = None
         if sys.platform != "win32":
+            self.socket_note = None  # a restart may find the guessable folder free again
             socket_dir = self._socket_dir()
             self._socket_folder = socket_dir if socket_dir != self.data_dir else None
             options += f" -k {shlex.quote(str(socket_dir))}"
@@ -529,5 +530,6 @@ class EmbeddedPostgres:
         self.pid = None
         if self._socket_folder is not None:
             with contextlib.suppress(OSError):  # not empty (a server that was killed): the next start reuses it
+                # (the guessable one; a mkdtemp folder used instead of a planted one stays behind)
                 self._socket_folder.rmdir()
             self._socket_folder = None

@@ -240,3 +240,10 @@ async def probe_until_seen(url: str, subject: str, seen: Callable[[], bool]) -> 
         await until(delivered, 10, f"a probe on {subject} delivered", interval_s=0.1)
     finally:
         await admin.close()
+
+
+def logged_since(log_file: Path, offset: int) -> list[dict[str, Any]]:
+    """The JSON log lines written to the session's `log_file` after byte `offset` (its size when a test began)."""
+    with log_file.open("rb") as f:
+        f.seek(offset)
+        return [json.loads(line) for line in f.read().decode().splitlines()]

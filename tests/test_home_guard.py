@@ -166,20 +166,13 @@ def test_a_data_folder_too_deep_for_a_socket_name_still_starts(tmp_path: Path, m
         assert host != deep and (host / f".s.PGSQL.{pg.port}").exists()
         assert pg.socket_note is None  # the usual folder: nothing to say
         assert host.stat().st_mode & 0o777 == 0o700
-        async def one() -> int:
-            conn = await asyncpg.connect(uri)
-            try:
-                return int(await conn.fetchval("select 1"))
-            finally:
-                await conn.close()
-
-        assert asyncio.run(one()) == 1
+        assert _select_one(uri) == 1
         assert (host.stat().st_uid, host.parent) == (_server_uid(), tmp_path / "runtime" if os.geteuid() else
                                                      Path(tempfile.gettempdir()))
         pg.stop()
         assert not host.exists(), "the socket folder outlived the server"
         assert pg.start() == uri, "a restart serves the same URI"
-        assert asyncio.run(one()) == 1
+        assert _select_one(uri) == 1
     finally:
         pg.stop()
 
@@ -205,6 +198,18 @@ def _deep_pg(tmp_path: Path, base: Path, monkeypatch: pytest.MonkeyPatch) -> tup
     name = f"doai-pg-{hashlib.sha256(str(pg.data_dir).encode()).hexdigest()[:10]}"
     assert len(str(base / name / ".s.PGSQL.65535")) < 100
     return pg, base / name
+
+
+def _select_one(uri: str) -> int:
+    """`select 1` over `uri` (the server answers through the socket folder the URI names)."""
+    async def one() -> int:
+        conn = await asyncpg.connect(uri)
+        try:
+            return int(await conn.fetchval("select 1"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(one())
 
 
 def _server_uid() -> int:
@@ -250,6 +255,7 @@ def test_a_socket_folder_planted_in_advance_is_left_as_it_was_and_not_used(
             os.chown(path, _server_uid(), -1)
         elif os.geteuid() == 0:
             os.chown(path, 4242, 4242)
+            path.chmod(0o700)  # private, but not ours: refused for its owner alone (not also for its mode)
         else:  # we cannot chown without root; instead we are someone else than the folder's owner
             owner = path.stat().st_uid
             real = os.geteuid
@@ -272,14 +278,7 @@ def test_a_socket_folder_planted_in_advance_is_left_as_it_was_and_not_used(
             assert (host.stat().st_uid, host.stat().st_mode & 0o777) == (_server_uid(), 0o700)
             assert pg.socket_note is not None and str(path) in pg.socket_note and str(host) in pg.socket_note
 
-            async def one() -> int:
-                conn = await asyncpg.connect(uri)
-                try:
-                    return int(await conn.fetchval("select 1"))
-                finally:
-                    await conn.close()
-
-            assert asyncio.run(one()) == 1
+            assert _select_one(uri) == 1
     finally:
         pg.stop()
     if host is not None:

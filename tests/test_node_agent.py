@@ -31,6 +31,7 @@ from tests.node_support import (
     broadcast,
     connect,
     fold,
+    logged_since,
     provision_node,
     read_events,
     recipe,
@@ -345,9 +346,7 @@ async def test_a_stop_while_nats_is_down_keeps_the_unacked_events_and_says_so(
         finally:
             journal.close()
         assert len(kept) >= 3
-        with log_file.open("rb") as f:
-            f.seek(logged_before)
-            lines = [json.loads(x) for x in f.read().decode().splitlines()]
+        lines = logged_since(log_file, logged_before)
         said = [x for x in lines if x.get("event", "").startswith("events not acked by JetStream kept")
                 and x.get("node_id") == NODE]
         assert len(said) == 1 and said[0]["events"] == len(kept) and said[0]["node_id"] == NODE, said

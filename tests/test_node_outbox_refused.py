@@ -7,8 +7,10 @@ Real nats-server; a stream whose max_msg_size is 64 KiB stands in for an event t
 from __future__ import annotations
 
 import asyncio
-import json
+import contextlib
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -25,6 +27,9 @@ from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from services.node.journal import Journal
 from services.node.outbox import Outbox
 from tests.conftest import creds_file
+from tests.node_support import logged_since
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def beat(version: str = "t") -> NodeHeartbeat:
@@ -77,9 +82,7 @@ async def test_an_event_over_the_stream_limit_is_set_aside_and_the_rest_goes_out
     finally:
         journal.close()
         await jetstream.close(nc)
-    with log_file.open("rb") as f:
-        f.seek(logged_before)
-        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    said = logged_since(log_file, logged_before)
     [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
     assert line["node_id"] == "n1" and line["event_id"] == big.event_id and line["level"] == "error", line
     # Durable: the set-aside row is still there after a restart, and goes only with the journal's pruning.
@@ -164,58 +167,139 @@ async def test_the_log_line_of_a_refused_step_event_names_its_run_and_device(
     finally:
         journal.close()
         await jetstream.close(nc)
-    with log_file.open("rb") as f:
-        f.seek(logged_before)
-        said = [json.loads(x) for x in f.read().decode().splitlines()]
+    said = logged_since(log_file, logged_before)
     [line] = [x for x in said if x.get("event", "").startswith("event refused by NATS for good")]
     assert (line["node_id"], line["run_id"], line["device_serial"], line["event_id"]) == (
         "n1", run_id, "R58M123", step.event_id), line
 
 
-# The operator's way back, as docs/node.md gives it (agent stopped).
-REQUEUE = ("BEGIN; INSERT INTO outbox (id, subject, event_id, payload) SELECT id, subject, event_id, payload"
-           " FROM outbox_refused; DELETE FROM outbox_refused; COMMIT;")
+def node_refused(*args: str) -> subprocess.CompletedProcess[str]:
+    """`doai node-refused` as an operator runs it on the node PC."""
+    return subprocess.run([sys.executable, "-m", "doai.cli", "node-refused", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
 
 
-async def test_rows_set_aside_under_a_too_low_limit_go_out_once_in_order_after_the_documented_requeue(
+async def test_rows_set_aside_under_a_too_low_limit_go_out_once_after_a_requeue_while_the_agent_runs(
     nats_server: EmbeddedNats, tmp_path: Path
 ) -> None:
-    """A stream limit set too low sets real events aside; after it is raised, the SQL of docs/node.md (agent
-    stopped) puts them back, and they are stored once each, in journal order, with the rows added since."""
-    assert REQUEUE in (Path(__file__).parents[1] / "docs" / "node.md").read_text()
+    """A stream limit set too low sets real events aside; `doai node-refused` lists them, and once the limit
+    is raised, `--requeue` (run while the agent's journal is open and its outbox publishing) puts them back
+    at the end of the outbox: each is stored once, after the rows that were waiting."""
     path = tmp_path / "journal.sqlite"
     nc = await jetstream.connect(nats_server.url, "outbox-refused", creds=creds_file("admin"))
+    journal = Journal(path)  # the running agent's
     try:
         js = nc.jetstream()
         await jetstream.ensure_streams(js, SMALL)
-        journal = Journal(path)
-        try:
-            events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
-            for e in events:
-                journal.add_event(e)
-            outbox = Outbox(journal, js, publish_timeout_s=5.0)
-            assert await outbox.publish_once() == 2 and outbox.refused == 2
-            later = beat()
-            journal.add_event(later)  # committed after the refusal: a higher id
-            journal.flush()
-        finally:
-            journal.close()  # the agent stopped
-        with sqlite3.connect(path) as db:
-            db.isolation_level = None
-            db.executescript(REQUEUE)
+        events = [beat(), beat("x" * 70_000), beat("y" * 80_000), beat()]
+        for e in events:
+            journal.add_event(e)
+        outbox = Outbox(journal, js, publish_timeout_s=5.0)
+        assert await outbox.publish_once() == 2 and outbox.refused == 2
+        later = beat()
+        journal.add_event(later)  # waiting in the outbox (not published yet)
+        journal.flush()
+
+        listed = node_refused("--journal", str(path))
+        assert listed.returncode == 0, listed.stderr
+        lines = [line.split("\t") for line in listed.stdout.splitlines()]
+        assert [(fields[1], fields[2]) for fields in lines] == [(events[1].event_id, "doai.evt.n1.node"),
+                                                                (events[2].event_id, "doai.evt.n1.node")]
+        assert all("message size exceeds maximum" in fields[4] for fields in lines)
+        assert "2 events set aside" in listed.stderr and "--requeue" in listed.stderr
+
         await jetstream.ensure_streams(js)  # the limit put right (1 MiB)
-        journal = Journal(path)
-        try:
-            assert journal.outbox_refused() == [] and journal.outbox_size() == 3
-            outbox = Outbox(journal, js, publish_timeout_s=5.0)
-            assert await outbox.publish_once() == 3 and outbox.refused == 0
-            assert journal.outbox_size() == 0
-        finally:
-            journal.close()
-        assert await stored(js) == [events[0].event_id, events[3].event_id, events[1].event_id, events[2].event_id,
-                                    later.event_id]
+        requeued = node_refused("--journal", str(path), "--requeue")
+        assert requeued.returncode == 0 and "2 events put back" in requeued.stderr, requeued.stderr
+        assert journal.outbox_refused() == [] and journal.outbox_size() == 3
+        assert await outbox.publish_once() == 3 and outbox.refused == 2  # none set aside again
+        assert journal.outbox_size() == 0
+        assert await stored(js) == [events[0].event_id, events[3].event_id, later.event_id, events[1].event_id,
+                                    events[2].event_id]
+        assert node_refused("--journal", str(path)).stderr.startswith("0 events set aside")
     finally:
+        journal.close()
         await jetstream.close(nc)
+
+
+def test_node_refused_refuses_what_is_not_a_node_journal_and_changes_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "n1.journal.sqlite"
+    out = node_refused("--journal", str(missing))
+    assert out.returncode == 1 and "no journal at" in out.stderr and not out.stdout
+    assert not missing.exists()
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database at all" * 100)
+    other = tmp_path / "other.sqlite"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE notes (x TEXT)")
+        db.commit()
+    # Another program's database with a table called outbox (a common name) is not a journal either: opened as
+    # one, it would have been switched to WAL and given the journal's tables.
+    app = tmp_path / "app.sqlite"
+    with contextlib.closing(sqlite3.connect(app)) as db:
+        db.execute("CREATE TABLE outbox (id INTEGER PRIMARY KEY, topic TEXT, body BLOB)")
+        db.execute("INSERT INTO outbox (topic, body) VALUES ('t', x'00')")
+        db.commit()
+    for path in (junk, other, app):
+        before = path.read_bytes()
+        for args in ((), ("--requeue",)):
+            out = node_refused("--journal", str(path), *args)
+            assert out.returncode == 1 and "is not a node journal" in out.stderr, out.stderr
+            assert "Traceback" not in out.stderr and not out.stdout
+        assert path.read_bytes() == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["app.sqlite", "junk.sqlite", "other.sqlite"]
+
+
+def test_node_refused_on_a_journal_of_an_older_node_lists_nothing_and_changes_nothing(tmp_path: Path) -> None:
+    """A journal from before `outbox_refused` (the node not upgraded yet): nothing set aside, the file untouched
+    (listing never writes; the command does not migrate a journal an older agent may have open)."""
+    path = tmp_path / "n1.journal.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript("CREATE TABLE broadcasts (run_id TEXT PRIMARY KEY, payload BLOB NOT NULL);"
+                         "CREATE TABLE jobs (run_id TEXT, serial TEXT, PRIMARY KEY (run_id, serial));"
+                         "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, subject TEXT NOT NULL,"
+                         " event_id TEXT NOT NULL, payload BLOB NOT NULL);"
+                         "INSERT INTO outbox (subject, event_id, payload) VALUES ('doai.evt.n1.node', 'e1', x'00');")
+    before = path.read_bytes()
+    listed = node_refused("--journal", str(path))
+    assert listed.returncode == 0 and listed.stderr.startswith("0 events set aside") and not listed.stdout
+    requeued = node_refused("--journal", str(path), "--requeue")
+    assert requeued.returncode == 0 and requeued.stderr.startswith("0 events put back"), requeued.stderr
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_a_requeue_between_the_agents_read_and_its_delete_of_that_window_keeps_the_rows(tmp_path: Path) -> None:
+    """The agent deletes a published window by id range (`first..last`) in its next commit: rows put back by
+    `--requeue` (another process) in between get ids above `last` (AUTOINCREMENT), so that delete spares them.
+    While the agent holds the write lock, `--requeue` waits SQLite's busy timeout and then says so, moving
+    nothing."""
+    path = tmp_path / "n1.journal.sqlite"
+    journal = Journal(path)  # the running agent's
+    try:
+        sent = [beat(), beat()]
+        for e in sent:
+            journal.add_event(e)
+        journal.add_event(aside := beat("x" * 1000))
+        journal.outbox_refuse({journal.outbox_batch(10)[-1].id: "test: too large"})
+        window = journal.outbox_batch(10)  # the agent's window, published ...
+        assert [r.event_id for r in window] == [e.event_id for e in sent]
+        journal.outbox_delete_through(window[0].id, window[-1].id)  # ... and its delete staged, not committed
+
+        journal._db.execute("BEGIN IMMEDIATE")  # the agent in the middle of a commit
+        try:
+            locked = node_refused("--journal", str(path), "--requeue")
+        finally:
+            journal._db.execute("ROLLBACK")
+        assert locked.returncode == 1 and "database is locked" in locked.stderr, locked.stderr
+        assert "Traceback" not in locked.stderr and [r.event_id for r in journal.outbox_refused()] == [aside.event_id]
+
+        requeued = node_refused("--journal", str(path), "--requeue")
+        assert requeued.returncode == 0 and "1 events put back" in requeued.stderr, requeued.stderr
+        journal.flush()  # the agent's staged delete of its window
+        [row] = journal.outbox_batch(10)
+        assert row.event_id == aside.event_id and row.id > window[-1].id and journal.outbox_refused() == []
+    finally:
+        journal.close()
 
 
 async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:

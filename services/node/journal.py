@@ -431,6 +431,28 @@ class Journal:
                 db.execute("ROLLBACK")
             raise
 
+    def outbox_requeue_refused(self) -> int:
+        """Put every row set aside back at the end of the outbox, in their order, in one transaction; return
+        how many (`doai node-refused --requeue`, once the limit that refused them is right).
+
+        Safe while an agent runs on this journal (another process): the rows get new ids, above every row
+        it has read, so no window it is deleting covers them, and its outbox reads them within its 1 s poll.
+        Their place in the stream changes, which the fold does not depend on (each task's events carry `seq`).
+        """
+        self.flush()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            moved = db.execute("INSERT INTO outbox (subject, event_id, payload)"
+                               " SELECT subject, event_id, payload FROM outbox_refused ORDER BY id").rowcount
+            db.execute("DELETE FROM outbox_refused")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return int(moved)
+
     def outbox_refused(self) -> list[RefusedRow]:
         """The rows NATS refused for good, oldest first."""
         rows = self._db.execute(
