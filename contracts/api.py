@@ -365,6 +365,9 @@ class NodeView(Struct, kw_only=True):
     version: str
     last_seen: str | None
     online: bool = False  # a heartbeat within the liveness window (the `node_liveness` view)
+    # Events the node set aside as too large for NATS, as its last heartbeat said: missing here until an
+    # operator puts them back on the node (`doai node-refused --requeue`).
+    refused_events: int = 0
 
 
 class NodeList(Struct):

@@ -118,6 +118,9 @@ class NodeHeartbeat(EventBase, tag="node"):
     queued: int
     vendor_connected: bool
     version: str
+    # Events the node set aside as too large for NATS (its journal's `outbox_refused`; `doai node-refused`).
+    # Absent from older nodes: 0.
+    refused_events: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 0
 
 
 Event = TaskEvent | StepEvent | ArtifactEvent | DeviceInventoryEvent | NodeHeartbeat

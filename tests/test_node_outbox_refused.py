@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
@@ -22,12 +23,14 @@ from contracts.events import NodeHeartbeat, StepEvent
 from contracts.ids import new_id, utcnow
 from contracts.subjects import EVT_STREAM
 from doai.embedded import EmbeddedNats
+from doai.up import System
 from runtime import jetstream
 from runtime.jetstream import DEFAULT_LIMITS, StreamLimits
 from services.node.journal import Journal
 from services.node.outbox import Outbox
+from tests.backend_support import fetchval
 from tests.conftest import creds_file
-from tests.node_support import logged_since
+from tests.node_support import logged_since, until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,3 +323,36 @@ async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server
     finally:
         journal.close()
         await jetstream.close(nc)
+
+
+async def test_the_api_shows_a_nodes_set_aside_events_until_they_are_requeued(
+    start_system: Callable[..., Awaitable[System]], database_url: str
+) -> None:
+    """The whole system: the node's heartbeat reports how many events its journal set aside, `GET /v1/nodes`
+    (and `node_liveness`, Grafana's view) shows it; `doai node-refused --requeue` beside the running agent puts
+    them back, they are published and folded, and the count returns to 0."""
+    system = await start_system(nodes=1, devices=1)
+    [path] = list(system.artifact_dir.parent.rglob("node-1.journal.sqlite"))
+    set_aside = [msgspec.structs.replace(beat(), node_id="node-1") for _ in range(2)]
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:  # as the node's outbox does (real rows)
+        db.executemany("INSERT INTO outbox_refused (subject, event_id, payload, reason, refused_at)"
+                       " VALUES ('doai.evt.node-1.node', ?, ?, 'the stream refused it: test', ?)",
+                       [(e.event_id, msgspec.json.encode(e), time.time()) for e in set_aside])
+        db.commit()
+
+    async def shown(count: int) -> bool:
+        async with system.client() as client:
+            [node] = (await client.get("/v1/nodes")).json()["nodes"]
+        return bool(node["refused_events"] == count)
+
+    await until(lambda: shown(2), 15, "the API showing the node's 2 set-aside events")
+    requeued = await asyncio.to_thread(node_refused, "--journal", str(path), "--requeue")
+    assert requeued.returncode == 0 and "2 events put back" in requeued.stderr, requeued.stderr
+    await until(lambda: shown(0), 15, "the count back to 0 after the requeue")
+    ids = [e.event_id for e in set_aside]
+
+    async def folded() -> bool:
+        return bool(await fetchval(database_url, "SELECT count(*) = 2 FROM processed_events"
+                                                 " WHERE event_id = ANY($1::text[])", ids))
+
+    await until(folded, 15, "the requeued events folded")

@@ -245,6 +245,22 @@ async def test_future_timestamps_are_clamped_so_the_next_real_report_still_appli
     assert scene.agg.clamped == 3
 
 
+async def test_a_heartbeat_with_an_impossible_count_of_set_aside_events_is_refused(scene: Scene) -> None:
+    """`refused_events` (events the node set aside as too large) is a count: a negative one or one past a
+    PostgreSQL integer is dead-lettered and the node's row keeps its count; a real count reaches it."""
+    before = await snapshot(scene.url)
+    now = datetime.now(UTC)
+    for bad in (-1, 2**31, 2**40):
+        forged = msgspec.structs.replace(beat(N1, now + timedelta(seconds=1)), refused_events=bad)
+        await scene.send_raw("doai.evt.node-1.node", msgspec.json.encode(forged))
+    assert [r["reason"] for r in await scene.dead()] == ["undecodable"] * 3
+    assert all("refused_events" in r["error"] for r in await scene.dead())
+    assert without_dead_letters(await snapshot(scene.url)) == without_dead_letters(before)
+    await scene.send([msgspec.structs.replace(beat(N1, now + timedelta(seconds=2)), refused_events=3)])
+    assert await scene.conn.fetchval("SELECT refused_events FROM nodes WHERE node_id = $1", N1) == 3
+    assert await scene.conn.fetchval("SELECT refused_events FROM node_liveness WHERE node_id = $1", N1) == 3
+
+
 async def test_oversized_junk_is_refused_by_the_stream_or_kept_truncated(scene: Scene) -> None:
     before = await snapshot(scene.url)
     limit = DEFAULT_LIMITS[EVT_STREAM].max_msg_size

@@ -217,13 +217,15 @@ WHERE i.node_id = ANY($1::text[]) AND d.node_id = i.node_id
 """
 
 _UPSERT_NODES = """
-INSERT INTO nodes AS n (node_id, slots, running, queued, vendor_connected, version, last_seen)
-SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::timestamptz[])
-     AS u(node_id, slots, running, queued, vendor_connected, version, last_seen)
+INSERT INTO nodes AS n (node_id, slots, running, queued, vendor_connected, version, last_seen, refused_events)
+SELECT * FROM unnest($1::text[], $2::int[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::timestamptz[],
+                     $8::int[])
+     AS u(node_id, slots, running, queued, vendor_connected, version, last_seen, refused_events)
 ORDER BY 1
 ON CONFLICT (node_id) DO UPDATE SET
     slots = EXCLUDED.slots, running = EXCLUDED.running, queued = EXCLUDED.queued,
-    vendor_connected = EXCLUDED.vendor_connected, version = EXCLUDED.version, last_seen = EXCLUDED.last_seen
+    vendor_connected = EXCLUDED.vendor_connected, version = EXCLUDED.version, last_seen = EXCLUDED.last_seen,
+    refused_events = EXCLUDED.refused_events
 WHERE EXCLUDED.last_seen > n.last_seen
 """
 
@@ -246,7 +248,7 @@ _UPSERT_ROWS = (
     "n AS (" + _shift(_UPSERT_NODES, 37) + " RETURNING 1)\n"
     "SELECT 1"
 )
-_UPSERT_WIDTHS = (10, 12, 13, 7)
+_UPSERT_WIDTHS = (10, 12, 13, 8)
 
 # `raw` is the payload's head only; `raw_size` and `raw_sha256` describe all of it.
 _DEAD_LETTERS = """
@@ -447,8 +449,8 @@ async def fold(conn: asyncpg.Connection, batch: Batch) -> FoldResult:
             *_columns(_reduce_tasks(tasks, run_ids), 10), TERMINAL,
             *_columns(_reduce_steps(steps, run_ids), 12), TERMINAL_STEP,
             *_columns(_reduce_artifacts(artifacts, run_ids), 13),
-            *_columns([(b.node_id, b.slots, b.running, b.queued, b.vendor_connected, b.version, b.ts)
-                       for b in beats.values()], 7))
+            *_columns([(b.node_id, b.slots, b.running, b.queued, b.vendor_connected, b.version, b.ts,
+                        b.refused_events) for b in beats.values()], 8))
     if listings:
         inv_rows = [(e.node_id, e.ts, len(e.devices)) for e in inventories.values()]
         await conn.execute(_UPSERT_INVENTORIES, *_columns(inv_rows, 3))

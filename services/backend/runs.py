@@ -502,5 +502,5 @@ async def list_nodes(pool: asyncpg.Pool) -> list[NodeView]:
     rows = await pool.fetch("SELECT * FROM node_liveness ORDER BY node_id")
     return [NodeView(node_id=r["node_id"], slots=r["slots"], running=r["running"], queued=r["queued"],
                      vendor_connected=r["vendor_connected"], version=r["version"], last_seen=iso(r["last_seen"]),
-                     online=r["online"]) for r in rows]
+                     online=r["online"], refused_events=r["refused_events"]) for r in rows]
 

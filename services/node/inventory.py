@@ -93,6 +93,7 @@ class Inventory:
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, slots=self.scheduler.slots,
             running=len(self.scheduler.running), queued=self.scheduler.queued,
             vendor_connected=self.vendor_available, version=VERSION,
+            refused_events=self.journal.outbox_refused_count(),
         ))
         self._on_event()
 

@@ -453,6 +453,11 @@ class Journal:
             raise
         return int(moved)
 
+    def outbox_refused_count(self) -> int:
+        """How many rows are set aside (the node's heartbeat reports it)."""
+        (n,) = self._db.execute("SELECT COUNT(*) FROM outbox_refused").fetchone()
+        return int(n)
+
     def outbox_refused(self) -> list[RefusedRow]:
         """The rows NATS refused for good, oldest first."""
         rows = self._db.execute(
