@@ -12,6 +12,7 @@ from pathlib import Path
 import msgspec
 
 from contracts.events import DeviceInventoryEvent, Event, NodeHeartbeat
+from contracts.ids import utcnow
 from services.node.inventory import Inventory
 from services.node.journal import Journal
 from services.node.scheduler import Scheduler
@@ -67,3 +68,31 @@ async def test_the_device_list_is_sent_on_change_and_as_a_slow_snapshot(tmp_path
         assert len(lists) == 4 and not lists[-1].vendor_available and lists[-1].devices == []
         assert inv.sent == 4 and inv.unchanged == inv.polls - 4
         journal.close()
+
+
+async def test_the_heartbeat_carries_the_set_aside_count_and_still_goes_out_when_it_cannot_be_read(
+    tmp_path: Path, log_file: Path
+) -> None:
+    """The count of events set aside as too large is a side figure: a journal that cannot answer it (here its
+    table gone) must not stop the heartbeat, the node's liveness; the last count goes out instead."""
+    async with Simulator(SimulatorConfig(devices=1, seed=3)) as sim, \
+            VendorClient(sim.url, pool_size=1, request_timeout_s=2.0) as vendor:
+        journal = Journal(tmp_path / "j.sqlite")
+        try:
+            inv = Inventory(node_id="n1", driver=vendor, scheduler=Scheduler(4), journal=journal,
+                            on_event=lambda: None, on_change=lambda: None)
+            beat = NodeHeartbeat(event_id="e", ts=utcnow(), node_id="n1", slots=1, running=0, queued=0,
+                                 vendor_connected=True, version="t")
+            journal.add_event(beat)
+            [row] = journal.outbox_batch(10)
+            journal.outbox_refuse({row.id: "test"})
+            inv.heartbeat()
+            journal._db.execute("DROP TABLE outbox_refused")  # as a damaged page would make it unreadable
+            inv.heartbeat()
+            beats = [e for e in outbox(journal) if isinstance(e, NodeHeartbeat)]
+            assert [b.refused_events for b in beats] == [1, 1]
+        finally:
+            journal.close()
+    lines = [msgspec.json.decode(line) for line in log_file.read_text().splitlines()]
+    assert any(x.get("event", "").startswith("set-aside events not counted") and x.get("node_id") == "n1"
+               for x in lines)

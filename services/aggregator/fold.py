@@ -237,7 +237,7 @@ def _shift(sql: str, by: int) -> str:
 
 
 # The four per-batch upserts in one statement (one round trip): run tasks ($1-$11), steps ($12-$24),
-# artifacts ($25-$37), nodes ($38-$44); a table with no rows in the batch gets empty arrays. Inside one
+# artifacts ($25-$37), nodes ($38-$45); a table with no rows in the batch gets empty arrays. Inside one
 # statement the order of the four is PostgreSQL's: task, step and artifact rows belong to runs this
 # transaction has locked (so folds touching the same rows have already serialised on the run), and node
 # rows are taken in key order by every fold.

@@ -199,6 +199,10 @@ class NodeAgent:
             if pruned.broadcasts or pruned.seen or pruned.refused:
                 log.info("journal pruned", node_id=s.node_id, broadcasts=pruned.broadcasts, jobs=pruned.jobs,
                          seen_forgotten=pruned.seen, refused_events_dropped=pruned.refused)
+            if pruned.refused:  # never published: PostgreSQL will not have them
+                log.error("events set aside as too large for NATS dropped from the journal unsent, past their age",
+                          node_id=s.node_id, refused_events_dropped=pruned.refused,
+                          max_age_s=s.journal_seen_max_age_s)
             if await pause(stop, s.journal_prune_interval_s):
                 return
 

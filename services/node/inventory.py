@@ -16,6 +16,7 @@ a new aggregator converges and the devices' `last_seen` stays fresh. Keep
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import Callable
 
@@ -52,6 +53,7 @@ class Inventory:
         self._sent: tuple[bool, list[DeviceInfo]] | None = None  # the last device list sent
         self._sent_at = 0.0
         self.sent = 0  # inventory events written to the outbox
+        self._refused = 0  # events the journal set aside as too large for NATS, as last counted
         self.unchanged = 0  # polls whose unchanged list was not sent
 
     async def poll(self) -> None:
@@ -89,11 +91,15 @@ class Inventory:
         self._on_event()
 
     def heartbeat(self) -> None:
+        try:
+            self._refused = self.journal.outbox_refused_count()
+        except sqlite3.Error:  # a side figure: the heartbeat (the node's liveness) goes out with the last one
+            log.warning("set-aside events not counted; the heartbeat says the last count", node_id=self.node_id,
+                        refused_events=self._refused, exc_info=True)
         self.journal.add_event(NodeHeartbeat(
             event_id=new_id(), ts=utcnow(), node_id=self.node_id, slots=self.scheduler.slots,
             running=len(self.scheduler.running), queued=self.scheduler.queued,
-            vendor_connected=self.vendor_available, version=VERSION,
-            refused_events=self.journal.outbox_refused_count(),
+            vendor_connected=self.vendor_available, version=VERSION, refused_events=self._refused,
         ))
         self._on_event()
 
