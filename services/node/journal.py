@@ -26,9 +26,10 @@ happened yet (docs/node.md, "Journal").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, get_args
@@ -148,6 +149,19 @@ class Journal:
         self._recorded = 0  # events staged since the journal was opened
         self._committed = 0  # how many of those are committed (they commit in the order staged)
 
+    @contextlib.contextmanager
+    def _immediate(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (`BEGIN IMMEDIATE`): committed when the block ends, rolled back if it raises."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:  # a failed COMMIT may have rolled back already
+                db.execute("ROLLBACK")
+            raise
+
     def close(self) -> None:
         try:
             self.flush()
@@ -191,10 +205,8 @@ class Journal:
         if not (jobs or events or deletes):
             return
         waiters, self._waiters = self._waiters, []
-        db = self._db
         try:
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._immediate() as db:
                 if jobs:
                     db.executemany(
                         "UPDATE jobs SET state = ?, attempt = ?, seq = ? WHERE run_id = ? AND serial = ?",
@@ -203,11 +215,6 @@ class Journal:
                     db.executemany("INSERT INTO outbox (subject, event_id, payload) VALUES (?, ?, ?)", events)
                 if deletes:
                     db.executemany("DELETE FROM outbox WHERE id BETWEEN ? AND ?", deletes)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # a failed COMMIT may have rolled back already
-                    db.execute("ROLLBACK")
-                raise
         except BaseException as exc:
             for w in waiters:
                 if not w.done():
@@ -259,15 +266,12 @@ class Journal:
     def add_broadcast(self, broadcast: RunBroadcast) -> list[Job]:
         """Store a broadcast and its device jobs; return the jobs that are new (redelivery: none)."""
         self.flush()
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as db:
             cur = db.execute(
                 "INSERT OR IGNORE INTO broadcasts (run_id, payload, received_at) VALUES (?, ?, ?)",
                 (broadcast.run_id, _encoder.encode(broadcast), time.time()),
             )
             if cur.rowcount == 0:
-                db.execute("COMMIT")
                 return []
             (base,) = db.execute("SELECT COALESCE(MAX(ord), 0) FROM jobs").fetchone()
             jobs = [Job(broadcast.run_id, serial, base + i + 1) for i, serial in enumerate(broadcast.devices)]
@@ -275,10 +279,6 @@ class Journal:
                 "INSERT INTO jobs (run_id, serial, ord, state, attempt, seq) VALUES (?, ?, ?, ?, ?, ?)",
                 [(j.run_id, j.serial, j.ord, j.state, j.attempt, j.seq) for j in jobs],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         self._broadcasts[broadcast.run_id] = broadcast
         return jobs
 
@@ -322,9 +322,7 @@ class Journal:
         """
         now = time.time() if now is None else now
         self.flush()
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as db:
             old = [r for (r,) in db.execute(
                 "SELECT run_id FROM broadcasts b WHERE received_at < ? AND (length(payload) > 0 OR EXISTS ("
                 "  SELECT 1 FROM jobs j WHERE j.run_id = b.run_id)) AND NOT EXISTS ("
@@ -339,10 +337,6 @@ class Journal:
                 "  SELECT 1 FROM jobs j WHERE j.run_id = broadcasts.run_id)", (now - seen_max_age_s,)).rowcount
             refused = db.execute("DELETE FROM outbox_refused WHERE refused_at < ?",
                                  (now - seen_max_age_s,)).rowcount
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         for run_id in old:
             self._broadcasts.pop(run_id, None)
         return Pruned(broadcasts=len(old), jobs=jobs, seen=seen, refused=refused)
@@ -416,20 +410,13 @@ class Journal:
         if not refused:
             return
         self.flush()
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            now = time.time()
+        now = time.time()
+        with self._immediate() as db:
             db.executemany(
                 "INSERT INTO outbox_refused (id, subject, event_id, payload, reason, refused_at)"
                 " SELECT id, subject, event_id, payload, ?, ? FROM outbox WHERE id = ?",
                 [(reason, now, row_id) for row_id, reason in refused.items()])
             db.executemany("DELETE FROM outbox WHERE id = ?", [(row_id,) for row_id in refused])
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
 
     def outbox_requeue_refused(self) -> int:
         """Put every row set aside back at the end of the outbox, in their order, in one transaction; return
@@ -440,17 +427,10 @@ class Journal:
         Their place in the stream changes, which the fold does not depend on (each task's events carry `seq`).
         """
         self.flush()
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._immediate() as db:
             moved = db.execute("INSERT INTO outbox (subject, event_id, payload)"
                                " SELECT subject, event_id, payload FROM outbox_refused ORDER BY id").rowcount
             db.execute("DELETE FROM outbox_refused")
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
         return int(moved)
 
     def outbox_refused_count(self) -> int:
