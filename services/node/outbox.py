@@ -59,7 +59,7 @@ class Outbox:
     def __init__(self, journal: Journal, js: JetStreamContext, *, window: int = 256,
                  publish_timeout_s: float = 5.0, linger_s: float = 0.005) -> None:
         self._journal = journal
-        self._nc = js._nc  # publishes with our own reply subjects (see `publish_once`)
+        self._nc = js._nc  # publishes with our own reply subjects (see `_publish_window`)
         self._window = window
         self._timeout = publish_timeout_s
         self._linger_s = linger_s
@@ -86,7 +86,12 @@ class Outbox:
         return self._acks
 
     async def publish_once(self) -> int:
-        """Publish one window of rows; return how many were acked (and removed).
+        """Publish one window of rows; return how many were acked (and removed). See `_publish_window`."""
+        acked, _ = await self._publish_window()
+        return acked
+
+    async def _publish_window(self) -> tuple[int, int]:
+        """Publish one window of rows; return how many were acked and how many set aside (both left the outbox).
 
         The window is pipelined: every message goes out at once, each with its own reply subject
         (`<inbox>.<window token>.<row index>`), and the acks are awaited together, at most `publish_timeout_s`.
@@ -105,7 +110,7 @@ class Outbox:
         """
         rows = self._journal.outbox_batch(self._window)
         if not rows:
-            return 0
+            return 0, 0
         acks = await self._ack_inbox()
         token = secrets.token_hex(8)
         reply = f"{self._inbox}.{token}."
@@ -144,7 +149,7 @@ class Outbox:
         failed = len(rows) - len(done) - len(refused)
         if failed:
             raise RuntimeError(f"{failed} of {len(rows)} events not acked: {error!r}")
-        return len(done)
+        return len(done), len(refused)
 
     def _refuse(self, rows: list[OutboxRow], refused: dict[int, str]) -> None:
         """Move the rows NATS will never take out of the outbox (into the journal's `outbox_refused`)."""
@@ -209,9 +214,8 @@ class Outbox:
         if self._linger_s and not self._behind:
             await asyncio.sleep(self._linger_s)
         self._behind = False
-        refused = self.refused
-        done = await self.publish_once()
-        done += self.refused - refused  # rows set aside left the outbox too: a full window means more may wait
+        acked, set_aside = await self._publish_window()
+        done = acked + set_aside  # rows set aside left the outbox too: a full window means more may wait
         self._behind = done >= self._window
         return done
 
@@ -227,8 +231,7 @@ class Outbox:
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
             try:
-                refused = self.refused
-                if not await self.publish_once() and self.refused == refused:  # not a window all set aside
+                if await self._publish_window() == (0, 0):  # empty (a window all set aside was not)
                     return True
             except Exception:
                 await asyncio.sleep(0.2)
