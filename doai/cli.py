@@ -195,16 +195,13 @@ def cmd_node_refused(args: argparse.Namespace) -> int:
         return 0
     try:
         journal = Journal(path)
+        try:
+            moved = journal.outbox_requeue_refused()
+        finally:
+            journal.close()
     except sqlite3.Error as exc:
         sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
         return 1
-    try:
-        moved = journal.outbox_requeue_refused()
-    except sqlite3.Error as exc:
-        sys.stderr.write(f"doai node-refused: {path}: {exc}\n")
-        return 1
-    finally:
-        journal.close()
     sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
                      f"(within a second if it runs, else at its next start)\n")
     return 0
