@@ -32,6 +32,7 @@ import structlog
 import trustme
 from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig, StreamInfo
+from nats.js.client import JetStreamContext
 
 from contracts.subjects import AGGREGATOR_DURABLE, CMD_STREAM, EVT_STREAM, node_durable
 from doai.cli import build_parser
@@ -89,6 +90,14 @@ async def poll(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str)
             return value
         assert time.monotonic() < deadline, f"{what} not met within {timeout_s} s (last: {last})"
         await asyncio.sleep(0.2)
+
+
+async def published(js: JetStreamContext, subject: str, payload: bytes, seq: int) -> bool:
+    """One try of a publish expected to be stored at `seq`. Every try carries the same Nats-Msg-Id: a try
+    buffered over a reconnect and stored after its timeout makes the next try a duplicate, answered with
+    the same sequence."""
+    ack = await js.publish(subject, payload, timeout=2, headers={"Nats-Msg-Id": f"{subject}-{seq}"})
+    return ack.seq == seq
 
 
 def member(cluster: NatsCluster, name: str) -> ClusterMember:
@@ -448,18 +457,13 @@ async def test_a_tls_cluster_keeps_a_client_on_tls_when_its_server_dies(
         try:
             js = nc.jetstream()
             await js.add_stream(StreamConfig(name="TLS_R3", subjects=["tls.r3"], num_replicas=3))
-            assert (await js.publish("tls.r3", b"1")).seq == 1
+            # A new R3 stream answers publishes only once its leader is elected and its subject interest has
+            # reached this client's server: until then a publish gets "no responders".
+            await poll(lambda: published(js, "tls.r3", b"1", 1), 30, "the first publish to the new stream")
             assert nc.connected_url is not None
             [mine] = [m for m in cluster.members if m.port == nc.connected_url.port]
             await asyncio.to_thread(mine.kill)
-
-            async def published_again() -> bool:
-                # One Nats-Msg-Id for every try: a try buffered over the reconnect and stored after its
-                # timeout makes the next try a duplicate, answered with the same sequence.
-                ack = await js.publish("tls.r3", b"2", timeout=2, headers={"Nats-Msg-Id": "tls-r3-2"})
-                return ack.seq == 2
-
-            await poll(published_again, 30, "a publish through another server")
+            await poll(lambda: published(js, "tls.r3", b"2", 2), 30, "a publish through another server")
             assert nc.connected_url is not None and nc.connected_url.port != mine.port
             assert (await js.stream_info("TLS_R3")).state.messages == 2
         finally:

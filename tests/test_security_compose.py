@@ -282,7 +282,14 @@ async def _r3_stream(urls: list[str]) -> None:
                 assert time.monotonic() < deadline, "the compose cluster did not form"
                 await asyncio.sleep(0.3)
         assert info.config.num_replicas == 3
-        await js.publish("compose.r3", b"x")
+        deadline = time.monotonic() + 30
+        while True:  # the new stream answers once its leader is elected and its interest reached this server
+            try:
+                await js.publish("compose.r3", b"x", timeout=2, headers={"Nats-Msg-Id": "compose-r3-x"})
+                break
+            except Exception:
+                assert time.monotonic() < deadline, "the new R3 stream never took a publish"
+                await asyncio.sleep(0.2)
         deadline = time.monotonic() + 10
         while True:
             c = (await js.stream_info("COMPOSE_R3")).cluster
