@@ -119,10 +119,8 @@ class Executor:
                 raise  # agent shutting down: the journal keeps it `running` for recovery
             self.task_event(job, state, error=error, failed_step=failed_step)
             jlog.info("Task finished", state=state, error=error)
-            if state == "succeeded":
-                with contextlib.suppress(OSError):
-                    shutil.rmtree(spool)
-                    spool.parent.rmdir()  # the run's folder, once no device of it has anything left
+            if state == "succeeded" and spool.exists():  # not needed any more: removed off the event loop
+                await asyncio.to_thread(_remove_spool, spool)
             return state
 
     async def _steps(self, job: Job, b: RunBroadcast, ctx: StepContext,
@@ -176,3 +174,10 @@ class Executor:
                 self._step_event(job, later_index, later.id, str(later_action), "skipped")
             return ("timed_out" if outcome == "timed_out" else "failed"), error, step.id
         return "succeeded", None, None
+
+
+def _remove_spool(spool: Path) -> None:
+    """A succeeded task's spool folder, and the run's folder once no device of it has anything left."""
+    with contextlib.suppress(OSError):
+        shutil.rmtree(spool)
+        spool.parent.rmdir()

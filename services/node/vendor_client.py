@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -475,14 +476,15 @@ def png_files(folder: Path, create: bool) -> dict[Path, int]:
     if create:
         folder.mkdir(parents=True, exist_ok=True)
     found: dict[Path, int] = {}
-    try:
-        for path in folder.rglob("*"):
-            if path.suffix.lower() == ".png":
+    folders = [str(folder)]
+    while folders:  # os.scandir, not Path.rglob: this runs for every screenshot, hundreds at once per node
+        with contextlib.suppress(OSError), os.scandir(folders.pop()) as entries:
+            for entry in entries:
                 with contextlib.suppress(OSError):
-                    if path.is_file():
-                        found[path] = path.stat().st_size
-    except OSError:
-        pass
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.path)
+                    elif entry.name.lower().endswith(".png") and entry.is_file():
+                        found[Path(entry.path)] = entry.stat().st_size
     return found
 
 

@@ -606,18 +606,18 @@ class Simulator:
             file_path = None if file_path is None else folder / file_path.name
         targets = self._resolve(devices)
         for _, dev in targets:
-            # Rendered off the event loop (zlib lets go of the GIL): a simulator hosted beside its node agent
-            # (doai up --workers) must not stall the node while hundreds of phones take a screenshot at once.
-            png = await asyncio.to_thread(dev.render_screen)
             self._screenshot_seq += 1
             safe = re.sub(r"[^A-Za-z0-9._-]", "_", dev.only_serial)
             name = f"Screenshot_{safe}_{int(time.time() * 1000)}_{self._screenshot_seq}.png"
             path = file_path if file_path is not None and len(targets) == 1 else folder / name
+            # Rendered and written off the event loop, in one thread hop (zlib lets go of the GIL): a simulator
+            # hosted beside its node agent (doai up --workers) must not stall the node while hundreds of phones
+            # take a screenshot at once.
             if "screen_late" in dev_cfg:
-                self._write_late(path, png)
+                self._write_late(path, await asyncio.to_thread(dev.render_screen))
             else:
                 try:
-                    await asyncio.to_thread(_write_atomic, path, png)
+                    await asyncio.to_thread(_render_to, dev, path)
                 except OSError as exc:
                     raise _Fail(f"cannot write screenshot: {exc}") from exc
         return str(folder)
@@ -827,6 +827,10 @@ def _write_part(path: Path, content: bytes, mode: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open(mode) as f:
         f.write(content)
+
+
+def _render_to(dev: SimDevice, path: Path) -> None:
+    _write_atomic(path, dev.render_screen())
 
 
 def _write_atomic(path: Path, content: bytes) -> None:
