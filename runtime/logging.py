@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, TextIO
 
+import msgspec
 import structlog
 from structlog.typing import EventDict, WrappedLogger
 
@@ -30,6 +31,12 @@ def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 
 
 _with_traceback = structlog.processors.format_exc_info
+
+
+def _json_line(event: EventDict, **_: Any) -> str:
+    """One JSON log line, encoded by msgspec (several times faster than the standard library's `json`: a node
+    logs each step of each device). A value JSON has no form for is written as its repr, as structlog does."""
+    return msgspec.json.encode(event, enc_hook=repr).decode()
 
 
 def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
@@ -53,10 +60,10 @@ def configure_logging(level: str | None = None, fmt: str | None = None, log_file
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         _redact,
     ]
-    file_renderer = structlog.processors.JSONRenderer()
+    file_renderer = structlog.processors.JSONRenderer(serializer=_json_line)
     console_renderer: Any
     if fmt == "json":
-        console_renderer = structlog.processors.JSONRenderer()
+        console_renderer = structlog.processors.JSONRenderer(serializer=_json_line)
     else:
         # plain_traceback: structlog's default (rich, when installed) prints every frame's local variables,
         # and a local can be a secret (a DSN with its password, the enrollment secret, a seed).
