@@ -10,6 +10,7 @@ follows each asyncio task.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -36,7 +37,10 @@ _with_traceback = structlog.processors.format_exc_info
 def _json_line(event: EventDict, **_: Any) -> str:
     """One JSON log line, encoded by msgspec (several times faster than the standard library's `json`: a node
     logs each step of each device). A value JSON has no form for is written as its repr, as structlog does."""
-    return msgspec.json.encode(event, enc_hook=repr).decode()
+    try:
+        return msgspec.json.encode(event, enc_hook=repr).decode()
+    except (TypeError, ValueError, RecursionError):  # a log line is never worth an exception in the caller
+        return json.dumps(event, default=repr)
 
 
 def _context_prefix(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
