@@ -8,7 +8,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Coroutine
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from doai import cli_args
@@ -154,6 +154,15 @@ def cmd_node(args: argparse.Namespace) -> int:
     return _serve("node", lambda stop: run_node(settings, stop))
 
 
+def readonly_sqlite_uri(path: PurePath) -> str:
+    """A read-only SQLite URI for an absolute path. A Windows share path (`\\\\host\\share\\...`) gets an empty
+    authority and the host in the path (`file:////host/share/...`): SQLite refuses any authority but localhost."""
+    uri = path.as_uri()
+    if not uri.startswith("file:///"):
+        uri = "file:////" + uri.removeprefix("file://")
+    return f"{uri}?mode=ro"
+
+
 def cmd_node_refused(args: argparse.Namespace) -> int:
     """List the events a node set aside as too large for NATS (`outbox_refused`), or put them back."""
     import sqlite3
@@ -171,7 +180,7 @@ def cmd_node_refused(args: argparse.Namespace) -> int:
                          f"<DOAI_STATE_DIR>/<node id>.journal.sqlite)\n")
         return 1
     try:  # read-only: listing writes nothing, and a file that is not a node journal is left exactly as it is
-        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as probe:
+        with contextlib.closing(sqlite3.connect(readonly_sqlite_uri(path.resolve()), uri=True)) as probe:
             tables = {name for (name,) in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             outbox = {row[1] for row in probe.execute("PRAGMA table_info(outbox)")}
             # Another program's database may have a table called outbox: the journal's own tables and columns

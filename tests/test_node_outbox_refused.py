@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import msgspec
 import pytest
@@ -22,6 +22,7 @@ from nats.js import JetStreamContext
 from contracts.events import NodeHeartbeat, StepEvent
 from contracts.ids import new_id, utcnow
 from contracts.subjects import EVT_STREAM
+from doai.cli import readonly_sqlite_uri
 from doai.embedded import EmbeddedNats
 from doai.up import System
 from runtime import jetstream
@@ -356,3 +357,22 @@ async def test_the_api_shows_a_nodes_set_aside_events_until_they_are_requeued(
                                                  " WHERE event_id = ANY($1::text[])", ids))
 
     await until(folded, 15, "the requeued events folded")
+
+
+def test_journal_paths_become_read_only_sqlite_uris_on_windows_shares_too(tmp_path: Path) -> None:
+    """SQLite refuses a URI with an authority other than localhost, and `as_uri()` of a Windows share path puts
+    the host there: the host moves into the path. (Windows itself is not available here: the URI is checked as
+    text; on this machine a path with URI-special characters is opened read-only for real.)"""
+    assert (readonly_sqlite_uri(PureWindowsPath(r"\\pc-07\doai\state\node-7.journal.sqlite"))
+            == "file:////pc-07/doai/state/node-7.journal.sqlite?mode=ro")
+    assert (readonly_sqlite_uri(PureWindowsPath(r"C:\ProgramData\doai\node 7#1.journal.sqlite"))
+            == "file:///C:/ProgramData/doai/node%207%231.journal.sqlite?mode=ro")
+    path = tmp_path / "node ?7#.journal.sqlite"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.execute("CREATE TABLE outbox (id INTEGER)")
+        db.commit()
+    with contextlib.closing(sqlite3.connect(readonly_sqlite_uri(path), uri=True)) as db:
+        assert db.execute("SELECT count(*) FROM outbox").fetchone() == (0,)
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            db.execute("INSERT INTO outbox VALUES (1)")
+
