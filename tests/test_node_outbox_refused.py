@@ -306,6 +306,30 @@ def test_a_requeue_between_the_agents_read_and_its_delete_of_that_window_keeps_t
         journal.close()
 
 
+def test_a_large_requeue_moves_its_rows_in_order_in_short_transactions(tmp_path: Path) -> None:
+    """Set-aside rows are large by nature: `--requeue` moves them in transactions of about `batch_bytes` each
+    (at least one row), so a running agent never waits on the write lock for the whole move; the order and
+    every row are kept, and each commit leaves every row in exactly one of the two tables."""
+    journal = Journal(tmp_path / "n1.journal.sqlite")
+    try:
+        aside = [beat("x" * 3000) for _ in range(5)]
+        for e in aside:
+            journal.add_event(e)
+        journal.outbox_refuse({row.id: "test: too large" for row in journal.outbox_batch(10)})
+        statements: list[str] = []
+        journal._db.set_trace_callback(statements.append)
+        assert journal.outbox_requeue_refused(batch_bytes=7000) == 5
+        journal._db.set_trace_callback(None)
+        moves = [i for i, sql in enumerate(statements) if sql.startswith("INSERT INTO outbox ")]
+        assert len(moves) == 3  # 2 + 2 + 1 rows of ~3 kB under a 7 kB batch, each move committed on its own
+        assert all("COMMIT" in statements[a:b] for a, b in zip(moves, moves[1:], strict=False))
+        assert [r.event_id for r in journal.outbox_batch(10)] == [e.event_id for e in aside]
+        assert journal.outbox_refused() == []
+        assert journal.outbox_requeue_refused(batch_bytes=1) == 0  # nothing left: nothing moves
+    finally:
+        journal.close()
+
+
 async def test_a_window_all_set_aside_does_not_end_the_drain_at_stop(nats_server: EmbeddedNats, tmp_path: Path) -> None:
     """At stop the outbox drains what it can: a first window whose rows were all set aside (nothing acked)
     is not "the outbox is empty", and the event behind it still goes out."""

@@ -418,20 +418,31 @@ class Journal:
                 [(reason, now, row_id) for row_id, reason in refused.items()])
             db.executemany("DELETE FROM outbox WHERE id = ?", [(row_id,) for row_id in refused])
 
-    def outbox_requeue_refused(self) -> int:
-        """Put every row set aside back at the end of the outbox, in their order, in one transaction; return
-        how many (`doai node-refused --requeue`, once the limit that refused them is right).
+    def outbox_requeue_refused(self, batch_bytes: int = 16 * 1024 * 1024) -> int:
+        """Put every row set aside back at the end of the outbox, in their order; return how many
+        (`doai node-refused --requeue`, once the limit that refused them is right).
 
         Safe while an agent runs on this journal (another process): the rows get new ids, above every row
         it has read, so no window it is deleting covers them, and its outbox reads them within its 1 s poll.
         Their place in the stream changes, which the fold does not depend on (each task's events carry `seq`).
+        The rows move in transactions of about `batch_bytes` of payload (at least one row each; set-aside rows
+        are large by nature), so the agent never waits long for the journal's write lock; a row is in exactly
+        one of the two tables at every commit, so an interrupted requeue can simply be run again.
         """
         self.flush()
-        with self._immediate() as db:
-            moved = db.execute("INSERT INTO outbox (subject, event_id, payload)"
-                               " SELECT subject, event_id, payload FROM outbox_refused ORDER BY id").rowcount
-            db.execute("DELETE FROM outbox_refused")
-        return int(moved)
+        moved = 0
+        while True:
+            with self._immediate() as db:
+                last, size = None, 0
+                for row_id, length in db.execute("SELECT id, length(payload) FROM outbox_refused ORDER BY id"):
+                    if last is not None and size + length > batch_bytes:
+                        break
+                    last, size = row_id, size + length
+                if last is None:
+                    return moved
+                moved += db.execute("INSERT INTO outbox (subject, event_id, payload) SELECT subject, event_id,"
+                                    " payload FROM outbox_refused WHERE id <= ? ORDER BY id", (last,)).rowcount
+                db.execute("DELETE FROM outbox_refused WHERE id <= ?", (last,))
 
     def outbox_refused_count(self) -> int:
         """How many rows are set aside (the node's heartbeat reports it)."""
