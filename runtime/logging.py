@@ -34,11 +34,27 @@ def _redact(_: WrappedLogger, __: str, event: EventDict) -> EventDict:
 _with_traceback = structlog.processors.format_exc_info
 
 
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _plain(value: Any) -> Any:
+    """`value` with everything but JSON's own types (recursing into dicts, lists and tuples) as its repr, as
+    structlog's encoder writes them. msgspec alone would write a Struct's or a dataclass's fields one by one,
+    past a `__repr__` that hides secrets (`runtime.config.Settings`)."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {k if isinstance(k, _PLAIN) else repr(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return repr(value)
+
+
 def _json_line(event: EventDict, **_: Any) -> str:
     """One JSON log line, encoded by msgspec (several times faster than the standard library's `json`: a node
-    logs each step of each device). A value JSON has no form for is written as its repr, as structlog does."""
+    logs each step of each device)."""
     try:
-        return msgspec.json.encode(event, enc_hook=repr).decode()
+        return msgspec.json.encode(_plain(event)).decode()
     except (TypeError, ValueError, RecursionError):  # a log line is never worth an exception in the caller
         return json.dumps(event, default=repr)
 
