@@ -26,6 +26,7 @@ from services.node.vendor_client import (
     VendorProtocolError,
     VendorTimeout,
     VendorUnavailable,
+    png_files,
 )
 from services.simulator import LICENCE_MESSAGE, Simulator, SimulatorConfig
 
@@ -326,3 +327,24 @@ def test_vendor_connection_settings_come_from_the_environment_and_reach_the_clie
                 {"DOAI_VENDOR_POOL_SIZE": "many"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             load_settings(NodeSettings, {**env, **bad})
+
+
+def test_a_screenshot_folder_listing_finds_every_png_below_it_and_follows_no_folder_link(tmp_path: Path) -> None:
+    """`png_files`: every `*.png` (any case) in the folder and its subfolders (a program may add dated ones),
+    with its size; a symlinked folder is not entered (nor a loop), a symlinked file is listed (the step later
+    refuses it if it resolves outside: `_saved_inside`); a file named just `.png` is not a PNG name; a missing
+    folder lists nothing, and `create` makes it."""
+    root, outside = tmp_path / "shots", tmp_path / "outside"
+    for path, data in [(root / "a.png", b"a"), (root / "b.PNG", b"bb"), (root / "2026-11-30" / "c.Png", b"ccc"),
+                       (root / "notes.txt", b"t"), (root / ".png", b"hidden"), (root / "dir.png" / "d.png", b"dddd"),
+                       (outside / "secret.png", b"secret")]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (root / "out.png").symlink_to(outside / "secret.png")
+    found = {str(p.relative_to(root)): size for p, size in png_files(root, False).items()}
+    assert found == {"a.png": 1, "b.PNG": 2, "2026-11-30/c.Png": 3, "dir.png/d.png": 4, "out.png": 6}
+    assert png_files(tmp_path / "missing", False) == {}
+    assert png_files(tmp_path / "new" / "folder", True) == {} and (tmp_path / "new" / "folder").is_dir()
+

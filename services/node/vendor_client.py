@@ -483,8 +483,10 @@ def png_files(folder: Path, create: bool) -> dict[Path, int]:
                 with contextlib.suppress(OSError):
                     if entry.is_dir(follow_symlinks=False):
                         folders.append(entry.path)
-                    elif entry.name.lower().endswith(".png") and entry.is_file():
-                        found[Path(entry.path)] = entry.stat().st_size
+                    elif os.path.splitext(entry.name)[1].lower() == ".png" and entry.is_file():
+                        # os.stat, not entry.stat(): on Windows the latter is the listing's cached size, which
+                        # lags for a file still open for writing (wait_for_new_png judges completeness by it).
+                        found[Path(entry.path)] = os.stat(entry.path).st_size
     return found
 
 
