@@ -305,7 +305,8 @@ async def test_a_properly_signed_broadcast_runs(node: Node) -> None:
     assert {d for a, d in node.sim.calls if a == "adb_shell"} == set(devices)
     pngs = list(node.artifacts.rglob("*.png"))
     assert len(pngs) == 2 and all(b.run_id in p.parts for p in pngs)
-    assert not (node.spool / b.run_id).exists()  # the spool is cleaned after success
+    # The spool is cleaned after success, in a thread just after the task's final event.
+    await until(lambda: not (node.spool / b.run_id).exists(), 10, "the run's spool folder removed")
     assert (node.victim / "keep.txt").read_text() == "do not delete"
 
 

@@ -287,8 +287,8 @@ async def _r3_stream(urls: list[str]) -> None:
             try:
                 await js.publish("compose.r3", b"x", timeout=2, headers={"Nats-Msg-Id": "compose-r3-x"})
                 break
-            except Exception:
-                assert time.monotonic() < deadline, "the new R3 stream never took a publish"
+            except Exception as exc:
+                assert time.monotonic() < deadline, f"the new R3 stream never took a publish: {exc!r}"
                 await asyncio.sleep(0.2)
         deadline = time.monotonic() + 10
         while True:
