@@ -38,6 +38,7 @@ import functools
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,14 +123,25 @@ def split_nodes(nodes: int, workers: int) -> list[list[int]]:
 THREADS_PER_NODE = 6  # what one node's process gets by default on a 2-core PC: min(32, cores + 4)
 
 
+def started_threads(executor: ThreadPoolExecutor, count: int) -> None:
+    """Start the pool's `count` threads now, before any node runs. A pool starts a thread on demand, and
+    `Thread.start` waits for the new thread to run: in the first screenshot burst, with the GIL contended, that
+    stalled the event loop for seconds (bench/fleet.py's first wave)."""
+    gate = threading.Barrier(count)  # each task holds its thread until all `count` are running
+    for done in [executor.submit(gate.wait) for _ in range(count)]:
+        done.result()
+
+
 async def _serve_worker(spec: NodeHostSpec) -> int:
     from doai.lifeline import watch_lifeline
 
     # A node does its file work (screenshot folders, artifact copies) in the loop's default executor. On its own
     # PC each node has one; a worker hosting many nodes gives its loop as many threads as they would have had,
     # or their screenshots queue behind each other (measured: +3 s per screenshot with 25 nodes on 6 threads).
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=min(256, THREADS_PER_NODE * len(spec.nodes)), thread_name_prefix="worker"))
+    threads = min(256, THREADS_PER_NODE * len(spec.nodes))
+    executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="worker")
+    started_threads(executor, threads)
+    asyncio.get_running_loop().set_default_executor(executor)
     stop = asyncio.Event()
     restore = install_stop_handlers(stop)
     watch_lifeline(sys.stdin.buffer, stop)
