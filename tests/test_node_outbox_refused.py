@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from contracts.events import NodeHeartbeat, StepEvent
 from contracts.ids import new_id, utcnow
 from contracts.subjects import EVT_STREAM
-from doai.cli import readonly_sqlite_uri
+from doai.cli import build_parser, cmd_node_refused, readonly_sqlite_uri
 from doai.embedded import EmbeddedNats
 from doai.up import System
 from runtime import jetstream
@@ -317,15 +317,54 @@ def test_a_large_requeue_moves_its_rows_in_order_in_short_transactions(tmp_path:
             journal.add_event(e)
         journal.outbox_refuse({row.id: "test: too large" for row in journal.outbox_batch(10)})
         statements: list[str] = []
+        totals: list[int] = []
         journal._db.set_trace_callback(statements.append)
-        assert journal.outbox_requeue_refused(batch_bytes=7000) == 5
+        assert journal.outbox_requeue_refused(batch_bytes=7000, moved_so_far=totals.append) == 5
         journal._db.set_trace_callback(None)
+        assert totals == [2, 4, 5]
         moves = [i for i, sql in enumerate(statements) if sql.startswith("INSERT INTO outbox ")]
         assert len(moves) == 3  # 2 + 2 + 1 rows of ~3 kB under a 7 kB batch, each move committed on its own
         assert all("COMMIT" in statements[a:b] for a, b in zip(moves, moves[1:], strict=False))
         assert [r.event_id for r in journal.outbox_batch(10)] == [e.event_id for e in aside]
         assert journal.outbox_refused() == []
         assert journal.outbox_requeue_refused(batch_bytes=1) == 0  # nothing left: nothing moves
+    finally:
+        journal.close()
+
+
+def test_a_requeue_cut_short_keeps_what_it_moved_says_so_and_moves_the_rest_when_run_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A batch that fails (the agent held the write lock past the busy timeout) ends the requeue: the batches
+    committed before it stay moved, `doai node-refused` says how many and to run it again, and a second run moves
+    the rest, each row once."""
+    path = tmp_path / "n1.journal.sqlite"
+    journal = Journal(path)
+    aside = [beat("x" * 3000) for _ in range(3)]
+    for e in aside:
+        journal.add_event(e)
+    journal.outbox_refuse({row.id: "test: too large" for row in journal.outbox_batch(10)})
+    journal.close()
+    requeue = Journal.outbox_requeue_refused
+
+    def cut_short(self: Journal, batch_bytes: int = 3500, moved_so_far: Callable[[int], None] | None = None) -> int:
+        def then_fail(n: int) -> None:
+            assert moved_so_far is not None
+            moved_so_far(n)
+            raise sqlite3.OperationalError("database is locked")
+        return requeue(self, 3500, then_fail)  # one row per batch; fails after the first commit
+
+    monkeypatch.setattr(Journal, "outbox_requeue_refused", cut_short)
+    assert cmd_node_refused(build_parser().parse_args(["node-refused", "--journal", str(path), "--requeue"])) == 1
+    err = capsys.readouterr().err
+    assert "database is locked (1 events were put back before it; run it again for the rest)" in err, err
+    monkeypatch.setattr(Journal, "outbox_requeue_refused", requeue)
+    assert cmd_node_refused(build_parser().parse_args(["node-refused", "--journal", str(path), "--requeue"])) == 0
+    assert "2 events put back" in capsys.readouterr().err
+    journal = Journal(path)
+    try:
+        assert [r.event_id for r in journal.outbox_batch(10)] == [e.event_id for e in aside]
+        assert journal.outbox_refused() == []
     finally:
         journal.close()
 

@@ -418,7 +418,8 @@ class Journal:
                 [(reason, now, row_id) for row_id, reason in refused.items()])
             db.executemany("DELETE FROM outbox WHERE id = ?", [(row_id,) for row_id in refused])
 
-    def outbox_requeue_refused(self, batch_bytes: int = 16 * 1024 * 1024) -> int:
+    def outbox_requeue_refused(self, batch_bytes: int = 16 * 1024 * 1024,
+                               moved_so_far: Callable[[int], None] | None = None) -> int:
         """Put every row set aside back at the end of the outbox, in their order; return how many
         (`doai node-refused --requeue`, once the limit that refused them is right).
 
@@ -427,7 +428,8 @@ class Journal:
         Their place in the stream changes, which the fold does not depend on (each task's events carry `seq`).
         The rows move in transactions of about `batch_bytes` of payload (at least one row each; set-aside rows
         are large by nature), so the agent never waits long for the journal's write lock; a row is in exactly
-        one of the two tables at every commit, so an interrupted requeue can simply be run again.
+        one of the two tables at every commit, so an interrupted requeue can simply be run again;
+        `moved_so_far` hears the running total after each commit (what to report if a later batch fails).
         """
         self.flush()
         moved = 0
@@ -443,6 +445,8 @@ class Journal:
                 moved += db.execute("INSERT INTO outbox (subject, event_id, payload) SELECT subject, event_id,"
                                     " payload FROM outbox_refused WHERE id <= ? ORDER BY id", (last,)).rowcount
                 db.execute("DELETE FROM outbox_refused WHERE id <= ?", (last,))
+            if moved_so_far is not None:
+                moved_so_far(moved)
 
     def outbox_refused_count(self) -> int:
         """How many rows are set aside (the node's heartbeat reports it)."""
