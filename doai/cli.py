@@ -202,16 +202,17 @@ def cmd_node_refused(args: argparse.Namespace) -> int:
     if not rows:  # nothing to move (a journal of an older node has no outbox_refused): left as it is
         sys.stderr.write(f"0 events put back into the outbox of {path}\n")
         return 0
-    done = [0]  # committed so far: batches before a failure stay moved
+    committed: list[int] = []  # running totals after each batch: those before a failure stay moved
     try:
         journal = Journal(path)
         try:
-            moved = journal.outbox_requeue_refused(moved_so_far=lambda n: done.__setitem__(0, n))
+            moved = journal.outbox_requeue_refused(moved_so_far=committed.append)
         finally:
             journal.close()
     except sqlite3.Error as exc:
         sys.stderr.write(f"doai node-refused: {path}: {exc}" + (
-            f" ({done[0]} events were put back before it; run it again for the rest)\n" if done[0] else "\n"))
+            f" ({committed[-1]} events were put back before it; run it again for the rest)\n" if committed
+            else "\n"))
         return 1
     sys.stderr.write(f"{moved} events put back into the outbox of {path}: the node agent publishes them "
                      f"(within a second if it runs, else at its next start)\n")
